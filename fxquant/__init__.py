@@ -1,0 +1,10 @@
+"""fxquant: post-training quantization of vision transformers as torch.fx graph passes."""
+from .api import compile
+from .errors import FxqError, PassError, QConfigError, TraceError
+from .qconfig import QConfig, load_qconfig, preset_names
+from .report import Report
+from .trace import trace
+
+__version__ = "0.1.0"
+__all__ = ["compile", "trace", "load_qconfig", "preset_names", "QConfig", "Report", "FxqError",
+           "PassError", "QConfigError", "TraceError", "__version__"]

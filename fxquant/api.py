@@ -1,0 +1,120 @@
+"""The public entry point: ``fxquant.compile``."""
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .diff import output_qsnr
+from .errors import FxqError
+from .instruments import GraphDump, NumericDiff, Timing
+from .pass_manager import Pass, PassContext, PassManager
+from .pipeline import BACKENDS, default_passes
+from .qconfig import QConfigLike, load_qconfig
+from .report import PassRecord, Report
+from .trace import trace
+
+DIFF_SEED = 123
+CALIB_BATCH = 8
+
+
+def _as_batches(calib_data) -> Iterable:
+    if isinstance(calib_data, torch.Tensor):
+        if calib_data.dim() < 2:
+            raise FxqError(f"calib_data tensor has shape {tuple(calib_data.shape)}; expected (N, C, H, W)")
+        return list(torch.split(calib_data, CALIB_BATCH))
+    if calib_data is None or not hasattr(calib_data, "__iter__"):
+        raise FxqError("calib_data must be a tensor, an iterable of tensors or (tensor, label) pairs, or a DataLoader")
+    return calib_data
+
+
+def _first_batch(calib_data: Iterable) -> tuple[torch.Tensor, Iterable]:
+    """Peek at the first batch; a one-shot iterator is chained back together."""
+    from fxquant.passes.calibrate import iter_batches
+
+    if iter(calib_data) is calib_data:  # generator or iterator: consuming it would lose data
+        first_item = next(iter(calib_data), None)
+        if first_item is None:
+            raise FxqError("calib_data is empty")
+        calib_data = itertools.chain([first_item], calib_data)
+        return next(iter_batches([first_item])), calib_data
+    first = next(iter_batches(calib_data), None)
+    if first is None:
+        raise FxqError("calib_data is empty")
+    return first, calib_data
+
+
+def default_diff_inputs(example: torch.Tensor, seed: int = DIFF_SEED) -> tuple[torch.Tensor]:
+    """One seeded randn image with the calibration data's shape (the seed's fixed input)."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn((1, *example.shape[1:]), generator=generator, dtype=example.dtype),)
+
+
+def compile(  # noqa: A001 - the public name the design card asks for
+    model: nn.Module,
+    qconfig: QConfigLike = "w8a8",
+    *,
+    calib_data,
+    backend: str = "fake",
+    diff_inputs: Optional[Sequence[torch.Tensor] | torch.Tensor] = None,
+    dump_dir: Optional[str | Path] = None,
+    progress: bool = True,
+    passes: Optional[Sequence[Pass]] = None,
+    model_name: Optional[str] = None,
+) -> fx.GraphModule:
+    """Trace ``model``, run the pass pipeline, return the quantized GraphModule.
+
+    The result carries ``.report`` (per-pass, per-node QSNR against FP32) and
+    ``.qconfig``. ``model`` itself is never modified.
+    """
+    if not isinstance(model, nn.Module):
+        raise FxqError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if backend not in BACKENDS:
+        raise FxqError(f"backend {backend!r} is not available in this version; choose one of {BACKENDS}")
+    config = load_qconfig(qconfig)
+    calib_data = _as_batches(calib_data)
+    example, calib_data = _first_batch(calib_data)
+    if diff_inputs is None:
+        diff_inputs = default_diff_inputs(example)
+    elif isinstance(diff_inputs, torch.Tensor):
+        diff_inputs = (diff_inputs,)
+    diff_inputs = tuple(diff_inputs)
+
+    gm = trace(model)
+    reference = copy.deepcopy(gm)
+    report = Report(model=model_name or type(model).__name__, qconfig=config.name, backend=backend)
+    ctx = PassContext(qconfig=config, reference=reference, diff_inputs=diff_inputs, calib_data=calib_data,
+                      dump_dir=Path(dump_dir) if dump_dir else None, report=report, progress=progress)
+    report.passes.append(_trace_record(model, gm, diff_inputs))
+    instruments = [Timing(), NumericDiff()]
+    if dump_dir:
+        dumper = GraphDump(dump_dir)
+        dumper.dump("trace", gm, report.passes[0])
+        instruments.append(dumper)
+    gm = PassManager(list(passes) if passes is not None else default_passes(backend), instruments).run(gm, ctx)
+    report.notes = list(ctx.state.get("fuse_scales", []))
+    gm.report = report
+    gm.qconfig = config
+    return gm
+
+
+@torch.no_grad()
+def _trace_record(model: nn.Module, gm: fx.GraphModule, diff_inputs: tuple) -> PassRecord:
+    """Pass 0: the traced graph against the user's model itself (tracing must be exact)."""
+    record = PassRecord("trace")
+    if model.training:
+        record.notes.append("model is in training mode: eager comparison skipped (tracing uses eval mode)")
+        return record
+    shapes = [tuple(t.shape) for t in diff_inputs]
+    try:
+        expected = model(*diff_inputs)
+    except Exception as exc:
+        raise FxqError(f"the model rejects inputs of shape {shapes} (taken from the calibration data "
+                       f"or diff_inputs): {type(exc).__name__}: {exc}") from None
+    record.output_qsnr_db = output_qsnr(expected, gm(*diff_inputs))
+    return record

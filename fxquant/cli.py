@@ -1,0 +1,137 @@
+"""Command line: ``fxquant compile --model NAME --qconfig w8a8 --calib random:32 ...``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .errors import FxqError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+class CliError(FxqError):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+def build_model(name: str, checkpoint: Optional[str], pretrained: bool, kwargs: dict) -> torch.nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise CliError(f"unknown timm model '{name}'; list them with python -c \"import timm; print(timm.list_models('*vit*'))\"")
+    if pretrained and checkpoint:
+        raise CliError("give either --pretrained or --checkpoint, not both")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as exc:  # hub errors, bad kwargs
+        hint = " (no network? download the weights elsewhere and pass --checkpoint PATH)" if pretrained else ""
+        raise CliError(f"could not create model '{name}' with {kwargs}: {type(exc).__name__}: {exc}{hint}") from exc
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model.eval()
+
+
+def load_checkpoint(model: torch.nn.Module, path: str) -> None:
+    file = Path(path)
+    if not file.is_file():
+        raise CliError(f"--checkpoint {path}: no such file")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(file))
+    else:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CliError(f"--checkpoint {path} does not fit the model: {str(exc).splitlines()[0]}") from None
+
+
+def calibration_batches(spec: str, model: torch.nn.Module, batch_size: int) -> list[torch.Tensor]:
+    """``random:N`` (seeded randn images) or a directory of images (timm's eval transform)."""
+    import timm.data
+
+    config = dict(timm.data.resolve_data_config({}, model=model))
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:  # the model's own size wins over its pretrained config's
+        config["input_size"] = (config["input_size"][0], *img_size)
+    if spec.startswith("random:"):
+        try:
+            count = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise CliError(f"--calib {spec}: expected random:N with an integer N") from None
+        if count < 1:
+            raise CliError("--calib random:N needs N >= 1")
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn((count, *config["input_size"]), generator=generator)
+        return list(torch.split(images, batch_size))
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise CliError(f"--calib {spec}: expected random:N or a directory of images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise CliError(f"--calib {spec}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the directory")
+    from PIL import Image
+
+    transform = timm.data.create_transform(**config)
+    images = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    return list(torch.split(images, batch_size))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxquant", description="Post-training quantization of ViTs with torch.fx")
+    sub = parser.add_subparsers(dest="command", required=True)
+    comp = sub.add_parser("compile", help="quantize a timm model and report QSNR after every pass")
+    comp.add_argument("--model", required=True, help="timm model name, e.g. vit_base_patch16_224")
+    source = comp.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="state dict (.pth/.pt) or .safetensors file to load")
+    source.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the hub)")
+    comp.add_argument("--qconfig", default="w8a8", help="preset name, YAML file or directory (default w8a8)")
+    comp.add_argument("--calib", default="random:32", help="random:N or a directory of images (default random:32)")
+    comp.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    comp.add_argument("--img-size", type=int, help="model input size (timm img_size)")
+    comp.add_argument("--num-classes", type=int, help="classifier classes (timm num_classes; 0 = features)")
+    comp.add_argument("--seed", type=int, default=0, help="torch seed for random-init weights (default 0)")
+    comp.add_argument("--dump-dir", help="write NN_<pass>.py/.dot/.json after every pass here")
+    comp.add_argument("--report", help="write the JSON report here")
+    comp.add_argument("--worst", type=int, default=10, help="how many worst points to print (default 10)")
+    comp.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    import fxquant
+
+    kwargs = {k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v is not None}
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, args.checkpoint, args.pretrained, kwargs)
+    calib = calibration_batches(args.calib, model, args.batch_size)
+    qm = fxquant.compile(model, args.qconfig, calib_data=calib, dump_dir=args.dump_dir,
+                         progress=not args.quiet, model_name=args.model)
+    print(qm.report.table(worst=args.worst))
+    if args.report:
+        print(f"report written to {qm.report.to_json(args.report)}")
+    if args.dump_dir:
+        print(f"graph dumps written to {args.dump_dir}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "compile":
+            return run_compile(args)
+    except FxqError as exc:
+        print(f"fxquant: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The compile report: per pass, per node QSNR against FP32 (format in ARCHITECTURE.md)."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+INF_DB = 999.0  # JSON has no infinity: identical tensors are written as this
+
+
+def db_for_json(value: Optional[float]) -> Optional[float]:
+    if value is None:
+        return None
+    if math.isnan(value):
+        raise ValueError("a QSNR of NaN reached the report; qsnr_db must never return NaN")
+    if math.isinf(value):
+        return INF_DB if value > 0 else -INF_DB
+    return round(float(value), 3)
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float = 0.0
+    output_qsnr_db: Optional[float] = None
+    nodes: list[dict] = field(default_factory=list)
+    first_drop: Optional[dict] = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "seconds": round(self.seconds, 4),
+            "output_qsnr_db": db_for_json(self.output_qsnr_db),
+            "nodes": [{**n, "qsnr_db": db_for_json(n["qsnr_db"]),
+                       "input_qsnr_db": db_for_json(n.get("input_qsnr_db"))} for n in self.nodes],
+        }
+        if self.first_drop is not None:
+            out["first_drop"] = {**self.first_drop, "qsnr_db": db_for_json(self.first_drop["qsnr_db"])}
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
+
+    def node(self, name: str) -> dict:
+        for entry in self.nodes:
+            if entry["node"] == name:
+                return entry
+        raise KeyError(f"no node '{name}' in the diff of pass '{self.name}'")
+
+
+@dataclass
+class Report:
+    model: str
+    qconfig: str
+    backend: str
+    passes: list[PassRecord] = field(default_factory=list)
+    float_points: list[str] = field(default_factory=list)  # annotated ops left in float, and why
+    notes: list[str] = field(default_factory=list)  # what passes decided (shared scales, folds)
+
+    def pass_record(self, name: str) -> PassRecord:
+        for record in self.passes:
+            if record.name == name:
+                return record
+        raise KeyError(f"no pass '{name}' in the report; passes: {[p.name for p in self.passes]}")
+
+    @property
+    def final(self) -> PassRecord:
+        return self.passes[-1]
+
+    def quant_points(self, pass_name: Optional[str] = None) -> list[dict]:
+        """Nodes of a pass (default: the last) that carry a quantization group."""
+        record = self.pass_record(pass_name) if pass_name else self.final
+        return [n for n in record.nodes if n.get("group")]
+
+    def worst_nodes(self, k: int = 10, pass_name: Optional[str] = None) -> list[dict]:
+        return sorted(self.quant_points(pass_name), key=lambda n: n["qsnr_db"])[:k]
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "qconfig": self.qconfig, "backend": self.backend,
+                "passes": [p.to_dict() for p in self.passes], "float_points": list(self.float_points),
+                "notes": list(self.notes)}
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
+        return path
+
+    def table(self, worst: int = 8) -> str:
+        lines = [f"fxquant report: model={self.model} qconfig={self.qconfig} backend={self.backend}",
+                 f"{'#':>2}  {'pass':<20} {'seconds':>8} {'output QSNR dB':>15} {'points':>7}"]
+        for i, record in enumerate(self.passes):
+            points = sum(1 for n in record.nodes if n.get("group"))
+            lines.append(f"{i:>2}  {record.name:<20} {record.seconds:>8.3f} "
+                         f"{_fmt_db(record.output_qsnr_db):>15} {points:>7}")
+        drop = self.final.first_drop if self.passes else None
+        if drop:
+            lines.append(f"first large drop: {drop['node']} ({drop['group'] or drop['module']}) "
+                         f"{_fmt_db(drop['qsnr_db'])} dB, {drop['drop_db']:.1f} dB below its inputs")
+        if self.passes and worst:
+            lines.append(f"worst quantization points after '{self.final.name}':")
+            for n in self.worst_nodes(worst):
+                lines.append(f"  {_fmt_db(n['qsnr_db']):>8} dB  {n['group']:<22} {n['node']:<40} {n['module']}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _fmt_db(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.2f}"

@@ -1,0 +1,11 @@
+"""fxquant's graph passes, one module each (installed as ``fxquant.passes``)."""
+from fxquant.passes.annotate import Annotate
+from fxquant.passes.calibrate import Calibrate
+from fxquant.passes.decompose_attention import DecomposeAttention
+from fxquant.passes.fuse_scales import FuseScales
+from fxquant.passes.insert_observers import InsertObservers
+from fxquant.passes.lower_fake_quant import LowerFakeQuant
+from fxquant.passes.split_qkv import SplitQkv
+
+__all__ = ["Annotate", "Calibrate", "DecomposeAttention", "FuseScales", "InsertObservers",
+           "LowerFakeQuant", "SplitQkv"]

@@ -1,0 +1,142 @@
+"""annotate: give every quantizable op its group and QuantSpec (meta only; graph unchanged).
+
+Groups are found by module path (``blocks.3.attn.qkv`` -> ``attn_qkv``) and, inside
+attention, by role (q, k, v, scores, probabilities, probs@v). The spec comes from the
+qconfig after overrides and ``skip``; an op whose group has no spec stays float and is
+listed in ``report.float_points``.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxquant.errors import NodeError
+from fxquant.graph_utils import propagate_shapes, shape_of
+from fxquant.meta import MODULE, POINT, ROLE, WEIGHT
+from fxquant.pass_manager import Pass, PassContext
+from fxquant.patterns import find_attention, submodule
+from fxquant.points import QuantPoint
+from fxquant.qconfig import ACT
+
+LINEAR_RULES = [
+    (re.compile(r"(^|\.)qkv$"), "attn_qkv"),
+    (re.compile(r"(^|\.)attn\.proj$"), "attn_proj"),
+    (re.compile(r"(^|\.)fc1$"), "mlp_fc1"),
+    (re.compile(r"(^|\.)fc2$"), "mlp_fc2"),
+    (re.compile(r"(^|\.)patch_embed\.proj$"), "patch_embed"),
+    (re.compile(r"^head(\.fc)?$|^head_dist$"), "head"),
+    (re.compile(r"(^|\.)downsample\.reduction$"), "patch_merging"),
+]
+NORM_RULES = [
+    (re.compile(r"(^|\.)norm1$"), "norm1"),
+    (re.compile(r"(^|\.)norm2$"), "norm2"),
+    (re.compile(r"(^|\.)downsample\.norm$"), "patch_merging_norm"),
+    (re.compile(r"^(norm|fc_norm)$"), "final_norm"),
+]
+BLOCK_PATH = re.compile(r"(^|\.)blocks\.\d+$")
+ATTENTION_ROLES = {"q": "attn_q_out", "k": "attn_k_out", "v": "attn_v_input",
+                   "scores": "attn_kv_out", "softmax": "intSoft", "out": "attn_v_out"}
+
+
+def _match(rules, path: str) -> Optional[str]:
+    return next((group for pattern, group in rules if pattern.search(path)), None)
+
+
+def _is_gelu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return isinstance(submodule(gm, node), nn.GELU) or (node.op == "call_function" and node.target is F.gelu)
+
+
+def _is_residual_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in (operator.add, torch.add)
+            and len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2])
+            and bool(BLOCK_PATH.search(node.meta.get(MODULE, ""))))
+
+
+class Annotate(Pass):
+    name = "annotate"
+    neutral = True
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        propagate_shapes(gm, ctx.diff_inputs)
+        self.gm, self.ctx, self.float_points = gm, ctx, []
+        heads: dict[str, int] = {}
+        for match in find_attention(gm):
+            heads[match.module] = shape_of(match.q)[1]
+            for role, group in ATTENTION_ROLES.items():
+                node = getattr(match, role)
+                node.meta[ROLE] = f"attn_{role}"
+                self._activation(node, group, attention=True)
+        for node in gm.graph.nodes:
+            ctx.current_node = node.name
+            path = node.meta.get(MODULE, "")
+            module = submodule(gm, node)
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                group = _match(LINEAR_RULES, path)
+                if group is None:
+                    self.float_points.append(f"{node.name} ({path}): matches no linear group")
+                    continue
+                self._weight(node, group, module, heads.get(path.rsplit(".", 1)[0]))
+                self._point(node, group, "output", attention=False)
+            elif isinstance(module, nn.LayerNorm):
+                group = _match(NORM_RULES, path)
+                if group is not None:
+                    self._activation(node, group, attention=False)
+            elif _is_gelu(gm, node):
+                self._activation(node, "mlp_gelu", attention=False)
+            elif _is_residual_add(node):
+                self._activation(node, "residual", attention=False)
+        if ctx.report is not None:
+            ctx.report.float_points = list(self.float_points)
+        return gm
+
+    def _activation(self, node: fx.Node, group: str, *, attention: bool) -> None:
+        self._point(node, group, ACT, attention=attention)
+
+    def _point(self, node: fx.Node, group: str, section: str, *, attention: bool) -> None:
+        path = node.meta.get(MODULE, "")
+        spec = self.ctx.qconfig.spec_for(group, section, path)
+        label = group if section == ACT else f"{group}.{section}"
+        if spec is None:
+            if section == ACT:
+                self.float_points.append(f"{node.name} ({label}): float")
+            return
+        shape = shape_of(node)
+        axis, num_groups = None, None
+        if spec.granularity != "layer_wise":
+            if shape is None:
+                raise NodeError(node.name, f"{label}: cannot tell the tensor's shape for {spec.granularity}")
+            if attention:  # (B, heads, N, *): heads are axis 1
+                if spec.granularity == "channel_wise":
+                    raise NodeError(node.name, f"{label}: channel_wise is not defined on per-head attention "
+                                    "tensors (B, heads, N, d); use head_wise or layer_wise")
+                axis, num_groups = 1, shape[1]
+            elif spec.granularity == "channel_wise":
+                axis = -1
+            else:
+                raise NodeError(node.name, f"{label}: {spec.granularity} applies to attention tensors and the "
+                                "qkv weight only; use layer_wise or channel_wise here")
+        node.meta[POINT] = QuantPoint(group, section, spec, path, axis, num_groups)
+
+    def _weight(self, node: fx.Node, group: str, module: nn.Module, heads: Optional[int]) -> None:
+        path = node.meta.get(MODULE, "")
+        spec = self.ctx.qconfig.spec_for(group, "weight", path)
+        if spec is None:
+            self.float_points.append(f"{node.name} ({group}.weight): float")
+            return
+        num_groups = None
+        if spec.granularity == "group_wise":
+            if group != "attn_qkv":
+                raise NodeError(node.name, f"{group}.weight: group_wise needs a fused qkv weight; "
+                                "use layer_wise or channel_wise")
+            num_groups = 3
+        elif spec.granularity == "head_wise":
+            if group != "attn_qkv" or heads is None:
+                raise NodeError(node.name, f"{group}.weight: head_wise applies to the qkv weight only")
+            num_groups = 3 * heads
+        node.meta[WEIGHT] = QuantPoint(group, "weight", spec, path, axis=0, num_groups=num_groups)
