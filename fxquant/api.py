@@ -27,6 +27,8 @@ def _as_batches(calib_data) -> Iterable:
     if isinstance(calib_data, torch.Tensor):
         if calib_data.dim() < 2:
             raise FxqError(f"calib_data tensor has shape {tuple(calib_data.shape)}; expected (N, C, H, W)")
+        if calib_data.shape[0] == 0:
+            raise FxqError(f"calib_data is empty: a tensor of shape {tuple(calib_data.shape)} holds no images")
         return list(torch.split(calib_data, CALIB_BATCH))
     if calib_data is None or not hasattr(calib_data, "__iter__"):
         raise FxqError("calib_data must be a tensor, an iterable of tensors or (tensor, label) pairs, or a DataLoader")

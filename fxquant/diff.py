@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from .meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, WEIGHT
+from .meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE, WEIGHT
 from .quantizers import qsnr_db
 
 # A healthy 8-bit point keeps about this much QSNR: inputs above it count as this much
@@ -65,13 +65,6 @@ def _reference_for(node: fx.Node, ref_values: dict[str, Any]) -> Optional[torch.
     return ref
 
 
-def _group_of(node: fx.Node, gm: fx.GraphModule) -> str:
-    point = node.meta.get(POINT) or node.meta.get(WEIGHT)
-    if point is not None:
-        return point.label
-    return ""
-
-
 @torch.no_grad()
 def compare_graph(gm: fx.GraphModule, inputs: tuple, ref_values: dict[str, Any],
                   ref_output: Any) -> tuple[list[dict], float, Optional[dict]]:
@@ -86,16 +79,20 @@ def compare_graph(gm: fx.GraphModule, inputs: tuple, ref_values: dict[str, Any],
             continue
         value = values.get(node.name)
         ref = _reference_for(node, ref_values)
+        inputs_db = [by_name[a.name] for a in node.all_input_nodes if a.name in by_name]
         if ref is None or not isinstance(value, torch.Tensor) or value.shape != ref.shape:
+            if inputs_db:  # an unpaired node passes its inputs' precision on, so drops stay visible
+                by_name[node.name] = min(inputs_db)
             continue
         db = qsnr_db(ref, value)
         by_name[node.name] = db
-        inputs_db = [by_name[a.name] for a in node.all_input_nodes if a.name in by_name]
+        point = node.meta.get(POINT) or node.meta.get(WEIGHT)
         records.append({
             "node": node.name,
             "origin": node.meta.get(ORIGIN, ""),
-            "module": node.meta.get(MODULE, ""),
-            "group": _group_of(node, gm),
+            "module": point.module if point is not None else node.meta.get(MODULE, ""),
+            "group": point.label if point is not None else "",
+            "role": node.meta.get(ROLE, ""),
             "op": node.op if node.op != "call_function" else getattr(node.target, "__name__", str(node.target)),
             "qsnr_db": db,
             "input_qsnr_db": min(inputs_db) if inputs_db else None,

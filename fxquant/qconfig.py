@@ -53,17 +53,43 @@ SPEC_KEYS = (
 )
 
 
+def module_matches(module_path: str, pattern: str) -> bool:
+    """Whether a ``skip``/``overrides`` glob covers ``module_path``.
+
+    ``"blocks.0.*"`` also covers ``blocks.0`` itself: a block's own ops (its residual
+    adds, attention's matmuls in ``blocks.0.attn``) belong to that module, not to a child,
+    and "everything in block 0" is what the glob means.
+    """
+    if module_path == pattern or fnmatch.fnmatchcase(module_path, pattern):
+        return True
+    return pattern.endswith(".*") and fnmatch.fnmatchcase(module_path, pattern[:-2])
+
+
 def _fail(source: str, path: str, message: str) -> QConfigError:
     return QConfigError(f"{source}: {path}: {message}")
 
 
-def _expect(value: Any, kind: type, source: str, path: str) -> Any:
+_KIND_ALLOWED = {bool: "true, false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _expect(value: Any, kind: type, source: str, path: str, allowed: Optional[str] = None) -> Any:
     ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok, value = True, float(value)
     if not ok:
-        raise _fail(source, path, f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        raise _fail(source, path, f"expected {kind.__name__}, got {type(value).__name__} {value!r}; "
+                    f"allowed: {allowed or _KIND_ALLOWED.get(kind, kind.__name__)}")
     return value
+
+
+def _bits(value: Any, source: str, path: str) -> int:
+    bits = _expect(value, int, source, path, _BITS_ALLOWED)
+    if not 2 <= bits <= 16:
+        raise _fail(source, path, f"{bits} is not allowed; allowed: {_BITS_ALLOWED}")
+    return bits
+
+
+_BITS_ALLOWED = "an integer in 2..16"
 
 
 def _choice(value: Any, table: Mapping[str, str], source: str, path: str, allowed: str) -> str:
@@ -82,7 +108,7 @@ def parse_spec(raw: Mapping[str, Any], source: str, path: str) -> QuantSpec:
     for key, value in raw.items():
         where = f"{path}.{key}"
         if key == "bits":
-            fields["bits"] = _expect(value, int, source, where)
+            fields["bits"] = _bits(value, source, where)
         elif key in ("signed", "symmetric", "enable_profiler") or key in _ENABLE_KEYS:
             flag = _expect(value, bool, source, where)
             if key in _ENABLE_KEYS:
@@ -106,13 +132,13 @@ def parse_spec(raw: Mapping[str, Any], source: str, path: str) -> QuantSpec:
             fields["method"] = _choice(value, _METHODS, source, where, "uniform, log2")
         elif key in _FLOAT_OPTIONS:
             lo, hi = _FLOAT_OPTIONS[key]
-            number = _expect(value, float, source, where)
+            number = _expect(value, float, source, where, f"a number in [{lo}, {hi}]")
             if not lo <= number <= hi:
                 raise _fail(source, where, f"{number} is outside [{lo}, {hi}]")
             options[key] = number
         elif key in _INT_OPTIONS:
             lo, hi = _INT_OPTIONS[key]
-            number = _expect(value, int, source, where)
+            number = _expect(value, int, source, where, f"an integer in [{lo}, {hi}]")
             if not lo <= number <= hi:
                 raise _fail(source, where, f"{number} is outside [{lo}, {hi}]")
             options[key] = number
@@ -131,7 +157,7 @@ def _parse_bit_type(value: Any, source: str, path: str) -> dict:
     for key, item in value.items():
         where = f"{path}.{key}"
         if key == "bits":
-            out["bits"] = _expect(item, int, source, where)
+            out["bits"] = _bits(item, source, where)
         elif key == "symmetric":
             out["symmetric"] = _expect(item, bool, source, where)
         elif key == "name":
@@ -160,7 +186,7 @@ class QConfig:
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def is_skipped(self, module_path: str) -> bool:
-        return any(fnmatch.fnmatchcase(module_path, pattern) or module_path == pattern for pattern in self.skip)
+        return any(module_matches(module_path, pattern) for pattern in self.skip)
 
     def spec_for(self, group: str, section: str, module_path: str = "") -> Optional[QuantSpec]:
         """The spec of ``group``'s ``section`` (``weight``/``output``/``act``) at ``module_path``,
@@ -176,7 +202,7 @@ class QConfig:
         raw = copy.deepcopy(self.groups.get(group, {}).get(section))
         path = f"{group}.{section}" if section != ACT else group
         for pattern, groups in self.overrides:
-            if module_path and fnmatch.fnmatchcase(module_path, pattern):
+            if module_path and module_matches(module_path, pattern):
                 extra = groups.get(group, {}).get(section)
                 if extra is not None:
                     raw = {**(raw or {}), **extra}
@@ -250,8 +276,9 @@ def qconfig_from_dict(raw: Mapping[str, Any], source: str = "<dict>", _depth: in
         overrides.append((str(pattern), _parse_groups(body, source, prefix=f"overrides.{pattern}.")))
     if base is not None:
         merged = copy.deepcopy(base.groups)
-        for group, sections in groups.items():
-            merged.setdefault(group, {}).update(sections)
+        for group, sections in groups.items():  # key by key, as overrides merge
+            for section, raw_spec in sections.items():
+                merged.setdefault(group, {})[section] = {**merged.get(group, {}).get(section, {}), **raw_spec}
         groups = merged
         overrides = base.overrides + overrides
         skip = base.skip + skip
@@ -273,7 +300,7 @@ def _read_yaml(path: Path) -> Any:
         with open(path, encoding="utf-8") as fh:
             return yaml.safe_load(fh) or {}
     except yaml.YAMLError as exc:
-        raise QConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise QConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
 
 
 def _load_directory(path: Path, depth: int) -> QConfig:

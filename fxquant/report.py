@@ -38,7 +38,8 @@ class PassRecord:
                        "input_qsnr_db": db_for_json(n.get("input_qsnr_db"))} for n in self.nodes],
         }
         if self.first_drop is not None:
-            out["first_drop"] = {**self.first_drop, "qsnr_db": db_for_json(self.first_drop["qsnr_db"])}
+            out["first_drop"] = {**self.first_drop, "qsnr_db": db_for_json(self.first_drop["qsnr_db"]),
+                                 "drop_db": db_for_json(self.first_drop.get("drop_db"))}
         if self.notes:
             out["notes"] = list(self.notes)
         return out

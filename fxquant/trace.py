@@ -35,14 +35,21 @@ class _VitTracer(fx.Tracer):
         super().__init__(autowrap_functions=tuple(autowrap_functions))
         self._leaves = LEAF_TYPES + tuple(extra_leaves)
         self.path_stack: list[str] = []
+        self.failed_path: str | None = None  # innermost module whose forward raised
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self._leaves) or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
-        self.path_stack.append(self.path_of_module(m))
+        path = self.path_of_module(m)
+        self.path_stack.append(path)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            # the stack unwinds before trace() sees the error: remember where it started
+            if self.failed_path is None:
+                self.failed_path = path
+            raise
         finally:
             self.path_stack.pop()
 
@@ -97,8 +104,8 @@ def trace(
     except TraceError:
         raise
     except Exception as exc:  # torch.fx raises many types; turn them into one clear message
-        where = tracer.path_stack[-1] if tracer.path_stack else "<top level>"
-        owner = model_copy.get_submodule(where) if tracer.path_stack and where else model_copy
+        where = tracer.failed_path or "<top level>"
+        owner = model_copy.get_submodule(tracer.failed_path) if tracer.failed_path else model_copy
         raise TraceError(
             f"torch.fx could not trace module '{where}' ({type(owner).__name__}): "
             f"{type(exc).__name__}: {exc}. "

@@ -71,7 +71,7 @@ class Annotate(Pass):
             for role, group in ATTENTION_ROLES.items():
                 node = getattr(match, role)
                 node.meta[ROLE] = f"attn_{role}"
-                self._activation(node, group, attention=True)
+                self._point(node, group, ACT, attention=True, module=match.module)
         for node in gm.graph.nodes:
             ctx.current_node = node.name
             path = node.meta.get(MODULE, "")
@@ -98,8 +98,8 @@ class Annotate(Pass):
     def _activation(self, node: fx.Node, group: str, *, attention: bool) -> None:
         self._point(node, group, ACT, attention=attention)
 
-    def _point(self, node: fx.Node, group: str, section: str, *, attention: bool) -> None:
-        path = node.meta.get(MODULE, "")
+    def _point(self, node: fx.Node, group: str, section: str, *, attention: bool, module: str = "") -> None:
+        path = module or node.meta.get(MODULE, "")
         spec = self.ctx.qconfig.spec_for(group, section, path)
         label = group if section == ACT else f"{group}.{section}"
         if spec is None:

@@ -43,12 +43,17 @@ class Calibrate(Pass):
 
     @torch.no_grad()
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        calib_data = ctx.calib_data
+        if isinstance(calib_data, torch.Tensor):  # N images in one tensor, batched as compile() does
+            from fxquant.api import _as_batches
+
+            calib_data = _as_batches(calib_data)
         observers = observer_nodes(gm)
         for _, module in observers:
             module.observing = True
         batches = 0
         try:
-            bar = tqdm(iter_batches(ctx.calib_data), total=_length(ctx.calib_data), desc="calibrate",
+            bar = tqdm(iter_batches(calib_data), total=_length(calib_data), desc="calibrate",
                        unit="batch", disable=not ctx.progress, leave=False)
             for batch in bar:
                 gm(batch)

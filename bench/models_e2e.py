@@ -1,0 +1,78 @@
+"""End-to-end output QSNR of ``compile`` on the timm ViT family (random init).
+
+Each model: torch.manual_seed(0) random init, 32 seeded randn calibration images (batches of
+8), diff input seed 123; the figure is the report's output QSNR after the last pass.
+
+    python -m bench.models_e2e [--qconfig w8a8] [--models NAME ...] [--write]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+import timm
+
+import fxquant
+from bench.markdown import replace_section
+
+MODELS = {
+    "vit_tiny_patch16_224": {},
+    "vit_base_patch16_224": {},
+    "deit_small_patch16_224": {},
+    "deit_tiny_distilled_patch16_224": {},
+    "swin_tiny_patch4_window7_224": {},
+    "vit_small_patch14_dinov2": {"img_size": 224, "num_classes": 0},
+}
+
+
+def run_one(name: str, qconfig: str, calib_count: int) -> dict:
+    torch.manual_seed(0)
+    model = timm.create_model(name, **MODELS.get(name, {})).eval()
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))[1:]
+    img = getattr(getattr(model, "patch_embed", None), "img_size", None) or size
+    torch.manual_seed(0)
+    calib = torch.randn(calib_count, 3, *img)
+    torch.manual_seed(123)
+    diff = torch.randn(1, 3, *img)
+    start = time.perf_counter()
+    qm = fxquant.compile(model, qconfig, calib_data=calib, diff_inputs=diff, model_name=name, progress=False)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        out = qm(diff)
+    points = qm.report.quant_points()
+    return {"model": name, "nodes": len(qm.graph.nodes), "points": len(points),
+            "output_db": qm.report.final.output_qsnr_db, "finite": bool(torch.isfinite(out).all()),
+            "worst": min(points, key=lambda n: n["qsnr_db"]) if points else None, "seconds": seconds}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--qconfig", default="w8a8")
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--calib", type=int, default=32)
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    lines = ["| model | fx nodes | quant points | output QSNR dB | finite | worst point (dB) | compile s |",
+             "|---|---|---|---|---|---|---|"]
+    for name in args.models:
+        r = run_one(name, args.qconfig, args.calib)
+        worst = f"{r['worst']['group']} {r['worst']['module']} ({r['worst']['qsnr_db']:.1f})" if r["worst"] else "-"
+        lines.append(f"| {name} | {r['nodes']} | {r['points']} | {r['output_db']:.2f} | {r['finite']} | {worst} | {r['seconds']:.1f} |")
+        print(lines[-1], flush=True)
+        if not r["finite"] or not math.isfinite(r["output_db"]):
+            print(f"{name}: non-finite output", file=sys.stderr)
+    if args.write:
+        body = (f"## compile on the ViT family ({args.qconfig}, random init)\n\nCommand: `python -m bench.models_e2e "
+                f"--qconfig {args.qconfig} --write` ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+                f"timm {timm.__version__}). {args.calib} seeded randn calibration images, diff input seed 123.\n\n"
+                + "\n".join(lines))
+        replace_section(f"models_e2e_{args.qconfig}", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The command line: fxquant.cli.main([...]) on a tiny ViT; errors are one line on stderr, exit 2."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import fxquant
+from fxquant.cli import main
+
+MODEL = "vit_tiny_patch16_224"
+TINY = dict(patch_size=8, depth=2, embed_dim=64, num_heads=2)  # what --img-size/--num-classes cannot set
+BASE = ["compile", "--model", MODEL, "--img-size", "32", "--num-classes", "10", "--quiet"]
+PASSES = ["trace", "decompose_attention", "annotate", "split_qkv", "insert_observers", "calibrate", "fuse_scales",
+          "lower_fake_quant"]
+
+
+@pytest.fixture(autouse=True)
+def tiny_timm_models(monkeypatch):
+    """The CLI builds vit_tiny_patch16_224 (12 blocks of width 192); shrink it to 2 blocks of 64."""
+    real = timm.create_model
+
+    def create_model(name, *args, **kwargs):
+        if name == MODEL:
+            kwargs = {**TINY, **kwargs}
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records what the CLI hands to fxquant.compile, then compiles for real."""
+    calls = []
+    real = fxquant.compile
+
+    def compile_spy(model, qconfig, **kwargs):
+        calls.append({"model": model, "qconfig": qconfig, **kwargs})
+        return real(model, qconfig, **kwargs)
+
+    monkeypatch.setattr(fxquant, "compile", compile_spy)
+    return calls
+
+
+def tiny_model(seed: int, num_classes: int = 10) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(MODEL, img_size=32, num_classes=num_classes, **TINY)
+
+
+def assert_one_line_error(rc, capsys, *fragments):
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fxquant: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_compile_prints_table_and_writes_report(tmp_path, capsys):
+    report_path, dump_dir = tmp_path / "report.json", tmp_path / "d"
+    rc = main(BASE + ["--calib", "random:8", "--report", str(report_path), "--dump-dir", str(dump_dir)])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    assert err == ""  # --quiet: no progress bar
+    assert f"fxquant report: model={MODEL} qconfig=w8a8 backend=fake" in out
+    for name in PASSES:
+        assert f" {name} " in out
+    assert "worst quantization points" in out
+    assert str(report_path) in out and str(dump_dir) in out
+    data = json.loads(report_path.read_text(), parse_constant=lambda c: pytest.fail(f"JSON constant {c}"))
+    assert (data["model"], data["qconfig"], data["backend"]) == (MODEL, "w8a8", "fake")
+    assert [p["name"] for p in data["passes"]] == PASSES
+    assert data["passes"][-1]["nodes"]
+    stems = sorted({p.stem for p in dump_dir.iterdir() if p.suffix in (".py", ".dot", ".json")})
+    assert stems == [f"{i:02d}_{name}" for i, name in enumerate(PASSES)]
+
+
+def test_unknown_model(capsys):
+    rc = main(["compile", "--model", "vit_nonexistent_patch3", "--calib", "random:2"])
+    assert_one_line_error(rc, capsys, "unknown timm model 'vit_nonexistent_patch3'")
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    missing = tmp_path / "nope.pth"
+    rc = main(BASE + ["--checkpoint", str(missing), "--calib", "random:2"])
+    assert_one_line_error(rc, capsys, str(missing), "no such file")
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("random:abc", "expected random:N with an integer N"),
+    ("random:0", "N >= 1"),
+    ("no/such/folder", "expected random:N or a directory of images"),
+])
+def test_bad_calib_spec(spec, fragment, capsys):
+    rc = main(BASE + ["--calib", spec])
+    assert_one_line_error(rc, capsys, f"{fragment}")
+
+
+def test_calib_directory_without_images(tmp_path, capsys):
+    (tmp_path / "readme.txt").write_text("no images here")
+    rc = main(BASE + ["--calib", str(tmp_path)])
+    assert_one_line_error(rc, capsys, "no images")
+
+
+@pytest.mark.parametrize("qconfig, fragment", [("w3a3", "neither a preset"),
+                                               ("bad.yaml", "norm1.observer_type")])
+def test_unknown_or_bad_qconfig(tmp_path, monkeypatch, capsys, qconfig, fragment):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text("norm1:\n  observer_type: FooObserver\n")
+    rc = main(BASE + ["--calib", "random:2", "--qconfig", qconfig])
+    assert_one_line_error(rc, capsys, fragment)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["state_dict", "wrapped_state_dict"])
+def test_checkpoint_is_loaded(tmp_path, capsys, spy, wrapped):
+    saved = tiny_model(seed=5)  # not the CLI's --seed 0 weights: loading must matter
+    state = saved.state_dict()
+    path = tmp_path / "tiny.pth"
+    torch.save({"state_dict": state} if wrapped else state, path)
+    rc = main(BASE + ["--checkpoint", str(path), "--calib", "random:4", "--qconfig", "seed_attn"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "qconfig=seed_attn" in out
+    (call,) = spy
+    loaded = call["model"].state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    assert not call["model"].training
+
+
+def test_checkpoint_that_does_not_fit(tmp_path, capsys):
+    path = tmp_path / "other.pth"
+    torch.save(tiny_model(seed=0, num_classes=5).state_dict(), path)
+    rc = main(BASE + ["--checkpoint", str(path), "--calib", "random:2"])
+    assert_one_line_error(rc, capsys, "does not fit the model")
+
+
+def test_calibration_directory_of_png_images(tmp_path, capsys, spy):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(40, 40), (48, 36), (64, 64)]):
+        pixels = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i}.png")
+    Image.fromarray(rng.integers(0, 256, size=(40, 40), dtype=np.uint8)).save(folder / "gray.png")  # mode L
+    (folder / "labels.txt").write_text("ignored")
+    rc = main(BASE + ["--calib", str(folder), "--qconfig", "seed_attn", "--batch-size", "3"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "lower_fake_quant" in out
+    (call,) = spy
+    batches = call["calib_data"]
+    assert [tuple(b.shape) for b in batches] == [(3, 3, 32, 32), (1, 3, 32, 32)]
+    assert all(torch.isfinite(b).all() for b in batches)
