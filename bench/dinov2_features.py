@@ -169,7 +169,8 @@ def section(rows, command: str, total_s: float, report_table: str | None) -> str
         f"Command: `{command}`  ",
         f"Date: {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; "
         f"{torch.get_num_threads()} torch threads, {platform.machine()} {platform.python_implementation()} "
-        f"{platform.python_version()}; total {total_s:.0f} s  ",
+        f"{platform.python_version()}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end "
+        f"(timings depend on other jobs); total {total_s:.0f} s  ",
         f"Versions: {versions}; {_git_state()}",
         "",
         "Model: timm `vit_small_patch14_dinov2` (num_classes=0) with the real DINOv2 weights from "

@@ -67,9 +67,18 @@ def _reference_for(node: fx.Node, ref_values: dict[str, Any]) -> Optional[torch.
 
 @torch.no_grad()
 def compare_graph(gm: fx.GraphModule, inputs: tuple, ref_values: dict[str, Any],
-                  ref_output: Any) -> tuple[list[dict], float, Optional[dict]]:
-    """Per-node QSNR of ``gm`` vs the reference values; returns (nodes, output QSNR, first drop)."""
+                  ref_output: Any, *, adopt_new: bool = False) -> tuple[list[dict], float, Optional[dict]]:
+    """Per-node QSNR of ``gm`` vs the reference values; returns (nodes, output QSNR, first drop).
+
+    With ``adopt_new`` (after a numerically neutral pass) a node whose origin the reference
+    lacks, a node that pass created, becomes part of the reference with its current value.
+    """
     values = capture_values(gm, inputs)
+    if adopt_new:
+        for node in gm.graph.nodes:
+            name = node.meta.get(ORIGIN)
+            if name and name not in ref_values and node.op != "output" and ORIGIN_SLICE not in node.meta:
+                ref_values[name] = values.get(node.name)
     records: list[dict] = []
     by_name: dict[str, float] = {}
     output_value = None

@@ -38,7 +38,7 @@ class NumericDiff(Instrument):
 
     def run_after_pass(self, p, gm, ctx, record: PassRecord):
         ref_values, ref_output = self._reference(ctx)
-        nodes, out_db, drop = compare_graph(gm, ctx.diff_inputs, ref_values, ref_output)
+        nodes, out_db, drop = compare_graph(gm, ctx.diff_inputs, ref_values, ref_output, adopt_new=p.neutral)
         record.nodes, record.output_qsnr_db, record.first_drop = nodes, out_db, drop
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import NodeError
 from .observers import make_observer
 from .points import QuantPoint
 from .qparams import QParams
@@ -26,7 +27,10 @@ class ObserverModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
-            self.observer.update(x.detach())
+            try:
+                self.observer.update(x.detach())
+            except ValueError as exc:  # name the graph node, so the pass error can too
+                raise NodeError(self.point_name.split(" ", 1)[0], str(exc)) from None
         return x * self.post_scale if self.post_scale != 1.0 else x
 
     def extra_repr(self) -> str:

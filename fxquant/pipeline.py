@@ -8,9 +8,9 @@ BACKENDS = ("fake",)
 
 def default_passes(backend: str = "fake") -> list[Pass]:
     from fxquant.passes import (Annotate, Calibrate, DecomposeAttention, FuseScales, InsertObservers,
-                                LowerFakeQuant, SplitQkv)
+                                LowerFakeQuant, Smooth, SplitQkv)
 
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not available in this version; choose one of {BACKENDS}")
-    return [DecomposeAttention(), Annotate(), SplitQkv(), InsertObservers(), Calibrate(), FuseScales(),
+    return [DecomposeAttention(), Annotate(), SplitQkv(), Smooth(), InsertObservers(), Calibrate(), FuseScales(),
             LowerFakeQuant()]

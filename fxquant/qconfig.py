@@ -28,7 +28,7 @@ ACTIVATION_GROUPS = (
 ALL_GROUPS = LINEAR_GROUPS + ACTIVATION_GROUPS
 LINEAR_SECTIONS = ("weight", "output")
 ACT = "act"  # the section name under which an activation group's spec is stored
-TOP_LEVEL_KEYS = ("name", "description", "extends", "overrides", "skip")
+TOP_LEVEL_KEYS = ("name", "description", "extends", "overrides", "skip", "smooth_alpha")
 
 _OBSERVER_NAMES = {
     "minmaxobserver": "minmax", "minmax": "minmax",
@@ -183,6 +183,7 @@ class QConfig:
     skip: list[str] = field(default_factory=list)
     source: str = "<dict>"
     description: str = ""
+    smooth_alpha: Optional[float] = None  # SmoothQuant migration strength; None = no smoothing
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def is_skipped(self, module_path: str) -> bool:
@@ -216,6 +217,8 @@ class QConfig:
         out: dict[str, Any] = {"name": self.name}
         if self.description:
             out["description"] = self.description
+        if self.smooth_alpha is not None:
+            out["smooth_alpha"] = self.smooth_alpha
         for group, sections in self.groups.items():
             out[group] = dict(sections[ACT]) if ACT in sections else {k: dict(v) for k, v in sections.items()}
         if self.overrides:
@@ -255,6 +258,7 @@ def qconfig_from_dict(raw: Mapping[str, Any], source: str = "<dict>", _depth: in
     if not isinstance(raw, Mapping):
         raise _fail(source, "<top>", f"expected a mapping of groups, got {type(raw).__name__}")
     raw = dict(raw)
+    raw_keys = set(raw)
     base: Optional[QConfig] = None
     if "extends" in raw:
         if _depth > 8:
@@ -262,6 +266,13 @@ def qconfig_from_dict(raw: Mapping[str, Any], source: str = "<dict>", _depth: in
         base = load_qconfig(_expect(raw.pop("extends"), str, source, "extends"), _depth=_depth + 1)
     name = raw.pop("name", Path(source).stem if source != "<dict>" else "custom")
     description = raw.pop("description", "")
+    smooth_alpha = raw.pop("smooth_alpha", None)
+    if smooth_alpha is not None and smooth_alpha is not False:
+        smooth_alpha = _expect(smooth_alpha, float, source, "smooth_alpha", "a number in [0, 1], or null")
+        if not 0.0 <= smooth_alpha <= 1.0:
+            raise _fail(source, "smooth_alpha", f"{smooth_alpha} is outside [0, 1]")
+    else:
+        smooth_alpha = None
     overrides_raw = raw.pop("overrides", {}) or {}
     skip = raw.pop("skip", []) or []
     if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
@@ -281,8 +292,10 @@ def qconfig_from_dict(raw: Mapping[str, Any], source: str = "<dict>", _depth: in
                 merged.setdefault(group, {})[section] = {**merged.get(group, {}).get(section, {}), **raw_spec}
         groups = merged
         overrides = base.overrides + overrides
+        if smooth_alpha is None and "smooth_alpha" not in raw_keys:
+            smooth_alpha = base.smooth_alpha
         skip = base.skip + skip
-    config = QConfig(name=str(name), groups=groups, overrides=overrides, skip=list(skip),
+    config = QConfig(name=str(name), groups=groups, overrides=overrides, skip=list(skip), smooth_alpha=smooth_alpha,
                      source=source, description=str(description))
     for pattern, body in overrides:  # each override must parse when merged over its base
         for group, sections in body.items():

@@ -5,7 +5,8 @@ from fxquant.passes.decompose_attention import DecomposeAttention
 from fxquant.passes.fuse_scales import FuseScales
 from fxquant.passes.insert_observers import InsertObservers
 from fxquant.passes.lower_fake_quant import LowerFakeQuant
+from fxquant.passes.smooth import Smooth
 from fxquant.passes.split_qkv import SplitQkv
 
 __all__ = ["Annotate", "Calibrate", "DecomposeAttention", "FuseScales", "InsertObservers",
-           "LowerFakeQuant", "SplitQkv"]
+           "LowerFakeQuant", "Smooth", "SplitQkv"]

@@ -21,7 +21,11 @@ from fxquant.qparams import QParams
 
 
 def weight_qparams(weight, point: QuantPoint, name: str) -> QParams:
-    observer = make_observer(point.spec, name=name, **point.observer_kwargs())
+    spec = point.spec
+    if spec.observer == "omse":  # a weight is small and known exactly: search on all of it
+        spec = spec.with_(options={**spec.options, "omse_total_samples": weight.numel(),
+                                   "omse_group_samples": weight.numel()})
+    observer = make_observer(spec, name=name, **point.observer_kwargs())
     observer.update(weight.detach())
     return observer.compute_qparams()
 

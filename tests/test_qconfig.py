@@ -268,15 +268,15 @@ def test_overrides_by_glob_change_only_matching_modules(tmp_path):
           "blocks.1.*":
             mlp_fc2:
               weight: {bits: 4}
-            norm1: {observer_type: MinmaxObserver}
+            norm1: {observer_type: PercentileObserver}
         """))
     base = load_qconfig("w8a8")
     changed = config.spec_for("mlp_fc2", "weight", "blocks.1.mlp.fc2")
     assert changed == base.spec_for("mlp_fc2", "weight", "blocks.1.mlp.fc2").with_(bits=4)
-    assert config.spec_for("norm1", ACT, "blocks.1.norm1").observer == "minmax"
+    assert config.spec_for("norm1", ACT, "blocks.1.norm1").observer == "percentile"
     for module in ("blocks.0.mlp.fc2", "blocks.11.mlp.fc2", "blocks.10.mlp.fc2", ""):
         assert config.spec_for("mlp_fc2", "weight", module) == base.spec_for("mlp_fc2", "weight", module), module
-    assert config.spec_for("norm1", ACT, "blocks.0.norm1").observer == "omse"
+    assert config.spec_for("norm1", ACT, "blocks.0.norm1").observer == "minmax"
     assert config.spec_for("mlp_fc1", "weight", "blocks.1.mlp.fc1") == base.spec_for("mlp_fc1", "weight")
 
 
@@ -379,11 +379,16 @@ def test_w8a8_is_what_its_header_says():
         assert (spec.bits, spec.signed, spec.symmetric, spec.granularity, spec.observer) == \
             (8, True, True, "channel_wise", "minmax"), group
         assert config.spec_for(group, "output") is None
-    for group in ("norm1", "norm2", "attn_v_out", "mlp_gelu", "final_norm", "patch_merging_norm"):
+    observers = {"norm1": "minmax", "norm2": "minmax", "attn_v_out": "omse", "mlp_gelu": "omse",
+                 "final_norm": "omse", "patch_merging_norm": "omse"}
+    for group, observer in observers.items():
         spec = config.spec_for(group, ACT)
-        assert (spec.bits, spec.signed, spec.granularity, spec.observer) == (8, False, "layer_wise", "omse"), group
-    for group in ("attn_q_out", "attn_k_out", "attn_v_input", "attn_kv_out"):
-        assert config.spec_for(group, ACT).granularity == "head_wise", group
+        assert (spec.bits, spec.signed, spec.granularity, spec.observer) == (8, False, "layer_wise", observer), group
+    for group, observer in (("attn_q_out", "minmax"), ("attn_k_out", "minmax"), ("attn_v_input", "minmax"),
+                            ("attn_kv_out", "omse")):
+        spec = config.spec_for(group, ACT)
+        assert (spec.granularity, spec.observer) == ("head_wise", observer), group
+    assert config.smooth_alpha == 0.5
     for group in ("intSoft", "residual"):
         assert config.spec_for(group, ACT) is None
 

@@ -130,10 +130,11 @@ def test_nan_in_calibration_data_names_the_node(vit, trace, make_ctx, run):
     gm, ctx = observed(vit, trace, make_ctx, run, calib_data=[vit.image(2), images])
     first_observed = observer_nodes(gm)[0][0].args[0].name  # NaN spreads from the patch embedding on
 
-    with pytest.raises(PassError, match=rf"pass 'calibrate' failed: observer '{first_observed} \(norm1\)': "
-                                        r"calibration batch 1 .* non-finite") as info:
+    with pytest.raises(PassError, match=rf"pass 'calibrate' failed: node '{first_observed}': "
+                                        rf"observer '{first_observed} \(norm1\)': calibration batch 1 .* non-finite") as info:
         run(gm, ctx, Calibrate())
     assert first_observed == "blocks_0_norm1" and info.value.pass_name == "calibrate"
+    assert info.value.node == first_observed
     assert not any(module.observing for _, module in observer_nodes(gm))
 
 

@@ -1,0 +1,173 @@
+"""smooth: move activation outliers into the weights (SmoothQuant), exactly, by folding.
+
+Real ViTs (DINOv2 among them) carry a few activation channels hundreds of times larger
+than the rest; a per-tensor 8-bit grid spends its range on them. For a Linear input x
+with channel maxima a_c and weight column maxima w_c, the scale
+``s_c = a_c**alpha / w_c**(1 - alpha)`` divides channel c of x and multiplies column c of
+the weight: the product is unchanged and x is flat enough for one scale. The division
+is folded where it costs nothing:
+
+- a LayerNorm feeding only Linears (norm1 -> Q, K, V; norm2 -> fc1): into gamma and beta;
+- attention's V feeding the output projection: into the V Linear's rows and bias
+  (attn@V is linear in V, so its output channels scale the same way).
+
+Runs after ``split_qkv`` and before ``insert_observers``; only points quantized
+per tensor are smoothed. FP32 output unchanged up to float rounding. The nodes whose
+values are rescaled get a new origin, so the diff compares them with the smoothed FP32
+graph rather than with the unscaled reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxquant.meta import ORIGIN, ORIGIN_SLICE, POINT
+from fxquant.pass_manager import Pass, PassContext
+from fxquant.passes.calibrate import iter_batches
+from fxquant.patterns import find_attention, is_pass_through_module, is_scale_transparent, submodule
+
+SCALE_RANGE = (1e-5, 1e5)
+
+
+@dataclass
+class _Pair:
+    act: fx.Node  # the Linear input whose channels are smoothed (last dimension)
+    producer: fx.Node  # LayerNorm or V Linear node whose parameters absorb 1/s
+    consumers: list  # Linear nodes whose weight columns absorb s
+
+
+def _linear(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Linear]:
+    module = submodule(gm, node)
+    return module if isinstance(module, nn.Linear) else None
+
+
+def _reads_shape_only(node: fx.Node) -> bool:
+    """``x.shape`` / ``x.size()``: uses a tensor without reading its values."""
+    return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
+        node.op == "call_method" and node.target in ("size", "dim"))
+
+
+def _per_tensor_point(node: fx.Node) -> bool:
+    point = node.meta.get(POINT)
+    return point is not None and point.spec.granularity == "layer_wise" and point.spec.method == "uniform"
+
+
+def _norm_pairs(gm: fx.GraphModule) -> list[_Pair]:
+    pairs = []
+    for node in gm.graph.nodes:
+        module = submodule(gm, node)
+        if not isinstance(module, nn.LayerNorm) or not module.elementwise_affine or not _per_tensor_point(node):
+            continue
+        users = [u for u in node.users if not _reads_shape_only(u)]
+        if users and all(_linear(gm, u) is not None and u.args[0] is node for u in users):
+            pairs.append(_Pair(node, node, users))
+    return pairs
+
+
+def _walk_back_to_linear(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
+    while is_scale_transparent(gm, node) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node if _linear(gm, node) is not None else None
+
+
+def _v_proj_pairs(gm: fx.GraphModule) -> list[_Pair]:
+    pairs = []
+    for match in find_attention(gm):
+        if not _per_tensor_point(match.out):
+            continue
+        v_linear = _walk_back_to_linear(gm, match.v)
+        node, act = match.out, None
+        while len(node.users) == 1:
+            user = next(iter(node.users))
+            if _linear(gm, user) is not None:
+                act = node
+                break
+            if not is_scale_transparent(gm, user):
+                break
+            node = user
+        if v_linear is None or act is None or len(v_linear.users) != 1:
+            continue
+        pairs.append(_Pair(act, v_linear, [next(iter(act.users))]))
+    return pairs
+
+
+class _AbsMaxRecorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, watched: set[str]):
+        super().__init__(gm)
+        self.watched = watched
+        self.absmax: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n.name in self.watched:
+            amax = value.detach().abs().reshape(-1, value.shape[-1]).amax(dim=0)
+            previous = self.absmax.get(n.name)
+            self.absmax[n.name] = amax if previous is None else torch.maximum(previous, amax)
+        return value
+
+
+class Smooth(Pass):
+    name = "smooth"
+    neutral = True
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        alpha = ctx.qconfig.smooth_alpha
+        if alpha is None:
+            return gm
+        pairs = _norm_pairs(gm) + _v_proj_pairs(gm)
+        if not pairs:
+            return gm
+        recorder = _AbsMaxRecorder(gm, {p.act.name for p in pairs})
+        with torch.no_grad():
+            for batch in iter_batches(ctx.calib_data):
+                recorder.run(batch)
+        notes = ctx.state.setdefault("smooth", [])
+        for pair in pairs:
+            ctx.current_node = pair.act.name
+            scale = self._scale(gm, pair, recorder.absmax[pair.act.name], alpha)
+            self._fold(gm, pair, scale)
+            self._reorigin(gm, pair)
+            notes.append(f"{pair.act.name}: smoothed into {[c.name for c in pair.consumers]} "
+                         f"(max channel factor {scale.max().item():.3g})")
+        return gm
+
+    @staticmethod
+    def _scale(gm, pair: _Pair, act_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+        weights = [_linear(gm, c).weight.detach() for c in pair.consumers]
+        w_absmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
+        scale = act_absmax.clamp_min(1e-8).pow(alpha) / w_absmax.clamp_min(1e-8).pow(1.0 - alpha)
+        scale = torch.where((act_absmax > 0) & (w_absmax > 0), scale, torch.ones_like(scale))
+        return scale.clamp(*SCALE_RANGE)
+
+    @staticmethod
+    def _fold(gm, pair: _Pair, scale: torch.Tensor) -> None:
+        producer = submodule(gm, pair.producer)
+        with torch.no_grad():
+            if isinstance(producer, nn.LayerNorm):
+                producer.weight.div_(scale)
+                if producer.bias is not None:
+                    producer.bias.div_(scale)
+            else:  # the V Linear: output channel c is divided by s_c
+                producer.weight.div_(scale[:, None])
+                if producer.bias is not None:
+                    producer.bias.div_(scale)
+            for consumer in pair.consumers:
+                _linear(gm, consumer).weight.mul_(scale[None, :])
+
+    @staticmethod
+    def _reorigin(gm, pair: _Pair) -> None:
+        """Nodes from the producer up to (not including) the consumers now hold scaled values."""
+        stop = set(pair.consumers)
+        todo, seen = [pair.producer], set()
+        while todo:
+            node = todo.pop()
+            if node in seen or node in stop:
+                continue
+            seen.add(node)
+            node.meta[ORIGIN] = f"{node.name}@smooth"
+            node.meta.pop(ORIGIN_SLICE, None)
+            todo.extend(node.users)
