@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calib", type=int, default=32)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     lines = ["| model | fx nodes | quant points | output QSNR dB | finite | worst point (dB) | compile s |",
              "|---|---|---|---|---|---|---|"]
     for name in args.models:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -36,15 +35,12 @@ def _as_batches(calib_data) -> Iterable:
 
 
 def _first_batch(calib_data: Iterable) -> tuple[torch.Tensor, Iterable]:
-    """Peek at the first batch; a one-shot iterator is chained back together."""
+    """Peek at the first batch. A one-shot iterator (a generator) is read into a list once:
+    several passes (smooth, calibrate) go over the calibration data."""
     from fxquant.passes.calibrate import iter_batches
 
-    if iter(calib_data) is calib_data:  # generator or iterator: consuming it would lose data
-        first_item = next(iter(calib_data), None)
-        if first_item is None:
-            raise FxqError("calib_data is empty")
-        calib_data = itertools.chain([first_item], calib_data)
-        return next(iter_batches([first_item])), calib_data
+    if iter(calib_data) is calib_data:
+        calib_data = list(calib_data)
     first = next(iter_batches(calib_data), None)
     if first is None:
         raise FxqError("calib_data is empty")

@@ -26,6 +26,13 @@ def iter_batches(calib_data: Iterable) -> Iterator[torch.Tensor]:
         yield batch
 
 
+def as_batches(calib_data) -> Iterable:
+    """N images in one tensor are split into batches as ``compile`` does; iterables pass as they are."""
+    from fxquant.api import _as_batches
+
+    return _as_batches(calib_data) if isinstance(calib_data, torch.Tensor) else calib_data
+
+
 def _length(calib_data: Iterable):
     try:
         return len(calib_data)  # type: ignore[arg-type]
@@ -43,11 +50,7 @@ class Calibrate(Pass):
 
     @torch.no_grad()
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        calib_data = ctx.calib_data
-        if isinstance(calib_data, torch.Tensor):  # N images in one tensor, batched as compile() does
-            from fxquant.api import _as_batches
-
-            calib_data = _as_batches(calib_data)
+        calib_data = as_batches(ctx.calib_data)
         observers = observer_nodes(gm)
         for _, module in observers:
             module.observing = True

@@ -25,9 +25,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxquant.errors import FxqError
 from fxquant.meta import ORIGIN, ORIGIN_SLICE, POINT
 from fxquant.pass_manager import Pass, PassContext
-from fxquant.passes.calibrate import iter_batches
+from fxquant.passes.calibrate import as_batches, iter_batches
 from fxquant.patterns import find_attention, is_pass_through_module, is_scale_transparent, submodule
 
 SCALE_RANGE = (1e-5, 1e5)
@@ -114,6 +115,13 @@ class Smooth(Pass):
     name = "smooth"
     neutral = True
 
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        data = ctx.calib_data
+        if ctx.qconfig.smooth_alpha is not None and data is not None and iter(data) is data:
+            raise FxqError("smooth and calibrate each go over calib_data, so it must be read more than "
+                           "once: pass a list, a tensor or a DataLoader, not a generator "
+                           "(fxquant.compile turns a generator into a list for you)")
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         alpha = ctx.qconfig.smooth_alpha
         if alpha is None:
@@ -123,7 +131,7 @@ class Smooth(Pass):
             return gm
         recorder = _AbsMaxRecorder(gm, {p.act.name for p in pairs})
         with torch.no_grad():
-            for batch in iter_batches(ctx.calib_data):
+            for batch in iter_batches(as_batches(ctx.calib_data)):
                 recorder.run(batch)
         notes = ctx.state.setdefault("smooth", [])
         for pair in pairs:
@@ -170,4 +178,4 @@ class Smooth(Pass):
             seen.add(node)
             node.meta[ORIGIN] = f"{node.name}@smooth"
             node.meta.pop(ORIGIN_SLICE, None)
-            todo.extend(node.users)
+            todo.extend(u for u in node.users if not _reads_shape_only(u))
