@@ -1,5 +1,6 @@
 """fxquant: post-training quantization of vision transformers as torch.fx graph passes."""
 from .api import compile
+from .debug import DiffResult, compile_keep_float, diff, isolated_errors, sensitivity
 from .errors import FxqError, PassError, QConfigError, TraceError
 from .qconfig import QConfig, load_qconfig, preset_names
 from .report import Report
@@ -7,4 +8,5 @@ from .trace import trace
 
 __version__ = "0.1.0"
 __all__ = ["compile", "trace", "load_qconfig", "preset_names", "QConfig", "Report", "FxqError",
-           "PassError", "QConfigError", "TraceError", "__version__"]
+           "PassError", "QConfigError", "TraceError", "__version__", "diff", "DiffResult", "isolated_errors",
+           "sensitivity", "compile_keep_float"]

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .diff import output_qsnr
+from .numeric_diff import output_qsnr
 from .errors import FxqError
 from .instruments import GraphDump, NumericDiff, Timing
 from .pass_manager import Pass, PassContext, PassManager

@@ -102,7 +102,38 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--report", help="write the JSON report here")
     comp.add_argument("--worst", type=int, default=10, help="how many worst points to print (default 10)")
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_diff_parser(sub)
     return parser
+
+
+def _add_diff_parser(sub) -> None:
+    diff = sub.add_parser("diff", help="isolated vs propagated QSNR per quantization point, worst first")
+    diff.add_argument("--model", required=True, help="timm model name, e.g. vit_base_patch16_224")
+    source = diff.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="state dict (.pth/.pt) or .safetensors file to load")
+    source.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the hub)")
+    diff.add_argument("--qconfig", default="w8a8", help="preset name, YAML file or directory (default w8a8)")
+    diff.add_argument("--calib", default="random:32", help="random:N or a directory of images (default random:32)")
+    diff.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    diff.add_argument("--img-size", type=int, help="model input size (timm img_size)")
+    diff.add_argument("--num-classes", type=int, help="classifier classes (timm num_classes; 0 = features)")
+    diff.add_argument("--seed", type=int, default=0, help="torch seed for random-init weights (default 0)")
+    diff.add_argument("--top", type=int, default=20, help="how many points to print, worst first (default 20)")
+    diff.add_argument("--json", help="write all points as JSON here")
+
+
+def run_diff(args: argparse.Namespace) -> int:
+    from .debug import diff
+
+    kwargs = {k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v is not None}
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, args.checkpoint, args.pretrained, kwargs)
+    calib = calibration_batches(args.calib, model, args.batch_size)
+    result = diff(model, args.qconfig, calib_data=calib, model_name=args.model)
+    print(result.table(top=args.top))
+    if args.json:
+        print(f"diff written to {result.to_json(args.json)}")
+    return 0
 
 
 def run_compile(args: argparse.Namespace) -> int:
@@ -127,6 +158,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "compile":
             return run_compile(args)
+        if args.command == "diff":
+            return run_diff(args)
     except FxqError as exc:
         print(f"fxquant: error: {exc}", file=sys.stderr)
         return 2

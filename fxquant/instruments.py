@@ -8,7 +8,7 @@ from pathlib import Path
 import networkx as nx
 import torch.fx as fx
 
-from .diff import capture_values, compare_graph
+from .numeric_diff import capture_values, compare_graph
 from .meta import MODULE, ORIGIN, POINT, WEIGHT
 from .pass_manager import Instrument, Pass, PassContext
 from .report import PassRecord, db_for_json

@@ -78,6 +78,9 @@ class _QuantWeightMixin:
         self.weight_qparams = qparams
         self.register_buffer("weight_codes", codes.to(_codes_dtype(qparams)))
         self.register_buffer("weight", dequantize(codes, qparams).to(weight.dtype))
+        # the float weight it was quantized from (after smoothing): fxquant.debug swaps it in
+        # to turn this point off; not persistent, so state_dicts are unchanged
+        self.register_buffer("float_weight", weight.detach().clone(), persistent=False)
 
 
 class QuantLinear(_QuantWeightMixin, nn.Module):

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxquant
 from fxquant.api import default_diff_inputs
-from fxquant.diff import capture_values, compare_graph, output_qsnr
+from fxquant.numeric_diff import capture_values, compare_graph, output_qsnr
 from fxquant.errors import FxqError, NodeError, PassError
 from fxquant.modules import QuantLinear
 from fxquant.observers import make_observer

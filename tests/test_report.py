@@ -9,7 +9,7 @@ import timm
 import torch
 
 import fxquant
-from fxquant.diff import first_drop
+from fxquant.numeric_diff import first_drop
 from fxquant.report import INF_DB, PassRecord, Report, db_for_json
 
 NODE_KEYS = {"node", "origin", "module", "group", "qsnr_db"}

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxquant
-from fxquant.diff import capture_values
+from fxquant.numeric_diff import capture_values
 from fxquant.errors import FxqError, PassError
 from fxquant.passes import Annotate, Calibrate, DecomposeAttention, InsertObservers, SplitQkv
 from fxquant.passes.insert_observers import observer_nodes

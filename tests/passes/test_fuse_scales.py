@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.diff import capture_values
+from fxquant.numeric_diff import capture_values
 from fxquant.meta import ORIGIN, POINT, ROLE
 from fxquant.modules import FakeQuantize
 from fxquant.passes import Annotate, Calibrate, FuseScales, InsertObservers, LowerFakeQuant, SplitQkv

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.diff import capture_values, output_qsnr
+from fxquant.numeric_diff import capture_values, output_qsnr
 from fxquant.errors import NodeError, PassError
 from fxquant.meta import POINT, WEIGHT
 from fxquant.modules import FakeQuantize, ObserverModule, QuantConv2d, QuantLinear

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import fxquant
-from fxquant.diff import output_qsnr
+from fxquant.numeric_diff import output_qsnr
 from fxquant.errors import PassError
 from fxquant.meta import ORIGIN, ORIGIN_SLICE
 from fxquant.passes import Annotate, Calibrate, InsertObservers, Smooth, SplitQkv

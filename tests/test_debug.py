@@ -1,0 +1,123 @@
+"""fxquant.debug: isolated vs propagated error per point, sensitivity, keep_float, `fxquant diff`."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import timm
+import torch
+
+import fxquant
+from fxquant.api import default_diff_inputs
+from fxquant.debug import compile_keep_float, isolated_errors, only_enabled, quant_point_nodes, sensitivity
+from fxquant.numeric_diff import output_qsnr
+from fxquant.modules import QuantLinear
+
+TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=10)
+QKV = {"blocks_0_attn_qkv_q", "blocks_0_attn_qkv_k", "blocks_0_attn_qkv_v"}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", **TINY).eval()
+    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    qm = fxquant.compile(model, "w8a8", calib_data=calib, progress=False)
+    return model, calib, qm, default_diff_inputs(calib)
+
+
+def _plant_double_quantization(qm) -> None:
+    """Block 0's Q/K/V codes dequantized again with one per-tensor scale (4x the largest
+    per-channel scale): the seed's double quantization, range explosion included."""
+    for letter in "qkv":
+        module = qm.get_submodule(f"blocks.0.attn.qkv_{letter}")
+        assert isinstance(module, QuantLinear)
+        qp = module.weight_qparams
+        module.weight = module.weight_codes.float() * (qp.scale.max() * 4.0)
+
+
+def test_all_off_is_fp32_and_toggles_restore(setup):
+    model, _, qm, x = setup
+    with torch.no_grad():
+        expected, before = model(*x), qm(*x)
+        with only_enabled(qm, ()):
+            assert output_qsnr(expected, qm(*x)) >= 100.0
+        after = qm(*x)
+    assert torch.equal(before, after)  # every point is back on
+    assert not any("forward" in qm.get_submodule(str(n.target)).__dict__ for n in quant_point_nodes(qm))
+
+
+def test_isolated_vs_propagated(setup):
+    _, _, qm, x = setup
+    rows = isolated_errors(qm, x)
+    assert len(rows) == len(quant_point_nodes(qm)) > 10
+    assert {r["kind"] for r in rows} == {"activation", "weight"}
+    first = rows[0]  # nothing upstream is quantized: isolated == propagated
+    assert first["isolated_qsnr_db"] == pytest.approx(first["propagated_qsnr_db"], abs=0.01)
+    # a healthy w8a8 point is fine alone; errors accumulate downstream
+    assert all(r["isolated_qsnr_db"] > 15.0 for r in rows)
+    assert min(r["propagated_qsnr_db"] for r in rows) < min(r["isolated_qsnr_db"] for r in rows)
+    only = isolated_errors(qm, x, points=[rows[3]["node"]])
+    assert len(only) == 1 and only[0]["isolated_qsnr_db"] == pytest.approx(rows[3]["isolated_qsnr_db"])
+    with pytest.raises(fxquant.FxqError, match="not quantization points"):
+        isolated_errors(qm, x, points=["nope"])
+
+
+def test_planted_double_quantization_is_named_first(setup, tmp_path):
+    _, _, qm, x = setup
+    healthy = fxquant.diff(qm, diff_inputs=x)
+    assert healthy.rows[0]["node"] not in QKV
+    broken = copy.deepcopy(qm)
+    _plant_double_quantization(broken)
+    result = fxquant.diff(broken, diff_inputs=x)
+    first_line = result.table().splitlines()[0]
+    assert any(name in first_line for name in QKV), first_line
+    assert {r["node"] for r in result.rows[:3]} == QKV  # the lowest isolated QSNR of all points
+    assert all(r["isolated_qsnr_db"] < 0.0 for r in result.rows[:3])
+    assert result.output_qsnr_db < healthy.output_qsnr_db - 10.0
+    data = json.loads(result.to_json(tmp_path / "diff.json").read_text())
+    assert [p["node"] for p in data["points"][:3]] == [r["node"] for r in result.rows[:3]]
+    assert all(isinstance(p["isolated_qsnr_db"], float) for p in data["points"])
+
+
+def test_diff_compiles_a_model(setup):
+    model, calib, qm, x = setup
+    result = fxquant.diff(model, "w8a8", calib_data=(b for b in torch.split(calib, 8)))
+    assert len(result.rows) == len(quant_point_nodes(qm))
+    keys = [r["isolated_qsnr_db"] for r in result.rows]
+    assert keys == sorted(keys)
+    with pytest.raises(fxquant.FxqError, match="calib_data"):
+        fxquant.diff(model)
+
+
+def test_sensitivity_and_keep_float(setup):
+    model, calib, qm, x = setup
+    ranked = sensitivity(qm, diff_inputs=x)
+    db = [r["output_qsnr_db_isolated"] for r in ranked]
+    assert db == sorted(db)
+    q0 = compile_keep_float(model, "w8a8", calib_data=calib, k=0, progress=False)
+    q1 = compile_keep_float(model, "w8a8", calib_data=calib, k=1, progress=False)
+    assert q0.keep_float == [] and q1.keep_float == [ranked[0]["node"]]
+    points0 = {n.name for n in quant_point_nodes(q0)}
+    assert points0 - {n.name for n in quant_point_nodes(q1)} == {ranked[0]["node"]}
+    assert any(ranked[0]["node"] in line and "keep_float" in line for line in q1.report.float_points)
+    with torch.no_grad():
+        expected = model(*x)
+        assert output_qsnr(expected, q1(*x)) > output_qsnr(expected, q0(*x))
+
+
+def test_cli_diff(monkeypatch, capsys, tmp_path):
+    from fxquant.cli import main
+
+    real = timm.create_model
+    shrink = dict(patch_size=8, depth=2, embed_dim=64, num_heads=2)
+    monkeypatch.setattr(timm, "create_model", lambda name, *a, **k: real(name, *a, **{**shrink, **k}))
+    out_json = tmp_path / "d.json"
+    code = main(["diff", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10",
+                 "--calib", "random:8", "--top", "5", "--json", str(out_json)])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    points = json.loads(out_json.read_text())["points"]
+    assert lines[0].startswith(f"worst point: {points[0]['node']} ")
+    assert len(lines) == 3 + 5 + 1  # worst point, summary, header, --top rows, "diff written to"
