@@ -64,16 +64,27 @@ def compile(  # noqa: A001 - the public name the design card asks for
     progress: bool = True,
     passes: Optional[Sequence[Pass]] = None,
     model_name: Optional[str] = None,
+    keep_float: int = 0,
 ) -> fx.GraphModule:
     """Trace ``model``, run the pass pipeline, return the quantized GraphModule.
 
     The result carries ``.report`` (per-pass, per-node QSNR against FP32) and
     ``.qconfig``. ``model`` itself is never modified.
+
+    ``keep_float=K`` (K > 0): after the pipeline the K most sensitive quantization points are
+    left in float. Sensitivity = the model output's QSNR when that point alone quantizes
+    (:func:`fxquant.debug.rank_by_output`), measured on the *first calibration batch* (real
+    data, several images) rather than on ``diff_inputs`` (one seeded randn image by default,
+    a noisy ranking). The points are listed in ``.keep_float``, ``report.keep_float`` and,
+    with their rank, in ``report.float_points``; the per-pass records describe the pipeline
+    before the fallback, and ``report.notes`` gets the output QSNR (diff inputs) before/after.
     """
     if not isinstance(model, nn.Module):
         raise FxqError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if backend not in BACKENDS:
         raise FxqError(f"backend {backend!r} is not available in this version; choose one of {BACKENDS}")
+    if isinstance(keep_float, bool) or not isinstance(keep_float, int) or keep_float < 0:
+        raise FxqError(f"keep_float must be an integer >= 0, got {keep_float!r}")
     config = load_qconfig(qconfig)
     calib_data = _as_batches(calib_data)
     example, calib_data = _first_batch(calib_data)
@@ -98,7 +109,23 @@ def compile(  # noqa: A001 - the public name the design card asks for
     report.notes = list(ctx.state.get("fuse_scales", []))
     gm.report = report
     gm.qconfig = config
+    gm.keep_float = []
+    if keep_float:
+        _keep_float(gm, keep_float, example, diff_inputs, reference)
     return gm
+
+
+@torch.no_grad()
+def _keep_float(gm: fx.GraphModule, k: int, example: torch.Tensor, diff_inputs: tuple,
+                reference: fx.GraphModule) -> None:
+    from .debug import keep_most_sensitive
+
+    before = output_qsnr(reference(*diff_inputs), gm(*diff_inputs))
+    kept = keep_most_sensitive(gm, k, (example,))
+    after = output_qsnr(reference(*diff_inputs), gm(*diff_inputs))
+    gm.report.notes.append(f"keep_float {k}: {len(kept)} point(s) left in float, ranked on the first calibration "
+                           f"batch ({example.shape[0]} image(s)); output QSNR on the diff inputs "
+                           f"{before:.2f} -> {after:.2f} dB")
 
 
 @torch.no_grad()

@@ -102,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--report", help="write the JSON report here")
     comp.add_argument("--worst", type=int, default=10, help="how many worst points to print (default 10)")
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
+    comp.add_argument("--keep-float", type=int, default=0, metavar="K",
+                      help="leave the K most sensitive quantization points in float (default 0)")
     _add_diff_parser(sub)
     return parser
 
@@ -144,8 +146,16 @@ def run_compile(args: argparse.Namespace) -> int:
     model = build_model(args.model, args.checkpoint, args.pretrained, kwargs)
     calib = calibration_batches(args.calib, model, args.batch_size)
     qm = fxquant.compile(model, args.qconfig, calib_data=calib, dump_dir=args.dump_dir,
-                         progress=not args.quiet, model_name=args.model)
+                         progress=not args.quiet, model_name=args.model, keep_float=args.keep_float)
     print(qm.report.table(worst=args.worst))
+    if args.keep_float:
+        print(f"points kept in float (--keep-float {args.keep_float}): {len(qm.keep_float)}")
+        for line in qm.report.float_points:
+            if "keep_float" in line:
+                print(f"  {line}")
+        for note in qm.report.notes:
+            if note.startswith("keep_float"):
+                print(f"  {note}")
     if args.report:
         print(f"report written to {qm.report.to_json(args.report)}")
     if args.dump_dir:

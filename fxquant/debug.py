@@ -270,31 +270,52 @@ def keep_in_float(qm: fx.GraphModule, names: Sequence[str], why: str = "keep_flo
         qm.add_submodule(target, _float_module(qm.get_submodule(target)))
         if getattr(qm, "report", None) is not None:
             qm.report.float_points.append(f"{name}: kept in float ({why})")
+            if hasattr(qm.report, "keep_float"):
+                qm.report.keep_float.append(name)
     qm.keep_float = list(getattr(qm, "keep_float", [])) + list(names)
     return qm
 
 
-def compile_keep_float(model: nn.Module, qconfig="w8a8", *, calib_data, k: int = 1,
-                       diff_inputs=None, **compile_kwargs) -> fx.GraphModule:
-    """``fxquant.compile``, then the ``k`` most sensitive points are left in float.
+@torch.no_grad()
+def rank_by_output(qm: fx.GraphModule, inputs: Sequence[torch.Tensor] | torch.Tensor) -> list[dict]:
+    """Every point ranked most sensitive first by the model output's QSNR (vs the all-off run)
+    when that point alone quantizes: the ranking of :func:`sensitivity`, with one plain graph
+    run per point (no per-node capture, so it is cheap enough for a calibration batch)."""
+    inputs = _resolve_inputs(inputs, None)
+    with only_enabled(qm, ()):
+        ref = qm(*inputs)
+    rows = []
+    for index, node in enumerate(quant_point_nodes(qm)):
+        with only_enabled(qm, {node.name}):
+            rows.append({**_describe(qm, node), "order": index,
+                         "output_qsnr_db_isolated": output_qsnr(ref, qm(*inputs))})
+    return sorted(rows, key=_sort_key("output_qsnr_db_isolated"))
 
-    The result's ``keep_float`` lists them and ``report.float_points`` says why.
-    """
-    from .api import compile as fxq_compile
 
-    if k < 0:
-        raise FxqError(f"keep_float must be >= 0, got {k}")
-    calib_data = _reusable(calib_data)
-    qm = fxq_compile(model, qconfig, calib_data=calib_data, diff_inputs=diff_inputs, **compile_kwargs)
-    qm.keep_float = []
+def keep_most_sensitive(qm: fx.GraphModule, k: int, inputs: Sequence[torch.Tensor] | torch.Tensor) -> list[dict]:
+    """Leave the ``k`` points of ``qm`` whose lone quantization hurts the output on ``inputs``
+    most in float (in place); returns their ranking rows. ``fxquant.compile(keep_float=k)``
+    calls this with its first calibration batch."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise FxqError(f"keep_float must be an integer >= 0, got {k!r}")
+    qm.keep_float = list(getattr(qm, "keep_float", []))
     if k == 0:
-        return qm
-    ranked = sensitivity(qm, diff_inputs=diff_inputs, calib_data=calib_data)[:k]
+        return []
+    ranked = rank_by_output(qm, inputs)[:k]
     for rank, row in enumerate(ranked, 1):
         keep_in_float(qm, [row["node"]], why=f"keep_float: sensitivity rank {rank}, output QSNR "
                       f"{_fmt(row['output_qsnr_db_isolated'])} dB when quantized alone")
-    return qm
+    return ranked
+
+
+def compile_keep_float(model: nn.Module, qconfig="w8a8", *, calib_data, k: int = 1,
+                       diff_inputs=None, **compile_kwargs) -> fx.GraphModule:
+    """Alias of ``fxquant.compile(model, qconfig, calib_data=..., keep_float=k)``."""
+    from .api import compile as fxq_compile
+
+    return fxq_compile(model, qconfig, calib_data=calib_data, diff_inputs=diff_inputs, keep_float=k,
+                       **compile_kwargs)
 
 
 __all__ = ["isolated_errors", "diff", "DiffResult", "sensitivity", "only_enabled", "quant_point_nodes",
-           "keep_in_float", "compile_keep_float", "FloatPoint", "INF_DB"]
+           "keep_in_float", "keep_most_sensitive", "rank_by_output", "compile_keep_float", "FloatPoint", "INF_DB"]

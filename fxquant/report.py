@@ -59,6 +59,7 @@ class Report:
     passes: list[PassRecord] = field(default_factory=list)
     float_points: list[str] = field(default_factory=list)  # annotated ops left in float, and why
     notes: list[str] = field(default_factory=list)  # what passes decided (shared scales, folds)
+    keep_float: list[str] = field(default_factory=list)  # points left in float by compile(keep_float=K)
 
     def pass_record(self, name: str) -> PassRecord:
         for record in self.passes:
@@ -81,7 +82,7 @@ class Report:
     def to_dict(self) -> dict:
         return {"model": self.model, "qconfig": self.qconfig, "backend": self.backend,
                 "passes": [p.to_dict() for p in self.passes], "float_points": list(self.float_points),
-                "notes": list(self.notes)}
+                "notes": list(self.notes), "keep_float": list(self.keep_float)}
 
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)

@@ -10,7 +10,8 @@ import torch
 
 import fxquant
 from fxquant.api import default_diff_inputs
-from fxquant.debug import compile_keep_float, isolated_errors, only_enabled, quant_point_nodes, sensitivity
+from fxquant.debug import (compile_keep_float, isolated_errors, only_enabled, quant_point_nodes, rank_by_output,
+                           sensitivity)
 from fxquant.numeric_diff import output_qsnr
 from fxquant.modules import QuantLinear
 
@@ -91,20 +92,70 @@ def test_diff_compiles_a_model(setup):
         fxquant.diff(model)
 
 
-def test_sensitivity_and_keep_float(setup):
+def test_sensitivity_and_keep_float_alias(setup):
     model, calib, qm, x = setup
     ranked = sensitivity(qm, diff_inputs=x)
     db = [r["output_qsnr_db_isolated"] for r in ranked]
     assert db == sorted(db)
-    q0 = compile_keep_float(model, "w8a8", calib_data=calib, k=0, progress=False)
-    q1 = compile_keep_float(model, "w8a8", calib_data=calib, k=1, progress=False)
-    assert q0.keep_float == [] and q1.keep_float == [ranked[0]["node"]]
-    points0 = {n.name for n in quant_point_nodes(q0)}
-    assert points0 - {n.name for n in quant_point_nodes(q1)} == {ranked[0]["node"]}
-    assert any(ranked[0]["node"] in line and "keep_float" in line for line in q1.report.float_points)
+    # compile(keep_float=K) ranks on the first calibration batch; rank_by_output == sensitivity's order
+    first = (calib[:8],)
+    assert [r["node"] for r in rank_by_output(qm, first)] == [r["node"] for r in sensitivity(qm, diff_inputs=first)]
+    q1 = compile_keep_float(model, "w8a8", calib_data=calib, k=1, progress=False)  # thin alias
+    assert q1.keep_float == [rank_by_output(qm, first)[0]["node"]]
+
+
+def test_compile_keep_float_zero_is_the_normal_compile(setup):
+    model, calib, qm, x = setup
+    q0 = fxquant.compile(model, "w8a8", calib_data=calib, progress=False, keep_float=0)
+    assert q0.keep_float == [] and q0.report.keep_float == [] and q0.report.to_dict()["keep_float"] == []
+    assert [n.name for n in quant_point_nodes(q0)] == [n.name for n in quant_point_nodes(qm)]
     with torch.no_grad():
-        expected = model(*x)
-        assert output_qsnr(expected, q1(*x)) > output_qsnr(expected, q0(*x))
+        assert torch.equal(q0(*x), qm(*x))
+    assert not any("keep_float" in line for line in q0.report.float_points + q0.report.notes)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(fxquant.FxqError, match="keep_float"):
+            fxquant.compile(model, "w8a8", calib_data=calib, progress=False, keep_float=bad)
+
+
+def test_compile_keep_float_one_keeps_the_most_sensitive(setup, tmp_path):
+    model, calib, qm, x = setup
+    ranked = sensitivity(qm, diff_inputs=(calib[:8],))  # the first calibration batch (CALIB_BATCH 8)
+    most = ranked[0]["node"]
+    assert ranked[0]["output_qsnr_db_isolated"] < ranked[1]["output_qsnr_db_isolated"]  # no tie
+    q1 = fxquant.compile(model, "w8a8", calib_data=calib, progress=False, keep_float=1)
+    assert q1.keep_float == [most] and q1.report.keep_float == [most]
+    assert {n.name for n in quant_point_nodes(qm)} - {n.name for n in quant_point_nodes(q1)} == {most}
+    lines = [line for line in q1.report.float_points if "keep_float" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"{most}: kept in float") and "rank 1" in lines[0]
+    assert any(n.startswith("keep_float 1:") for n in q1.report.notes)
+    data = json.loads(q1.report.to_json(tmp_path / "r.json").read_text())
+    assert data["keep_float"] == [most] and any(most in line for line in data["float_points"])
+    with torch.no_grad():  # only that point changed: it now computes float
+        with only_enabled(qm, [n.name for n in quant_point_nodes(qm) if n.name != most]):
+            expected = qm(*x)
+        assert torch.allclose(q1(*x), expected, atol=1e-5)
+    q2 = fxquant.compile(model, "w8a8", calib_data=calib, progress=False, keep_float=2)
+    assert q2.keep_float == [most, ranked[1]["node"]]
+
+
+def test_cli_compile_keep_float(monkeypatch, capsys, tmp_path):
+    from fxquant.cli import main
+
+    real = timm.create_model
+    shrink = dict(patch_size=8, depth=2, embed_dim=64, num_heads=2)
+    monkeypatch.setattr(timm, "create_model", lambda name, *a, **k: real(name, *a, **{**shrink, **k}))
+    out_json = tmp_path / "r.json"
+    code = main(["compile", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10",
+                 "--calib", "random:8", "--quiet", "--keep-float", "2", "--report", str(out_json)])
+    assert code == 0
+    out = capsys.readouterr().out
+    kept = json.loads(out_json.read_text())["keep_float"]
+    assert len(kept) == 2
+    assert "points kept in float (--keep-float 2): 2" in out
+    assert all(f"{name}: kept in float" in out for name in kept)
+    code = main(["compile", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10",
+                 "--calib", "random:8", "--quiet", "--keep-float", "-1"])
+    assert code == 2 and "keep_float must be" in capsys.readouterr().err
 
 
 def test_cli_diff(monkeypatch, capsys, tmp_path):
