@@ -100,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--seed", type=int, default=0, help="torch seed for random-init weights (default 0)")
     comp.add_argument("--dump-dir", help="write NN_<pass>.py/.dot/.json after every pass here")
     comp.add_argument("--report", help="write the JSON report here")
+    comp.add_argument("--html", help="write a self-contained HTML page here (pass table, QSNR plot, worst "
+                      "points with histograms, graph) and its layer statistics as <name>_stats.csv/.json")
     comp.add_argument("--worst", type=int, default=10, help="how many worst points to print (default 10)")
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
     comp.add_argument("--keep-float", type=int, default=0, metavar="K",
@@ -160,7 +162,22 @@ def run_compile(args: argparse.Namespace) -> int:
         print(f"report written to {qm.report.to_json(args.report)}")
     if args.dump_dir:
         print(f"graph dumps written to {args.dump_dir}")
+    if args.html:
+        print(f"HTML report written to {write_debug_page(qm, calib[0], args.html, args.dump_dir)}")
     return 0
+
+
+def write_debug_page(qm, batch: torch.Tensor, html_path: str, dump_dir: Optional[str]) -> Path:
+    """Layer statistics on one calibration batch (CSV + JSON beside the page) and the HTML page."""
+    import fxquant
+
+    path = Path(html_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = fxquant.layer_statistics(qm, [batch])
+    fxquant.write_statistics(rows, path.with_suffix("").with_name(path.stem + "_stats"))
+    dots = sorted(Path(dump_dir).glob("*.dot")) if dump_dir else []
+    return fxquant.write_html_report(qm.report, path, qm=qm, stats=rows, inputs=batch,
+                                     dot_path=dots[-1] if dots else None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

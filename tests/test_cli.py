@@ -160,3 +160,16 @@ def test_calibration_directory_of_png_images(tmp_path, capsys, spy):
     batches = call["calib_data"]
     assert [tuple(b.shape) for b in batches] == [(3, 3, 32, 32), (1, 3, 32, 32)]
     assert all(torch.isfinite(b).all() for b in batches)
+
+
+def test_compile_html_writes_page_and_statistics(tmp_path, capsys):
+    page = tmp_path / "out" / "report.html"
+    rc = main(["compile", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10",
+               "--calib", "random:8", "--quiet", "--html", str(page)])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"HTML report written to {page}" in out
+    text = page.read_text()
+    assert "<svg" in text and "lower_fake_quant" in text
+    stats = json.loads((tmp_path / "out" / "report_stats.json").read_text())
+    assert stats["rows"] and len(set(stats["columns"])) == len(stats["columns"])
+    assert (tmp_path / "out" / "report_stats.csv").read_text().startswith("node,")
