@@ -88,16 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxquant", description="Post-training quantization of ViTs with torch.fx")
     sub = parser.add_subparsers(dest="command", required=True)
     comp = sub.add_parser("compile", help="quantize a timm model and report QSNR after every pass")
-    comp.add_argument("--model", required=True, help="timm model name, e.g. vit_base_patch16_224")
-    source = comp.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", help="state dict (.pth/.pt) or .safetensors file to load")
-    source.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the hub)")
-    comp.add_argument("--qconfig", default="w8a8", help="preset name, YAML file or directory (default w8a8)")
-    comp.add_argument("--calib", default="random:32", help="random:N or a directory of images (default random:32)")
-    comp.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
-    comp.add_argument("--img-size", type=int, help="model input size (timm img_size)")
-    comp.add_argument("--num-classes", type=int, help="classifier classes (timm num_classes; 0 = features)")
-    comp.add_argument("--seed", type=int, default=0, help="torch seed for random-init weights (default 0)")
+    _add_model_arguments(comp)
     comp.add_argument("--dump-dir", help="write NN_<pass>.py/.dot/.json after every pass here")
     comp.add_argument("--report", help="write the JSON report here")
     comp.add_argument("--html", help="write a self-contained HTML page here (pass table, QSNR plot, worst "
@@ -110,18 +101,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_diff_parser(sub) -> None:
-    diff = sub.add_parser("diff", help="isolated vs propagated QSNR per quantization point, worst first")
-    diff.add_argument("--model", required=True, help="timm model name, e.g. vit_base_patch16_224")
-    source = diff.add_mutually_exclusive_group()
+def _add_model_arguments(command: argparse.ArgumentParser) -> None:
+    """What both subcommands need: the model, its weights, the qconfig and the calibration data."""
+    command.add_argument("--model", required=True, help="timm model name, e.g. vit_base_patch16_224")
+    source = command.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="state dict (.pth/.pt) or .safetensors file to load")
     source.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the hub)")
-    diff.add_argument("--qconfig", default="w8a8", help="preset name, YAML file or directory (default w8a8)")
-    diff.add_argument("--calib", default="random:32", help="random:N or a directory of images (default random:32)")
-    diff.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
-    diff.add_argument("--img-size", type=int, help="model input size (timm img_size)")
-    diff.add_argument("--num-classes", type=int, help="classifier classes (timm num_classes; 0 = features)")
-    diff.add_argument("--seed", type=int, default=0, help="torch seed for random-init weights (default 0)")
+    command.add_argument("--qconfig", default="w8a8", help="preset name, YAML file or directory (default w8a8)")
+    command.add_argument("--calib", default="random:32", help="random:N or a directory of images (default random:32)")
+    command.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    command.add_argument("--img-size", type=int, help="model input size (timm img_size)")
+    command.add_argument("--num-classes", type=int, help="classifier classes (timm num_classes; 0 = features)")
+    command.add_argument("--seed", type=int, default=0, help="torch seed for random-init weights (default 0)")
+
+
+def _add_diff_parser(sub) -> None:
+    diff = sub.add_parser("diff", help="isolated vs propagated QSNR per quantization point, worst first")
+    _add_model_arguments(diff)
     diff.add_argument("--top", type=int, default=20, help="how many points to print, worst first (default 20)")
     diff.add_argument("--json", help="write all points as JSON here")
 

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .report import Report
+from .report import format_db as _db
 
 WORST = 5
 PLOT_MIN_DB, PLOT_MAX_DB = -10.0, 80.0
@@ -32,12 +33,6 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _db(value: Optional[float]) -> str:
-    if value is None:
-        return "-"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.2f}"
 
 
 def qsnr_colour(db: Optional[float]) -> str:

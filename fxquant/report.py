@@ -96,22 +96,22 @@ class Report:
         for i, record in enumerate(self.passes):
             points = sum(1 for n in record.nodes if n.get("group"))
             lines.append(f"{i:>2}  {record.name:<20} {record.seconds:>8.3f} "
-                         f"{_fmt_db(record.output_qsnr_db):>15} {points:>7}")
+                         f"{format_db(record.output_qsnr_db):>15} {points:>7}")
         drop = self.final.first_drop if self.passes else None
         if drop:
             lines.append(f"first large drop: {drop['node']} ({drop['group'] or drop['module']}) "
-                         f"{_fmt_db(drop['qsnr_db'])} dB, {drop['drop_db']:.1f} dB below its inputs")
+                         f"{format_db(drop['qsnr_db'])} dB, {drop['drop_db']:.1f} dB below its inputs")
         if self.passes and worst:
             lines.append(f"worst quantization points after '{self.final.name}':")
             for n in self.worst_nodes(worst):
-                lines.append(f"  {_fmt_db(n['qsnr_db']):>8} dB  {n['group']:<22} {n['node']:<40} {n['module']}")
+                lines.append(f"  {format_db(n['qsnr_db']):>8} dB  {n['group']:<22} {n['node']:<40} {n['module']}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
 
 
-def _fmt_db(value: Optional[float]) -> str:
+def format_db(value: Optional[float]) -> str:
     if value is None:
         return "-"
     if math.isinf(value):

@@ -11,7 +11,6 @@ import copy
 import inspect
 from typing import Iterable, Sequence
 
-import torch
 import torch.fx as fx
 from torch import nn
 

@@ -29,7 +29,7 @@ from fxquant.errors import FxqError
 from fxquant.meta import ORIGIN, ORIGIN_SLICE, POINT
 from fxquant.pass_manager import Pass, PassContext
 from fxquant.passes.calibrate import as_batches, iter_batches
-from fxquant.patterns import find_attention, is_pass_through_module, is_scale_transparent, submodule
+from fxquant.patterns import find_attention, is_scale_transparent, submodule
 
 SCALE_RANGE = (1e-5, 1e5)
 
