@@ -93,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--report", help="write the JSON report here")
     comp.add_argument("--html", help="write a self-contained HTML page here (pass table, QSNR plot, worst "
                       "points with histograms, graph) and its layer statistics as <name>_stats.csv/.json")
+    comp.add_argument("--save", help="save the quantized model here (safetensors, loads without pickle)")
     comp.add_argument("--worst", type=int, default=10, help="how many worst points to print (default 10)")
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
     comp.add_argument("--keep-float", type=int, default=0, metavar="K",
@@ -160,6 +161,8 @@ def run_compile(args: argparse.Namespace) -> int:
         print(f"graph dumps written to {args.dump_dir}")
     if args.html:
         print(f"HTML report written to {write_debug_page(qm, calib[0], args.html, args.dump_dir)}")
+    if args.save:
+        print(f"quantized model saved to {fxquant.save(qm, args.save)} (load it with fxquant.load)")
     return 0
 
 

@@ -173,3 +173,13 @@ def test_compile_html_writes_page_and_statistics(tmp_path, capsys):
     stats = json.loads((tmp_path / "out" / "report_stats.json").read_text())
     assert stats["rows"] and len(set(stats["columns"])) == len(stats["columns"])
     assert (tmp_path / "out" / "report_stats.csv").read_text().startswith("node,")
+
+
+def test_compile_save_writes_a_loadable_model(tmp_path, capsys):
+    path = tmp_path / "m.fxq"
+    rc = main(["compile", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10",
+               "--qconfig", "seed_attn", "--calib", "random:4", "--quiet", "--save", str(path)])
+    assert rc == 0 and f"quantized model saved to {path}" in capsys.readouterr().out
+    qm = fxquant.load(path)
+    x = torch.randn(2, 3, 32, 32)
+    assert qm(x).shape == (2, 10) and qm.report.qconfig == "seed_attn"
