@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxquant
+from tests.tiny import images, state_hash
 from fxquant.api import default_diff_inputs
 from fxquant.numeric_diff import capture_values, compare_graph, output_qsnr
 from fxquant.errors import FxqError, NodeError, PassError
@@ -43,18 +43,6 @@ def tiny_swin() -> nn.Module:
     torch.manual_seed(0)
     return timm.create_model("swin_tiny_patch4_window7_224", img_size=56, embed_dim=32, depths=(2, 2),
                              num_heads=(2, 4), window_size=7, num_classes=10).eval()
-
-
-def images(n: int, size: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def state_hash(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def fused_flags(model: nn.Module) -> dict:

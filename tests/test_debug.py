@@ -9,22 +9,19 @@ import timm
 import torch
 
 import fxquant
+from tests.tiny import compiled_tiny_vit
 from fxquant.api import default_diff_inputs
 from fxquant.debug import (compile_keep_float, isolated_errors, only_enabled, quant_point_nodes, rank_by_output,
                            sensitivity)
 from fxquant.numeric_diff import output_qsnr
 from fxquant.modules import QuantLinear
 
-TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=10)
 QKV = {"blocks_0_attn_qkv_q", "blocks_0_attn_qkv_k", "blocks_0_attn_qkv_v"}
 
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", **TINY).eval()
-    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    qm = fxquant.compile(model, "w8a8", calib_data=calib, progress=False)
+    model, calib, qm = compiled_tiny_vit()
     return model, calib, qm, default_diff_inputs(calib)
 
 

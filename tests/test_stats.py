@@ -5,21 +5,16 @@ import csv
 import json
 
 import pytest
-import timm
 import torch
 
-import fxquant
+from tests.tiny import compiled_tiny_vit
 from fxquant.stats import COLUMNS, layer_statistics, outlier_ratio, write_statistics
 
-TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=10)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", **TINY).eval()
-    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    qm = fxquant.compile(model, "w8a8", calib_data=calib, progress=False)
+    _, calib, qm = compiled_tiny_vit()
     return qm, calib
 
 

@@ -1,7 +1,6 @@
 """fxquant.trace: explicit attention, provenance meta, exact outputs, the user's model untouched."""
 from __future__ import annotations
 
-import hashlib
 
 import pytest
 import timm
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxquant
+from tests.tiny import state_hash
 from fxquant.errors import TraceError
 from fxquant.meta import MODULE, ORIGIN
 from fxquant.patterns import is_matmul, is_softmax
@@ -35,14 +35,6 @@ MODELS = {"vit": (tiny_vit, 32, VIT_DEPTH), "swin": (tiny_swin, 56, SWIN_BLOCKS)
 
 def image(size: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def state_hash(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def fused_flags(model: nn.Module) -> dict[str, bool]:
