@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--report", help="write the JSON report here")
     comp.add_argument("--html", help="write a self-contained HTML page here (pass table, QSNR plot, worst "
                       "points with histograms, graph) and its layer statistics as <name>_stats.csv/.json")
+    comp.add_argument("--no-diff", action="store_true",
+                      help="skip the per-pass numeric diff against FP32 (faster; the report has no QSNR)")
     comp.add_argument("--save", help="save the quantized model here (safetensors, loads without pickle)")
     comp.add_argument("--worst", type=int, default=10, help="how many worst points to print (default 10)")
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -145,7 +147,8 @@ def run_compile(args: argparse.Namespace) -> int:
     model = build_model(args.model, args.checkpoint, args.pretrained, kwargs)
     calib = calibration_batches(args.calib, model, args.batch_size)
     qm = fxquant.compile(model, args.qconfig, calib_data=calib, dump_dir=args.dump_dir,
-                         progress=not args.quiet, model_name=args.model, keep_float=args.keep_float)
+                         progress=not args.quiet, model_name=args.model, keep_float=args.keep_float,
+                         numeric_diff=not args.no_diff)
     print(qm.report.table(worst=args.worst))
     if args.keep_float:
         print(f"points kept in float (--keep-float {args.keep_float}): {len(qm.keep_float)}")

@@ -325,3 +325,18 @@ def test_lower_refuses_an_already_quantized_weight(vit_w8a8):
     with pytest.raises(NodeError, match="already quantized"):
         quantize_weight_module(module, node.meta["fxq.weight"], node.name)
     assert torch.equal(module.weight, weight_before)
+
+
+def test_numeric_diff_can_be_switched_off():
+    from tests.tiny import TINY_VIT
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", **TINY_VIT).eval()
+    calib = images(8, 32)
+    with_diff = fxquant.compile(model, "w8a8", calib_data=calib, progress=False)
+    without = fxquant.compile(model, "w8a8", calib_data=calib, progress=False, numeric_diff=False)
+    x = images(2, 32, seed=7)
+    assert torch.equal(with_diff(x), without(x))  # the same quantized graph
+    assert [p.name for p in without.report.passes] == [p.name for p in with_diff.report.passes]
+    assert all(p.output_qsnr_db is None and not p.nodes for p in without.report.passes[1:])
+    assert "lower_fake_quant" in without.report.table()
