@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     import fxquant
-    from fxquant.api import CALIB_BATCH
+    from fxquant.calib_data import CALIB_BATCH
     from fxquant.debug import keep_in_float, quant_point_nodes, rank_by_output
     from fxquant.quantizers import qsnr_db
     from bench.real_data import foolbox_imagenet

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from .calib_data import reusable_batches
 from .numeric_diff import output_qsnr
 from .errors import FxqError
 from .instruments import GraphDump, NumericDiff, Timing
@@ -19,34 +20,6 @@ from .report import PassRecord, Report
 from .trace import trace
 
 DIFF_SEED = 123
-CALIB_BATCH = 8
-
-
-def _as_batches(calib_data) -> Iterable:
-    if isinstance(calib_data, torch.Tensor):
-        if calib_data.dim() < 2:
-            raise FxqError(f"calib_data tensor has shape {tuple(calib_data.shape)}; expected (N, C, H, W)")
-        if calib_data.shape[0] == 0:
-            raise FxqError(f"calib_data is empty: a tensor of shape {tuple(calib_data.shape)} holds no images")
-        return list(torch.split(calib_data, CALIB_BATCH))
-    if calib_data is None or not hasattr(calib_data, "__iter__"):
-        raise FxqError("calib_data must be a tensor, an iterable of tensors or (tensor, label) pairs, or a DataLoader")
-    return calib_data
-
-
-def _first_batch(calib_data: Iterable) -> tuple[torch.Tensor, Iterable]:
-    """Peek at the first batch. A one-shot iterator (a generator) is read into a list once:
-    several passes (smooth, calibrate) go over the calibration data."""
-    from fxquant.passes.calibrate import iter_batches
-
-    if iter(calib_data) is calib_data:
-        calib_data = list(calib_data)
-    first = next(iter_batches(calib_data), None)
-    if first is None:
-        raise FxqError("calib_data is empty")
-    return first, calib_data
-
-
 def default_diff_inputs(example: torch.Tensor, seed: int = DIFF_SEED) -> tuple[torch.Tensor]:
     """One seeded randn image with the calibration data's shape (the seed's fixed input)."""
     generator = torch.Generator().manual_seed(seed)
@@ -90,8 +63,7 @@ def compile(  # noqa: A001 - the public name the design card asks for
     if isinstance(keep_float, bool) or not isinstance(keep_float, int) or keep_float < 0:
         raise FxqError(f"keep_float must be an integer >= 0, got {keep_float!r}")
     config = load_qconfig(qconfig)
-    calib_data = _as_batches(calib_data)
-    example, calib_data = _first_batch(calib_data)
+    example, calib_data = reusable_batches(calib_data)
     if diff_inputs is None:
         diff_inputs = default_diff_inputs(example)
     elif isinstance(diff_inputs, torch.Tensor):

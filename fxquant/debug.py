@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .calib_data import reusable_batches
 from .numeric_diff import capture_values, output_qsnr
 from .errors import FxqError
 from .modules import QUANTIZED_WEIGHT_TYPES, FakeQuantize, QuantConv2d
@@ -174,21 +175,19 @@ def _sort_key(key: str):
 
 
 def _resolve_inputs(diff_inputs, calib_data) -> tuple:
-    from .api import _as_batches, _first_batch, default_diff_inputs
+    from .api import default_diff_inputs
 
     if diff_inputs is not None:
         return (diff_inputs,) if isinstance(diff_inputs, torch.Tensor) else tuple(diff_inputs)
     if calib_data is None:
         raise FxqError("give diff_inputs (or calib_data, whose first batch shapes the default input)")
-    example, _ = _first_batch(_as_batches(calib_data))
+    example, _ = reusable_batches(calib_data)
     return default_diff_inputs(example)
 
 
 def _reusable(calib_data):
     """Calibration data that can be read more than once (a generator becomes a list)."""
-    from .api import _as_batches, _first_batch
-
-    return None if calib_data is None else _first_batch(_as_batches(calib_data))[1]
+    return None if calib_data is None else reusable_batches(calib_data)[1]
 
 
 def _compiled(model_or_qm, qconfig, calib_data, **kwargs) -> fx.GraphModule:

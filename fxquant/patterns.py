@@ -64,13 +64,6 @@ def is_transpose_last_two(node: fx.Node) -> bool:
     return set(node.args[1:3]) in ({-2, -1}, {2, 3})
 
 
-def skip_pass_through(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    """Walk back through Identity/Dropout modules to the node that made the value."""
-    while is_pass_through_module(gm, node) and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
 def scalar_mul(node: fx.Node) -> Optional[tuple[fx.Node, float]]:
     """``x * c`` or ``c * x`` with a Python number c -> (x, c)."""
     if node.op == "call_function" and node.target in (operator.mul, torch.mul):

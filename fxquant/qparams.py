@@ -59,12 +59,3 @@ class QParams:
 
     def to(self, device: torch.device | str) -> "QParams":
         return QParams(self.scale.to(device), self.zero_point.to(device), self.qmin, self.qmax, self.axis)
-
-    def as_dict(self) -> dict:
-        return {
-            "scale": self.scale.tolist(),
-            "zero_point": self.zero_point.tolist(),
-            "qmin": self.qmin,
-            "qmax": self.qmax,
-            "axis": self.axis,
-        }

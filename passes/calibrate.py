@@ -1,36 +1,16 @@
 """calibrate: run the calibration data through the graph so every observer sees it."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from typing import Iterable
 
 import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from fxquant.calib_data import as_batches, iter_batches
 from fxquant.errors import FxqError
 from fxquant.pass_manager import Pass, PassContext
 from fxquant.passes.insert_observers import observer_nodes
-
-
-def iter_batches(calib_data: Iterable) -> Iterator[torch.Tensor]:
-    """Tensors, (tensor, label) pairs, dicts with 'image', or a DataLoader of those."""
-    for index, item in enumerate(calib_data):
-        batch: Any = item
-        if isinstance(item, (tuple, list)):
-            batch = item[0] if item else None
-        elif isinstance(item, dict):
-            batch = item.get("image", item.get("pixel_values"))
-        if not isinstance(batch, torch.Tensor):
-            raise FxqError(f"calib_data item {index} is {type(item).__name__}; expected a tensor, "
-                           "a (tensor, label) pair or a dict with an 'image' tensor")
-        yield batch
-
-
-def as_batches(calib_data) -> Iterable:
-    """N images in one tensor are split into batches as ``compile`` does; iterables pass as they are."""
-    from fxquant.api import _as_batches
-
-    return _as_batches(calib_data) if isinstance(calib_data, torch.Tensor) else calib_data
 
 
 def _length(calib_data: Iterable):

@@ -28,7 +28,7 @@ from torch import nn
 from fxquant.errors import FxqError
 from fxquant.meta import ORIGIN, ORIGIN_SLICE, POINT
 from fxquant.pass_manager import Pass, PassContext
-from fxquant.passes.calibrate import as_batches, iter_batches
+from fxquant.calib_data import as_batches, iter_batches
 from fxquant.patterns import find_attention, is_scale_transparent, submodule
 
 SCALE_RANGE = (1e-5, 1e5)

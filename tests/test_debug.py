@@ -135,12 +135,17 @@ def test_compile_keep_float_one_keeps_the_most_sensitive(setup, tmp_path):
     assert q2.keep_float == [most, ranked[1]["node"]]
 
 
-def test_cli_compile_keep_float(monkeypatch, capsys, tmp_path):
-    from fxquant.cli import main
-
+@pytest.fixture
+def small_cli_models(monkeypatch):
+    """The CLI builds full-width timm models; shrink them to 2 blocks of width 64."""
     real = timm.create_model
     shrink = dict(patch_size=8, depth=2, embed_dim=64, num_heads=2)
     monkeypatch.setattr(timm, "create_model", lambda name, *a, **k: real(name, *a, **{**shrink, **k}))
+
+
+def test_cli_compile_keep_float(small_cli_models, capsys, tmp_path):
+    from fxquant.cli import main
+
     out_json = tmp_path / "r.json"
     code = main(["compile", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10",
                  "--calib", "random:8", "--quiet", "--keep-float", "2", "--report", str(out_json)])
@@ -155,12 +160,9 @@ def test_cli_compile_keep_float(monkeypatch, capsys, tmp_path):
     assert code == 2 and "keep_float must be" in capsys.readouterr().err
 
 
-def test_cli_diff(monkeypatch, capsys, tmp_path):
+def test_cli_diff(small_cli_models, capsys, tmp_path):
     from fxquant.cli import main
 
-    real = timm.create_model
-    shrink = dict(patch_size=8, depth=2, embed_dim=64, num_heads=2)
-    monkeypatch.setattr(timm, "create_model", lambda name, *a, **k: real(name, *a, **{**shrink, **k}))
     out_json = tmp_path / "d.json"
     code = main(["diff", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10",
                  "--calib", "random:8", "--top", "5", "--json", str(out_json)])
