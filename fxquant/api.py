@@ -62,6 +62,9 @@ def compile(  # noqa: A001 - the public name the design card asks for
         raise FxqError(f"backend {backend!r} is not available in this version; choose one of {BACKENDS}")
     if isinstance(keep_float, bool) or not isinstance(keep_float, int) or keep_float < 0:
         raise FxqError(f"keep_float must be an integer >= 0, got {keep_float!r}")
+    if keep_float and backend == "int":
+        raise FxqError("keep_float works on fake-quant points; with backend='int' it is not supported yet: "
+                       "compile with backend='fake' to find the sensitive points, or skip them in the qconfig")
     config = load_qconfig(qconfig)
     example, calib_data = reusable_batches(calib_data)
     if diff_inputs is None:
@@ -83,6 +86,7 @@ def compile(  # noqa: A001 - the public name the design card asks for
         instruments.append(dumper)
     gm = PassManager(list(passes) if passes is not None else default_passes(backend), instruments).run(gm, ctx)
     report.notes = list(ctx.state.get("fuse_scales", []))
+    report.notes += list(ctx.state.get("lower_integer", []))  # backend="int": what lowering did, equivalence
     gm.report = report
     gm.qconfig = config
     gm.keep_float = []

@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
     comp.add_argument("--keep-float", type=int, default=0, metavar="K",
                       help="leave the K most sensitive quantization points in float (default 0)")
+    comp.add_argument("--backend", choices=("fake", "int"), default="fake",
+                      help="fake: a fake-quant graph (default); int: int8 codes, integer GEMMs and dyadic "
+                      "requantization (the report's notes give its agreement with the fake-quant graph)")
     _add_diff_parser(sub)
     return parser
 
@@ -148,8 +151,12 @@ def run_compile(args: argparse.Namespace) -> int:
     calib = calibration_batches(args.calib, model, args.batch_size)
     qm = fxquant.compile(model, args.qconfig, calib_data=calib, dump_dir=args.dump_dir,
                          progress=not args.quiet, model_name=args.model, keep_float=args.keep_float,
-                         numeric_diff=not args.no_diff)
+                         numeric_diff=not args.no_diff, backend=args.backend)
     print(qm.report.table(worst=args.worst))
+    if args.backend == "int":
+        for note in qm.report.notes:
+            if note.startswith(("integer vs fake-quant", "output QSNR", "lower_integer")):
+                print(note)
     if args.keep_float:
         print(f"points kept in float (--keep-float {args.keep_float}): {len(qm.keep_float)}")
         for line in qm.report.float_points:

@@ -5,8 +5,9 @@ from fxquant.passes.decompose_attention import DecomposeAttention
 from fxquant.passes.fuse_scales import FuseScales
 from fxquant.passes.insert_observers import InsertObservers
 from fxquant.passes.lower_fake_quant import LowerFakeQuant
+from fxquant.passes.lower_integer import LowerInteger
 from fxquant.passes.smooth import Smooth
 from fxquant.passes.split_qkv import SplitQkv
 
 __all__ = ["Annotate", "Calibrate", "DecomposeAttention", "FuseScales", "InsertObservers",
-           "LowerFakeQuant", "Smooth", "SplitQkv"]
+           "LowerFakeQuant", "LowerInteger", "Smooth", "SplitQkv"]

@@ -1,0 +1,173 @@
+"""nn.Modules of the integer graph (``backend="int"``), inserted by ``lower_integer``.
+
+Between quantization points values travel as int8 codes (see ``fxquant.integer`` for the
+layout). ``QuantizeCodes`` turns a float tensor into codes where the input comes from a
+float op; ``DequantizeCodes`` is the explicit way back to float for a float consumer
+(softmax, LayerNorm, GELU, residual adds). ``IntLinear`` and ``IntMatmul`` compute on codes
+and give either float (dequantized with the exact input and weight scales) or, when their
+result feeds a quantization point directly, that point's codes by dyadic requantization.
+
+Every parameter is a buffer, shaped to broadcast against the tensor it applies to, so
+``state_dict`` holds all of them and ``.to(device)`` moves them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .integer import (INT8_MAX, INT8_MIN, dequantize_codes, dyadic_multiplier, int8_linear, quantize_codes,
+                      requantize, rounding_offset)
+
+
+class QuantizeCodes(nn.Module):
+    """float -> int8 codes of one quantization point (shifted codes, see fxquant.integer)."""
+
+    def __init__(self, label: str, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int):
+        super().__init__()
+        self.label, self.qmin, self.qmax = label, qmin, qmax
+        self.register_buffer("scale", scale.to(torch.float32).clone())
+        self.register_buffer("zero_point", zero_point.to(torch.float32).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize_codes(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        return f"{self.label} -> int8 codes [{self.qmin}, {self.qmax}]"
+
+
+class DequantizeCodes(nn.Module):
+    """int8 codes -> float: the explicit boundary before an op that stays in float."""
+
+    def __init__(self, label: str, scale: torch.Tensor, zero_point: torch.Tensor, post_scale: float = 1.0):
+        super().__init__()
+        self.label, self.post_scale = label, post_scale
+        self.register_buffer("scale", scale.to(torch.float32).clone())
+        self.register_buffer("zero_point", zero_point.to(torch.float32).clone())
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return dequantize_codes(codes, self.scale, self.zero_point, self.post_scale)
+
+    def extra_repr(self) -> str:
+        return f"{self.label} codes -> float" + (f" x {self.post_scale:g}" if self.post_scale != 1.0 else "")
+
+
+class _Requantizing(nn.Module):
+    """Shared output handling: float (times ``out_scale``) or a point's codes (dyadic)."""
+
+    def _set_float_output(self, scale: torch.Tensor) -> None:
+        self.requantizes = False
+        self.register_buffer("out_scale", scale.to(torch.float32).contiguous())
+
+    def _set_codes_output(self, multiplier: torch.Tensor, correction: torch.Tensor, zero_point: torch.Tensor,
+                          qmin: int, qmax: int, label: str) -> None:
+        """``multiplier``: the real requantization factor, broadcast against the output;
+        ``correction``: an integer added to the accumulator before requantizing (bias and
+        zero-point terms), folded into the rounding offset."""
+        m, k = dyadic_multiplier(multiplier)
+        self.requantizes, self.out_label, self.qmin, self.qmax = True, label, qmin, qmax
+        self.register_buffer("out_multiplier", m)
+        self.register_buffer("out_shift", k)
+        self.register_buffer("out_offset", rounding_offset(k) + correction.to(torch.int64) * m)
+        self.register_buffer("out_zero_point", zero_point.to(torch.int64))
+        self.out_scale = None
+
+    def _finish(self, acc: torch.Tensor) -> torch.Tensor:
+        if self.requantizes:
+            return requantize(acc, self.out_multiplier, self.out_shift, self.out_offset, self.out_zero_point,
+                              self.qmin, self.qmax)
+        return acc.to(torch.float32).mul_(self.out_scale)
+
+
+class IntLinear(_Requantizing):
+    """A Linear on int8 codes: ``torch._int_mm`` (int8 x int8 -> int32), zero-point term
+    precomputed, then float output or the next point's codes.
+
+    ``weight_codes`` is the (out, in) int8 weight, stored contiguous once so that its
+    transpose is the layout the int8 GEMM reads fastest; no float weight is kept.
+    """
+
+    def __init__(self, weight_codes: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                 input_scale: float, input_zero_point: int, label: str = ""):
+        super().__init__()
+        if weight_codes.dtype != torch.int8 or weight_codes.dim() != 2:
+            raise ValueError("IntLinear needs a 2-d int8 weight")
+        self.label = label
+        self.out_features, self.in_features = weight_codes.shape
+        self.input_scale, self.input_zero_point = float(input_scale), int(input_zero_point)
+        self.register_buffer("weight_codes", weight_codes.contiguous())
+        self.register_buffer("weight_scale", weight_scale.to(torch.float32).expand(self.out_features).clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+        # sum_k (x_k - z) w_nk = acc_n - z * sum_k w_nk: the second term is a constant per row
+        row_sums = weight_codes.to(torch.int64).sum(dim=1)
+        self.register_buffer("zero_point_term", (self.input_zero_point * row_sums).to(torch.int32))
+        self.set_float_output()
+
+    @property
+    def accumulator_scale(self) -> torch.Tensor:
+        """s_x * s_w per output feature (float64): the real value of one accumulator unit."""
+        return self.input_scale * self.weight_scale.to(torch.float64)
+
+    def set_float_output(self) -> None:
+        self._set_float_output(self.accumulator_scale)
+
+    def set_codes_output(self, out_scale: torch.Tensor, out_zero_point: torch.Tensor, qmin: int, qmax: int,
+                         label: str) -> None:
+        """Requantize straight to a point's codes (per output feature scale/zero point)."""
+        acc_scale = self.accumulator_scale
+        bias = torch.zeros_like(acc_scale) if self.bias is None else self.bias.to(torch.float64)
+        bias_units = torch.round(bias / acc_scale).to(torch.int64)  # int32 bias at scale s_x * s_w
+        correction = bias_units - self.zero_point_term.to(torch.int64)
+        self._set_codes_output(acc_scale / out_scale.to(torch.float64), correction, out_zero_point, qmin, qmax,
+                               label)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        acc = int8_linear(codes, self.weight_codes.t())
+        if self.requantizes:
+            return self._finish(acc)
+        acc.sub_(self.zero_point_term)
+        y = acc.to(torch.float32).mul_(self.out_scale)
+        return y.add_(self.bias) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        out = f"codes of {self.out_label}" if self.requantizes else "float"
+        return f"{self.in_features}->{self.out_features} int8 x int8 -> int32 -> {out}"
+
+
+class IntMatmul(_Requantizing):
+    """``a @ b`` of two code tensors (attention's q @ kT, probs @ v).
+
+    The zero points are subtracted in float32 and the product is taken by a float32
+    matmul: the operands are integers below 256 in magnitude and the lowering checks that
+    every partial sum stays below 2**24 (``exact_float_matmul_bound``), so the result is the
+    exact int32 accumulator. A batched float GEMM is one call, where ``torch._int_mm`` would
+    need one call per (batch, head) pair.
+    """
+
+    def __init__(self, a_zero_point: torch.Tensor, b_zero_point: torch.Tensor, acc_scale: torch.Tensor,
+                 label: str = ""):
+        super().__init__()
+        self.label = label
+        self.register_buffer("a_zero_point", a_zero_point.to(torch.float32).clone())
+        self.register_buffer("b_zero_point", b_zero_point.to(torch.float32).clone())
+        self.register_buffer("acc_scale", acc_scale.to(torch.float64).clone())
+        self._set_float_output(self.acc_scale)
+
+    def set_codes_output(self, out_scale: torch.Tensor, out_zero_point: torch.Tensor, qmin: int, qmax: int,
+                         label: str) -> None:
+        self._set_codes_output(self.acc_scale / out_scale.to(torch.float64), torch.zeros((), dtype=torch.int64),
+                               out_zero_point, qmin, qmax, label)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        left = a.to(torch.float32).sub_(self.a_zero_point)
+        right = b.to(torch.float32).sub_(self.b_zero_point)
+        return self._finish(torch.matmul(left, right))
+
+    def extra_repr(self) -> str:
+        out = f"codes of {self.out_label}" if self.requantizes else "float"
+        return f"{self.label} exact integer matmul -> {out}"
+
+
+INT8_RANGE = (INT8_MIN, INT8_MAX)
+INTEGER_MODULE_TYPES = (QuantizeCodes, DequantizeCodes, IntLinear, IntMatmul)

@@ -1,0 +1,503 @@
+"""lower_integer: the lowered fake-quant graph becomes an integer graph (``backend="int"``).
+
+Every uniform 8-bit FakeQuantize point becomes ``QuantizeCodes`` (float -> int8 codes)
+followed by ``DequantizeCodes`` (the explicit way back to float). Then:
+
+1. A QuantLinear whose input is such a point with one scale per tensor (through ops that
+   only move elements: reshape, permute, getitem, Dropout, roll, zero padding) becomes an
+   ``IntLinear`` on the codes: int8 x int8 -> int32 on ``torch._int_mm``.
+2. A matmul whose two inputs are such points (attention's q @ kT; probs @ v when the
+   probabilities are quantized uniformly) becomes an exact ``IntMatmul``.
+3. An integer op whose result reaches a point through element-moving ops only requantizes
+   to that point's codes directly (dyadic multiplier, bias and zero-point terms folded in)
+   instead of going through float: Q/K/V linears -> their head-wise points, q @ kT -> the
+   score point.
+4. A ``DequantizeCodes`` that no float op reads any more is dropped.
+
+What is not lowered stays float between explicit dequantize/quantize nodes and is listed
+in ``report.float_points`` with the reason; nothing is lowered on a guess. After the
+rewrite the pass runs the fake-quant graph and the integer graph on the diff inputs and
+records how many codes differ at each point (``code_agreement``) and the output QSNRs.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from fxquant.errors import NodeError
+from fxquant.graph_utils import install_submodule, unique_attr
+from fxquant.int_modules import DequantizeCodes, IntLinear, IntMatmul, QuantizeCodes
+from fxquant.integer import code_shift, exact_float_matmul_bound
+from fxquant.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE
+from fxquant.modules import FakeQuantize, QuantLinear
+from fxquant.numeric_diff import capture_values, output_qsnr
+from fxquant.pass_manager import Pass, PassContext
+from fxquant.patterns import is_matmul, is_scale_transparent, submodule
+from fxquant.quantizers import quantize
+
+CODES_OF = "fxq.codes_of"  # node meta: (FakeQuantize node name in the fake graph, code shift)
+_SHAPE_READS = {"size", "dim"}
+
+
+@dataclass
+class LoweredPoint:
+    """One FakeQuantize point of the fake graph, now codes plus an explicit dequantize."""
+
+    name: str  # the FakeQuantize node's name (in the fake graph)
+    label: str
+    fake_quantize: FakeQuantize
+    shift: int  # codes are stored as code - shift (int8)
+    shape: tuple  # the point's value shape on the diff inputs
+    codes: fx.Node
+    dequant: fx.Node
+
+    @property
+    def per_tensor(self) -> bool:
+        return not self.fake_quantize.qparams.per_channel
+
+    @property
+    def qmin(self) -> int:
+        return self.fake_quantize.qparams.qmin - self.shift
+
+    @property
+    def qmax(self) -> int:
+        return self.fake_quantize.qparams.qmax - self.shift
+
+    def scale(self, ndim: int) -> torch.Tensor:
+        """Broadcast against an ``ndim``-d tensor of the point's layout (0: per-tensor only)."""
+        qp = self.fake_quantize.qparams
+        return (qp.broadcast_scale(ndim) if ndim else qp.scale).to(torch.float64)
+
+    def zero_point(self, ndim: int) -> torch.Tensor:
+        qp = self.fake_quantize.qparams
+        return (qp.broadcast_zero_point(ndim) if ndim else qp.zero_point) - self.shift
+
+    def magnitude(self) -> int:
+        """The largest |code - zero point| this point can produce."""
+        zp = self.fake_quantize.qparams.zero_point - self.shift
+        return int(torch.max(torch.maximum(zp - self.qmin, self.qmax - zp)))
+
+
+@dataclass
+class IntegerLowering:
+    """What ``lower_to_integer`` did: points lowered, ops left in float and why."""
+
+    points: dict[str, LoweredPoint] = field(default_factory=dict)
+    int_linears: list[str] = field(default_factory=list)
+    int_matmuls: list[str] = field(default_factory=list)
+    requantized: list[str] = field(default_factory=list)  # "op -> point" fused requantizations
+    float_points: list[str] = field(default_factory=list)
+    float_boundaries: list[str] = field(default_factory=list)  # points dequantized for float ops
+
+
+# ----------------------------------------------------------------------- chain helpers
+def _is_constant_pad(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target is not F.pad:
+        return False
+    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+    value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+    return mode == "constant" and value in (None, 0, 0.0)
+
+
+def _moves_elements(gm: fx.GraphModule, node: fx.Node, allow_pad: bool) -> bool:
+    """True when ``node`` only rearranges its first input, so codes can flow through it."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if is_scale_transparent(gm, node) or (node.op == "call_function" and node.target is torch.roll):
+        return True
+    return allow_pad and _is_constant_pad(node)
+
+
+def _trace_back(gm: fx.GraphModule, node, by_dequant: dict) -> Optional[tuple[LoweredPoint, list[fx.Node]]]:
+    """(point, chain) when ``node`` is a point's dequantized value moved by element-moving ops."""
+    chain = []
+    while isinstance(node, fx.Node) and node not in by_dequant:
+        if not _moves_elements(gm, node, allow_pad=True):
+            return None
+        chain.append(node)
+        node = node.args[0]
+    if not isinstance(node, fx.Node):
+        return None
+    point = by_dequant[node]
+    if not point.per_tensor and any(_is_constant_pad(n) for n in chain):
+        return None  # padding with one zero code needs one zero point
+    return point, chain[::-1]
+
+
+def _replay(gm: fx.GraphModule, chain: list[fx.Node], start: torch.Tensor, values: dict) -> torch.Tensor:
+    """Run ``chain`` on ``start`` (the other arguments from the recorded ``values``)."""
+    current = start
+    for node in chain:
+        prev = node.args[0]
+        args = fx.node.map_arg(node.args, lambda a: current if a is prev else values[a.name])
+        kwargs = fx.node.map_arg(node.kwargs, lambda a: current if a is prev else values[a.name])
+        if node.op == "call_method":
+            current = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        elif node.op == "call_function":
+            current = node.target(*args, **kwargs)
+        else:
+            current = gm.get_submodule(str(node.target))(*args, **kwargs)
+    return current
+
+
+def _reduce_broadcast(t: torch.Tensor) -> torch.Tensor:
+    """The smallest tensor that broadcasts to ``t``: dims along which it is constant -> 1."""
+    for dim in range(t.dim()):
+        if t.size(dim) > 1 and bool((t == t.narrow(dim, 0, 1)).all()):
+            t = t.narrow(dim, 0, 1)
+    return t.contiguous().clone()
+
+
+def _params_after(gm, chain, point: LoweredPoint, values) -> tuple[torch.Tensor, torch.Tensor]:
+    """A point's (scale, zero point) laid out as its codes arrive at the end of ``chain``."""
+    ndim = len(point.shape)
+    if point.per_tensor:
+        return point.scale(0), point.zero_point(0)
+    index = torch.arange(int(torch.Size(point.shape).numel())).reshape(point.shape)
+    where = _replay(gm, chain, index, values)
+    scale = point.scale(ndim).expand(point.shape).reshape(-1)[where]
+    zero = point.zero_point(ndim).expand(point.shape).reshape(-1)[where]
+    return _reduce_broadcast(scale), _reduce_broadcast(zero)
+
+
+def _params_before(gm, chain, point: LoweredPoint, out_shape, values) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """A point's (scale, zero point) laid out as an op's output that ``chain`` moves to the
+    point; None when some output element does not reach the point."""
+    ndim = len(point.shape)
+    if point.per_tensor:
+        return point.scale(0), point.zero_point(0)
+    count = int(torch.Size(out_shape).numel())
+    where = _replay(gm, chain, torch.arange(count).reshape(out_shape), values)
+    if tuple(where.shape) != point.shape:
+        return None
+    scale = torch.full((count,), float("nan"), dtype=torch.float64)
+    zero = torch.full((count,), float("nan"), dtype=torch.float32)
+    scale[where.reshape(-1)] = point.scale(ndim).expand(point.shape).reshape(-1)
+    zero[where.reshape(-1)] = point.zero_point(ndim).expand(point.shape).reshape(-1)
+    if torch.isnan(scale).any():
+        return None
+    return _reduce_broadcast(scale.reshape(out_shape)), _reduce_broadcast(zero.reshape(out_shape))
+
+
+def _only_last_dim(t: torch.Tensor) -> bool:
+    return all(size == 1 for size in t.shape[:-1])
+
+
+def _batch_independent(t: torch.Tensor) -> bool:
+    """Constant along the first (batch) dim and the matmul's own two dims."""
+    return t.dim() < 3 or (t.size(0) == 1 and t.size(-1) == 1 and t.size(-2) == 1)
+
+
+# ------------------------------------------------------------------------- the lowering
+class _Lowering:
+    def __init__(self, gm: fx.GraphModule, values: dict):
+        self.gm, self.graph, self.values = gm, gm.graph, values
+        self.result = IntegerLowering()
+        self.by_dequant: dict[fx.Node, LoweredPoint] = {}
+        self.by_codes: dict[fx.Node, LoweredPoint] = {}
+        self.copies: dict[fx.Node, fx.Node] = {}  # original chain node -> its copy on codes
+        self.int_nodes: list[fx.Node] = []
+
+    def run(self) -> IntegerLowering:
+        for node in list(self.graph.nodes):
+            module = submodule(self.gm, node)
+            if isinstance(module, FakeQuantize):
+                self._split_point(node, module)
+        for node in list(self.graph.nodes):
+            if isinstance(submodule(self.gm, node), QuantLinear):
+                self._lower_linear(node)
+            elif is_matmul(node):
+                self._lower_matmul(node)
+        for node in self.int_nodes:
+            self._fuse_requantization(node)
+        self._read_shapes_from_codes()
+        self.graph.eliminate_dead_code()
+        self.gm.delete_all_unused_submodules()
+        self._list_float_boundaries()
+        return self.result
+
+    # -- points
+    def _split_point(self, node: fx.Node, fq: FakeQuantize) -> None:
+        qp, label = fq.qparams, fq.point.label
+        reason = None
+        if fq.method != "uniform":
+            reason = f"{fq.method} quantization has no integer lowering here yet"
+        else:
+            try:
+                shift = code_shift(qp.qmin, qp.qmax)
+            except ValueError as exc:
+                reason = str(exc)
+        if reason:
+            self.result.float_points.append(f"{node.name} ({label}): stays fake-quant in float: {reason}")
+            return
+        shape = tuple(self.values[node.name].shape)
+        ndim = len(shape)
+        scale = qp.broadcast_scale(ndim)
+        zero = qp.broadcast_zero_point(ndim) - shift
+        codes_path = unique_attr(self.gm, f"{node.target}_codes")
+        dequant_path = unique_attr(self.gm, f"{node.target}_dequant")
+        install_submodule(self.gm, codes_path, QuantizeCodes(label, scale, zero, qp.qmin - shift, qp.qmax - shift))
+        install_submodule(self.gm, dequant_path, DequantizeCodes(label, scale, zero, fq.post_scale))
+        with self.graph.inserting_before(node):
+            codes = self.graph.call_module(codes_path, (node.args[0],))
+            dequant = self.graph.call_module(dequant_path, (codes,))
+        codes.meta[MODULE] = node.meta.get(MODULE, "")
+        codes.meta[CODES_OF] = (node.name, shift)
+        dequant.meta.update(node.meta)  # the dequantized value IS the fake-quant value: same origin
+        node.replace_all_uses_with(dequant)
+        self.graph.erase_node(node)
+        point = LoweredPoint(node.name, label, fq, shift, shape, codes, dequant)
+        self.result.points[node.name] = point
+        self.by_dequant[dequant] = point
+        self.by_codes[codes] = point
+
+    def _codes_through(self, point: LoweredPoint, chain: list[fx.Node]) -> fx.Node:
+        """The point's codes moved by a copy of ``chain`` (copies shared between users)."""
+        current = point.codes
+        for node in chain:
+            if node in self.copies:
+                current = self.copies[node]
+                continue
+            prev = node.args[0]
+            with self.graph.inserting_after(node):
+                moved = self.graph.node_copy(node, lambda a: current if a is prev else a)
+            if _is_constant_pad(node):  # zero is the zero point's code, not code 0
+                zero = int(point.zero_point(0))
+                if len(moved.args) > 3:
+                    moved.args = (*moved.args[:3], zero, *moved.args[4:])
+                else:
+                    moved.kwargs = {**moved.kwargs, "value": zero}
+            _drop_origin(moved)
+            self.copies[node] = current = moved
+        return current
+
+    # -- linears
+    def _lower_linear(self, node: fx.Node) -> None:
+        module: QuantLinear = submodule(self.gm, node)
+        label = module.point.label
+        found = _trace_back(self.gm, node.args[0], self.by_dequant) if len(node.args) == 1 else None
+        wq = module.weight_qparams
+        reason = None
+        if found is None:
+            reason = "its input is not an 8-bit uniform quantization point"
+        elif not found[0].per_tensor:
+            reason = (f"its input point {found[0].name} ({found[0].label}) has one scale per channel/head; "
+                      "an integer GEMM needs one scale per input tensor (use calibration_mode: layer_wise)")
+        elif module.weight_codes.dtype != torch.int8 or bool(torch.any(wq.zero_point != 0)):
+            reason = "its weight is not symmetric int8 (needs signed: True, 8 bits or fewer)"
+        elif wq.per_channel and wq.axis not in (0, -2):
+            reason = f"its weight scale runs along axis {wq.axis}, not the output features"
+        if reason:
+            self.result.float_points.append(f"{node.name} ({label}): float Linear on its dequantized int8 "
+                                            f"weight: {reason}")
+            return
+        point, chain = found
+        codes = self._codes_through(point, chain)
+        input_scale = float(point.scale(0)) * point.fake_quantize.post_scale
+        int_linear = IntLinear(module.weight_codes, wq.scale, module.bias, input_scale, int(point.zero_point(0)),
+                               label)
+        install_submodule(self.gm, str(node.target), int_linear)
+        node.args = (codes,)
+        self.int_nodes.append(node)
+        self.result.int_linears.append(node.name)
+
+    # -- attention matmuls
+    def _lower_matmul(self, node: fx.Node) -> None:
+        left = _trace_back(self.gm, node.args[0], self.by_dequant)
+        right = _trace_back(self.gm, node.args[1], self.by_dequant)
+        if left is None or right is None:
+            if left is not None or right is not None:
+                self.result.float_points.append(f"{node.name} ({node.meta.get(ROLE) or 'matmul'}): float matmul: "
+                                                "one of its inputs is not an 8-bit uniform point")
+            return
+        (lp, lchain), (rp, rchain) = left, right
+        lscale, lzero = _params_after(self.gm, lchain, lp, self.values)
+        rscale, rzero = _params_after(self.gm, rchain, rp, self.values)
+        depth = (self.values[lchain[-1].name].shape if lchain else lp.shape)[-1]
+        reason = None
+        if not all(_batch_independent(t) for t in (lscale, lzero, rscale, rzero)):
+            reason = "its inputs' scales vary along the batch or matrix dimensions"
+        elif not exact_float_matmul_bound(depth, lp.magnitude(), rp.magnitude()):
+            reason = f"a depth of {depth} could overflow float32's exact integers (2**24)"
+        if reason:
+            self.result.float_points.append(f"{node.name}: float matmul: {reason}")
+            return
+        acc_scale = (lscale * lp.fake_quantize.post_scale) * (rscale * rp.fake_quantize.post_scale)
+        role = node.meta.get(ROLE, "")
+        module = IntMatmul(lzero, rzero, acc_scale, label=role or node.name)
+        path = unique_attr(self.gm, f"fxq_int_{node.name}")
+        install_submodule(self.gm, path, module)
+        a = self._codes_through(lp, lchain)
+        b = self._codes_through(rp, rchain)
+        with self.graph.inserting_before(node):
+            int_node = self.graph.call_module(path, (a, b))
+        int_node.meta.update(node.meta)
+        node.replace_all_uses_with(int_node)
+        self.graph.erase_node(node)
+        self.values[int_node.name] = self.values[node.name]
+        self.int_nodes.append(int_node)
+        self.result.int_matmuls.append(int_node.name)
+
+    # -- requantization straight to the next point
+    def _fuse_requantization(self, node: fx.Node) -> None:
+        chain, current = [], node
+        while len(current.users) == 1:
+            user = next(iter(current.users))
+            if user in self.by_codes and user.args[0] is current:
+                break
+            if not (_moves_elements(self.gm, user, allow_pad=False) and user.args[0] is current):
+                return
+            chain.append(user)
+            current = user
+        else:
+            return
+        codes_node = next(iter(current.users))
+        point = self.by_codes[codes_node]
+        params = _params_before(self.gm, chain, point, tuple(self.values[node.name].shape), self.values)
+        if params is None:
+            return
+        scale, zero = params
+        module = submodule(self.gm, node)
+        if isinstance(module, IntLinear):
+            if not _only_last_dim(scale) or not _only_last_dim(zero):
+                return
+            features = module.out_features
+            scale, zero = scale.reshape(-1).expand(features), zero.reshape(-1).expand(features)
+        elif not (_batch_independent(scale) and _batch_independent(zero)):
+            return
+        module.set_codes_output(scale, zero.round(), point.qmin, point.qmax, point.label)
+        for moved in [node, *chain]:
+            _drop_origin(moved)
+        codes_node.replace_all_uses_with(current)
+        self.graph.erase_node(codes_node)
+        del self.by_codes[codes_node]
+        current.meta[CODES_OF] = (point.name, point.shift)
+        point.codes = current
+        self.by_codes[current] = point
+        self.result.requantized.append(f"{node.name} -> {point.name} ({point.label})")
+
+    # -- clean-up
+    def _read_shapes_from_codes(self) -> None:
+        """``x.shape`` / ``x.size()`` of a dequantized value: read it from the codes instead,
+        so that a dequantize no float op needs is not kept alive by a shape read."""
+        for point in self.result.points.values():
+            for user in list(point.dequant.users):
+                reads_shape = (user.op == "call_function" and user.target is getattr and user.args[1] == "shape") or (
+                    user.op == "call_method" and user.target in _SHAPE_READS)
+                if reads_shape:
+                    user.replace_input_with(point.dequant, point.codes)
+
+    def _list_float_boundaries(self) -> None:
+        for point in self.result.points.values():
+            if point.dequant.graph is self.graph and point.dequant.users:
+                users = ", ".join(sorted(u.name for u in point.dequant.users))
+                self.result.float_boundaries.append(f"{point.name} ({point.label}) dequantized for float: {users}")
+
+
+def _drop_origin(node: fx.Node) -> None:
+    """A node holding codes has no float counterpart: the diff must not pair it."""
+    node.meta.pop(ORIGIN, None)
+    node.meta.pop(ORIGIN_SLICE, None)
+    node.meta.pop(POINT, None)
+
+
+def lower_to_integer(gm: fx.GraphModule, example_inputs: tuple) -> IntegerLowering:
+    """Rewrite a lowered fake-quant GraphModule into an integer one, in place.
+
+    ``example_inputs`` are run once to learn tensor shapes (how scales map through reshapes).
+    """
+    values = capture_values(gm, tuple(example_inputs))
+    result = _Lowering(gm, values).run()
+    gm.graph.lint()
+    gm.recompile()
+    return result
+
+
+# ----------------------------------------------------------------------- equivalence
+@dataclass
+class PointAgreement:
+    point: str
+    label: str
+    codes: int
+    off_by_one: int
+    worst: int  # largest |int code - fake code|
+
+
+@torch.no_grad()
+def code_agreement(fake_gm: fx.GraphModule, int_gm: fx.GraphModule, inputs: tuple) -> list[PointAgreement]:
+    """Codes of every lowered point in the integer graph against the fake-quant graph's codes
+    of the same point (``quantize`` of the FakeQuantize's input), on ``inputs``."""
+    fake_nodes = {n.name: n for n in fake_gm.graph.nodes}
+    fake_values = capture_values(fake_gm, tuple(inputs))
+    int_values = capture_values(int_gm, tuple(inputs))
+    rows = []
+    for node in int_gm.graph.nodes:
+        if CODES_OF not in node.meta:
+            continue
+        name, shift = node.meta[CODES_OF]
+        fq_node = fake_nodes[name]
+        fq = fake_gm.get_submodule(str(fq_node.target))
+        expected = quantize(fake_values[fq_node.args[0].name], fq.qparams)
+        got = int_values[node.name].to(torch.float64) + shift
+        diff = (got - expected.to(torch.float64)).abs()
+        rows.append(PointAgreement(name, fq.point.label, diff.numel(), int((diff == 1).sum()), int(diff.max())))
+    return rows
+
+
+def agreement_summary(rows: list[PointAgreement]) -> str:
+    codes = sum(r.codes for r in rows)
+    off = sum(r.off_by_one for r in rows)
+    worst = max((r.worst for r in rows), default=0)
+    share = off / codes if codes else 0.0
+    return (f"integer vs fake-quant codes at {len(rows)} points: {off} of {codes} ({100 * share:.3f}%) differ "
+            f"by 1 LSB, largest difference {worst} LSB")
+
+
+# ------------------------------------------------------------------------------ pass
+class LowerInteger(Pass):
+    name = "lower_integer"
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        if not any(isinstance(m, FakeQuantize) for m in gm.modules()):
+            raise NodeError("output", "no FakeQuantize points in the graph; run lower_fake_quant first")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        fake = copy.deepcopy(gm)
+        result = lower_to_integer(gm, ctx.diff_inputs)
+        notes = ctx.state.setdefault("lower_integer", [])
+        if ctx.report is not None:
+            ctx.report.float_points.extend(result.float_points)
+            ctx.report.float_points.append(
+                "softmax, LayerNorm, GELU and residual adds run in float between DequantizeCodes and "
+                "QuantizeCodes nodes (integer softmax/LayerNorm are not lowered yet)")
+        notes.append(f"lower_integer: {len(result.points)} points as int8 codes, {len(result.int_linears)} "
+                     f"IntLinear, {len(result.int_matmuls)} IntMatmul, {len(result.requantized)} dyadic "
+                     "requantizations straight to the next point")
+        notes.extend(f"requantized: {r}" for r in result.requantized)
+        notes.extend(result.float_boundaries)
+        rows = code_agreement(fake, gm, ctx.diff_inputs)
+        ctx.state["lower_integer_agreement"] = rows
+        notes.append(agreement_summary(rows) + " (diff inputs)")
+        with torch.no_grad():
+            fake_out, int_out = fake(*ctx.diff_inputs), gm(*ctx.diff_inputs)
+            line = f"output QSNR on the diff inputs: integer vs fake-quant {output_qsnr(fake_out, int_out):.2f} dB"
+            if ctx.reference is not gm:  # compile(numeric_diff=False) passes the graph itself as reference
+                reference = ctx.reference(*ctx.diff_inputs)
+                line += (f", integer vs FP32 {output_qsnr(reference, int_out):.2f} dB, fake-quant vs FP32 "
+                         f"{output_qsnr(reference, fake_out):.2f} dB")
+        notes.append(line)
+        return gm
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        for name, module in gm.named_modules():
+            if isinstance(module, IntLinear) and module.weight_codes.dtype != torch.int8:
+                raise NodeError(name, "IntLinear weight is not stored as int8")
+
+
+__all__ = ["LowerInteger", "lower_to_integer", "code_agreement", "agreement_summary", "IntegerLowering",
+           "PointAgreement", "CODES_OF"]
