@@ -21,6 +21,10 @@ Peers:
   ``torch_ao_fx`` (all ops the x86 backend config supports) and ``torch_ao_fx_linear``
   (only ``nn.Linear``, with the same x86 qconfig).
 * torchao PT2E with ``X86InductorQuantizer`` (default static config): ``torchao_pt2e``.
+
+Each peer also has a builder, ``build_<peer>(model, calib) -> run``, that quantizes once and
+returns ``run(x) -> torch.Tensor`` to evaluate many batches (``BUILDERS``); the outputs
+can be logits as well as features (the model's forward output, whatever its width).
 """
 from __future__ import annotations
 
@@ -93,10 +97,19 @@ def _ort_session(path: str):
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
+def _ort_runner(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    sess = _ort_session(path)  # the session holds the graph in memory: the file may go
+    name = sess.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        (out,) = sess.run(None, {name: x.detach().cpu().numpy().astype(np.float32)})
+        return torch.from_numpy(np.ascontiguousarray(out)).float()
+
+    return run
+
+
 def _ort_run(path: str, eval_x: torch.Tensor) -> torch.Tensor:
-    sess = _ort_session(path)
-    (out,) = sess.run(None, {sess.get_inputs()[0].name: eval_x.numpy().astype(np.float32)})
-    return torch.from_numpy(np.ascontiguousarray(out)).float()
+    return _ort_runner(path)(eval_x)
 
 
 def _linear_node_names(path: str) -> list[str]:
@@ -110,8 +123,8 @@ def _linear_node_names(path: str) -> list[str]:
             if n.op_type in ("MatMul", "Gemm") and (n.input[1] in inits or n.input[1] in consts)]
 
 
-def _ort_static(model, calib, eval_x, *, op_types=None, linear_only=False,
-                activation_type: str = "QUInt8") -> torch.Tensor:
+def _build_ort_static(model, calib, *, op_types=None, linear_only=False,
+                      activation_type: str = "QUInt8") -> Callable[[torch.Tensor], torch.Tensor]:
     try:
         import onnx  # noqa: F401
         from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
@@ -126,7 +139,6 @@ def _ort_static(model, calib, eval_x, *, op_types=None, linear_only=False,
         def get_next(self):
             return next(self._it, None)
 
-    clock = _Clock()
     with tempfile.TemporaryDirectory(prefix="fxq_ort_") as tmp:
         fp32, int8 = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
         _onnx_export(model, calib[:1], fp32)
@@ -143,42 +155,62 @@ def _ort_static(model, calib, eval_x, *, op_types=None, linear_only=False,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
         )
-        clock.lap("quantize")
-        out = _ort_run(int8, eval_x)
-        clock.lap("run")
-        return out
+        return _ort_runner(int8)
+
+
+def build_ort_fp32(model, calib) -> Callable[[torch.Tensor], torch.Tensor]:
+    with tempfile.TemporaryDirectory(prefix="fxq_ort_") as tmp:
+        fp32 = os.path.join(tmp, "fp32.onnx")
+        _onnx_export(model, calib[:1], fp32)
+        return _ort_runner(fp32)
+
+
+def build_ort_matmul_gemm(model, calib, activation_type: str = "QUInt8"):
+    """op_types_to_quantize=["MatMul", "Gemm"]: Linears plus attention's activation matmuls."""
+    return _build_ort_static(model, calib, op_types=["MatMul", "Gemm"], activation_type=activation_type)
+
+
+def build_ort_linear_weights(model, calib, activation_type: str = "QUInt8"):
+    """Only MatMul/Gemm nodes with a constant weight (the nn.Linear layers)."""
+    return _build_ort_static(model, calib, op_types=["MatMul", "Gemm"], linear_only=True,
+                             activation_type=activation_type)
+
+
+def build_ort_all_ops(model, calib, activation_type: str = "QUInt8"):
+    """No op-type restriction: every op ONNX Runtime's QDQ quantizer supports."""
+    return _build_ort_static(model, calib, op_types=None, activation_type=activation_type)
+
+
+def _timed(build, model, calib, eval_x, **kwargs) -> torch.Tensor:
+    """Build (quantize) then run on ``eval_x``, filling :data:`last_timing`."""
+    clock = _Clock()
+    run = build(model, calib, **kwargs)
+    clock.lap("quantize")
+    with torch.no_grad():
+        out = run(eval_x).float()
+    clock.lap("run")
+    return out
 
 
 def ort_fp32(model, calib, eval_x) -> torch.Tensor:
     """The exported FP32 ONNX graph on onnxruntime: checks the export itself."""
-    clock = _Clock()
-    with tempfile.TemporaryDirectory(prefix="fxq_ort_") as tmp:
-        fp32 = os.path.join(tmp, "fp32.onnx")
-        _onnx_export(model, calib[:1], fp32)
-        clock.lap("quantize")
-        out = _ort_run(fp32, eval_x)
-        clock.lap("run")
-        return out
+    return _timed(build_ort_fp32, model, calib, eval_x)
 
 
 def ort_matmul_gemm(model, calib, eval_x, activation_type: str = "QUInt8") -> torch.Tensor:
-    """op_types_to_quantize=["MatMul", "Gemm"]: Linears plus attention's activation matmuls."""
-    return _ort_static(model, calib, eval_x, op_types=["MatMul", "Gemm"], activation_type=activation_type)
+    return _timed(build_ort_matmul_gemm, model, calib, eval_x, activation_type=activation_type)
 
 
 def ort_linear_weights(model, calib, eval_x, activation_type: str = "QUInt8") -> torch.Tensor:
-    """Only MatMul/Gemm nodes with a constant weight (the nn.Linear layers)."""
-    return _ort_static(model, calib, eval_x, op_types=["MatMul", "Gemm"], linear_only=True,
-                       activation_type=activation_type)
+    return _timed(build_ort_linear_weights, model, calib, eval_x, activation_type=activation_type)
 
 
 def ort_all_ops(model, calib, eval_x, activation_type: str = "QUInt8") -> torch.Tensor:
-    """No op-type restriction: every op ONNX Runtime's QDQ quantizer supports."""
-    return _ort_static(model, calib, eval_x, op_types=None, activation_type=activation_type)
+    return _timed(build_ort_all_ops, model, calib, eval_x, activation_type=activation_type)
 
 
 # ------------------------------------------------------------------ torch.ao FX
-def _torch_ao_fx(model, calib, eval_x, *, linear_only: bool) -> torch.Tensor:
+def _build_torch_ao_fx(model, calib, *, linear_only: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     try:
         from torch.ao.quantization import QConfigMapping, get_default_qconfig, get_default_qconfig_mapping
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -187,7 +219,6 @@ def _torch_ao_fx(model, calib, eval_x, *, linear_only: bool) -> torch.Tensor:
     if "x86" not in torch.backends.quantized.supported_engines:
         raise PeerUnavailable(f"quantized engine x86 not supported here: {torch.backends.quantized.supported_engines}")
     torch.backends.quantized.engine = "x86"
-    clock = _Clock()
     m = _no_fused_attn(model)
     if linear_only:
         mapping = QConfigMapping().set_object_type(nn.Linear, get_default_qconfig("x86"))
@@ -200,24 +231,34 @@ def _torch_ao_fx(model, calib, eval_x, *, linear_only: bool) -> torch.Tensor:
             for b in _batches(calib):
                 prepared(b)
         quantized = convert_fx(prepared)
-        clock.lap("quantize")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            out = quantized(eval_x).float()
-        clock.lap("run")
-        return out
+            return quantized(x).float()
+
+    return run
+
+
+def build_torch_ao_fx(model, calib):
+    return _build_torch_ao_fx(model, calib, linear_only=False)
+
+
+def build_torch_ao_fx_linear(model, calib):
+    return _build_torch_ao_fx(model, calib, linear_only=True)
 
 
 def torch_ao_fx(model, calib, eval_x) -> torch.Tensor:
-    return _torch_ao_fx(model, calib, eval_x, linear_only=False)
+    return _timed(build_torch_ao_fx, model, calib, eval_x)
 
 
 def torch_ao_fx_linear(model, calib, eval_x) -> torch.Tensor:
-    return _torch_ao_fx(model, calib, eval_x, linear_only=True)
+    return _timed(build_torch_ao_fx_linear, model, calib, eval_x)
 
 
 # ------------------------------------------------------------------ torchao PT2E
-def torchao_pt2e(model, calib, eval_x) -> torch.Tensor:
-    """torch.export -> prepare_pt2e(X86InductorQuantizer) -> calibrate -> convert_pt2e, eager."""
+def build_torchao_pt2e(model, calib) -> Callable[[torch.Tensor], torch.Tensor]:
+    """torch.export (dynamic batch where the model allows it, else batch 1) ->
+    prepare_pt2e(X86InductorQuantizer) -> calibrate -> convert_pt2e; run eagerly."""
     try:
         import torchao  # noqa: F401
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -225,23 +266,37 @@ def torchao_pt2e(model, calib, eval_x) -> torch.Tensor:
             X86InductorQuantizer, get_default_x86_inductor_quantization_config)
     except ImportError as e:
         raise PeerUnavailable(f"torchao (PT2E) is not importable: {e}") from e
-    clock = _Clock()
     m = copy.deepcopy(model).eval()
     quantizer = X86InductorQuantizer()
     quantizer.set_global(get_default_x86_inductor_quantization_config())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        exported = torch.export.export(m, (calib[:1],)).module()
+        example = calib[:2]
+        try:
+            dims = ({0: torch.export.Dim("batch", min=1, max=4096)},)
+            exported = torch.export.export(m, (example,), dynamic_shapes=dims).module()
+            batch = None
+        except Exception:  # noqa: BLE001 - a model that specialises the batch: export at 1
+            exported = torch.export.export(m, (calib[:1],)).module()
+            batch = 1
         prepared = prepare_pt2e(exported, quantizer)
         with torch.no_grad():
-            for b in _batches(calib, 1):  # export specialised the batch size to 1
+            for b in _batches(calib, batch or CALIB_BATCH):
                 prepared(b)
         converted = convert_pt2e(prepared)
-        clock.lap("quantize")
-        with torch.no_grad():
-            out = torch.cat([converted(b) for b in _batches(eval_x, 1)]).float()
-        clock.lap("run")
-        return out
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if batch is None:
+                return converted(x).float()
+            return torch.cat([converted(b) for b in _batches(x, batch)]).float()
+
+    return run
+
+
+def torchao_pt2e(model, calib, eval_x) -> torch.Tensor:
+    return _timed(build_torchao_pt2e, model, calib, eval_x)
 
 
 PEERS: dict[str, Callable] = {
@@ -252,4 +307,18 @@ PEERS: dict[str, Callable] = {
     "torch.ao FX x86, default qconfig mapping": torch_ao_fx,
     "torch.ao FX x86, nn.Linear only": torch_ao_fx_linear,
     "torchao PT2E X86InductorQuantizer (default config)": torchao_pt2e,
+}
+
+
+# Short keys for builders (quantize once, run many batches); same peers as PEERS.
+BUILDERS: dict[str, tuple[str, Callable]] = {
+    "ort_fp32": ("onnxruntime FP32 export (no quantization)", build_ort_fp32),
+    "ort_matmul_gemm": ("onnxruntime QDQ int8, op_types MatMul+Gemm (Linears + attention matmuls)",
+                        build_ort_matmul_gemm),
+    "ort_linear": ("onnxruntime QDQ int8, Linear layers only (MatMul/Gemm with constant weight)",
+                   build_ort_linear_weights),
+    "ort_all_ops": ("onnxruntime QDQ int8, all ops", build_ort_all_ops),
+    "torch_ao_fx": ("torch.ao FX x86, default qconfig mapping", build_torch_ao_fx),
+    "torch_ao_fx_linear": ("torch.ao FX x86, nn.Linear only", build_torch_ao_fx_linear),
+    "torchao_pt2e": ("torchao PT2E X86InductorQuantizer (default config)", build_torchao_pt2e),
 }

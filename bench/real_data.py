@@ -89,7 +89,7 @@ def load_idx(path: str) -> np.ndarray:
         return parse_idx(f.read())
 
 
-def _fashion_raw(split: str, limit: int | None, root: str | None):
+def _fashion_raw(split: str, limit: int | None, root: str | None, start: int = 0):
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = root or os.environ.get("FASHION_MNIST_DIR", FASHION_DIR)
@@ -100,7 +100,8 @@ def _fashion_raw(split: str, limit: int | None, root: str | None):
     if missing:
         raise FileNotFoundError(f"Fashion-MNIST files missing ({', '.join(missing)}): "
                                 "apt-get install dataset-fashion-mnist")
-    images, labels = (load_idx(p)[:limit] for p in paths)
+    stop = None if limit is None else start + limit
+    images, labels = (load_idx(p)[start:stop] for p in paths)
     return images, labels
 
 
@@ -130,10 +131,12 @@ def _norm_stats(normalize, mean, std):
 
 def fashion_mnist_batches(split: str = "test", batch_size: int = 256, size: int = 28,
                           channels: int = 1, limit: int | None = None, normalize: bool = True,
-                          mean=None, std=None, root: str | None = None
+                          mean=None, std=None, root: str | None = None, start: int = 0
                           ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (images (b,channels,size,size) float32, labels (b,) int64), resized per batch."""
-    images, labels = _fashion_raw(split, limit, root)
+    """Yield (images (b,channels,size,size) float32, labels (b,) int64), resized per batch.
+
+    ``start``/``limit``: the images ``start .. start + limit`` of the split (file order)."""
+    images, labels = _fashion_raw(split, limit, root, start)
     mean, std = _norm_stats(normalize, mean, std)
     for i in range(0, len(images), batch_size):
         yield (_prepare(images[i:i + batch_size], size, channels, mean, std),
@@ -142,7 +145,7 @@ def fashion_mnist_batches(split: str = "test", batch_size: int = 256, size: int 
 
 def fashion_mnist(split: str = "test", size: int = 28, channels: int = 1, normalize: bool = True,
                   limit: int | None = None, mean=None, std=None, root: str | None = None,
-                  max_bytes: int = 4 << 30):
+                  max_bytes: int = 4 << 30, start: int = 0):
     """All of a split at once: (images (N,channels,size,size) float32, labels (N,) int64).
 
     Pixels are scaled to [0, 1], bilinearly resized when ``size != 28``, then (if
@@ -151,13 +154,13 @@ def fashion_mnist(split: str = "test", size: int = 28, channels: int = 1, normal
     ``channels=3``).  Refuses results above ``max_bytes``: use
     :func:`fashion_mnist_batches` for large sizes.
     """
-    n = min(60000 if split == "train" else 10000, limit if limit is not None else 1 << 62)
+    n = min((60000 if split == "train" else 10000) - start, limit if limit is not None else 1 << 62)
     need = n * channels * size * size * 4
     if need > max_bytes:
         raise MemoryError(f"fashion_mnist({split!r}, size={size}, channels={channels}) needs "
                           f"{need / 2**30:.1f} GiB; use fashion_mnist_batches or limit=")
     parts = list(fashion_mnist_batches(split, 4096, size, channels, limit, normalize,
-                                       mean, std, root))
+                                       mean, std, root, start))
     if not parts:
         return torch.empty(0, channels, size, size), torch.empty(0, dtype=torch.int64)
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
