@@ -41,16 +41,17 @@ def compiled():
     return out
 
 
+@pytest.mark.parametrize("isolated", [True, False], ids=["isolated", "propagated"])
 @pytest.mark.parametrize("name", ["vit", "swin"])
-def test_integer_codes_match_the_fake_quant_codes(compiled, name):
+def test_integer_codes_match_the_fake_quant_codes(compiled, name, isolated):
     tiny, fake, integer, _ = compiled[name]
     held_out = (tiny.image(4, seed=11),)
-    rows = code_agreement(fake, integer, held_out)
+    rows = code_agreement(fake, integer, held_out, isolated=isolated)
     labels = {r.label for r in rows}
     assert {"norm1", "attn_q_out", "attn_k_out", "attn_v_input", "attn_kv_out", "mlp_gelu"} <= labels
     assert len(rows) == sum(isinstance(m, FakeQuantize) for m in fake.modules())  # every point compared
     codes, off = sum(r.codes for r in rows), sum(r.off_by_one for r in rows)
-    print(f"\n{name}: {agreement_summary(rows)}")
+    print(f"\n{name} ({'isolated' if isolated else 'propagated'}): {agreement_summary(rows)}")
     assert max(r.worst for r in rows) <= 1
     assert off / codes <= MAX_OFF_BY_ONE_SHARE
 
