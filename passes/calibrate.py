@@ -7,6 +7,7 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from fxquant import distributed
 from fxquant.calib_data import as_batches, iter_batches
 from fxquant.errors import FxqError
 from fxquant.pass_manager import Pass, PassContext
@@ -41,9 +42,14 @@ class Calibrate(Pass):
             for batch in bar:
                 gm(batch)
                 batches += 1
+        except Exception:
+            distributed.report_failure()  # under torchrun: the other ranks stop instead of waiting
+            raise
         finally:
             for _, module in observers:
                 module.observing = False
+        if distributed.is_distributed():  # each rank saw its shard: merge to the whole set's statistics
+            batches = distributed.merge_calibration([m.observer for _, m in observers], batches)
         if batches == 0:
             raise FxqError("calib_data yielded no batches")
         ctx.state["calibration_batches"] = batches

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxquant import distributed
 from fxquant.errors import FxqError
 from fxquant.meta import ORIGIN, ORIGIN_SLICE, POINT
 from fxquant.pass_manager import Pass, PassContext
@@ -133,10 +134,12 @@ class Smooth(Pass):
         with torch.no_grad():
             for batch in iter_batches(as_batches(ctx.calib_data)):
                 recorder.run(batch)
+        # under torchrun each rank saw its shard: the maxima over the whole set, on every rank
+        absmax = {name: distributed.all_reduce_max(value) for name, value in sorted(recorder.absmax.items())}
         notes = ctx.state.setdefault("smooth", [])
         for pair in pairs:
             ctx.current_node = pair.act.name
-            scale = self._scale(gm, pair, recorder.absmax[pair.act.name], alpha)
+            scale = self._scale(gm, pair, absmax[pair.act.name], alpha)
             self._fold(gm, pair, scale)
             self._reorigin(gm, pair)
             notes.append(f"{pair.act.name}: smoothed into {[c.name for c in pair.consumers]} "
