@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import distributed
+from .cli_deploy import add_export_parser, add_run_parser, run_export, run_images
 from .errors import FxqError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -104,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="fake: a fake-quant graph (default); int: int8 codes, integer GEMMs and dyadic "
                       "requantization (the report's notes give its agreement with the fake-quant graph)")
     _add_diff_parser(sub)
+    add_export_parser(sub)
+    add_run_parser(sub)
     return parser
 
 
@@ -149,9 +153,15 @@ def run_compile(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = build_model(args.model, args.checkpoint, args.pretrained, kwargs)
     calib = calibration_batches(args.calib, model, args.batch_size)
-    qm = fxquant.compile(model, args.qconfig, calib_data=calib, dump_dir=args.dump_dir,
-                         progress=not args.quiet, model_name=args.model, keep_float=args.keep_float,
-                         numeric_diff=not args.no_diff, backend=args.backend)
+    main_process = True
+    if distributed.init_from_env():  # under torchrun: each rank calibrates its shard; rank 0 prints and writes
+        calib = distributed.shard_batches(calib)
+        main_process = distributed.is_main_process()
+    qm = fxquant.compile(model, args.qconfig, calib_data=calib, dump_dir=args.dump_dir if main_process else None,
+                         progress=not args.quiet and main_process, model_name=args.model,
+                         keep_float=args.keep_float, numeric_diff=not args.no_diff, backend=args.backend)
+    if not main_process:
+        return 0
     print(qm.report.table(worst=args.worst))
     if args.backend == "int":
         for note in qm.report.notes:
@@ -196,6 +206,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_compile(args)
         if args.command == "diff":
             return run_diff(args)
+        if args.command == "export":
+            return run_export(args)
+        if args.command == "run":
+            return run_images(args)
     except FxqError as exc:
         print(f"fxquant: error: {exc}", file=sys.stderr)
         return 2

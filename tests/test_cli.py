@@ -183,3 +183,87 @@ def test_compile_save_writes_a_loadable_model(tmp_path, capsys):
     qm = fxquant.load(path)
     x = torch.randn(2, 3, 32, 32)
     assert qm(x).shape == (2, 10) and qm.report.qconfig == "seed_attn"
+
+
+# ------------------------------------------------------------------ export / run (a saved .fxq)
+def _saved(tmp_path, num_classes=10, qconfig="w8a8"):
+    path = tmp_path / f"m{num_classes}.fxq"
+    rc = main(["compile", "--model", MODEL, "--img-size", "32", "--num-classes", str(num_classes),
+               "--qconfig", qconfig, "--calib", "random:4", "--quiet", "--no-diff", "--save", str(path)])
+    assert rc == 0
+    return path
+
+
+def _image_folder(tmp_path, count=2):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+    (folder / "notes.txt").write_text("ignored")
+    return folder
+
+
+def test_export_writes_onnx_that_onnxruntime_runs(tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from fxquant.quantizers import qsnr_db
+
+    path = _saved(tmp_path)
+    capsys.readouterr()
+    out_file = tmp_path / "m.onnx"
+    rc = main(["export", str(path), "--onnx", str(out_file)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert f"ONNX written to {out_file}" in out and "(batch, 3, 32, 32)" in out  # size read from the graph
+    onnx.checker.check_model(str(out_file))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(out_file), options, providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = fxquant.load(path)(x)
+    assert qsnr_db(expected, torch.from_numpy(session.run(None, {"images": x.numpy()})[0])) >= 40.0
+
+
+def test_run_prints_imagenet_top5_for_a_1000_class_head(tmp_path, capsys):
+    from timm.data import ImageNetInfo
+
+    path = _saved(tmp_path, num_classes=1000)
+    folder = _image_folder(tmp_path)
+    capsys.readouterr()
+    rc = main(["run", str(path), "--images", str(folder)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["p0.png", "p1.png"]
+    names = {ImageNetInfo().index_to_description(i) for i in range(1000)}
+    for line in lines:
+        entries = line.split(": ", 1)[1].split("; ")
+        assert len(entries) == 5
+        assert all(e.rsplit(" (", 1)[0] in names and e.endswith("%)") for e in entries), line
+
+
+def test_run_prints_class_indices_or_features(tmp_path, capsys):
+    folder = _image_folder(tmp_path, count=1)
+    rc = main(["run", str(_saved(tmp_path, num_classes=10)), "--images", str(folder)])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.strip().splitlines()[-1].startswith("p0.png: class ")
+    assert out.strip().splitlines()[-1].count("; ") == 4
+    rc = main(["run", str(_saved(tmp_path, num_classes=0)), "--images", str(folder)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "p0.png: features of shape (64,)" in out and "no classifier head" in out
+
+
+def test_export_and_run_errors_are_one_line(tmp_path, capsys):
+    missing = tmp_path / "missing.fxq"
+    assert_one_line_error(main(["export", str(missing), "--onnx", str(tmp_path / "m.onnx")]), capsys,
+                          str(missing), "no such file")
+    not_fxq = tmp_path / "bad.fxq"
+    not_fxq.write_bytes(b"not a safetensors file")
+    assert_one_line_error(main(["run", str(not_fxq), "--images", str(tmp_path)]), capsys, str(not_fxq))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(main(["run", str(_saved(tmp_path)), "--images", str(empty)]), capsys, "no images")

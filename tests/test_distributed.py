@@ -80,8 +80,22 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         counts = distributed.reduce_sums({"images": len(mine), "ranks": 1})
         save_file({"outputs": outputs, "counts": torch.tensor([counts["images"], counts["ranks"]])},
                   os.path.join(out_dir, f"eval_rank{rank}.safetensors"))
+        _cli_compile(rank, os.path.join(out_dir, "cli"))
     finally:
         dist.destroy_process_group()
+
+
+def _cli_compile(rank: int, out_dir: str) -> None:
+    """``fxquant compile --save --report`` inside the torchrun-like group: rank 0 alone writes."""
+    import timm
+
+    from fxquant.cli import main
+
+    timm.create_model = _tiny_create_model(timm.create_model)
+    rc = main(CLI_ARGS + ["--save", os.path.join(out_dir, "m.fxq"), "--report", os.path.join(out_dir, "r.json")])
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"rc{rank}"), "w") as fh:
+        fh.write(f"{rc} {distributed.world_size()}")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +105,9 @@ def ranks(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("dist")
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return {p.stem: load_file(str(p)) for p in out.glob("*.safetensors")}
+    files = {p.stem: load_file(str(p)) for p in out.glob("*.safetensors")}
+    files["dir"] = out
+    return files
 
 
 def _single_process(qconfig, monkeypatch):
@@ -180,3 +196,30 @@ def test_every_observer_type_has_a_merge():
     for name, cls in _OBSERVERS.items():  # KLObserver and PtfObserver inherit OMSE's merge
         assert distributed.merge_for(cls) is not None, name
     assert distributed.merge_for(OmseObserver) is not distributed.merge_for(MinMaxObserver)
+
+
+def _tiny_create_model(real):
+    def create_model(name, *args, **kwargs):  # the CLI's vit_tiny, shrunk as in tests/test_cli.py
+        return real(name, *args, **{**dict(patch_size=8, depth=2, embed_dim=64, num_heads=2), **kwargs})
+    return create_model
+
+
+CLI_ARGS = ["compile", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10",
+            "--calib", "random:8", "--batch-size", "2", "--quiet", "--no-diff"]
+
+
+def test_cli_compile_under_torchrun_saves_the_single_process_model_once(ranks, tmp_path, monkeypatch):
+    import timm
+
+    from fxquant.cli import main
+
+    cli_dir = ranks["dir"] / "cli"
+    assert [(cli_dir / f"rc{r}").read_text() for r in range(WORLD)] == [f"0 {WORLD}"] * WORLD
+    assert sorted(p.name for p in cli_dir.iterdir()) == ["m.fxq", "r.json", "rc0", "rc1"]  # written once
+    monkeypatch.setattr(timm, "create_model", _tiny_create_model(timm.create_model))
+    single = tmp_path / "single"
+    assert main(CLI_ARGS + ["--save", str(single / "m.fxq")]) == 0
+    expected, got = fxquant.load(single / "m.fxq"), fxquant.load(cli_dir / "m.fxq")
+    assert _parameters(got).keys() == _parameters(expected).keys()
+    for name, value in _parameters(expected).items():
+        assert torch.equal(_parameters(got)[name], value), name
