@@ -179,10 +179,23 @@ class OnnxQuantLinear(nn.Module):
         # transposed codes (in, out): MatMul's B input, per-axis along its output columns
         _weight_buffers(self, qp, ql.weight_codes.t(), name, axis=1)
         self.bias = None if ql.bias is None else nn.Parameter(ql.bias.detach().clone())
+        self.float_input = False
+
+    def mark_float_input(self) -> None:
+        """The input is not quantized (a weight-only point): keep the codes as (out, in) and
+        transpose after DequantizeLinear. ORT would otherwise fuse DQ -> MatMul into
+        ``MatMulNBits``, which by default quantizes the float input on the fly (accuracy
+        level 4), a rounding the fake-quant graph does not have."""
+        if not self.float_input:
+            self.weight_codes = self.weight_codes.t().contiguous()
+            self.weight_axis, self.float_input = 0, True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = _Dequantize.apply(self.weight_codes, self.weight_scale, self.weight_zero_point, self.weight_axis)
-        y = torch.matmul(x, w)
+        if self.float_input:  # the weight as MatMul's A input: not a MatMulNBits pattern
+            y = torch.matmul(w, x.transpose(-1, -2)).transpose(-1, -2)
+        else:
+            y = torch.matmul(x, w)
         return y + self.bias if self.bias is not None else y
 
 
@@ -262,7 +275,8 @@ def to_exportable(qm: fx.GraphModule) -> fx.GraphModule:
 
 def _requantize_gemm_inputs(gm: fx.GraphModule) -> None:
     """Repeat a point's Q/DQ right before a quantized Linear/Conv it reaches only through
-    reshapes and selections (ViT's class-token ``x[:, 0]`` before the head).
+    reshapes and selections (ViT's class-token ``x[:, 0]`` before the head); a Linear whose
+    input is not on one per-tensor grid keeps float compute (``mark_float_input``).
 
     ONNX Runtime fuses ``DequantizeLinear -> MatMul`` into an integer GEMM only when the
     DequantizeLinear feeds the MatMul directly; otherwise it lowers the int8 weight alone to
@@ -279,10 +293,15 @@ def _requantize_gemm_inputs(gm: fx.GraphModule) -> None:
         while isinstance(source, fx.Node) and is_scale_transparent(gm, source) and source.args:
             source = source.args[0]
         point = submodule(gm, source) if isinstance(source, fx.Node) else None
-        if source is direct or not isinstance(point, OnnxFakeQuantize):
+        # integer GEMM inputs need one scale per tensor, and the value exactly on its grid
+        quantized = (isinstance(point, OnnxFakeQuantize) and point.qdq and not point.per_channel
+                     and point.post_scale == 1.0)
+        if not quantized:
+            if isinstance(module, OnnxQuantLinear):
+                module.mark_float_input()
             continue
-        if not point.qdq or point.per_channel or point.post_scale != 1.0:
-            continue  # a per-channel or rescaled grid does not pass through a selection unchanged
+        if source is direct:
+            continue
         with gm.graph.inserting_before(node):
             again = gm.graph.call_module(str(source.target), (direct,))
         again.meta.update(source.meta)

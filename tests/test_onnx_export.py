@@ -208,3 +208,13 @@ def test_single_point_twin_matches_fake_quantize_in_torch_and_ort(spec_kw, axis,
     assert codes_flipped < 0.01, codes_flipped  # at most a rare tie rounded the other way
     ops = qdq_summary(path)
     assert ("QuantizeLinear" in ops) == (spec.method == "uniform" and spec.bits <= 8), ops
+
+
+def test_weight_only_linears_match_with_default_onnxruntime(tmp_path):
+    # seed_attn quantizes the Q/K/V weights but not their input; keep_float leaves points in float
+    qm = _compile("vit_tiny_patch16_224", TINY_VIT, "seed_attn")
+    path = export_onnx(qm, tmp_path / "seed_attn.onnx", images(1, 32))
+    optimized = tmp_path / "optimized.onnx"
+    # ORT's MatMulNBits would quantize the float input on the fly (accuracy level 4 by default)
+    assert _ort_qsnr(qm, path, images(3, 32, seed=14), optimized=optimized) >= 100.0
+    assert "MatMulNBits" not in qdq_summary(optimized)
