@@ -1,5 +1,6 @@
 """fxquant: post-training quantization of vision transformers as torch.fx graph passes."""
 from .api import compile
+from . import distributed
 from .debug import DiffResult, compile_keep_float, diff, isolated_errors, sensitivity
 from .errors import FxqError, PassError, QConfigError, TraceError
 from .html_report import write_html_report
