@@ -85,7 +85,7 @@ def compile(  # noqa: A001 - the public name the design card asks for
         dumper.dump("trace", gm, report.passes[0])
         instruments.append(dumper)
     gm = PassManager(list(passes) if passes is not None else default_passes(backend), instruments).run(gm, ctx)
-    report.notes = list(ctx.state.get("fuse_scales", []))
+    report.notes = list(ctx.state.get("notes", [])) + list(ctx.state.get("fuse_scales", []))
     report.notes += list(ctx.state.get("lower_integer", []))  # backend="int": what lowering did, equivalence
     gm.report = report
     gm.qconfig = config

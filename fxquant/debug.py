@@ -29,6 +29,7 @@ from torch import nn
 from .calib_data import reusable_batches
 from .numeric_diff import capture_values, output_qsnr
 from .errors import FxqError
+from .log_int_softmax import LogIntSoftmax
 from .modules import QUANTIZED_WEIGHT_TYPES, FakeQuantize, QuantConv2d
 from .quantizers import qsnr_db
 from .report import INF_DB, db_for_json
@@ -43,7 +44,7 @@ def quant_point_nodes(qm: fx.GraphModule) -> list[fx.Node]:
     for node in qm.graph.nodes:
         if node.op == "call_module":
             module = qm.get_submodule(str(node.target))
-            if isinstance(module, (FakeQuantize, *QUANTIZED_WEIGHT_TYPES)):
+            if isinstance(module, (FakeQuantize, LogIntSoftmax, *QUANTIZED_WEIGHT_TYPES)):
                 out.append(node)
     return out
 
@@ -56,6 +57,9 @@ def _turn_off(module: nn.Module):
     """Turn one point off; returns the function that turns it back on."""
     if isinstance(module, FakeQuantize):
         module.forward = types.MethodType(_bypass, module)
+        return lambda: module.__dict__.pop("forward", None)
+    if isinstance(module, LogIntSoftmax):  # off = the float softmax it replaced
+        module.forward = nn.Softmax(module.dim)
         return lambda: module.__dict__.pop("forward", None)
     if not hasattr(module, "float_weight"):
         raise FxqError(f"{type(module).__name__} has no float_weight (compiled by an older fxquant); recompile")
@@ -94,7 +98,7 @@ def _describe(qm: fx.GraphModule, node: fx.Node) -> dict:
     module = qm.get_submodule(str(node.target))
     point = module.point
     return {"node": node.name, "group": point.label, "module": point.module,
-            "kind": "activation" if isinstance(module, FakeQuantize) else "weight"}
+            "kind": "weight" if isinstance(module, QUANTIZED_WEIGHT_TYPES) else "activation"}
 
 
 @torch.no_grad()
@@ -246,6 +250,8 @@ class FloatPoint(nn.Module):
 def _float_module(module: nn.Module) -> nn.Module:
     if isinstance(module, FakeQuantize):
         return FloatPoint(module)
+    if isinstance(module, LogIntSoftmax):
+        return nn.Softmax(module.dim)
     if isinstance(module, QuantConv2d):
         conv = nn.Conv2d(module.float_weight.shape[1] * module.groups, module.float_weight.shape[0],
                          tuple(module.float_weight.shape[2:]), module.stride, module.padding, module.dilation,

@@ -12,6 +12,7 @@ ORIGIN = "fxq.origin"  # name of the FP32 reference node this node computes
 ORIGIN_SLICE = "fxq.origin_slice"  # (dim, start, length): this node is a slice of its origin
 MODULE = "fxq.module"  # dotted path of the user's module this node belongs to
 POINT = "fxq.point"  # QuantPoint: this node's output is a quantization point
+INPUT_POINT = "fxq.input_point"  # QuantPoint: this op's first input is quantized on the edge into it
 WEIGHT = "fxq.weight"  # QuantPoint: this call_module node's weight is quantized
 ROLE = "fxq.role"  # attention role, e.g. "attn_q", "attn_scores", "attn_probs"
 

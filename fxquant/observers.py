@@ -390,4 +390,10 @@ _OBSERVERS = {
 
 def make_observer(spec: QuantSpec, *, axis: int | None = None, num_groups: int | None = None, name: str = "?") -> Observer:
     """The observer class named by ``spec.observer``."""
+    if spec.observer == "ptf":
+        from .ptf import PtfObserver  # these build on the classes above
+        return PtfObserver(spec, axis=axis, num_groups=num_groups, name=name)
+    if spec.observer == "kl":
+        from .kl_observer import KLObserver
+        return KLObserver(spec, axis=axis, num_groups=num_groups, name=name)
     return _OBSERVERS[spec.observer](spec, axis=axis, num_groups=num_groups, name=name)

@@ -18,7 +18,7 @@ _TRANSPARENT_METHODS = {
     "unbind", "expand",
 }
 _TRANSPARENT_FUNCTIONS = {operator.getitem, torch.reshape, torch.permute, torch.transpose,
-                          torch.flatten, torch.squeeze, torch.unsqueeze, torch.unbind}
+                          torch.flatten, torch.squeeze, torch.unsqueeze, torch.unbind, torch.roll}
 _PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout)
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm}
 _SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax}
@@ -39,8 +39,18 @@ def is_scale_transparent(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _TRANSPARENT_METHODS
     if node.op == "call_function":
-        return node.target in _TRANSPARENT_FUNCTIONS
+        return node.target in _TRANSPARENT_FUNCTIONS or _is_zero_pad(node)
     return is_pass_through_module(gm, node)
+
+
+def _is_zero_pad(node: fx.Node) -> bool:
+    """``F.pad`` with zeros (Swin's window padding): every grid holds 0 exactly, so the
+    padded tensor is still on its input's grid."""
+    if node.target is not F.pad:
+        return False
+    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+    value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+    return mode == "constant" and value in (None, 0, 0.0)
 
 
 def is_matmul(node: fx.Node) -> bool:

@@ -26,6 +26,8 @@ ACTIVATION_GROUPS = (
     "attn_v_out", "mlp_gelu", "residual", "final_norm", "patch_merging_norm",
 )
 ALL_GROUPS = LINEAR_GROUPS + ACTIVATION_GROUPS
+NORM_GROUPS = ("norm1", "norm2", "final_norm", "patch_merging_norm")  # may also quantize their input
+NORM_INPUT = "input"  # the section of a norm group that quantizes the norm's input (PTF)
 LINEAR_SECTIONS = ("weight", "output")
 ACT = "act"  # the section name under which an activation group's spec is stored
 TOP_LEVEL_KEYS = ("name", "description", "extends", "overrides", "skip", "smooth_alpha")
@@ -35,8 +37,10 @@ _OBSERVER_NAMES = {
     "emaobserver": "ema", "ema": "ema",
     "percentileobserver": "percentile", "percentile": "percentile",
     "omseobserver": "omse", "omse": "omse",
+    "ptfobserver": "ptf", "ptf": "ptf",
+    "klobserver": "kl", "kl": "kl",
 }
-_NOT_YET = {"klobserver": "KLObserver", "kl": "KLObserver", "ptfobserver": "PtfObserver", "ptf": "PtfObserver"}
+_OBSERVERS_ALLOWED = "MinmaxObserver, EmaObserver, PercentileObserver, OmseObserver, PtfObserver, KLObserver"
 _METHODS = {"uniform": "uniform", "log2": "log2"}
 _GRANULARITY_KEYS = ("calibration_mode", "granularity")
 _OBSERVER_KEYS = ("observer_type", "observer")
@@ -45,7 +49,7 @@ _ENABLE_KEYS = ("enable", "quant_enable", "output_quant_enable", "weight_quant_e
 _FLOAT_OPTIONS = {
     "percentile_alpha": (0.5, 1.0), "percentile_sigma": (0.0, 1.0), "ema_momentum": (0.0, 1.0),
 }
-_INT_OPTIONS = {"kl_bins": (2, 1 << 16), "omse_steps": (1, 10_000)}
+_INT_OPTIONS = {"kl_bins": (16, 1 << 16), "omse_steps": (1, 10_000), "ptf_factors": (1, 8)}
 SPEC_KEYS = (
     ("bits", "signed", "symmetric", "bit_type", "enable_profiler")
     + _GRANULARITY_KEYS + _OBSERVER_KEYS + _METHOD_KEYS + _ENABLE_KEYS
@@ -123,11 +127,7 @@ def parse_spec(raw: Mapping[str, Any], source: str, path: str) -> QuantSpec:
             allowed = ("layer_wise", "channel_wise", "head_wise", "group_wise")
             fields["granularity"] = _choice(value, {a: a for a in allowed}, source, where, ", ".join(allowed))
         elif key in _OBSERVER_KEYS:
-            if str(value).lower() in _NOT_YET:
-                raise _fail(source, where, f"{_NOT_YET[str(value).lower()]} is not implemented in this "
-                            "version of fxquant; use MinmaxObserver, EmaObserver, PercentileObserver or OmseObserver")
-            fields["observer"] = _choice(value, _OBSERVER_NAMES, source, where,
-                                         "MinmaxObserver, EmaObserver, PercentileObserver, OmseObserver")
+            fields["observer"] = _choice(value, _OBSERVER_NAMES, source, where, _OBSERVERS_ALLOWED)
         elif key in _METHOD_KEYS:
             fields["method"] = _choice(value, _METHODS, source, where, "uniform, log2")
         elif key in _FLOAT_OPTIONS:
@@ -184,6 +184,9 @@ class QConfig:
     source: str = "<dict>"
     description: str = ""
     smooth_alpha: Optional[float] = None  # SmoothQuant migration strength; None = no smoothing
+    # group -> file that defined it, for configs that must match the model group by group
+    # (a directory of per-part files): annotate fails on a group the model does not have
+    strict_groups: dict[str, str] = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def is_skipped(self, module_path: str) -> bool:
@@ -219,8 +222,7 @@ class QConfig:
             out["description"] = self.description
         if self.smooth_alpha is not None:
             out["smooth_alpha"] = self.smooth_alpha
-        for group, sections in self.groups.items():
-            out[group] = dict(sections[ACT]) if ACT in sections else {k: dict(v) for k, v in sections.items()}
+        out.update(_flatten_groups(self.groups))
         if self.overrides:
             out["overrides"] = {pattern: _flatten_groups(g) for pattern, g in self.overrides}
         if self.skip:
@@ -229,7 +231,14 @@ class QConfig:
 
 
 def _flatten_groups(groups: dict[str, dict[str, dict]]) -> dict:
-    return {g: (dict(s[ACT]) if ACT in s else {k: dict(v) for k, v in s.items()}) for g, s in groups.items()}
+    out = {}
+    for group, sections in groups.items():
+        if group in LINEAR_GROUPS:
+            out[group] = {k: dict(v) for k, v in sections.items()}
+        else:  # an activation group is its spec, plus a norm's ``input`` section
+            out[group] = {**sections.get(ACT, {}), **({NORM_INPUT: dict(sections[NORM_INPUT])}
+                                                     if NORM_INPUT in sections else {})}
+    return out
 
 
 def _parse_groups(raw: Mapping[str, Any], source: str, prefix: str = "") -> dict[str, dict[str, dict]]:
@@ -247,8 +256,20 @@ def _parse_groups(raw: Mapping[str, Any], source: str, prefix: str = "") -> dict
                 sections[section] = dict(spec_raw)
             groups[group] = sections
         elif group in ACTIVATION_GROUPS:
-            parse_spec(body, source, path)
-            groups[group] = {ACT: dict(body)}
+            if not isinstance(body, Mapping):
+                raise _fail(source, path, f"expected a mapping of spec keys, got {type(body).__name__}")
+            body = dict(body)
+            sections = {}
+            if NORM_INPUT in body:
+                if group not in NORM_GROUPS:
+                    raise _fail(source, f"{path}.{NORM_INPUT}", f"only LayerNorm groups ({', '.join(NORM_GROUPS)}) "
+                                "quantize their input")
+                parse_spec(body[NORM_INPUT], source, f"{path}.{NORM_INPUT}")
+                sections[NORM_INPUT] = dict(body.pop(NORM_INPUT))
+            if body or not sections:  # ``norm1: {input: {...}}`` alone leaves the norm's output float
+                parse_spec(body, source, path)
+                sections[ACT] = body
+            groups[group] = sections
         else:
             raise _fail(source, path, f"unknown group; allowed: {', '.join(ALL_GROUPS + TOP_LEVEL_KEYS)}")
     return groups
@@ -336,7 +357,9 @@ def _load_directory(path: Path, depth: int) -> QConfig:
             merged[key] = merged.get(key, []) + value if key == "skip" else value
             owner[key] = file
     merged["name"] = path.name
-    return qconfig_from_dict(merged, str(path), depth)
+    config = qconfig_from_dict(merged, str(path), depth)
+    config.strict_groups = {key: str(owner[key]) for key in merged if key in ALL_GROUPS}
+    return config
 
 
 QConfigLike = Union[str, Path, Mapping[str, Any], QConfig]

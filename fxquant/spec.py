@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 GRANULARITIES = ("layer_wise", "channel_wise", "head_wise", "group_wise")
-OBSERVERS = ("minmax", "ema", "percentile", "omse")
+OBSERVERS = ("minmax", "ema", "percentile", "omse", "ptf", "kl")
 METHODS = ("uniform", "log2")
 
 
@@ -17,7 +17,7 @@ class QuantSpec:
     unsigned ones an affine grid with a zero point (the seed's ``signed: False`` Q/K/V are
     negative too, so they need the zero point).
     ``options`` holds observer settings: ``percentile_alpha``, ``percentile_sigma``,
-    ``ema_momentum``, ``kl_bins``, ``omse_steps``.
+    ``ema_momentum``, ``kl_bins``, ``omse_steps``, ``ptf_factors``.
     """
 
     bits: int = 8
@@ -40,6 +40,9 @@ class QuantSpec:
             raise ValueError(f"observer must be one of {OBSERVERS}, got {self.observer!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.observer == "ptf" and (self.granularity != "channel_wise" or self.method != "uniform"):
+            raise ValueError("PtfObserver gives each channel a power-of-two multiple of one scale: it needs "
+                             "calibration_mode channel_wise and quantization_method uniform")
 
     @property
     def qmin(self) -> int:

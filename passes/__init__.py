@@ -6,8 +6,9 @@ from fxquant.passes.fuse_scales import FuseScales
 from fxquant.passes.insert_observers import InsertObservers
 from fxquant.passes.lower_fake_quant import LowerFakeQuant
 from fxquant.passes.lower_integer import LowerInteger
+from fxquant.passes.lower_log_int_softmax import LowerLogIntSoftmax
 from fxquant.passes.smooth import Smooth
 from fxquant.passes.split_qkv import SplitQkv
 
 __all__ = ["Annotate", "Calibrate", "DecomposeAttention", "FuseScales", "InsertObservers",
-           "LowerFakeQuant", "LowerInteger", "Smooth", "SplitQkv"]
+           "LowerFakeQuant", "LowerInteger", "LowerLogIntSoftmax", "Smooth", "SplitQkv"]

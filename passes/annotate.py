@@ -1,6 +1,7 @@
 """annotate: give every quantizable op its group and QuantSpec (meta only; graph unchanged).
 
-Groups are found by module path (``blocks.3.attn.qkv`` -> ``attn_qkv``) and, inside
+A LayerNorm group may also quantize the norm's input (``norm1: {input: {...}}``), on
+the edge into the norm only. Groups are found by module path (``blocks.3.attn.qkv`` -> ``attn_qkv``) and, inside
 attention, by role (q, k, v, scores, probabilities, probs@v). The spec comes from the
 qconfig after overrides and ``skip``; an op whose group has no spec stays float and is
 listed in ``report.float_points``.
@@ -16,9 +17,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxquant.errors import NodeError
+from fxquant.errors import NodeError, QConfigError
 from fxquant.graph_utils import propagate_shapes, shape_of
-from fxquant.meta import MODULE, POINT, ROLE, WEIGHT
+from fxquant.meta import INPUT_POINT, MODULE, POINT, ROLE, WEIGHT
 from fxquant.pass_manager import Pass, PassContext
 from fxquant.patterns import find_attention, submodule
 from fxquant.points import QuantPoint
@@ -64,7 +65,7 @@ class Annotate(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         propagate_shapes(gm, ctx.diff_inputs)
-        self.gm, self.ctx, self.float_points = gm, ctx, []
+        self.gm, self.ctx, self.float_points, self.seen_groups = gm, ctx, [], set()
         heads: dict[str, int] = {}
         for match in find_attention(gm):
             heads[match.module] = shape_of(match.q)[1]
@@ -87,18 +88,29 @@ class Annotate(Pass):
                 group = _match(NORM_RULES, path)
                 if group is not None:
                     self._activation(node, group, attention=False)
+                    self._norm_input(node, group)
             elif _is_gelu(gm, node):
                 self._activation(node, "mlp_gelu", attention=False)
             elif _is_residual_add(node):
                 self._activation(node, "residual", attention=False)
         if ctx.report is not None:
             ctx.report.float_points = list(self.float_points)
+        self._check_strict_groups(ctx.qconfig)
         return gm
+
+    def _check_strict_groups(self, qconfig) -> None:
+        """A per-part config directory names groups on purpose: one the model lacks is a mistake."""
+        for group, source in qconfig.strict_groups.items():
+            if group not in self.seen_groups:
+                raise QConfigError(f"{source}: {group}: this model has no {group} op (it has: "
+                                   f"{', '.join(sorted(self.seen_groups)) or 'none'}); remove the group or "
+                                   "check that the file belongs to this model")
 
     def _activation(self, node: fx.Node, group: str, *, attention: bool) -> None:
         self._point(node, group, ACT, attention=attention)
 
     def _point(self, node: fx.Node, group: str, section: str, *, attention: bool, module: str = "") -> None:
+        self.seen_groups.add(group)
         path = module or node.meta.get(MODULE, "")
         spec = self.ctx.qconfig.spec_for(group, section, path)
         label = group if section == ACT else f"{group}.{section}"
@@ -123,7 +135,21 @@ class Annotate(Pass):
                                 "qkv weight only; use layer_wise or channel_wise here")
         node.meta[POINT] = QuantPoint(group, section, spec, path, axis, num_groups)
 
+    def _norm_input(self, node: fx.Node, group: str) -> None:
+        """The LayerNorm's input, quantized on the edge into the norm only (the residual
+        stream itself stays as it is): FQ-ViT's PTF point."""
+        path = node.meta.get(MODULE, "")
+        spec = self.ctx.qconfig.spec_for(group, "input", path)
+        if spec is None:
+            return
+        if spec.granularity not in ("layer_wise", "channel_wise"):
+            raise NodeError(node.name, f"{group}.input: {spec.granularity} is not defined on a LayerNorm input; "
+                            "use channel_wise (with PtfObserver) or layer_wise")
+        axis = -1 if spec.granularity == "channel_wise" else None
+        node.meta[INPUT_POINT] = QuantPoint(group, "input", spec, path, axis)
+
     def _weight(self, node: fx.Node, group: str, module: nn.Module, heads: Optional[int]) -> None:
+        self.seen_groups.add(group)
         path = node.meta.get(MODULE, "")
         spec = self.ctx.qconfig.spec_for(group, "weight", path)
         if spec is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fxquant.graph_utils import install_submodule, safe_name, unique_attr
-from fxquant.meta import POINT, ROLE, copy_provenance
+from fxquant.meta import INPUT_POINT, POINT, ROLE, copy_provenance
 from fxquant.modules import ObserverModule
 from fxquant.pass_manager import Pass, PassContext
 
@@ -36,18 +36,40 @@ class InsertObservers(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         graph = gm.graph
+        notes = ctx.state.setdefault("notes", [])
         for node in list(graph.nodes):
+            ctx.current_node = node.name
+            if INPUT_POINT in node.meta:
+                self._observe_input(gm, node, notes)
             point = node.meta.get(POINT)
             if point is None:
                 continue
-            ctx.current_node = node.name
-            path = unique_attr(gm, OBSERVER_PREFIX + safe_name(node.name))
-            install_submodule(gm, path, ObserverModule(point, name=f"{node.name} ({point.label})"))
-            with graph.inserting_after(node):
-                observed = graph.call_module(path, (node,))
-            copy_provenance(node, observed)
-            observed.meta[POINT] = node.meta.pop(POINT)
+            observed = self._observer_after(gm, node, node, point)
+            node.meta.pop(POINT)
             if ROLE in node.meta:
                 observed.meta[ROLE] = node.meta[ROLE]
             node.replace_all_uses_with(observed, delete_user_cb=lambda user: user is not observed)
         return gm
+
+    @staticmethod
+    def _observer_after(gm: fx.GraphModule, value: fx.Node, name_from: fx.Node, point) -> fx.Node:
+        path = unique_attr(gm, OBSERVER_PREFIX + safe_name(name_from.name) + ("_in" if point.section == "input" else ""))
+        install_submodule(gm, path, ObserverModule(point, name=f"{name_from.name} ({point.label})"))
+        with gm.graph.inserting_after(value):
+            observed = gm.graph.call_module(path, (value,))
+        copy_provenance(value, observed)  # it computes the value it observes
+        observed.meta[POINT] = point
+        return observed
+
+    def _observe_input(self, gm: fx.GraphModule, node: fx.Node, notes: list) -> None:
+        """A point on the edge into ``node`` (a LayerNorm's input): only ``node`` reads it."""
+        point = node.meta.pop(INPUT_POINT)
+        source = node.args[0]
+        if not isinstance(source, fx.Node):
+            return
+        if POINT in source.meta:
+            notes.append(f"{node.name} ({point.label}): its input {source.name} is already the quantization point "
+                         f"{source.meta[POINT].label}; that point's grid is used")
+            return
+        observed = self._observer_after(gm, source, node, point)
+        node.args = (observed, *node.args[1:])

@@ -15,7 +15,7 @@ MODEL = "vit_tiny_patch16_224"
 TINY = dict(patch_size=8, depth=2, embed_dim=64, num_heads=2)  # what --img-size/--num-classes cannot set
 BASE = ["compile", "--model", MODEL, "--img-size", "32", "--num-classes", "10", "--quiet"]
 PASSES = ["trace", "decompose_attention", "annotate", "split_qkv", "smooth", "insert_observers", "calibrate", "fuse_scales",
-          "lower_fake_quant"]
+          "lower_fake_quant", "lower_log_int_softmax"]
 
 
 @pytest.fixture(autouse=True)

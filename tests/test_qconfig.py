@@ -209,10 +209,31 @@ def test_unknown_section_of_linear_group(tmp_path):
     assert "head.bias" in message and "weight" in message and "output" in message
 
 
-def test_kl_observer_is_not_implemented(tmp_path):
-    message = error_for(tmp_path, "intSoft: {observer_type: KLObserver, bits: 8}\n")
-    assert "KLObserver" in message and "not implemented" in message
-    assert "intSoft.observer_type" in message
+def test_kl_and_ptf_observers_parse(tmp_path):
+    config = load_qconfig(write(tmp_path, "ok.yaml", "attn_kv_out: {observer_type: KLObserver, kl_bins: 512}\n"
+                                "norm1: {input: {observer_type: PtfObserver, calibration_mode: channel_wise}}\n"))
+    assert config.spec_for("attn_kv_out", "act").observer == "kl"
+    assert config.spec_for("attn_kv_out", "act").option("kl_bins", None) == 512
+    assert config.spec_for("norm1", "input").observer == "ptf"
+    assert config.spec_for("norm1", "act") is None  # only the input is quantized
+
+
+def test_ptf_needs_channel_wise(tmp_path):
+    message = error_for(tmp_path, "norm2:\n  input: {observer_type: PtfObserver, calibration_mode: layer_wise}\n")
+    assert "norm2.input" in message and "channel_wise" in message
+
+
+def test_input_section_only_on_norm_groups(tmp_path):
+    message = error_for(tmp_path, "mlp_gelu:\n  input: {bits: 8}\n")
+    assert "mlp_gelu.input" in message and "norm1" in message
+
+
+def test_norm_input_round_trips_through_to_dict(tmp_path):
+    text = "norm1: {bits: 8, signed: false, input: {observer_type: PtfObserver, calibration_mode: channel_wise}}\n"
+    config = load_qconfig(write(tmp_path, "ok.yaml", text))
+    again = load_qconfig(config.to_dict())
+    assert again.spec_for("norm1", "input") == config.spec_for("norm1", "input")
+    assert again.spec_for("norm1", "act") == config.spec_for("norm1", "act")
 
 
 def test_invalid_yaml_and_missing_file(tmp_path):

@@ -156,6 +156,6 @@ def test_compiled_report_table(compiled_report):
     table = compiled_report.table(worst=3)
     for record in compiled_report.passes:
         assert f" {record.name} " in table
-    assert "worst quantization points after 'lower_fake_quant'" in table
+    assert f"worst quantization points after '{compiled_report.final.name}'" in table
     assert len(table.splitlines()) == 2 + len(compiled_report.passes) + 1 + 3 + (
         1 if compiled_report.final.first_drop else 0)

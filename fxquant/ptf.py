@@ -1,0 +1,117 @@
+"""Power-of-Two Factor (PTF) quantization of LayerNorm inputs (FQ-ViT, Lin et al. 2022).
+
+A ViT's residual stream has a few channels whose range is tens of times the median
+channel's. One scale for all channels wastes the grid on them; one scale per channel
+breaks integer LayerNorm, which sums over channels. PTF keeps one layer-wise base scale
+``s`` and zero point ``zp`` and gives channel c the scale ``s * 2**alpha_c``
+(``alpha_c`` in 0..K-1, K = ``ptf_factors`` = 4): codes of all channels become
+comparable after a left shift by ``alpha_c``, so the integer mean and variance need no
+multiplies.
+
+* ``PtfObserver``: running per-channel min/max plus a bounded sample (the OMSE
+  observer's reservoir). The base scale comes from the layer-wise range divided by
+  ``2**(K-1)``; the zero point is that of the layer-wise grid. For each channel the
+  factor with the least squared error on its sample wins (ties: the smaller factor).
+* ``ptf_layernorm_integer``: LayerNorm computed from the codes the way an integer kernel
+  does it: shift by alpha, integer sum and sum of squares (int64), an integer square
+  root, then one dyadic multiplier per row and channel to the output grid.
+"""
+from __future__ import annotations
+
+import torch
+
+from .observers import OmseObserver, range_to_scale_zero_point
+from .qparams import QParams
+from .quantizers import fake_quantize
+
+__all__ = ["PtfObserver", "ptf_alphas", "isqrt", "ptf_layernorm_integer", "DYADIC_SHIFT"]
+
+
+class PtfObserver(OmseObserver):
+    """Per-channel power-of-two factors over one layer-wise scale (channel_wise only)."""
+
+    def __init__(self, spec, **kw):
+        super().__init__(spec, **kw)
+        self.factors = int(spec.option("ptf_factors", 4))
+
+    def compute_qparams(self) -> QParams:
+        if self._n == 0:
+            return super().compute_qparams()  # raises the "no calibration data" error
+        lo, hi = self.min.min(), self.max.max()
+        top_scale, zp = range_to_scale_zero_point(lo.reshape(1), hi.reshape(1), self.spec)
+        base = top_scale / 2 ** (self.factors - 1)
+        best_err, best_alpha = None, None
+        for alpha in range(self.factors):
+            scale = (base * 2**alpha).expand(self.sample.shape[0])
+            qp = QParams(scale, zp.expand_as(scale), self.spec.qmin, self.spec.qmax, axis=0)
+            err = (fake_quantize(self.sample, qp) - self.sample).pow_(2).sum(1)
+            if best_err is None:
+                best_err, best_alpha = err, torch.zeros_like(err)
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_alpha = torch.where(better, torch.full_like(best_alpha, alpha), best_alpha)
+        scale = base * torch.pow(2.0, best_alpha)
+        return QParams(scale, zp.expand_as(scale).clone(), self.spec.qmin, self.spec.qmax, self._grouping.axis)
+
+
+def ptf_alphas(qp: QParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base scale, integer alpha per channel) of a PTF QParams; fails if it is not one."""
+    if not qp.per_channel:
+        raise ValueError("a PTF QParams is per-channel; got a per-tensor scale")
+    base = qp.scale.min()
+    ratio = torch.log2(qp.scale / base)
+    alpha = torch.round(ratio)
+    if not torch.allclose(ratio, alpha, atol=1e-4) or not torch.all(qp.zero_point == qp.zero_point[0]):
+        raise ValueError("scales are not power-of-two multiples of one base scale with one zero point")
+    return base, alpha.to(torch.int64)
+
+
+def isqrt(n: torch.Tensor) -> torch.Tensor:
+    """floor(sqrt(n)) of a non-negative int64 tensor, by Newton's iteration in integers."""
+    if n.dtype != torch.int64:
+        raise TypeError("isqrt works on int64 tensors")
+    if bool((n < 0).any()):
+        raise ValueError("isqrt of a negative number")
+    x = torch.sqrt(n.double()).floor().to(torch.int64).clamp_min(1)  # a start close to the root
+    for _ in range(4):  # Newton from above converges in a step or two from this start
+        x = torch.where(x > 0, (x + n // x.clamp_min(1)) // 2, x)
+    # fix the last unit exactly: x*x <= n < (x+1)*(x+1)
+    x = torch.where(x * x > n, x - 1, x)
+    x = torch.where((x + 1) * (x + 1) <= n, x + 1, x)
+    return torch.where(n == 0, torch.zeros_like(x), x)
+
+
+DYADIC_SHIFT = 24  # fractional bits of the per-element multipliers below
+
+
+def ptf_layernorm_integer(codes: torch.Tensor, in_qp: QParams, weight: torch.Tensor, bias: torch.Tensor,
+                          eps: float, out_qp: QParams) -> torch.Tensor:
+    """Output codes of LayerNorm over the last axis, from PTF input codes, in integer arithmetic.
+
+    ``z = (q - zp) << alpha`` puts every channel on the base scale ``s``; with C channels,
+    ``S1 = sum z`` and ``var_int = C * sum z**2 - S1**2`` are exact int64, and
+    ``sigma_int = isqrt(var_int + eps * C**2 / s**2)`` is C * std / s (LayerNorm's eps
+    carried into the integer domain). Output code of channel c:
+    ``round((C*z - S1) * gamma_c / (s_out * sigma_int) + beta_c / s_out) + zp_out``, where the
+    multiplier ``gamma_c / (s_out * sigma_int)`` (one per row and channel) is a dyadic number
+    ``m / 2**DYADIC_SHIFT`` and the product is shifted with round-half-up.
+    """
+    base, alpha = ptf_alphas(in_qp)
+    c = codes.shape[-1]
+    zp = int(in_qp.zero_point[0])
+    z = (codes.to(torch.int64) - zp) << alpha.to(codes.device)
+    s1 = z.sum(-1, keepdim=True)
+    var_int = c * (z * z).sum(-1, keepdim=True) - s1 * s1
+    eps_int = int(round(eps * c * c / float(base) ** 2))
+    sigma = isqrt(var_int + eps_int).clamp_min(1)
+    if out_qp.per_channel:
+        raise ValueError("the LayerNorm output point must be per-tensor for the integer formulation")
+    s_out, zp_out = float(out_qp.scale), int(out_qp.zero_point)
+    one = 1 << DYADIC_SHIFT
+    # per-element multiplier and offset as integers on the 2**-DYADIC_SHIFT grid
+    mult = torch.round(weight.double() / s_out * one / sigma.double()).to(torch.int64)
+    offset = torch.round(bias.double() / s_out * one).to(torch.int64)
+    acc = (c * z - s1) * mult + offset
+    out = (acc + (one >> 1)) >> DYADIC_SHIFT  # round half up
+    return (out + zp_out).clamp(out_qp.qmin, out_qp.qmax)
