@@ -55,8 +55,8 @@ def fp32_features(model, split: str, n: int, cache: bool = True, start: int = 0)
     """(FP32 features (n, 384), labels (n,)); read from / written to ``bench/cache``."""
     path = CACHE_DIR / f"dinov2_vits14_fmnist_{split}_{start}_{n}_{SIZE}.pt"
     if cache and path.is_file():
-        blob = torch.load(path)
-        if blob.get("torch") == torch.__version__:
+        blob = torch.load(path, weights_only=True)
+        if blob.get("torch") == str(torch.__version__):
             return blob["features"], blob["labels"]
     images, labels = probe_images(split, n, start)
     t0 = time.perf_counter()
@@ -64,7 +64,7 @@ def fp32_features(model, split: str, n: int, cache: bool = True, start: int = 0)
     print(f"  FP32 features {split} {n}: {n / (time.perf_counter() - t0):.1f} images/s", flush=True)
     if cache:
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        torch.save({"features": feats, "labels": labels, "torch": torch.__version__}, path)
+        torch.save({"features": feats, "labels": labels, "torch": str(torch.__version__)}, path)
     return feats, labels
 
 
