@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .integer import (INT8_MAX, INT8_MIN, dequantize_codes, dyadic_multiplier, int8_linear, quantize_codes,
-                      requantize, rounding_offset)
+from .integer import (INT8_MAX, INT8_MIN, dequantize_codes, int8_linear, quantize_codes, requant_offset,
+                      requantize, shared_shift_multiplier)
 
 
 class QuantizeCodes(nn.Module):
@@ -64,19 +64,17 @@ class _Requantizing(nn.Module):
                           qmin: int, qmax: int, label: str) -> None:
         """``multiplier``: the real requantization factor, broadcast against the output;
         ``correction``: an integer added to the accumulator before requantizing (bias and
-        zero-point terms), folded into the rounding offset."""
-        m, k = dyadic_multiplier(multiplier)
+        zero-point terms). Both, the rounding and the zero point become one int64 offset."""
+        m, k = shared_shift_multiplier(multiplier)
         self.requantizes, self.out_label, self.qmin, self.qmax = True, label, qmin, qmax
-        self.register_buffer("out_multiplier", m)
+        self.register_buffer("out_multiplier", m.to(torch.int32))  # the int64 offset promotes the product
         self.register_buffer("out_shift", k)
-        self.register_buffer("out_offset", rounding_offset(k) + correction.to(torch.int64) * m)
-        self.register_buffer("out_zero_point", zero_point.to(torch.int64))
+        self.register_buffer("out_offset", requant_offset(m, k, correction, zero_point.to(torch.int64)))
         self.out_scale = None
 
     def _finish(self, acc: torch.Tensor) -> torch.Tensor:
         if self.requantizes:
-            return requantize(acc, self.out_multiplier, self.out_shift, self.out_offset, self.out_zero_point,
-                              self.qmin, self.qmax)
+            return requantize(acc, self.out_multiplier, self.out_shift, self.out_offset, self.qmin, self.qmax)
         return acc.to(torch.float32).mul_(self.out_scale)
 
 
@@ -107,10 +105,17 @@ class IntLinear(_Requantizing):
     @property
     def accumulator_scale(self) -> torch.Tensor:
         """s_x * s_w per output feature (float64): the real value of one accumulator unit."""
+        if self.weight_scale is None:
+            raise RuntimeError("release_setup_tensors() was called: the scales are folded away")
         return self.input_scale * self.weight_scale.to(torch.float64)
 
     def set_float_output(self) -> None:
-        self._set_float_output(self.accumulator_scale)
+        """y = acc * s_x s_w + (bias - z_x sum_k w_nk * s_x s_w): the zero-point term folded
+        into the float bias (computed in float64), so the epilogue is one multiply-add."""
+        acc_scale = self.accumulator_scale
+        bias = torch.zeros_like(acc_scale) if self.bias is None else self.bias.to(torch.float64)
+        self._set_float_output(acc_scale)
+        self.register_buffer("out_bias", (bias - self.zero_point_term.to(torch.float64) * acc_scale).float())
 
     def set_codes_output(self, out_scale: torch.Tensor, out_zero_point: torch.Tensor, qmin: int, qmax: int,
                          label: str) -> None:
@@ -121,14 +126,22 @@ class IntLinear(_Requantizing):
         correction = bias_units - self.zero_point_term.to(torch.int64)
         self._set_codes_output(acc_scale / out_scale.to(torch.float64), correction, out_zero_point, qmin, qmax,
                                label)
+        self.out_bias = None
+
+    def release_setup_tensors(self) -> None:
+        """Drop bias, weight scales and the zero-point term once they are folded into the
+        output constants: at run time the layer holds its int8 weight and 8-16 bytes per
+        output feature. ``set_codes_output`` cannot be called afterwards."""
+        for name in ("bias", "weight_scale", "zero_point_term"):
+            delattr(self, name)
+            setattr(self, name, None)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         acc = int8_linear(codes, self.weight_codes.t())
         if self.requantizes:
             return self._finish(acc)
-        acc.sub_(self.zero_point_term)
-        y = acc.to(torch.float32).mul_(self.out_scale)
-        return y.add_(self.bias) if self.bias is not None else y
+        # one pass: the int32 accumulator is promoted inside addcmul (no float copy of it)
+        return torch.addcmul(self.out_bias, acc, self.out_scale)
 
     def extra_repr(self) -> str:
         out = f"codes of {self.out_label}" if self.requantizes else "float"

@@ -8,7 +8,8 @@ Conventions (what ``fxquant.int_modules`` and ``passes/lower_integer.py`` rely o
   a point's codes were shifted, so they can be compared with the fake-quant graph's.
 * **Requantization is dyadic**: a real multiplier M = s_in * s_w / s_out is written as
   m * 2**-k with an integer m < 2**31 and a shift k, and ``y = (acc * m + 2**(k-1)) >> k``
-  in int64 (|acc| < 2**31 and m < 2**31, so the product fits). The arithmetic shift rounds
+  in int64 (|acc| < 2**31 and m < 2**31, so the product fits); bias, zero-point terms and
+  the output zero point are folded into that one int64 constant (``requant_offset``). The arithmetic shift rounds
   half up; the fake-quant graph rounds half to even: they differ only on exact ties.
 * **Exact products**: int8 x int8 GEMMs accumulate in int32 (``torch._int_mm``); the
   attention matmuls use float32 on integer values, exact while every partial sum stays
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 
 MULTIPLIER_BITS = 31  # m < 2**31: an int32, and acc * m fits int64 for any int32 acc
-MAX_SHIFT = 62
+MAX_SHIFT = 54  # zero_point * 2**k (|zp| <= 128) stays below 2**62, so acc * m + offset fits int64
 FLOAT32_EXACT = 2 ** 24  # every integer of magnitude <= 2**24 is exact in float32
 INT8_MIN, INT8_MAX = -128, 127
 
@@ -36,9 +37,9 @@ def code_shift(qmin: int, qmax: int) -> int:
 def dyadic_multiplier(real: torch.Tensor | float, bits: int = MULTIPLIER_BITS) -> tuple[torch.Tensor, torch.Tensor]:
     """(m, k), int64 tensors with ``real ~= m * 2**-k``, ``2**(bits-1) <= m < 2**bits``.
 
-    The relative error is at most 2**-bits. A multiplier so small that k would pass
-    MAX_SHIFT keeps k = MAX_SHIFT and a smaller m (fewer significant bits; such a
-    multiplier rounds every int32 accumulator to 0 or +-1 anyway).
+    The relative error is at most 2**-bits. A multiplier below 2**(bits - 1 - MAX_SHIFT)
+    (about 1e-7) keeps k = MAX_SHIFT and a smaller m: its absolute error stays below
+    2**-(MAX_SHIFT + 1), far below one output step for any int32 accumulator of a GEMM.
     """
     real = torch.as_tensor(real, dtype=torch.float64)
     if not torch.all(torch.isfinite(real)) or not torch.all(real > 0):
@@ -63,27 +64,58 @@ def dyadic_value(m: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return m.to(torch.float64) * torch.pow(2.0, -k.to(torch.float64))
 
 
+def shared_shift_multiplier(real: torch.Tensor, bits: int = MULTIPLIER_BITS,
+                            min_bits: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel multipliers with one shift for all channels when every m keeps at least
+    ``min_bits`` significant bits (a scalar shift is cheaper to apply than a tensor of
+    shifts); otherwise ``dyadic_multiplier``'s per-channel shifts."""
+    m, k = dyadic_multiplier(real, bits)
+    if k.numel() <= 1 or bool(torch.all(k == k.reshape(-1)[0])):
+        return m, k.reshape(-1)[0].clone() if k.numel() else k
+    shift = k.min()
+    shared = torch.round(torch.as_tensor(real, dtype=torch.float64) * 2.0 ** int(shift)).to(torch.int64)
+    if int(shared.min()) < 2 ** (min_bits - 1):
+        return m, k
+    return shared, shift
+
+
 def rounding_offset(k: torch.Tensor) -> torch.Tensor:
     """``2**(k-1)``: added before the shift so that it rounds to nearest (ties up)."""
     return torch.ones_like(k).bitwise_left_shift(k - 1)
 
 
-def requantize(acc: torch.Tensor, m: torch.Tensor, k: torch.Tensor, offset: torch.Tensor,
-               zero_point: torch.Tensor | int, qmin: int = INT8_MIN, qmax: int = INT8_MAX) -> torch.Tensor:
-    """int8 codes ``clamp(((acc * m + offset) >> k) + zero_point, qmin, qmax)``.
+def requant_offset(m: torch.Tensor, k: torch.Tensor, correction: torch.Tensor | int = 0,
+                   zero_point: torch.Tensor | int = 0) -> torch.Tensor:
+    """The int64 constant of ``requantize``: rounding, an integer ``correction`` added to the
+    accumulator (bias, zero-point terms) and the output zero point, all in units of 2**-k:
+    ``2**(k-1) + correction * m + zero_point * 2**k``."""
+    correction = torch.as_tensor(correction, dtype=torch.int64)
+    zero_point = torch.as_tensor(zero_point, dtype=torch.int64)
+    return rounding_offset(k) + correction * m + zero_point.bitwise_left_shift(k)
 
-    ``offset`` is ``rounding_offset(k)`` plus whatever integer correction (bias, zero-point
-    terms) was folded in as ``correction * m``: one int64 add serves both. All of m, k,
-    offset and zero_point broadcast against ``acc``.
+
+def requantize(acc: torch.Tensor, m: torch.Tensor, k: torch.Tensor, offset: torch.Tensor,
+               qmin: int = INT8_MIN, qmax: int = INT8_MAX) -> torch.Tensor:
+    """int8 codes ``clamp((acc * m + offset) >> k, qmin, qmax)``.
+
+    ``offset`` comes from ``requant_offset`` (rounding, corrections, zero point folded into
+    one constant). One fused multiply-add in int64 (``addcmul`` promotes the int32
+    accumulator), an in-place shift and clamp, then the narrowing cast: four passes.
     """
-    y = acc.to(torch.int64).mul_(m).add_(offset).bitwise_right_shift_(k)
-    return y.add_(zero_point).clamp_(qmin, qmax).to(torch.int8)
+    if acc.is_floating_point():  # an exact integer result of a float matmul
+        acc = acc.to(torch.int32)
+    if offset.dim() == 0:  # a 0-d int64 would not promote the int32 accumulator: overflow
+        offset = offset.reshape(1)
+    y = torch.addcmul(offset, acc, m).bitwise_right_shift_(k)
+    return y.clamp_(qmin, qmax).to(torch.int8)
 
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                    qmin: int = INT8_MIN, qmax: int = INT8_MAX) -> torch.Tensor:
     """int8 codes of a float tensor; the same arithmetic as ``fxquant.quantizers.quantize``
-    (division, round half to even), so codes equal the fake-quant graph's codes exactly."""
+    (division, round half to even), so codes equal the fake-quant graph's codes exactly.
+    The zero point is added in float, before the clamp: ``round(x/s)`` alone may not fit
+    int8 (a float -> int8 cast of such a value is undefined, and inductor and eager differ)."""
     q = torch.div(x.float() if x.dtype != torch.float32 else x, scale)
     return q.round_().add_(zero_point).clamp_(qmin, qmax).to(torch.int8)
 
@@ -92,12 +124,16 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch
                      post_scale: float = 1.0) -> torch.Tensor:
     """``(codes - zero_point) * scale * post_scale`` in float32; the fake-quant graph's
     order of operations, so a point's float value is bit-identical to its fake-quant value."""
-    y = torch.sub(codes.to(torch.float32), zero_point).mul_(scale)
+    y = codes.to(torch.float32).sub_(zero_point).mul_(scale)
     return y.mul_(post_scale) if post_scale != 1.0 else y
 
 
-# ``torch._int_mm`` on CUDA needs more than 16 rows; the CPU kernel takes any shape.
+# ``torch._int_mm`` on CUDA needs more than 16 rows; the CPU kernel takes any shape, but
+# inductor (torch 2.14) miscompiles a one-row int8 GEMM whose input comes from a fused
+# producer through a strided view (ViT's head on x[:, 0] at batch 1): wrong values, no
+# error. A second row of zeros avoids that code path.
 _CUDA_MIN_ROWS = 17
+_COMPILED_MIN_ROWS = 2
 
 
 def int8_linear(codes: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
@@ -106,8 +142,9 @@ def int8_linear(codes: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     kernel). Leading dimensions are flattened into GEMM rows."""
     rows = codes.reshape(-1, codes.shape[-1])
     count = rows.shape[0]
-    if rows.is_cuda and count < _CUDA_MIN_ROWS:
-        rows = torch.cat([rows, rows.new_zeros(_CUDA_MIN_ROWS - count, rows.shape[1])])
+    min_rows = _CUDA_MIN_ROWS if rows.is_cuda else (_COMPILED_MIN_ROWS if torch.compiler.is_compiling() else 1)
+    if count < min_rows:
+        rows = torch.cat([rows, rows.new_zeros(min_rows - count, rows.shape[1])])
     acc = torch._int_mm(rows, weight_t)[:count]
     return acc.reshape(*codes.shape[:-1], weight_t.shape[1])
 

@@ -216,6 +216,10 @@ class _Lowering:
         for node in self.int_nodes:
             self._fuse_requantization(node)
         self._read_shapes_from_codes()
+        for node in self.int_nodes:
+            module = submodule(self.gm, node)
+            if isinstance(module, IntLinear):
+                module.release_setup_tensors()
         self.graph.eliminate_dead_code()
         self.gm.delete_all_unused_submodules()
         self._list_float_boundaries()

@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxquant.int_modules import IntLinear, IntMatmul
-from fxquant.integer import (MULTIPLIER_BITS, code_shift, dequantize_codes, dyadic_multiplier, dyadic_value,
-                             exact_float_matmul_bound, int8_linear, quantize_codes, requantize, rounding_offset)
+from fxquant.integer import (MAX_SHIFT, MULTIPLIER_BITS, code_shift, dequantize_codes, dyadic_multiplier, dyadic_value,
+                             exact_float_matmul_bound, int8_linear, quantize_codes, requant_offset, requantize,
+                             shared_shift_multiplier)
 from fxquant.qparams import QParams
 from fxquant.quantizers import dequantize, quantize
 
@@ -21,10 +22,13 @@ multipliers = st.floats(min_value=1e-9, max_value=1e3, allow_nan=False, allow_in
 @given(multipliers)
 def test_dyadic_multiplier_is_an_int32_with_31_bits_of_precision(real):
     m, k = dyadic_multiplier(real)
-    assert 2 ** (MULTIPLIER_BITS - 1) <= int(m) < 2 ** MULTIPLIER_BITS
-    assert 1 <= int(k) <= 62
-    exact = Fraction(int(m), 2 ** int(k))
-    assert abs(exact - Fraction(real)) <= Fraction(real) * Fraction(1, 2 ** MULTIPLIER_BITS)
+    assert 1 <= int(k) <= MAX_SHIFT and 0 <= int(m) < 2 ** MULTIPLIER_BITS
+    error = abs(Fraction(int(m), 2 ** int(k)) - Fraction(real))
+    if int(k) < MAX_SHIFT:
+        assert 2 ** (MULTIPLIER_BITS - 1) <= int(m)
+        assert error <= Fraction(real) * Fraction(1, 2 ** MULTIPLIER_BITS)
+    else:  # a tiny multiplier: the shift is capped, the absolute error is half a unit of 2**-k
+        assert error <= Fraction(1, 2 ** (MAX_SHIFT + 1))
 
 
 @settings(max_examples=300, deadline=None)
@@ -33,7 +37,7 @@ def test_dyadic_multiplier_is_an_int32_with_31_bits_of_precision(real):
 def test_requantize_is_round_half_up_of_the_dyadic_product(real, acc, zero_point):
     """Checked against exact rational arithmetic: floor(acc * m / 2**k + 1/2) + zp, clamped."""
     m, k = dyadic_multiplier(real)
-    got = requantize(torch.tensor([acc], dtype=torch.int32), m, k, rounding_offset(k), zero_point)
+    got = requantize(torch.tensor([acc], dtype=torch.int32), m, k, requant_offset(m, k, 0, zero_point))
     exact = Fraction(acc * int(m), 2 ** int(k)) + Fraction(1, 2)
     expected = max(-128, min(127, (exact.numerator // exact.denominator) + zero_point))
     assert got.dtype == torch.int8 and int(got) == expected
@@ -44,7 +48,7 @@ def test_requantize_is_round_half_up_of_the_dyadic_product(real, acc, zero_point
 def test_requantize_is_within_one_step_of_real_rounding(real, acc):
     """Against round(acc * real) in float64: equal except within 2**-31 of a tie, never more than 1 off."""
     m, k = dyadic_multiplier(real)
-    got = int(requantize(torch.tensor([acc], dtype=torch.int32), m, k, rounding_offset(k), 0))
+    got = int(requantize(torch.tensor([acc], dtype=torch.int32), m, k, requant_offset(m, k)))
     assert abs(got - max(-128, min(127, round(acc * real)))) <= 1
 
 
@@ -52,9 +56,24 @@ def test_requantize_folds_an_integer_correction_into_the_offset():
     acc = torch.arange(-1000, 1000, dtype=torch.int32).reshape(4, 500)
     m, k = dyadic_multiplier(torch.tensor([0.01, 0.02, 0.03, 0.05]).reshape(4, 1))
     correction = torch.tensor([5, -7, 11, 0]).reshape(4, 1)
-    folded = requantize(acc, m, k, rounding_offset(k) + correction * m, 3)
-    separate = requantize(acc + correction.to(torch.int32), m, k, rounding_offset(k), 3)
-    assert torch.equal(folded, separate)
+    folded = requantize(acc, m, k, requant_offset(m, k, correction, 3))
+    separate = requantize(acc + correction.to(torch.int32), m, k, requant_offset(m, k)).to(torch.int32) + 3
+    assert torch.equal(folded.to(torch.int32), separate.clamp(-128, 127))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(min_value=1e-6, max_value=1e-2), min_size=2, max_size=8),
+       st.integers(min_value=-(2 ** 24), max_value=2 ** 24))
+def test_a_shared_shift_keeps_24_bits_or_falls_back_to_per_channel_shifts(reals, acc):
+    real = torch.tensor(reals, dtype=torch.float64)
+    m, k = shared_shift_multiplier(real)
+    assert torch.all(m < 2 ** 31)
+    value = dyadic_value(m, k.expand_as(m))
+    assert torch.all((value - real).abs() <= real * 2.0 ** -23)
+    acc_t = torch.full((len(reals),), acc, dtype=torch.int32)
+    got = requantize(acc_t, m, k, requant_offset(m, k)).to(torch.int64)
+    want = torch.clamp(torch.round(acc * real), -128, 127).to(torch.int64)
+    assert (got - want).abs().max() <= 1
 
 
 def test_dyadic_multiplier_refuses_what_it_cannot_represent():
@@ -62,8 +81,8 @@ def test_dyadic_multiplier_refuses_what_it_cannot_represent():
         dyadic_multiplier(0.0)
     with pytest.raises(ValueError, match="too large"):
         dyadic_multiplier(2.0 ** 31)
-    m, k = dyadic_multiplier(1e-30)  # below 2**-62: the shift is capped, the value stays close
-    assert int(k) == 62 and float(dyadic_value(m, k)) == pytest.approx(1e-30, rel=1e-3)
+    m, k = dyadic_multiplier(1e-12)  # the shift is capped, m keeps 14 bits
+    assert int(k) == MAX_SHIFT and float(dyadic_value(m, k)) == pytest.approx(1e-12, rel=1e-4)
 
 
 def test_code_shift_puts_every_8_bit_range_into_int8():
@@ -128,3 +147,23 @@ def test_int_matmul_is_exact_and_requantizes_per_head():
     matmul.set_codes_output(torch.full((1, 3, 1, 1), 0.5), torch.zeros(1, 3, 1, 1), -128, 127, "scores")
     want = torch.clamp(torch.round(exact.double() * acc_scale / 0.5), -128, 127)
     assert (matmul(a, b).double() - want).abs().max() <= 1
+
+
+def test_int_linear_under_torch_compile_with_one_strided_row():
+    """Inductor miscompiled a one-row int8 GEMM fed by a fused producer through x[:, 0] (ViT's
+    head at batch 1); int8_linear pads such a call to two rows. Also: codes whose float value
+    before the zero point exceeds int8 must come out the same compiled and eager."""
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randint(-127, 128, (10, 64), generator=generator, dtype=torch.int8)
+    layer = IntLinear(weight, torch.rand(10, generator=generator) * 0.01 + 1e-3, torch.randn(10, generator=generator),
+                      0.02, -100)
+
+    def head(x):
+        codes = quantize_codes(x, torch.tensor(0.02), torch.tensor(-100.0))
+        return layer(codes[:, 0])
+
+    compiled = torch.compile(head)
+    for batch in (1, 3):
+        x = torch.randn(batch, 17, 64, generator=generator) + 1.5  # many codes past 127 before the zero point
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), head(x), rtol=1e-6, atol=1e-5)
