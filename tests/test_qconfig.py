@@ -435,3 +435,31 @@ def test_to_dict_round_trips():
         config = load_qconfig(name)
         again = load_qconfig(config.to_dict())
         assert all_specs(again) == all_specs(config), name
+
+
+def test_directory_group_the_model_lacks_fails_naming_the_file(tmp_path):
+    import timm
+    import torch
+
+    import fxquant
+    from fxquant.errors import FxqError
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "attention.yaml").write_text("attn_q_out: {bits: 8, signed: false}\n")
+    (parts / "merging.yaml").write_text("patch_merging: {weight: {bits: 8}}\n")  # Swin only
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32,
+                              num_heads=2, num_classes=4).eval()
+    with pytest.raises(FxqError) as info:
+        fxquant.compile(model, parts, calib_data=torch.randn(2, 3, 32, 32), progress=False)
+    message = str(info.value)
+    assert "merging.yaml" in message and "patch_merging" in message and "no patch_merging op" in message
+
+
+def test_directory_unknown_key_names_file_and_key(tmp_path):
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "mlp.yaml").write_text("mlp_gelu: {bits: 8, twn_ratio: 0.3}\n")
+    with pytest.raises(QConfigError) as info:
+        load_qconfig(parts)
+    assert "mlp.yaml" in str(info.value) and "mlp_gelu.twn_ratio" in str(info.value)
