@@ -145,3 +145,22 @@ def test_cli_accepts_backend_int():
 
     args = _parser().parse_args(["compile", "--model", "vit_tiny_patch16_224", "--backend", "int"])
     assert args.backend == "int"
+
+
+@pytest.mark.parametrize("name", ["vit", "swin"])
+def test_fqvit_preset_lowers_and_agrees(name):
+    """FQ-ViT's preset: PTF LayerNorm inputs (per-channel power-of-two scales) become codes
+    and dequantize for the float LayerNorm; Log-Int-Softmax's log2 probabilities keep attn@V
+    in float (listed); every uniform point still agrees with the fake-quant graph."""
+    from tests.passes.conftest import tiny_model
+
+    tiny = tiny_model(name)
+    fake = fxquant.compile(tiny.model, "fqvit_w8a8", calib_data=tiny.calib(batches=2, batch_size=4),
+                           diff_inputs=tiny.inputs(), progress=False)
+    integer = copy.deepcopy(fake)
+    lowering = lower_to_integer(integer, tiny.inputs())
+    assert len(lowering.int_matmuls) == tiny.depth
+    assert sum("attn_out" in line and "float matmul" in line for line in lowering.float_points) == tiny.depth
+    rows = code_agreement(fake, integer, (tiny.image(2, seed=4),), isolated=True)
+    assert max(r.worst for r in rows) <= 1
+    assert sum(r.off_by_one for r in rows) / sum(r.codes for r in rows) <= MAX_OFF_BY_ONE_SHARE
