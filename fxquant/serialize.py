@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import FxqError
+from .log_int_softmax import LogIntSoftmax
 from .modules import FakeQuantize, QuantConv2d, QuantLinear
 from .points import QuantPoint
 from .qparams import QParams
@@ -305,6 +306,8 @@ def _module_types() -> dict[str, tuple[type, Callable[[nn.Module], dict]]]:
         "fxquant.QuantConv2d": (QuantConv2d, _cfg_quant_weight),
         "fxquant.FloatPoint": (_float_point_type(), lambda m: {"point": _point_dict(m.point),
                                                                "post_scale": _post_scale(m)}),
+        "fxquant.LogIntSoftmax": (LogIntSoftmax, lambda m: {"point": _point_dict(m.point), "bits": m.bits,
+                                                            "dim": m.dim}),
     }
     try:
         from timm.layers.norm import LayerNorm as TimmLayerNorm
@@ -374,6 +377,11 @@ def _build_module(key: str, c: dict, tensors: dict[str, torch.Tensor], where: st
             module.weight_qparams = QParams(tensors["#weight_qparams.scale"], tensors["#weight_qparams.zero_point"],
                                             q["qmin"], q["qmax"], q["axis"])
             module.register_parameter("bias", None)
+            return module
+        if key == "fxquant.LogIntSoftmax":
+            module = LogIntSoftmax.__new__(LogIntSoftmax)
+            nn.Module.__init__(module)
+            module.point, module.bits, module.dim = _point_from(c["point"], where), int(c["bits"]), int(c["dim"])
             return module
         if key == "fxquant.FloatPoint":
             module = cls.__new__(cls)
