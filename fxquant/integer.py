@@ -149,6 +149,21 @@ def int8_linear(codes: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     return acc.reshape(*codes.shape[:-1], weight_t.shape[1])
 
 
+def int8_batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int32 ``a @ b`` for int8 (..., N, K) x (..., K, M) with equal batch dimensions: one
+    ``torch._int_mm`` per matrix (it has no batched form). ``b`` is read through its
+    transpose, made contiguous once, so each GEMM gets the column-major right operand the
+    CPU kernel is fastest with."""
+    batch = a.shape[:-2]
+    rows, depth, cols = a.shape[-2], a.shape[-1], b.shape[-1]
+    left = a.reshape(-1, rows, depth)
+    right_t = b.transpose(-2, -1).reshape(-1, cols, depth).contiguous()
+    out = torch.empty(left.shape[0], rows, cols, dtype=torch.int32, device=a.device)
+    for i in range(left.shape[0]):
+        torch._int_mm(left[i], right_t[i].t(), out=out[i])
+    return out.reshape(*batch, rows, cols)
+
+
 def exact_float_matmul_bound(depth: int, left_magnitude: int, right_magnitude: int) -> bool:
     """True when a float32 matmul of integers |a| <= left, |b| <= right over ``depth`` terms
     is exact: every partial sum is an integer below 2**24, so no rounding ever happens."""

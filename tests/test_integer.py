@@ -167,3 +167,18 @@ def test_int_linear_under_torch_compile_with_one_strided_row():
         x = torch.randn(batch, 17, 64, generator=generator) + 1.5  # many codes past 127 before the zero point
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), head(x), rtol=1e-6, atol=1e-5)
+
+
+def test_int_matmul_eager_int8_path_equals_the_exact_float_path():
+    """The per-matrix int8 GEMM path with integer zero-point terms and the float32 path used
+    under torch.compile give the same exact accumulator."""
+    generator = torch.Generator().manual_seed(6)
+    a = torch.randint(-128, 128, (2, 3, 9, 16), generator=generator, dtype=torch.int8)
+    k = torch.randint(-128, 128, (2, 3, 9, 16), generator=generator, dtype=torch.int8)
+    za, zb = torch.tensor([-100.0, 0.0, 90.0]).reshape(1, 3, 1, 1), torch.tensor([3.0, -128.0, 127.0]).reshape(1, 3, 1, 1)
+    matmul = IntMatmul(za, zb, torch.ones(1, 3, 1, 1, dtype=torch.float64))
+    eager = matmul(a, k.transpose(-2, -1))
+    exact = (a.to(torch.int64) - za.to(torch.int64)) @ (k.to(torch.int64) - zb.to(torch.int64)).transpose(-2, -1)
+    assert torch.equal(eager.to(torch.int64), exact)
+    compiled = torch.compile(matmul)(a, k.transpose(-2, -1))
+    assert torch.equal(compiled.to(torch.int64), exact)
