@@ -2,13 +2,14 @@
 
     python -m bench.sensitivity            # print only
     python -m bench.sensitivity --write    # also write the section into BENCHMARKS.md
+    python -m bench.sensitivity --qconfig fqvit_w8a8 --write   # another preset, its own section
 
 Model and data as in :mod:`bench.dinov2_features`: timm ``vit_small_patch14_dinov2`` with the
 real DINOv2 weights, output = final-norm cls token (B, 384); the 20 foolbox ImageNet photos,
 0-9 calibrate, 10-19 evaluate. Metric: feature QSNR (``fxquant.quantizers.qsnr_db``) against
 the FP32 model over the (10, 384) evaluation features.
 
-The model is compiled once (w8a8, ``keep_float=0``). Sensitivity is ranked exactly as
+The model is compiled once (``--qconfig``, default w8a8; ``keep_float=0``). Sensitivity is ranked exactly as
 ``fxquant.compile(keep_float=K)`` ranks it: :func:`fxquant.debug.rank_by_output` on the first
 calibration batch (photos 0-7; never the evaluation photos); the top K of that one ranking
 are left in float with :func:`fxquant.debug.keep_in_float` on a copy, for K = 1, 2, 4. The
@@ -53,6 +54,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--qconfig", default="w8a8")
     args = ap.parse_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["python -m bench.sensitivity", *map(shlex.quote, given)])
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
             return qsnr_db(ref, qm(eval_x).float())
 
     t0 = time.perf_counter()
-    qm0 = fxquant.compile(model, "w8a8", calib_data=calib, diff_inputs=eval_x[:1], progress=False,
+    qm0 = fxquant.compile(model, args.qconfig, calib_data=calib, diff_inputs=eval_x[:1], progress=False,
                           model_name="vit_small_patch14_dinov2")
     compile_s = time.perf_counter() - t0
     names = [n.name for n in quant_point_nodes(qm0)]
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t_start
     versions = ", ".join(f"{d} {_version(d)}" for d in ("torch", "timm", "fxquant"))
     body = "\n".join([
-        "## keep_float: sensitivity-ranked float fallback on DINOv2 ViT-S/14 (CPU)",
+        f"## keep_float: sensitivity-ranked float fallback on DINOv2 ViT-S/14 (CPU, {args.qconfig})",
         "",
         f"Command: `{command}`  ",
         f"Date: {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; {torch.get_num_threads()} torch "
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
         f"Versions: {versions}",
         "",
         "Model: timm `vit_small_patch14_dinov2` with the real DINOv2 weights (as in the DINOv2 section), "
-        "qconfig `w8a8`, calibration = foolbox photos 0-9. Feature QSNR over the (10, 384) final-norm cls "
+        f"qconfig `{args.qconfig}`, calibration = foolbox photos 0-9. Feature QSNR over the (10, 384) final-norm cls "
         "features of photos 10-19 against FP32. Sensitivity = output QSNR when a point alone quantizes, "
         f"ranked on the first calibration batch (photos 0-{CALIB_BATCH - 1}), the ranking "
         f"`fxquant.compile(keep_float=K)` uses; {len(names)} points in all. Random baseline: K points drawn "
@@ -150,18 +152,19 @@ def main(argv=None) -> int:
         "",
         f"Checks: all {len(names)} points in float give {_db(all_float)} dB (the fallback itself is exact). "
         f"Each of the top 4 alone in float (every other point quantized), evaluation photos, vs {_db(base)} dB with "
-        "none: " + ", ".join(f"`{n}` {_db(v)} dB" for n, v in alone) + ". The w8a8 error is spread over "
-        f"{len(names)} points (quantizing only the most sensitive one leaves the output at "
-        f"{ranked[0]['output_qsnr_db_isolated']:.1f} dB QSNR, vs {_db(base)} dB for all), and the points' errors "
-        "do not add up independently: removing one point's error can lower the end-to-end QSNR (errors that "
-        "partly cancelled), so an isolated ranking does not predict the joint effect of several fallbacks.",
+        "none: " + ", ".join(f"`{n}` {_db(v)} dB" for n, v in alone) + f". Quantizing only the most sensitive "
+        f"point leaves the output at {ranked[0]['output_qsnr_db_isolated']:.1f} dB QSNR (photos "
+        f"0-{CALIB_BATCH - 1}), vs {_db(base)} dB with all {len(names)} points quantized."
+        + ("" if monotone else " The points' errors do not add up independently: removing one point's error can "
+           "lower the end-to-end QSNR (errors that partly cancelled), so an isolated ranking does not predict the "
+           "joint effect of several fallbacks."),
     ])
     print()
     print(body)
     if args.write:
         from bench.markdown import replace_section
 
-        replace_section("sensitivity", body)
+        replace_section("sensitivity" if args.qconfig == "w8a8" else f"sensitivity_{args.qconfig}", body)
         log("wrote the sensitivity section of BENCHMARKS.md")
     return 0
 
