@@ -10,6 +10,7 @@ import torch
 
 from . import distributed
 from .cli_deploy import add_export_parser, add_run_parser, run_export, run_images
+from .cli_report import add_report_parser, run_report
 from .errors import FxqError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -108,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_diff_parser(sub)
     add_export_parser(sub)
     add_run_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
@@ -210,6 +212,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_export(args)
         if args.command == "run":
             return run_images(args)
+        if args.command == "report":
+            return run_report(args)
     except FxqError as exc:
         print(f"fxquant: error: {exc}", file=sys.stderr)
         return 2

@@ -84,6 +84,29 @@ class Report:
                 "passes": [p.to_dict() for p in self.passes], "float_points": list(self.float_points),
                 "notes": list(self.notes), "keep_float": list(self.keep_float)}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        """The inverse of :meth:`to_dict` (a report.json read back; +-999 dB become +-inf)."""
+        def db(value):
+            return None if value is None else (math.copysign(math.inf, value) if abs(value) >= INF_DB else value)
+
+        passes = []
+        for raw in data["passes"]:
+            nodes = [{**n, "qsnr_db": db(n.get("qsnr_db")),
+                      **({"input_qsnr_db": db(n["input_qsnr_db"])} if "input_qsnr_db" in n else {})}
+                     for n in raw.get("nodes", [])]
+            drop = raw.get("first_drop")
+            if drop is not None:
+                drop = {**drop, "qsnr_db": db(drop.get("qsnr_db")), "drop_db": db(drop.get("drop_db"))}
+            passes.append(PassRecord(raw["name"], raw.get("seconds", 0.0), db(raw.get("output_qsnr_db")), nodes,
+                                     drop, list(raw.get("notes", []))))
+        return cls(data["model"], data["qconfig"], data["backend"], passes, list(data.get("float_points", [])),
+                   list(data.get("notes", [])), list(data.get("keep_float", [])))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "Report":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -267,3 +267,34 @@ def test_export_and_run_errors_are_one_line(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_one_line_error(main(["run", str(_saved(tmp_path)), "--images", str(empty)]), capsys, "no images")
+
+
+# ------------------------------------------------------------------ report DIR
+def test_report_dir_writes_the_page_from_a_dump(tmp_path, capsys):
+    dump, model = tmp_path / "d", tmp_path / "m.fxq"
+    rc = main(BASE + ["--calib", "random:4", "--dump-dir", str(dump), "--report", str(dump / "report.json"),
+                      "--save", str(model)])
+    assert rc == 0
+    capsys.readouterr()
+    assert main(["report", str(dump)]) == 0
+    page = dump / "report.html"
+    assert f"HTML report written to {page}" in capsys.readouterr().out
+    text = page.read_text()
+    assert "lower_fake_quant" in text and "<svg" in text
+    from fxquant.report import Report
+
+    again = Report.from_json(dump / "report.json")
+    assert again.to_dict() == json.loads((dump / "report.json").read_text())
+    # with the saved model: histograms and statistics too
+    assert main(["report", str(dump), "--model", str(model), "--out", str(tmp_path / "full.html")]) == 0
+    full = (tmp_path / "full.html").read_text()
+    assert "histogram" in full.lower() and (tmp_path / "full_stats.csv").is_file()
+
+
+def test_report_dir_errors_are_one_line(tmp_path, capsys):
+    assert_one_line_error(main(["report", str(tmp_path / "nope")]), capsys, "not a directory")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(main(["report", str(tmp_path / "empty")]), capsys, "report.json", "--report")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "report.json").write_text("{}")
+    assert_one_line_error(main(["report", str(tmp_path / "bad")]), capsys, "not an fxquant report")
