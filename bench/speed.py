@@ -226,9 +226,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--skip-peers", action="store_true", help="no PT2E / ONNX Runtime (quick looks)")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help=f"intra-op threads (default {THREADS}; 1 gives steadier quick looks on a busy machine)")
     parser.add_argument("--write", action="store_true", help="write the Speed section of BENCHMARKS.md")
     args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True  # torchao's X86 recipe; constant-folds weights of every compiled variant
@@ -237,8 +239,8 @@ def main(argv=None) -> int:
         print(message, file=sys.stderr, flush=True)
 
     body = ["## Speed (integer backend, CPU)", "",
-            f"`python -m bench.speed{' --write' if args.write else ''}` (models {', '.join(args.models)}; batches "
-            f"{', '.join(map(str, args.batches))}; {args.rounds} interleaved rounds; {THREADS} threads; "
+            f"`python -m bench.speed {' '.join(argv if argv is not None else sys.argv[1:])}` (models {', '.join(args.models)}; batches "
+            f"{', '.join(map(str, args.batches))}; {args.rounds} interleaved rounds; {args.threads} threads; "
             f"torch {torch.__version__}; {platform.processor() or platform.machine()}). Random-init weights: "
             "speed does not depend on them; QSNR against FP32 on randn inputs.", ""]
     for name in args.models:
