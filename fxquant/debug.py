@@ -59,7 +59,8 @@ def _turn_off(module: nn.Module):
         module.forward = types.MethodType(_bypass, module)
         return lambda: module.__dict__.pop("forward", None)
     if isinstance(module, LogIntSoftmax):  # off = the float softmax it replaced
-        module.forward = nn.Softmax(module.dim)
+        dim = module.dim  # a plain function: an nn.Module attribute would become a child, not the forward
+        module.forward = lambda x: torch.softmax(x, dim)
         return lambda: module.__dict__.pop("forward", None)
     if not hasattr(module, "float_weight"):
         raise FxqError(f"{type(module).__name__} has no float_weight (compiled by an older fxquant); recompile")

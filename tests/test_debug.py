@@ -46,6 +46,20 @@ def test_all_off_is_fp32_and_toggles_restore(setup):
     assert not any("forward" in qm.get_submodule(str(n.target)).__dict__ for n in quant_point_nodes(qm))
 
 
+def test_all_off_turns_log_int_softmax_off_too():
+    model, calib, qm = compiled_tiny_vit("fqvit_w8a8")
+    x = default_diff_inputs(calib)
+    lis = [n for n in quant_point_nodes(qm) if n.target.startswith("fxq_softmax")]
+    assert len(lis) == 2
+    with torch.no_grad():
+        expected, before = model(*x), qm(*x)
+        with only_enabled(qm, ()):
+            assert output_qsnr(expected, qm(*x)) >= 100.0  # LIS off = the float softmax
+        with only_enabled(qm, {lis[0].name}):
+            assert output_qsnr(expected, qm(*x)) < 100.0  # LIS alone on changes the output
+        assert torch.equal(before, qm(*x))
+
+
 def test_isolated_vs_propagated(setup):
     _, _, qm, x = setup
     rows = isolated_errors(qm, x)
