@@ -1,11 +1,15 @@
 """Speed of fxquant's integer backend against FP32 and the int8 peers, on CPU (issue 6).
 
-The one command (needs a quiet machine; about 25-40 minutes on 2 cores, most of it
+The one command (needs a quiet machine; about 15-30 minutes on 2 cores, most of it
 compiling: fxquant calibration, torch.compile of the int graph and of PT2E per batch size):
 
     python -m bench.speed --write
 
-A quick look while developing (few rounds; figures not for the record):
+Quiet means quiet: with 2 threads on a machine where other processes hold the cores, every
+parallel op waits for a scheduler slice (measured: ~8 ms per op), which punishes the eager
+int graph most (about 1,700 ops per ViT-B forward, one int8 GEMM per (batch, head) in
+attention): a busy-machine run showed int eager at 0.23x FP32, a 1-thread run of the same
+code 3.56x. A quick look while developing (few rounds; figures not for the record):
 
     python -m bench.speed --models deit_small_patch16_224 --batches 1 --rounds 2 --skip-peers
 
