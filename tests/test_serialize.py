@@ -21,15 +21,15 @@ MODELS = {
 }
 
 
-@pytest.fixture(scope="module", params=[(m, q) for m in sorted(MODELS) for q in ("w8a8", "fqvit_w8a8")],
-                ids=lambda p: "-".join(p))
+@pytest.fixture(scope="module", params=[(m, q, b) for m in sorted(MODELS) for q in ("w8a8", "fqvit_w8a8")
+                                        for b in ("fake", "int")], ids=lambda p: "-".join(p))
 def compiled(request):
-    model_key, qconfig = request.param
+    model_key, qconfig, backend = request.param
     name, kwargs, size = MODELS[model_key]
     torch.manual_seed(0)
     model = timm.create_model(name, **kwargs).eval()
     calib = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
-    qm = fxquant.compile(model, qconfig, calib_data=calib, progress=False)
+    qm = fxquant.compile(model, qconfig, calib_data=calib, progress=False, backend=backend)
     return qm, size
 
 
