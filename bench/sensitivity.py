@@ -9,10 +9,11 @@ real DINOv2 weights, output = final-norm cls token (B, 384); the 20 foolbox Imag
 0-9 calibrate, 10-19 evaluate. Metric: feature QSNR (``fxquant.quantizers.qsnr_db``) against
 the FP32 model over the (10, 384) evaluation features.
 
-The model is compiled once (``--qconfig``, default w8a8; ``keep_float=0``). Sensitivity is ranked exactly as
-``fxquant.compile(keep_float=K)`` ranks it: :func:`fxquant.debug.rank_by_output` on the first
-calibration batch (photos 0-7; never the evaluation photos); the top K of that one ranking
-are left in float with :func:`fxquant.debug.keep_in_float` on a copy, for K = 1, 2, 4. The
+The model is compiled once (``--qconfig``, default w8a8; ``keep_float=0``). Points are chosen
+exactly as ``fxquant.compile(keep_float=K)`` chooses them, on the first calibration batch
+(photos 0-7; never the evaluation photos): :func:`fxquant.debug.rank_by_output` ranks every
+point, :func:`fxquant.debug.choose_float_points` picks greedily among the most sensitive; the
+first K picks are left in float with :func:`fxquant.debug.keep_in_float` on a copy, K = 1, 2, 4. The
 baseline leaves K points drawn uniformly at random (seeds 0, 1, 2) in float.
 """
 from __future__ import annotations
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
 
     import fxquant
     from fxquant.calib_data import CALIB_BATCH
-    from fxquant.debug import keep_in_float, quant_point_nodes, rank_by_output
+    from fxquant.debug import choose_float_points, keep_in_float, quant_point_nodes, rank_by_output
     from fxquant.quantizers import qsnr_db
     from bench.real_data import foolbox_imagenet
     from bench.real_models import load_dinov2_vits14
@@ -92,6 +93,12 @@ def main(argv=None) -> int:
     log(f"ranked {len(ranked)} points on photos 0-{CALIB_BATCH - 1} in {rank_s:.1f} s; top 4: "
         + ", ".join(f"{r['node']} {r['output_qsnr_db_isolated']:.2f}" for r in ranked[:4]))
 
+    t0 = time.perf_counter()
+    chosen = choose_float_points(qm0, max(KS), (calib[:CALIB_BATCH],), ranked=ranked)
+    choose_s = time.perf_counter() - t0
+    log(f"greedy picks among the {max(2 * max(KS), max(KS) + 4)} most sensitive in {choose_s:.1f} s: "
+        + ", ".join(f"{r['node']} -> {r['output_qsnr_db_kept']:.2f}" for r in chosen))
+
     def kept(points) -> float:
         qm = copy.deepcopy(qm0)
         keep_in_float(qm, list(points), why="bench")
@@ -100,10 +107,10 @@ def main(argv=None) -> int:
     rows = []
     base = feature_db(qm0)
     for k in KS:
-        sens = base if k == 0 else kept(r["node"] for r in ranked[:k])
+        sens = base if k == 0 else kept(r["node"] for r in chosen[:k])
         rand = [base if k == 0 else kept(random.Random(seed).sample(names, k)) for seed in SEEDS]
         rows.append({"k": k, "sens": sens, "rand": rand, "mean": sum(rand) / len(rand),
-                     "points": [r["node"] for r in ranked[:k]]})
+                     "points": [r["node"] for r in chosen[:k]]})
         log(f"K={k}: sensitivity {sens:.2f} dB; random " + ", ".join(f"{v:.2f}" for v in rand))
 
     all_float = kept(names)  # the fallback is exact: every point in float must give the FP32 features
@@ -139,10 +146,14 @@ def main(argv=None) -> int:
         "",
         "Model: timm `vit_small_patch14_dinov2` with the real DINOv2 weights (as in the DINOv2 section), "
         f"qconfig `{args.qconfig}`, calibration = foolbox photos 0-9. Feature QSNR over the (10, 384) final-norm cls "
-        "features of photos 10-19 against FP32. Sensitivity = output QSNR when a point alone quantizes, "
-        f"ranked on the first calibration batch (photos 0-{CALIB_BATCH - 1}), the ranking "
-        f"`fxquant.compile(keep_float=K)` uses; {len(names)} points in all. Random baseline: K points drawn "
-        "uniformly (`random.Random(seed).sample`) from all points, seeds 0, 1, 2.",
+        "features of photos 10-19 against FP32. Selection as `fxquant.compile(keep_float=K)` does it, on the "
+        f"first calibration batch (photos 0-{CALIB_BATCH - 1}): every point ranked by the output QSNR when it "
+        f"alone quantizes ({len(names)} points), then greedy forward selection among the "
+        f"{max(2 * max(KS), max(KS) + 4)} most sensitive (each pick the one whose fallback, with the picks "
+        "before it, raises the output QSNR most; stop when none does). Picks and their calibration-batch "
+        "QSNR: " + ", ".join(f"`{r['node']}` {r['output_qsnr_db_kept']:.2f} dB" for r in chosen)
+        + f" (choosing took {choose_s:.0f} s). Random baseline: K points drawn uniformly "
+        "(`random.Random(seed).sample`) from all points, seeds 0, 1, 2.",
         "",
         table,
         "",

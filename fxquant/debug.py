@@ -298,20 +298,61 @@ def rank_by_output(qm: fx.GraphModule, inputs: Sequence[torch.Tensor] | torch.Te
     return sorted(rows, key=_sort_key("output_qsnr_db_isolated"))
 
 
+def choose_float_points(qm: fx.GraphModule, k: int, inputs: Sequence[torch.Tensor] | torch.Tensor,
+                        ranked: Optional[list[dict]] = None) -> list[dict]:
+    """Up to ``k`` points whose fallback to float raises the output QSNR on ``inputs`` most.
+
+    Points' errors do not add up independently (two errors may partly cancel), so the points
+    that hurt most when quantized alone are only candidates: the 2k most sensitive ones (at
+    least k + 4). From them, greedy forward selection adds, one at a time, the candidate whose
+    fallback (together with those already chosen) gives the highest output QSNR, and stops
+    early when no candidate raises it: each point kept in float is one that helped on
+    ``inputs``. Rows are the ranking rows plus ``output_qsnr_db_kept`` (all others quantized).
+    """
+    inputs = _resolve_inputs(inputs, None)
+    ranked = rank_by_output(qm, inputs) if ranked is None else ranked
+    candidates = ranked[:max(2 * k, k + 4)]
+    all_names = [n.name for n in quant_point_nodes(qm)]
+    with torch.no_grad():
+        with only_enabled(qm, ()):
+            ref = qm(*inputs)
+        current = output_qsnr(ref, qm(*inputs))
+        chosen: list[dict] = []
+        while len(chosen) < k:
+            off = {row["node"] for row in chosen}
+            best, best_db = None, current
+            for row in candidates:
+                if row["node"] in off:
+                    continue
+                with only_enabled(qm, [n for n in all_names if n not in off and n != row["node"]]):
+                    db = output_qsnr(ref, qm(*inputs))
+                if db > best_db:
+                    best, best_db = row, db
+            if best is None:
+                break
+            chosen.append({**best, "output_qsnr_db_kept": best_db})
+            current = best_db
+    return chosen
+
+
 def keep_most_sensitive(qm: fx.GraphModule, k: int, inputs: Sequence[torch.Tensor] | torch.Tensor) -> list[dict]:
-    """Leave the ``k`` points of ``qm`` whose lone quantization hurts the output on ``inputs``
-    most in float (in place); returns their ranking rows. ``fxquant.compile(keep_float=k)``
-    calls this with its first calibration batch."""
+    """Leave up to ``k`` points of ``qm`` in float (in place), chosen by
+    :func:`choose_float_points` on ``inputs``; returns their rows.
+    ``fxquant.compile(keep_float=k)`` calls this with its first calibration batch."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise FxqError(f"keep_float must be an integer >= 0, got {k!r}")
     qm.keep_float = list(getattr(qm, "keep_float", []))
     if k == 0:
         return []
-    ranked = rank_by_output(qm, inputs)[:k]
-    for rank, row in enumerate(ranked, 1):
-        keep_in_float(qm, [row["node"]], why=f"keep_float: sensitivity rank {rank}, output QSNR "
-                      f"{_fmt(row['output_qsnr_db_isolated'])} dB when quantized alone")
-    return ranked
+    chosen = choose_float_points(qm, k, inputs)
+    for rank, row in enumerate(chosen, 1):
+        keep_in_float(qm, [row["node"]], why=f"keep_float: pick {rank}, output QSNR "
+                      f"{_fmt(row['output_qsnr_db_isolated'])} dB when quantized alone, "
+                      f"{_fmt(row['output_qsnr_db_kept'])} dB with it and the picks before it in float")
+    if len(chosen) < k and getattr(qm, "report", None) is not None:
+        qm.report.notes.append(f"keep_float {k}: only {len(chosen)} point(s) raised the output QSNR when left in "
+                               "float; the others were left quantized")
+    return chosen
 
 
 def compile_keep_float(model: nn.Module, qconfig="w8a8", *, calib_data, k: int = 1,
@@ -324,4 +365,4 @@ def compile_keep_float(model: nn.Module, qconfig="w8a8", *, calib_data, k: int =
 
 
 __all__ = ["isolated_errors", "diff", "DiffResult", "sensitivity", "only_enabled", "quant_point_nodes",
-           "keep_in_float", "keep_most_sensitive", "rank_by_output", "compile_keep_float", "FloatPoint", "INF_DB"]
+           "keep_in_float", "keep_most_sensitive", "choose_float_points", "rank_by_output", "compile_keep_float", "FloatPoint", "INF_DB"]

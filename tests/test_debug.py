@@ -11,8 +11,8 @@ import torch
 import fxquant
 from tests.tiny import compiled_tiny_vit
 from fxquant.api import default_diff_inputs
-from fxquant.debug import (compile_keep_float, isolated_errors, only_enabled, quant_point_nodes, rank_by_output,
-                           sensitivity)
+from fxquant.debug import (choose_float_points, compile_keep_float, isolated_errors, keep_in_float, only_enabled,
+                           quant_point_nodes, rank_by_output, sensitivity)
 from fxquant.numeric_diff import output_qsnr
 from fxquant.modules import QuantLinear
 
@@ -112,7 +112,7 @@ def test_sensitivity_and_keep_float_alias(setup):
     first = (calib[:8],)
     assert [r["node"] for r in rank_by_output(qm, first)] == [r["node"] for r in sensitivity(qm, diff_inputs=first)]
     q1 = compile_keep_float(model, "w8a8", calib_data=calib, k=1, progress=False)  # thin alias
-    assert q1.keep_float == [rank_by_output(qm, first)[0]["node"]]
+    assert q1.keep_float == [choose_float_points(qm, 1, first)[0]["node"]]
 
 
 def test_compile_keep_float_zero_is_the_normal_compile(setup):
@@ -128,16 +128,25 @@ def test_compile_keep_float_zero_is_the_normal_compile(setup):
             fxquant.compile(model, "w8a8", calib_data=calib, progress=False, keep_float=bad)
 
 
-def test_compile_keep_float_one_keeps_the_most_sensitive(setup, tmp_path):
+def test_compile_keep_float_keeps_points_that_help(setup, tmp_path):
     model, calib, qm, x = setup
-    ranked = sensitivity(qm, diff_inputs=(calib[:8],))  # the first calibration batch (CALIB_BATCH 8)
-    most = ranked[0]["node"]
-    assert ranked[0]["output_qsnr_db_isolated"] < ranked[1]["output_qsnr_db_isolated"]  # no tie
+    first = (calib[:8],)  # the first calibration batch (CALIB_BATCH 8): what compile ranks on
+    ranked = rank_by_output(qm, first)
+    chosen = choose_float_points(qm, 2, first)
+    candidates = {r["node"] for r in ranked[:6]}  # max(2k, k + 4) most sensitive
+    assert chosen and {r["node"] for r in chosen} <= candidates
+    with torch.no_grad():
+        with only_enabled(qm, ()):
+            ref = qm(*first)
+        before = output_qsnr(ref, qm(*first))
+    kept_db = [r["output_qsnr_db_kept"] for r in chosen]
+    assert kept_db[0] > before and kept_db == sorted(kept_db)  # each pick raised it: monotonic
+    most = chosen[0]["node"]
     q1 = fxquant.compile(model, "w8a8", calib_data=calib, progress=False, keep_float=1)
     assert q1.keep_float == [most] and q1.report.keep_float == [most]
     assert {n.name for n in quant_point_nodes(qm)} - {n.name for n in quant_point_nodes(q1)} == {most}
     lines = [line for line in q1.report.float_points if "keep_float" in line]
-    assert len(lines) == 1 and lines[0].startswith(f"{most}: kept in float") and "rank 1" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"{most}: kept in float") and "pick 1" in lines[0]
     assert any(n.startswith("keep_float 1:") for n in q1.report.notes)
     data = json.loads(q1.report.to_json(tmp_path / "r.json").read_text())
     assert data["keep_float"] == [most] and any(most in line for line in data["float_points"])
@@ -146,7 +155,16 @@ def test_compile_keep_float_one_keeps_the_most_sensitive(setup, tmp_path):
             expected = qm(*x)
         assert torch.allclose(q1(*x), expected, atol=1e-5)
     q2 = fxquant.compile(model, "w8a8", calib_data=calib, progress=False, keep_float=2)
-    assert q2.keep_float == [most, ranked[1]["node"]]
+    assert q2.keep_float == [r["node"] for r in chosen]  # greedy: k=2 extends k=1
+
+
+def test_keep_float_stops_when_nothing_helps(setup):
+    model, calib, qm, x = setup
+    qm_copy = copy.deepcopy(qm)
+    names = [n.name for n in quant_point_nodes(qm_copy)]
+    keep_in_float(qm_copy, names[1:], why="test")  # one point left quantized
+    chosen = choose_float_points(qm_copy, 3, (calib[:8],))
+    assert [r["node"] for r in chosen] == [names[0]]  # after it, nothing is left to help: stop at 1
 
 
 @pytest.fixture
