@@ -82,7 +82,7 @@ def fashion_task(n_calib: int, n_test: int) -> Task:
     meta_path = os.path.splitext(CHECKPOINT)[0] + ".json"
     meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
     return Task("fashion", f"Fashion-MNIST ViT (ours; {n_test} test images)", model, calib, eval_x,
-                ref, labels, head=lambda z: z, batch=1000, model_name="fashion_vit",
+                ref, labels, head=lambda z: z, batch=100, model_name="fashion_vit",
                 notes=[f"checkpoint: {os.path.relpath(CHECKPOINT)}, FP32 test top-1 at training "
                        f"{100 * meta.get('test_top1', float('nan')):.2f} %, trained in "
                        f"{meta.get('train_seconds', float('nan')):.0f} s"])
