@@ -51,7 +51,7 @@ _FLOAT_OPTIONS = {
 }
 _INT_OPTIONS = {"kl_bins": (16, 1 << 16), "omse_steps": (1, 10_000), "ptf_factors": (1, 8)}
 SPEC_KEYS = (
-    ("bits", "signed", "symmetric", "bit_type", "enable_profiler")
+    ("bits", "signed", "symmetric", "bit_type", "enable_profiler", "lis_renormalize")
     + _GRANULARITY_KEYS + _OBSERVER_KEYS + _METHOD_KEYS + _ENABLE_KEYS
     + tuple(_FLOAT_OPTIONS) + tuple(_INT_OPTIONS)
 )
@@ -113,11 +113,11 @@ def parse_spec(raw: Mapping[str, Any], source: str, path: str) -> QuantSpec:
         where = f"{path}.{key}"
         if key == "bits":
             fields["bits"] = _bits(value, source, where)
-        elif key in ("signed", "symmetric", "enable_profiler") or key in _ENABLE_KEYS:
+        elif key in ("signed", "symmetric", "enable_profiler", "lis_renormalize") or key in _ENABLE_KEYS:
             flag = _expect(value, bool, source, where)
             if key in _ENABLE_KEYS:
                 fields["enabled"] = flag
-            elif key == "enable_profiler":
+            elif key in ("enable_profiler", "lis_renormalize"):
                 options[key] = flag
             else:
                 fields[key] = flag

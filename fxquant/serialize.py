@@ -326,7 +326,7 @@ def _module_types() -> dict[str, tuple[type, Callable[[nn.Module], dict]]]:
         "fxquant.FloatPoint": (_float_point_type(), lambda m: {"point": _point_dict(m.point),
                                                                "post_scale": _post_scale(m)}),
         "fxquant.LogIntSoftmax": (LogIntSoftmax, lambda m: {"point": _point_dict(m.point), "bits": m.bits,
-                                                            "dim": m.dim}),
+                                                            "dim": m.dim, "renormalize": m.renormalize}),
     }
     from .int_modules import DequantizeCodes, IntLinear, IntMatmul, QuantizeCodes
 
@@ -416,6 +416,7 @@ def _build_module(key: str, c: dict, tensors: dict[str, torch.Tensor], where: st
             module = LogIntSoftmax.__new__(LogIntSoftmax)
             nn.Module.__init__(module)
             module.point, module.bits, module.dim = _point_from(c["point"], where), int(c["bits"]), int(c["dim"])
+            module.renormalize = bool(c["renormalize"])
             return module
         if key == "fxquant.FloatPoint":
             module = cls.__new__(cls)

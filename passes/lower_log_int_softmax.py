@@ -86,7 +86,8 @@ class LowerLogIntSoftmax(Pass):
             raise ValueError(f"{fq_node.name}: softmax outputs are non-negative; the intSoft log2 point must be "
                              "unsigned (signed: false)")
         target = str(fq_node.target)
-        gm.add_submodule(target, LogIntSoftmax(scale, fq.point.spec.bits, dim, point=fq.point))
+        gm.add_submodule(target, LogIntSoftmax(scale, fq.point.spec.bits, dim, point=fq.point,
+                                               renormalize=bool(fq.point.spec.option("lis_renormalize", True))))
         with gm.graph.inserting_before(fq_node):
             lis = gm.graph.call_module(target, (softmax.args[0],))
         copy_provenance(fq_node, lis)

@@ -72,5 +72,8 @@ def test_lis_close_to_float_softmax_log2_and_per_head_scales():
     big = ref < 8  # the probabilities that carry the output
     assert (codes[big] - ref[big]).abs().max() <= 1
     assert (codes[big] != ref[big]).double().mean() < 0.02
-    module = LogIntSoftmax(scale, bits=8)
+    module = LogIntSoftmax(scale, bits=8, renormalize=False)
     assert torch.equal(module(scores), lis_values(codes, 8).float())
+    rows = LogIntSoftmax(scale, bits=8)(scores)  # renormalized: each row sums to 1
+    torch.testing.assert_close(rows.sum(-1), torch.ones(2, 2, 30))
+    assert torch.equal(rows, (lis_values(codes, 8) / lis_values(codes, 8).sum(-1, keepdim=True)).float())

@@ -4,7 +4,8 @@ Before: the tiny ViT / Swin (Swin adds a relative position bias and a mask betwe
 scores and softmax) lowered to fake-quant with quantized scores and a log2 intSoft point.
 Expected: no softmax and no intSoft FakeQuantize left, one LogIntSoftmax per attention,
 scaled by the scores point's scale; its output equals ``lis_values(lis_codes(...))`` of
-the softmax input exactly; without quantized scores the float softmax + log2 point stays
+the softmax input exactly, each row divided by its sum (``lis_renormalize``, default), or
+not divided with ``lis_renormalize: false``; without quantized scores the float softmax + log2 point stays
 and the report says why.
 """
 from __future__ import annotations
@@ -49,9 +50,22 @@ def test_softmax_and_log2_point_become_lis(tiny, trace, make_ctx, run, qconfigs)
     for node, module in lis:
         x = values[node.args[0].name]
         expected = lis_values(lis_codes(x, module.scale, 8), 8)
-        assert torch.equal(values[node.name], expected.float())
+        assert module.renormalize
+        assert torch.equal(values[node.name], (expected / expected.sum(-1, keepdim=True)).float())
+        torch.testing.assert_close(values[node.name].sum(-1), torch.ones_like(values[node.name].sum(-1)))
     record = ctx.report.passes[-1]
     assert record.output_qsnr_db > 15  # the pass changes rounding, not the model
+
+
+def test_fqvit_exact_lis_without_renormalization(vit, trace, make_ctx, run, qconfigs):
+    gm, ctx = lowered(vit, trace, make_ctx, run, {**qconfigs.gemm_inputs(),
+                                                  "intSoft": {**LOG2, "lis_renormalize": False}})
+    gm = run(gm, ctx, LowerLogIntSoftmax())
+    values = capture_values(gm, vit.inputs())
+    for node, module in modules_of(gm, LogIntSoftmax):
+        assert not module.renormalize
+        expected = lis_values(lis_codes(values[node.args[0].name], module.scale, 8), 8)
+        assert torch.equal(values[node.name], expected.float())  # pure powers of two
 
 
 def test_without_quantized_scores_the_float_softmax_stays(vit, trace, make_ctx, run, qconfigs):
