@@ -205,8 +205,9 @@ def acceptance(result: dict) -> list[str]:
     if 8 in by_name[FP32].times:
         median = {n: statistics.median(v.times[8]) for n, v in by_name.items() if not v.error and 8 in v.times}
         speedup = median[FP32] / median[INT_EAGER]
-        lines.append(f"- batch 8: int eager {speedup:.2f}x FP32 eager (target >= 2.5x for ViT-B/16: "
-                     f"{'met' if speedup >= 2.5 else 'not met'})")
+        target = ("target >= 2.5x for ViT-B/16: " + ("met" if speedup >= 2.5 else "not met")
+                  if result["name"].startswith("vit_base") else "the 2.5x target is set for ViT-B/16")
+        lines.append(f"- batch 8: int eager {speedup:.2f}x FP32 eager ({target})")
         if INT_COMPILED in median and PT2E in median:
             ratio = median[PT2E] / median[INT_COMPILED]
             lines.append(f"- batch 8: int + torch.compile {ratio:.2f}x the speed of PT2E + torch.compile "
