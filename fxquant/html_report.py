@@ -100,7 +100,7 @@ def _worst_points(report: Report, stats: Optional[Sequence[dict]]) -> list[dict]
 def _worst_table(worst: list[dict], from_stats: bool) -> str:
     extra = ["clipping_ratio", "outlier_ratio", "min", "max"] if from_stats else []
     head = "".join(f"<th>{_e(k)}</th>" for k in extra)
-    title = "isolated QSNR dB" if from_stats else "QSNR dB"
+    title = "isolated QSNR dB" if from_stats else "QSNR dB vs FP32"
     rows = [f"<table id='worst'><tr><th class='l'>node</th><th class='l'>group</th><th class='l'>module</th>"
             f"<th>{title}</th>{head}</tr>"]
     for r in worst:
@@ -200,12 +200,23 @@ def render_html_report(report: Report, *, qm=None, stats: Optional[Sequence[dict
                        dot_path: Optional[str | Path] = None, inputs=None) -> str:
     worst = _worst_points(report, stats)
     final = report.final.name if report.passes else "-"
+    drop_line = report.first_drop_line()
     body = [
         f"<h1>fxquant report: {_e(report.model)}</h1>",
         f"<p>qconfig <b>{_e(report.qconfig)}</b>, backend <b>{_e(report.backend)}</b></p>",
+        f"<p id='first-drop'><b>{_e(drop_line)}</b></p>" if drop_line else
+        "<p id='first-drop'>no large drop: no node falls more than 10 dB below its inputs</p>",
         "<h2>Passes</h2>", _pass_table(report),
         f"<h2>Per-node QSNR after '{_e(final)}'</h2>", _qsnr_plot(report),
-        f"<h2>Worst {WORST} quantization points</h2>", _worst_table(worst, bool(stats)),
+    ]
+    if stats and report.passes:  # the points' own error, then what reaches each point end to end
+        body += [f"<h2>Worst {WORST} quantization points by their own error (isolated)</h2>",
+                 _worst_table(worst, True),
+                 f"<h2>Worst {WORST} quantization points end to end (propagated)</h2>",
+                 _worst_table(report.worst_nodes(WORST), False).replace("id='worst'", "id='worst-propagated'")]
+    else:
+        body += [f"<h2>Worst {WORST} quantization points</h2>", _worst_table(worst, bool(stats))]
+    body += [
         "<h2>Histograms of the worst points</h2>", _histograms(qm, inputs, worst),
         "<h2>Graph</h2>", _graph_section(report, dot_path),
     ]

@@ -79,10 +79,28 @@ class Report:
     def worst_nodes(self, k: int = 10, pass_name: Optional[str] = None) -> list[dict]:
         return sorted(self.quant_points(pass_name), key=lambda n: n["qsnr_db"])[:k]
 
+    def first_drop(self) -> Optional[dict]:
+        """The final graph's first large drop, with ``pass``: the pass that introduced it.
+
+        That is the earliest pass whose own diff already shows a large drop at the same
+        node (a later pass may only carry it along), else the earliest pass with any drop.
+        """
+        if not self.passes or self.final.first_drop is None:
+            return None
+        drop = self.final.first_drop
+        with_drop = [p for p in self.passes if p.first_drop is not None]
+        same = [p for p in with_drop if p.first_drop["node"] == drop["node"]]
+        return {**drop, "pass": (same or with_drop)[0].name}
+
     def to_dict(self) -> dict:
-        return {"model": self.model, "qconfig": self.qconfig, "backend": self.backend,
-                "passes": [p.to_dict() for p in self.passes], "float_points": list(self.float_points),
-                "notes": list(self.notes), "keep_float": list(self.keep_float)}
+        out = {"model": self.model, "qconfig": self.qconfig, "backend": self.backend,
+               "passes": [p.to_dict() for p in self.passes], "float_points": list(self.float_points),
+               "notes": list(self.notes), "keep_float": list(self.keep_float)}
+        drop = self.first_drop()
+        if drop is not None:
+            out["first_drop"] = {**drop, "qsnr_db": db_for_json(drop["qsnr_db"]),
+                                 "drop_db": db_for_json(drop.get("drop_db"))}
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "Report":
@@ -114,21 +132,28 @@ class Report:
         return path
 
     def table(self, worst: int = 8) -> str:
-        lines = [f"fxquant report: model={self.model} qconfig={self.qconfig} backend={self.backend}",
-                 f"{'#':>2}  {'pass':<20} {'seconds':>8} {'output QSNR dB':>15} {'points':>7}"]
+        lines = [f"fxquant report: model={self.model} qconfig={self.qconfig} backend={self.backend}"]
+        line = self.first_drop_line()
+        if line:  # the first thing a reader needs, before the table
+            lines.append(line)
+        lines.append(f"{'#':>2}  {'pass':<20} {'seconds':>8} {'output QSNR dB':>15} {'points':>7}")
         for i, record in enumerate(self.passes):
             points = sum(1 for n in record.nodes if n.get("group"))
             lines.append(f"{i:>2}  {record.name:<20} {record.seconds:>8.3f} "
                          f"{format_db(record.output_qsnr_db):>15} {points:>7}")
-        drop = self.final.first_drop if self.passes else None
-        if drop:
-            lines.append(f"first large drop: {drop['node']} ({drop['group'] or drop['module']}) "
-                         f"{format_db(drop['qsnr_db'])} dB, {drop['drop_db']:.1f} dB below its inputs")
         if self.passes and worst:
             lines.append(f"worst quantization points after '{self.final.name}':")
             for n in self.worst_nodes(worst):
                 lines.append(f"  {format_db(n['qsnr_db']):>8} dB  {n['group']:<22} {n['node']:<40} {n['module']}")
         return "\n".join(lines)
+
+    def first_drop_line(self) -> Optional[str]:
+        drop = self.first_drop()
+        if drop is None:
+            return None
+        return (f"first large drop: {drop['node']} ({drop['group'] or drop['module']}) "
+                f"{format_db(drop['qsnr_db'])} dB, {drop['drop_db']:.1f} dB below its inputs, "
+                f"introduced by pass '{drop['pass']}'")
 
     def __str__(self) -> str:
         return self.table()

@@ -108,14 +108,26 @@ def test_graph_through_dot(setup, tmp_path, monkeypatch):
     assert f'"{first}" [style=filled, fillcolor="#' in seen and seen.rstrip().endswith("}")
 
 
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--enable-logging=stderr", "--v=0"]
+
+
 @pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="Debian chromium not installed")
 def test_screenshot(setup, tmp_path):
+    """Headless Chromium renders the page: no console error, the DOM it built holds the tables and images."""
     qm, calib, rows = setup
     page = write_html_report(qm.report, tmp_path / "shot.html", qm=qm, stats=rows, inputs=calib)
     shot = tmp_path / "shot.png"
-    subprocess.run(["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu",
-                    f"--screenshot={shot}", "--window-size=1200,2400", f"file://{page}"],
-                   capture_output=True, timeout=120, check=False)
+    flags = CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]
+    run = subprocess.run(["/usr/bin/chromium", *flags, f"--screenshot={shot}", "--window-size=1200,2400",
+                          f"file://{page}"], capture_output=True, text=True, timeout=120, check=False)
     assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "CONSOLE" not in run.stderr and "Uncaught" not in run.stderr, run.stderr[-2000:]
+    dom = subprocess.run(["/usr/bin/chromium", *flags, "--dump-dom", f"file://{page}"],
+                         capture_output=True, text=True, timeout=120, check=False).stdout
+    for marker in ("id=\"passes\"", "id=\"worst\"", "id=\"worst-propagated\"", "id=\"first-drop\"", "<svg"):
+        assert marker in dom, marker
+    assert dom.count("<svg") >= 1 + 5  # the QSNR plot and the histograms survive rendering
     if os.environ.get("FXQ_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["FXQ_KEEP_SCREENSHOT"])

@@ -159,3 +159,24 @@ def test_compiled_report_table(compiled_report):
     assert f"worst quantization points after '{compiled_report.final.name}'" in table
     assert len(table.splitlines()) == 2 + len(compiled_report.passes) + 1 + 3 + (
         1 if compiled_report.final.first_drop else 0)
+
+
+def test_first_drop_names_the_pass_that_introduced_it(tmp_path):
+    """A drop that appears in lower_fake_quant and is carried by a later pass is attributed to lower_fake_quant."""
+    report = handmade()
+    carried = PassRecord("lower_log_int_softmax", seconds=0.1, output_qsnr_db=-math.inf,
+                         nodes=list(report.final.nodes), first_drop=dict(report.final.first_drop))
+    report.passes.append(carried)
+    drop = report.first_drop()
+    assert drop["node"] == "qkv" and drop["pass"] == "lower_fake_quant"
+    lines = report.table().splitlines()
+    assert lines[1].startswith("first large drop: qkv") and "introduced by pass 'lower_fake_quant'" in lines[1]
+    data = strict_json(report.to_json(tmp_path / "r.json").read_text())
+    assert data["first_drop"]["node"] == "qkv" and data["first_drop"]["pass"] == "lower_fake_quant"
+
+
+def test_no_first_drop_line_when_nothing_drops():
+    report = Report(model="M", qconfig="q", backend="fake",
+                    passes=[PassRecord("annotate", output_qsnr_db=math.inf, nodes=[node("x", math.inf, module="")])])
+    assert report.first_drop() is None
+    assert "first large drop" not in report.table() and "first_drop" not in report.to_dict()
