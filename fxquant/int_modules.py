@@ -19,6 +19,7 @@ from torch import nn
 
 from .integer import (INT8_MAX, INT8_MIN, dequantize_codes, int8_batched_matmul, int8_linear, quantize_codes,
                       requant_offset, requantize, shared_shift_multiplier)
+from .ptf import ptf_layernorm_codes
 
 
 class QuantizeCodes(nn.Module):
@@ -190,5 +191,32 @@ class IntMatmul(_Requantizing):
         return f"{self.label} exact integer matmul -> {out}"
 
 
+class IntLayerNorm(nn.Module):
+    """LayerNorm from the codes of a PTF input point to the codes of its output point, in
+    integer arithmetic (FQ-ViT's integer LayerNorm; the kernel is ``fxquant.ptf``'s):
+    shift by alpha, exact int64 mean and variance, integer square root, one dyadic
+    multiplier per row and channel. Input and output codes are int8 (shifted codes)."""
+
+    def __init__(self, constants, in_shift: int, out_shift: int, in_label: str = "", out_label: str = ""):
+        super().__init__()
+        self.in_label, self.out_label = in_label, out_label
+        self.in_zero_point = constants.in_zero_point - in_shift  # on the shifted int8 codes
+        self.eps_int, self.sigma_bits = constants.eps_int, constants.sigma_bits
+        self.out_zero_point = constants.out_zero_point - out_shift
+        self.qmin, self.qmax = constants.qmin - out_shift, constants.qmax - out_shift
+        self.register_buffer("alpha", constants.alpha.to(torch.int64).clone())
+        self.register_buffer("weight_units", constants.weight_units.to(torch.float64).clone())
+        self.register_buffer("offset", constants.offset.to(torch.int64).clone())
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        out = ptf_layernorm_codes(codes, self.alpha, self.in_zero_point, self.eps_int, self.sigma_bits,
+                                  self.weight_units,
+                                  self.offset, self.out_zero_point, self.qmin, self.qmax)
+        return out.to(torch.int8)
+
+    def extra_repr(self) -> str:
+        return f"{self.alpha.numel()} channels, codes of {self.in_label} (PTF) -> codes of {self.out_label}"
+
+
 INT8_RANGE = (INT8_MIN, INT8_MAX)
-INTEGER_MODULE_TYPES = (QuantizeCodes, DequantizeCodes, IntLinear, IntMatmul)
+INTEGER_MODULE_TYPES = (QuantizeCodes, DequantizeCodes, IntLinear, IntMatmul, IntLayerNorm)

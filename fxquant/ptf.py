@@ -18,13 +18,16 @@ multiplies.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .observers import OmseObserver, range_to_scale_zero_point
 from .qparams import QParams
 from .quantizers import fake_quantize
 
-__all__ = ["PtfObserver", "ptf_alphas", "isqrt", "ptf_layernorm_integer", "DYADIC_SHIFT"]
+__all__ = ["PtfObserver", "ptf_alphas", "isqrt", "ptf_layernorm_integer", "ptf_layernorm_constants",
+           "ptf_layernorm_codes", "PtfLayerNormConstants", "DYADIC_SHIFT"]
 
 
 class PtfObserver(OmseObserver):
@@ -73,6 +76,11 @@ def isqrt(n: torch.Tensor) -> torch.Tensor:
         raise TypeError("isqrt works on int64 tensors")
     if bool((n < 0).any()):
         raise ValueError("isqrt of a negative number")
+    return _isqrt_unchecked(n)
+
+
+def _isqrt_unchecked(n: torch.Tensor) -> torch.Tensor:
+    """``isqrt`` without the checks (no data-dependent branch, so torch.compile keeps one graph)."""
     x = torch.sqrt(n.double()).floor().to(torch.int64).clamp_min(1)  # a start close to the root
     for _ in range(4):  # Newton from above converges in a step or two from this start
         x = torch.where(x > 0, (x + n // x.clamp_min(1)) // 2, x)
@@ -83,6 +91,59 @@ def isqrt(n: torch.Tensor) -> torch.Tensor:
 
 
 DYADIC_SHIFT = 24  # fractional bits of the per-element multipliers below
+SIGMA_FRACTION_BITS = 8  # fractional bits of the integer standard deviation (fewer if int64 would overflow)
+
+
+@dataclass
+class PtfLayerNormConstants:
+    """What an integer LayerNorm kernel precomputes from the scales (see ptf_layernorm_integer)."""
+
+    alpha: torch.Tensor  # (C,) int64 left shift per input channel
+    in_zero_point: int
+    eps_int: int  # LayerNorm's eps on the grid of the variance shifted left by 2 * sigma_bits
+    sigma_bits: int  # fractional bits of the integer standard deviation
+    weight_units: torch.Tensor  # (C,) float64: gamma_c / s_out * 2**DYADIC_SHIFT
+    offset: torch.Tensor  # (C,) int64: round(beta_c / s_out * 2**DYADIC_SHIFT)
+    out_zero_point: int
+    qmin: int
+    qmax: int
+
+
+def ptf_layernorm_constants(in_qp: QParams, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                            out_qp: QParams) -> PtfLayerNormConstants:
+    base, alpha = ptf_alphas(in_qp)
+    if out_qp.per_channel:
+        raise ValueError("the LayerNorm output point must be per-tensor for the integer formulation")
+    c = alpha.numel()
+    s_out = float(out_qp.scale)
+    one = 1 << DYADIC_SHIFT
+    zp = int(in_qp.zero_point.reshape(-1)[0])
+    z_max = max(zp - int(in_qp.qmin), int(in_qp.qmax) - zp) << int(alpha.max())
+    var_bits = int(c * c * z_max * z_max).bit_length() + 1  # var_int <= C * sum z**2 <= (C * z_max)**2
+    sigma_bits = max(0, min(SIGMA_FRACTION_BITS, (62 - var_bits) // 2))
+    return PtfLayerNormConstants(
+        alpha=alpha.reshape(-1), in_zero_point=zp,
+        eps_int=int(round(eps * c * c / float(base) ** 2 * 4**sigma_bits)), sigma_bits=sigma_bits,
+        weight_units=weight.detach().double() / s_out * one,
+        offset=torch.round(bias.detach().double() / s_out * one).to(torch.int64),
+        out_zero_point=int(out_qp.zero_point), qmin=int(out_qp.qmin), qmax=int(out_qp.qmax))
+
+
+def ptf_layernorm_codes(codes: torch.Tensor, alpha: torch.Tensor, in_zero_point: int, eps_int: int,
+                        sigma_bits: int, weight_units: torch.Tensor, offset: torch.Tensor, out_zero_point: int,
+                        qmin: int, qmax: int) -> torch.Tensor:
+    """The integer kernel itself (int64 output codes); arguments as in PtfLayerNormConstants."""
+    c = codes.shape[-1]
+    z = (codes.to(torch.int64) - in_zero_point) << alpha
+    s1 = z.sum(-1, keepdim=True)
+    var_int = c * (z * z).sum(-1, keepdim=True) - s1 * s1  # >= 0 (Cauchy-Schwarz), exact in int64
+    # sigma with sigma_bits fractional bits: a whole-unit floor would cost up to 1/sigma relative error
+    sigma = _isqrt_unchecked((var_int << (2 * sigma_bits)) + eps_int).clamp_min(1)
+    # one multiplier per row and channel, an integer on the 2**-DYADIC_SHIFT grid
+    mult = torch.round(weight_units * (1 << sigma_bits) / sigma.double()).to(torch.int64)
+    acc = (c * z - s1) * mult + offset
+    out = (acc + (1 << (DYADIC_SHIFT - 1))) >> DYADIC_SHIFT  # round half up
+    return (out + out_zero_point).clamp(qmin, qmax)
 
 
 def ptf_layernorm_integer(codes: torch.Tensor, in_qp: QParams, weight: torch.Tensor, bias: torch.Tensor,
@@ -92,26 +153,13 @@ def ptf_layernorm_integer(codes: torch.Tensor, in_qp: QParams, weight: torch.Ten
     ``z = (q - zp) << alpha`` puts every channel on the base scale ``s``; with C channels,
     ``S1 = sum z`` and ``var_int = C * sum z**2 - S1**2`` are exact int64, and
     ``sigma_int = isqrt(var_int + eps * C**2 / s**2)`` is C * std / s (LayerNorm's eps
-    carried into the integer domain). Output code of channel c:
+    carried into the integer domain), computed with ``sigma_bits`` fractional bits (the
+    variance shifted left by twice that before the square root). Output code of channel c:
     ``round((C*z - S1) * gamma_c / (s_out * sigma_int) + beta_c / s_out) + zp_out``, where the
     multiplier ``gamma_c / (s_out * sigma_int)`` (one per row and channel) is a dyadic number
     ``m / 2**DYADIC_SHIFT`` and the product is shifted with round-half-up.
     """
-    base, alpha = ptf_alphas(in_qp)
-    c = codes.shape[-1]
-    zp = int(in_qp.zero_point[0])
-    z = (codes.to(torch.int64) - zp) << alpha.to(codes.device)
-    s1 = z.sum(-1, keepdim=True)
-    var_int = c * (z * z).sum(-1, keepdim=True) - s1 * s1
-    eps_int = int(round(eps * c * c / float(base) ** 2))
-    sigma = isqrt(var_int + eps_int).clamp_min(1)
-    if out_qp.per_channel:
-        raise ValueError("the LayerNorm output point must be per-tensor for the integer formulation")
-    s_out, zp_out = float(out_qp.scale), int(out_qp.zero_point)
-    one = 1 << DYADIC_SHIFT
-    # per-element multiplier and offset as integers on the 2**-DYADIC_SHIFT grid
-    mult = torch.round(weight.double() / s_out * one / sigma.double()).to(torch.int64)
-    offset = torch.round(bias.double() / s_out * one).to(torch.int64)
-    acc = (c * z - s1) * mult + offset
-    out = (acc + (one >> 1)) >> DYADIC_SHIFT  # round half up
-    return (out + zp_out).clamp(out_qp.qmin, out_qp.qmax)
+    k = ptf_layernorm_constants(in_qp, weight, bias, eps, out_qp)
+    return ptf_layernorm_codes(codes, k.alpha.to(codes.device), k.in_zero_point, k.eps_int, k.sigma_bits,
+                               k.weight_units.to(codes.device), k.offset.to(codes.device), k.out_zero_point,
+                               k.qmin, k.qmax)

@@ -287,7 +287,8 @@ def _cfg_quant_weight(m: nn.Module) -> dict:
 
 
 _PLAIN = (str, int, float, bool, type(None))
-_PLAIN_STATE_KEYS = ("fxquant.QuantizeCodes", "fxquant.DequantizeCodes", "fxquant.IntLinear", "fxquant.IntMatmul")
+_PLAIN_STATE_KEYS = ("fxquant.QuantizeCodes", "fxquant.DequantizeCodes", "fxquant.IntLinear", "fxquant.IntMatmul",
+                     "fxquant.IntLayerNorm")
 
 
 def _cfg_plain_state(m: nn.Module) -> dict:
@@ -328,9 +329,9 @@ def _module_types() -> dict[str, tuple[type, Callable[[nn.Module], dict]]]:
         "fxquant.LogIntSoftmax": (LogIntSoftmax, lambda m: {"point": _point_dict(m.point), "bits": m.bits,
                                                             "dim": m.dim, "renormalize": m.renormalize}),
     }
-    from .int_modules import DequantizeCodes, IntLinear, IntMatmul, QuantizeCodes
+    from .int_modules import INTEGER_MODULE_TYPES
 
-    for cls in (QuantizeCodes, DequantizeCodes, IntLinear, IntMatmul):  # the int backend's modules
+    for cls in INTEGER_MODULE_TYPES:  # the int backend's modules
         table[f"fxquant.{cls.__name__}"] = (cls, _cfg_plain_state)
     try:
         from timm.layers.norm import LayerNorm as TimmLayerNorm

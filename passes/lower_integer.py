@@ -12,7 +12,10 @@ followed by ``DequantizeCodes`` (the explicit way back to float). Then:
    to that point's codes directly (dyadic multiplier, bias and zero-point terms folded in)
    instead of going through float: Q/K/V linears -> their head-wise points, q @ kT -> the
    score point.
-4. A ``DequantizeCodes`` that no float op reads any more is dropped.
+4. A LayerNorm between a PTF input point (FQ-ViT's power-of-two factors) and one per-tensor
+   output point becomes an ``IntLayerNorm``: codes in, codes out, integer mean, variance
+   and square root (``fxquant.ptf``).
+5. A ``DequantizeCodes`` that no float op reads any more is dropped.
 
 What is not lowered stays float between explicit dequantize/quantize nodes and is listed
 in ``report.float_points`` with the reason; nothing is lowered on a guess. After the
@@ -31,13 +34,14 @@ import torch.nn.functional as F
 
 from fxquant.errors import NodeError
 from fxquant.graph_utils import install_submodule, unique_attr
-from fxquant.int_modules import DequantizeCodes, IntLinear, IntMatmul, QuantizeCodes
+from fxquant.int_modules import DequantizeCodes, IntLayerNorm, IntLinear, IntMatmul, QuantizeCodes
 from fxquant.integer import code_shift, exact_float_matmul_bound
 from fxquant.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE
 from fxquant.modules import FakeQuantize, QuantLinear
 from fxquant.numeric_diff import capture_values, output_qsnr
 from fxquant.pass_manager import Pass, PassContext
 from fxquant.patterns import is_matmul, is_scale_transparent, submodule
+from fxquant.ptf import ptf_layernorm_constants
 from fxquant.quantizers import quantize
 
 CODES_OF = "fxq.codes_of"  # node meta: (FakeQuantize node name in the fake graph, code shift)
@@ -90,6 +94,7 @@ class IntegerLowering:
     points: dict[str, LoweredPoint] = field(default_factory=dict)
     int_linears: list[str] = field(default_factory=list)
     int_matmuls: list[str] = field(default_factory=list)
+    int_layernorms: list[str] = field(default_factory=list)
     requantized: list[str] = field(default_factory=list)  # "op -> point" fused requantizations
     float_points: list[str] = field(default_factory=list)
     float_boundaries: list[str] = field(default_factory=list)  # points dequantized for float ops
@@ -209,6 +214,9 @@ class _Lowering:
             if isinstance(module, FakeQuantize):
                 self._split_point(node, module)
         for node in list(self.graph.nodes):
+            if isinstance(submodule(self.gm, node), torch.nn.LayerNorm):
+                self._lower_layernorm(node)
+        for node in list(self.graph.nodes):
             if isinstance(submodule(self.gm, node), QuantLinear):
                 self._lower_linear(node)
             elif is_matmul(node):
@@ -279,6 +287,49 @@ class _Lowering:
             _drop_origin(moved)
             self.copies[node] = current = moved
         return current
+
+    # -- LayerNorm on PTF codes
+    def _lower_layernorm(self, node: fx.Node) -> None:
+        source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        point_in = self.by_dequant.get(source)
+        if point_in is None:
+            return  # a float input: LayerNorm stays float (the report's general note)
+        module = submodule(self.gm, node)
+        users = list(node.users)
+        point_out = self.by_codes.get(users[0]) if len(users) == 1 else None
+        reason = None
+        if point_out is None or not point_out.per_tensor:
+            reason = "its output is not one per-tensor 8-bit point"
+        elif point_in.fake_quantize.post_scale != 1.0:
+            reason = f"its input point {point_in.name} carries a folded scale"
+        elif len(module.normalized_shape) != 1 or module.weight is None:
+            reason = "it normalizes over more than the last axis or has no affine weight"
+        if reason is None:
+            bias = module.bias if module.bias is not None else torch.zeros_like(module.weight)
+            try:
+                constants = ptf_layernorm_constants(point_in.fake_quantize.qparams, module.weight, bias, module.eps,
+                                                    point_out.fake_quantize.qparams)
+            except ValueError as exc:  # not power-of-two factors over one base scale
+                reason = f"its input point {point_in.name} ({point_in.label}) is not a PTF point: {exc}"
+        if reason:
+            self.result.float_points.append(f"{node.name} (LayerNorm): float between explicit dequantize/quantize: "
+                                            f"{reason}")
+            return
+        codes_node = users[0]
+        path = unique_attr(self.gm, f"fxq_int_{node.name}")
+        install_submodule(self.gm, path, IntLayerNorm(constants, point_in.shift, point_out.shift, point_in.label,
+                                                      point_out.label))
+        with self.graph.inserting_before(node):
+            int_node = self.graph.call_module(path, (point_in.codes,))
+        int_node.meta[MODULE] = node.meta.get(MODULE, "")
+        int_node.meta[CODES_OF] = (point_out.name, point_out.shift)
+        codes_node.replace_all_uses_with(int_node)
+        self.graph.erase_node(codes_node)
+        self.graph.erase_node(node)
+        del self.by_codes[codes_node]
+        point_out.codes = int_node
+        self.by_codes[int_node] = point_out
+        self.result.int_layernorms.append(f"{node.name}: {point_in.name} -> {point_out.name}")
 
     # -- linears
     def _lower_linear(self, node: fx.Node) -> None:
@@ -509,11 +560,13 @@ class LowerInteger(Pass):
         if ctx.report is not None:
             ctx.report.float_points.extend(result.float_points)
             ctx.report.float_points.append(
-                "softmax, LayerNorm, GELU and residual adds run in float between DequantizeCodes and "
-                "QuantizeCodes nodes (integer softmax/LayerNorm are not lowered yet)")
+                "softmax (Log-Int-Softmax, where the qconfig asks for it, computes on the score codes), GELU, "
+                "residual adds and LayerNorms without a PTF input point run in float between DequantizeCodes "
+                "and QuantizeCodes nodes")
         notes.append(f"lower_integer: {len(result.points)} points as int8 codes, {len(result.int_linears)} "
-                     f"IntLinear, {len(result.int_matmuls)} IntMatmul, {len(result.requantized)} dyadic "
-                     "requantizations straight to the next point")
+                     f"IntLinear, {len(result.int_matmuls)} IntMatmul, {len(result.int_layernorms)} IntLayerNorm, "
+                     f"{len(result.requantized)} dyadic requantizations straight to the next point")
+        notes.extend(f"integer LayerNorm: {r}" for r in result.int_layernorms)
         notes.extend(f"requantized: {r}" for r in result.requantized)
         notes.extend(result.float_boundaries)
         isolated = code_agreement(fake, gm, ctx.diff_inputs, isolated=True)

@@ -15,10 +15,11 @@ import torch
 
 import fxquant
 from fxquant.errors import FxqError
-from fxquant.int_modules import DequantizeCodes, IntLinear, IntMatmul, QuantizeCodes
+from fxquant.int_modules import DequantizeCodes, IntLayerNorm, IntLinear, IntMatmul, QuantizeCodes
 from fxquant.modules import FakeQuantize, QuantLinear
 from fxquant.numeric_diff import output_qsnr
 from fxquant.passes.lower_integer import CODES_OF, agreement_summary, code_agreement, lower_to_integer
+from fxquant.patterns import submodule
 
 # Codes may differ where the two graphs round a value sitting on a rounding boundary
 # differently (float32 sums in another order, bias rounded to int32, ties): rare.
@@ -128,7 +129,7 @@ def test_compile_backend_int_runs_the_pass_and_reports_equivalence(vit):
     assert not any(isinstance(m, FakeQuantize) for m in qm.modules())
     notes = "\n".join(qm.report.notes)
     assert "integer vs fake-quant codes at" in notes and "integer vs FP32" in notes
-    assert any("softmax, LayerNorm" in line for line in qm.report.float_points)
+    assert any("GELU, residual adds and LayerNorms without a PTF input point" in line for line in qm.report.float_points)
     final = qm.report.final
     assert final.output_qsnr_db == pytest.approx(qm.report.pass_record("lower_fake_quant").output_qsnr_db, abs=0.5)
     with torch.no_grad():
@@ -149,9 +150,9 @@ def test_cli_accepts_backend_int():
 
 @pytest.mark.parametrize("name", ["vit", "swin"])
 def test_fqvit_preset_lowers_and_agrees(name):
-    """FQ-ViT's preset: PTF LayerNorm inputs (per-channel power-of-two scales) become codes
-    and dequantize for the float LayerNorm; Log-Int-Softmax's log2 probabilities keep attn@V
-    in float (listed); every uniform point still agrees with the fake-quant graph."""
+    """FQ-ViT's preset: every LayerNorm with a PTF input point becomes an IntLayerNorm (codes
+    in, codes out, no float LayerNorm left on them); Log-Int-Softmax's log2 probabilities keep
+    attn@V in float (listed); every uniform point still agrees with the fake-quant graph."""
     from tests.passes.conftest import tiny_model
 
     tiny = tiny_model(name)
@@ -161,6 +162,14 @@ def test_fqvit_preset_lowers_and_agrees(name):
     lowering = lower_to_integer(integer, tiny.inputs())
     assert len(lowering.int_matmuls) == tiny.depth
     assert sum("attn_out" in line and "float matmul" in line for line in lowering.float_points) == tiny.depth
+    ptf_inputs = [n for n in fake.graph.nodes if n.op == "call_module" and n.target.endswith("_in")
+                  and isinstance(fake.get_submodule(n.target), FakeQuantize)]
+    assert ptf_inputs and len(lowering.int_layernorms) == len(ptf_inputs)
+    int_norms = [m for m in integer.modules() if isinstance(m, IntLayerNorm)]
+    assert len(int_norms) == len(ptf_inputs) and all(m.sigma_bits == 8 for m in int_norms)
+    float_norms = [n for n in integer.graph.nodes if isinstance(submodule(integer, n), torch.nn.LayerNorm)]
+    assert all(not (n.args[0].op == "call_module" and isinstance(submodule(integer, n.args[0]), DequantizeCodes)
+                    and "_in_" in n.args[0].target) for n in float_norms)
     rows = code_agreement(fake, integer, (tiny.image(2, seed=4),), isolated=True)
     assert max(r.worst for r in rows) <= 1
     assert sum(r.off_by_one for r in rows) / sum(r.codes for r in rows) <= MAX_OFF_BY_ONE_SHARE
