@@ -19,6 +19,7 @@ from torch import nn
 
 from .integer import (INT8_MAX, INT8_MIN, dequantize_codes, int8_batched_matmul, int8_linear, quantize_codes,
                       requant_offset, requantize, shared_shift_multiplier)
+from .log_int_softmax import lis_codes
 from .ptf import ptf_layernorm_codes
 
 
@@ -218,5 +219,44 @@ class IntLayerNorm(nn.Module):
         return f"{self.alpha.numel()} channels, codes of {self.in_label} (PTF) -> codes of {self.out_label}"
 
 
+class LisShiftMatmul(nn.Module):
+    """Log-Int-Softmax and attn@V as shifts: ``softmax(scores) @ v`` where the probabilities
+    are FQ-ViT's log2 codes ``m`` (value ``2**-m``) and ``v`` is a point's int8 codes.
+
+    The log2 codes come from the scores by ``fxquant.log_int_softmax`` (integer exp, integer
+    comparisons: what the fake-quant graph's LogIntSoftmax computes). Then
+    ``acc_i = sum_j (v_j - zv) << (T - m_ij)``: a shift and an add per term, computed as one
+    float64 matmul of the powers of two ``2**(T - m)`` with the integer codes, which is exact
+    (``T`` is chosen so that every partial sum stays below 2**53; terms below ``2**-T`` of
+    the largest are dropped, far below float32's rounding of the fake-quant graph). With
+    ``renormalize`` each row is divided by its integer sum of powers of two; the result is
+    ``acc_i * s_v / R_i`` in float (the attn@V point after it quantizes it).
+    """
+
+    def __init__(self, lis_scale: torch.Tensor, bits: int, renormalize: bool, v_scale: torch.Tensor,
+                 v_zero_point: torch.Tensor, max_shift: int, label: str = ""):
+        super().__init__()
+        self.bits, self.renormalize, self.max_shift, self.label = int(bits), bool(renormalize), int(max_shift), label
+        self.register_buffer("lis_scale", lis_scale.to(torch.float32).clone())
+        self.register_buffer("v_scale", v_scale.to(torch.float64).clone())
+        self.register_buffer("v_zero_point", v_zero_point.to(torch.float64).clone())
+
+    def forward(self, scores: torch.Tensor, v_codes: torch.Tensor) -> torch.Tensor:
+        m = lis_codes(scores, self.lis_scale, self.bits, -1)
+        qmax = 2**self.bits - 1
+        powers = torch.where((m <= self.max_shift) & (m < qmax), torch.pow(2.0, self.max_shift - m),
+                             torch.zeros_like(m))
+        acc = torch.matmul(powers, v_codes.to(torch.float64) - self.v_zero_point)
+        if self.renormalize:
+            out = acc * self.v_scale / powers.sum(-1, keepdim=True)
+        else:
+            out = acc * (self.v_scale * 2.0**-self.max_shift)
+        return out.to(scores.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.label}: log2 {self.bits}-bit probabilities (integer exp) @ v codes by shifts up to "
+                f"{self.max_shift}" + (", rows renormalized" if self.renormalize else ""))
+
+
 INT8_RANGE = (INT8_MIN, INT8_MAX)
-INTEGER_MODULE_TYPES = (QuantizeCodes, DequantizeCodes, IntLinear, IntMatmul, IntLayerNorm)
+INTEGER_MODULE_TYPES = (QuantizeCodes, DequantizeCodes, IntLinear, IntMatmul, IntLayerNorm, LisShiftMatmul)

@@ -15,7 +15,9 @@ followed by ``DequantizeCodes`` (the explicit way back to float). Then:
 4. A LayerNorm between a PTF input point (FQ-ViT's power-of-two factors) and one per-tensor
    output point becomes an ``IntLayerNorm``: codes in, codes out, integer mean, variance
    and square root (``fxquant.ptf``).
-5. A ``DequantizeCodes`` that no float op reads any more is dropped.
+5. Log-Int-Softmax followed by attn@V on a point's codes becomes one ``LisShiftMatmul``:
+   the log2 probability codes from the integer exp, then attn@V as shifts of the V codes.
+6. A ``DequantizeCodes`` that no float op reads any more is dropped.
 
 What is not lowered stays float between explicit dequantize/quantize nodes and is listed
 in ``report.float_points`` with the reason; nothing is lowered on a guess. After the
@@ -25,6 +27,7 @@ records how many codes differ at each point (``code_agreement``) and the output 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -34,13 +37,14 @@ import torch.nn.functional as F
 
 from fxquant.errors import NodeError
 from fxquant.graph_utils import install_submodule, unique_attr
-from fxquant.int_modules import DequantizeCodes, IntLayerNorm, IntLinear, IntMatmul, QuantizeCodes
+from fxquant.int_modules import DequantizeCodes, IntLayerNorm, IntLinear, IntMatmul, LisShiftMatmul, QuantizeCodes
+from fxquant.log_int_softmax import LogIntSoftmax
 from fxquant.integer import code_shift, exact_float_matmul_bound
 from fxquant.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE
 from fxquant.modules import FakeQuantize, QuantLinear
 from fxquant.numeric_diff import capture_values, output_qsnr
 from fxquant.pass_manager import Pass, PassContext
-from fxquant.patterns import is_matmul, is_scale_transparent, submodule
+from fxquant.patterns import is_matmul, is_pass_through_module, is_scale_transparent, submodule
 from fxquant.ptf import ptf_layernorm_constants
 from fxquant.quantizers import quantize
 
@@ -95,6 +99,7 @@ class IntegerLowering:
     int_linears: list[str] = field(default_factory=list)
     int_matmuls: list[str] = field(default_factory=list)
     int_layernorms: list[str] = field(default_factory=list)
+    shift_matmuls: list[str] = field(default_factory=list)  # Log-Int-Softmax + attn@V by shifts
     requantized: list[str] = field(default_factory=list)  # "op -> point" fused requantizations
     float_points: list[str] = field(default_factory=list)
     float_boundaries: list[str] = field(default_factory=list)  # points dequantized for float ops
@@ -365,6 +370,9 @@ class _Lowering:
     def _lower_matmul(self, node: fx.Node) -> None:
         left = _trace_back(self.gm, node.args[0], self.by_dequant)
         right = _trace_back(self.gm, node.args[1], self.by_dequant)
+        if left is None and right is not None and self._lis_source(node.args[0]) is not None:
+            self._lower_lis_matmul(node, self._lis_source(node.args[0]), right)
+            return
         if left is None or right is None:
             if left is not None or right is not None:
                 self.result.float_points.append(f"{node.name} ({node.meta.get(ROLE) or 'matmul'}): float matmul: "
@@ -397,6 +405,39 @@ class _Lowering:
         self.values[int_node.name] = self.values[node.name]
         self.int_nodes.append(int_node)
         self.result.int_matmuls.append(int_node.name)
+
+    def _lis_source(self, node) -> Optional[fx.Node]:
+        """The LogIntSoftmax node whose probabilities reach ``node`` through pass-through modules only."""
+        while isinstance(node, fx.Node) and len(node.users) == 1 and is_pass_through_module(self.gm, node):
+            node = node.args[0]
+        if isinstance(node, fx.Node) and len(node.users) == 1 and isinstance(submodule(self.gm, node), LogIntSoftmax):
+            return node if submodule(self.gm, node).dim in (-1, len(self.values[node.name].shape) - 1) else None
+        return None
+
+    def _lower_lis_matmul(self, node: fx.Node, lis_node: fx.Node, right) -> None:
+        point, chain = right
+        scale, zero = _params_after(self.gm, chain, point, self.values)
+        if (scale.dim() >= 2 and scale.size(-2) != 1) or (zero.dim() >= 2 and zero.size(-2) != 1):
+            self.result.float_points.append(f"{node.name} (attn_out): float matmul: the V scale varies along "
+                                            "the summed tokens")
+            return
+        lis: LogIntSoftmax = submodule(self.gm, lis_node)
+        tokens = self.values[lis_node.name].shape[-1]  # the probabilities' last axis is the summed one
+        # every partial sum |v - zv| * 2**T * tokens must stay an exact float64 integer (< 2**53)
+        max_shift = min(2**lis.bits - 2, 52 - 8 - math.ceil(math.log2(max(tokens, 2))))
+        module = LisShiftMatmul(lis.scale, lis.bits, lis.renormalize, scale * point.fake_quantize.post_scale, zero,
+                                max_shift, label=node.meta.get(ROLE) or node.name)
+        path = unique_attr(self.gm, f"fxq_shift_{node.name}")
+        install_submodule(self.gm, path, module)
+        v_codes = self._codes_through(point, chain)
+        with self.graph.inserting_before(node):
+            new = self.graph.call_module(path, (lis_node.args[0], v_codes))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        self.values[new.name] = self.values[node.name]
+        self.result.shift_matmuls.append(f"{new.name}: {lis_node.name} @ {point.name} ({point.label}), shifts up to "
+                                         f"{max_shift}")
 
     # -- requantization straight to the next point
     def _fuse_requantization(self, node: fx.Node) -> None:
@@ -560,13 +601,14 @@ class LowerInteger(Pass):
         if ctx.report is not None:
             ctx.report.float_points.extend(result.float_points)
             ctx.report.float_points.append(
-                "softmax (Log-Int-Softmax, where the qconfig asks for it, computes on the score codes), GELU, "
-                "residual adds and LayerNorms without a PTF input point run in float between DequantizeCodes "
-                "and QuantizeCodes nodes")
+                "softmax without a log2 point, GELU, residual adds and LayerNorms without a PTF input point "
+                "run in float between DequantizeCodes and QuantizeCodes nodes")
         notes.append(f"lower_integer: {len(result.points)} points as int8 codes, {len(result.int_linears)} "
                      f"IntLinear, {len(result.int_matmuls)} IntMatmul, {len(result.int_layernorms)} IntLayerNorm, "
+                     f"{len(result.shift_matmuls)} LisShiftMatmul, "
                      f"{len(result.requantized)} dyadic requantizations straight to the next point")
         notes.extend(f"integer LayerNorm: {r}" for r in result.int_layernorms)
+        notes.extend(f"attn@V by shifts: {r}" for r in result.shift_matmuls)
         notes.extend(f"requantized: {r}" for r in result.requantized)
         notes.extend(result.float_boundaries)
         isolated = code_agreement(fake, gm, ctx.diff_inputs, isolated=True)

@@ -15,7 +15,8 @@ import torch
 
 import fxquant
 from fxquant.errors import FxqError
-from fxquant.int_modules import DequantizeCodes, IntLayerNorm, IntLinear, IntMatmul, QuantizeCodes
+from fxquant.int_modules import DequantizeCodes, IntLayerNorm, IntLinear, IntMatmul, LisShiftMatmul, QuantizeCodes
+from fxquant.log_int_softmax import LogIntSoftmax
 from fxquant.modules import FakeQuantize, QuantLinear
 from fxquant.numeric_diff import output_qsnr
 from fxquant.passes.lower_integer import CODES_OF, agreement_summary, code_agreement, lower_to_integer
@@ -151,8 +152,8 @@ def test_cli_accepts_backend_int():
 @pytest.mark.parametrize("name", ["vit", "swin"])
 def test_fqvit_preset_lowers_and_agrees(name):
     """FQ-ViT's preset: every LayerNorm with a PTF input point becomes an IntLayerNorm (codes
-    in, codes out, no float LayerNorm left on them); Log-Int-Softmax's log2 probabilities keep
-    attn@V in float (listed); every uniform point still agrees with the fake-quant graph."""
+    in, codes out, no float LayerNorm left on them); Log-Int-Softmax and attn@V become one
+    LisShiftMatmul on the V codes; every uniform point still agrees with the fake-quant graph."""
     from tests.passes.conftest import tiny_model
 
     tiny = tiny_model(name)
@@ -161,7 +162,9 @@ def test_fqvit_preset_lowers_and_agrees(name):
     integer = copy.deepcopy(fake)
     lowering = lower_to_integer(integer, tiny.inputs())
     assert len(lowering.int_matmuls) == tiny.depth
-    assert sum("attn_out" in line and "float matmul" in line for line in lowering.float_points) == tiny.depth
+    assert len(lowering.shift_matmuls) == tiny.depth  # Log-Int-Softmax + attn@V by shifts
+    assert not any("float matmul" in line for line in lowering.float_points)
+    assert not any(isinstance(m, LogIntSoftmax) for m in integer.modules())
     ptf_inputs = [n for n in fake.graph.nodes if n.op == "call_module" and n.target.endswith("_in")
                   and isinstance(fake.get_submodule(n.target), FakeQuantize)]
     assert ptf_inputs and len(lowering.int_layernorms) == len(ptf_inputs)
@@ -173,3 +176,23 @@ def test_fqvit_preset_lowers_and_agrees(name):
     rows = code_agreement(fake, integer, (tiny.image(2, seed=4),), isolated=True)
     assert max(r.worst for r in rows) <= 1
     assert sum(r.off_by_one for r in rows) / sum(r.codes for r in rows) <= MAX_OFF_BY_ONE_SHARE
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_lis_shift_matmul_equals_log_int_softmax_then_float_matmul(bits, renormalize):
+    """attn@V by shifts of the V codes gives what the fake-quant graph computes in float:
+    LogIntSoftmax's values times the dequantized V, up to float32 rounding."""
+    g = torch.Generator().manual_seed(3)
+    heads, tokens, dim = 3, 50, 8
+    score_scale = torch.tensor([0.05, 0.11, 0.3]).reshape(1, heads, 1, 1)
+    scores = torch.randint(-120, 120, (2, heads, tokens, tokens), generator=g).float() * score_scale
+    v_codes = torch.randint(-128, 128, (2, heads, tokens, dim), generator=g, dtype=torch.int8)
+    v_scale = torch.tensor([0.02, 0.07, 0.01]).reshape(1, heads, 1, 1)
+    v_zero = torch.tensor([-5.0, 0.0, 12.0]).reshape(1, heads, 1, 1)
+    lis = LogIntSoftmax(score_scale, bits, renormalize=renormalize)
+    expected = lis(scores) @ ((v_codes.float() - v_zero) * v_scale)
+    shifts = 2**bits - 2 if bits == 4 else 30
+    got = LisShiftMatmul(score_scale, bits, renormalize, v_scale, v_zero, shifts)(scores, v_codes)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=1e-6)
