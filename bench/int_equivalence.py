@@ -35,7 +35,7 @@ import timm
 import torch
 
 import fxquant
-from bench.markdown import replace_section
+from bench.markdown import publish
 from fxquant.numeric_diff import output_qsnr
 from fxquant.passes.lower_integer import code_agreement
 
@@ -148,10 +148,7 @@ def main(argv=None) -> int:
             "graphs run freely. Noise floor: the fake-quant graph against itself with the input perturbed "
             "by 1e-7 relative.", ""] + table(rows) + [""]
     body += [f"- {r['model']} `{r['preset']}`: {r['lowering']}" for r in rows]
-    text = "\n".join(body)
-    print(text)
-    if args.write:
-        replace_section("int_equivalence", text)
+    publish("int_equivalence", "\n".join(body), args.write)
     return 0
 
 

@@ -16,3 +16,10 @@ def replace_section(name: str, body: str, path: Path = BENCHMARKS) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def publish(name: str, text: str, write: bool) -> None:
+    """Print a benchmark's section; with ``write``, also put it into BENCHMARKS.md."""
+    print(text)
+    if write:
+        replace_section(name, text)

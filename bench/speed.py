@@ -50,7 +50,7 @@ import timm
 from torch import nn
 
 import fxquant
-from bench.markdown import replace_section
+from bench.markdown import publish
 from fxquant.int_modules import IntLinear
 from fxquant.numeric_diff import output_qsnr
 
@@ -251,10 +251,7 @@ def main(argv=None) -> int:
     for name in args.models:
         result = measure_model(name, args.batches, args.rounds, args.skip_peers, log)
         body += [f"### {name}", ""] + table(result, args.batches) + [""] + acceptance(result) + [""]
-    text = "\n".join(body)
-    print(text)
-    if args.write:
-        replace_section("speed", text)
+    publish("speed", "\n".join(body), args.write)
     return 0
 
 
