@@ -89,6 +89,7 @@ def compile(  # noqa: A001 - the public name the design card asks for
     report.notes += list(ctx.state.get("lower_integer", []))  # backend="int": what lowering did, equivalence
     gm.report = report
     gm.qconfig = config
+    gm.meta["fxq.model_name"], gm.meta["fxq.qconfig_name"] = report.model, config.name  # survive a deepcopy
     gm.keep_float = []
     if keep_float:
         _keep_float(gm, keep_float, example, diff_inputs, reference)

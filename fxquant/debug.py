@@ -222,7 +222,8 @@ def diff(model_or_qm: nn.Module, qconfig="w8a8", *, calib_data=None, diff_inputs
         out_db = output_qsnr(ref, qm(*inputs))
     report = getattr(qm, "report", None)  # a deepcopy of a GraphModule drops .report/.qconfig
     model = model_name or getattr(report, "model", None) or qm.meta.get("fxq.model_name") or type(qm).__name__
-    qconfig_name = getattr(report, "qconfig", None) or getattr(getattr(qm, "qconfig", None), "name", "?")
+    qconfig_name = (getattr(report, "qconfig", None) or getattr(getattr(qm, "qconfig", None), "name", None)
+                    or qm.meta.get("fxq.qconfig_name", "?"))
     return DiffResult(rows, out_db, model=model, qconfig=qconfig_name)
 
 

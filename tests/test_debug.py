@@ -85,6 +85,7 @@ def test_planted_double_quantization_is_named_first(setup, tmp_path):
     result = fxquant.diff(broken, diff_inputs=x)
     first_line = result.table().splitlines()[0]
     assert any(name in first_line for name in QKV), first_line
+    assert "qconfig=w8a8" in result.table()  # a deepcopy of the compiled graph keeps its names
     assert {r["node"] for r in result.rows[:3]} == QKV  # the lowest isolated QSNR of all points
     assert all(r["isolated_qsnr_db"] < 0.0 for r in result.rows[:3])
     assert result.output_qsnr_db < healthy.output_qsnr_db - 10.0
