@@ -251,9 +251,7 @@ def _versions() -> str:
     return ", ".join(f"{d} {_version(d)}" for d in ("torch", "timm", "onnxruntime", "onnx", "torchao", "fxquant"))
 
 
-def section(results: dict, command: str, total_s: float, args) -> str:
-    from bench.dinov2_features import _git_state
-
+def section(results: dict, command: str, total_s: float, args, git_state: str) -> str:
     parts = [
         "## Task accuracy on real models and data: fxquant presets vs peer PTQ (CPU)",
         "",
@@ -262,7 +260,7 @@ def section(results: dict, command: str, total_s: float, args) -> str:
         f"torch thread(s), {platform.machine()} CPython {platform.python_version()}, {os.cpu_count()} CPUs "
         f"shared with other jobs (load average {os.getloadavg()[0]:.1f} at the end); total {total_s / 60:.1f} min "
         f"(FP32 DINOv2 probe features read from bench/cache when present)  ",
-        f"Versions: {_versions()}; {_git_state()}",
+        f"Versions: {_versions()}; {git_state} (at the start of the run: the code it imported)",
         "",
         "Metrics against the FP32 timm model on the evaluation images: top-1 = task accuracy "
         "(labels); agreement = share of images where the quantized model's prediction equals the "
@@ -329,6 +327,9 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization warns on the root logger
     t_start = time.perf_counter()
+    from bench.dinov2_features import _git_state
+
+    git_state = _git_state()
 
     import fxquant
     from fxquant.pipeline import BACKENDS
@@ -416,7 +417,7 @@ def main(argv=None) -> int:
     if not args.no_write:
         from bench.markdown import BENCHMARKS, replace_section
         out = Path(args.out) if args.out else BENCHMARKS
-        replace_section(SECTION, section(results, command, total, args), out)
+        replace_section(SECTION, section(results, command, total, args, git_state), out)
         log(f"wrote the accuracy section of {out}")
     return 0
 
