@@ -44,7 +44,7 @@ from fxquant.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE
 from fxquant.modules import FakeQuantize, QuantLinear
 from fxquant.numeric_diff import capture_values, output_qsnr
 from fxquant.pass_manager import Pass, PassContext
-from fxquant.patterns import is_matmul, is_pass_through_module, is_scale_transparent, submodule
+from fxquant.patterns import is_matmul, is_pass_through_module, is_scale_transparent, is_softmax, submodule
 from fxquant.ptf import ptf_layernorm_constants
 from fxquant.quantizers import quantize
 
@@ -100,6 +100,7 @@ class IntegerLowering:
     int_matmuls: list[str] = field(default_factory=list)
     int_layernorms: list[str] = field(default_factory=list)
     shift_matmuls: list[str] = field(default_factory=list)  # Log-Int-Softmax + attn@V by shifts
+    fused_dequantize: list[str] = field(default_factory=list)  # points dequantized by one multiply-add
     requantized: list[str] = field(default_factory=list)  # "op -> point" fused requantizations
     float_points: list[str] = field(default_factory=list)
     float_boundaries: list[str] = field(default_factory=list)  # points dequantized for float ops
@@ -229,6 +230,7 @@ class _Lowering:
         for node in self.int_nodes:
             self._fuse_requantization(node)
         self._read_shapes_from_codes()
+        self._fuse_softmax_dequantize()
         for node in self.int_nodes:
             module = submodule(self.gm, node)
             if isinstance(module, IntLinear):
@@ -487,6 +489,24 @@ class _Lowering:
                     user.op == "call_method" and user.target in _SHAPE_READS)
                 if reads_shape:
                     user.replace_input_with(point.dequant, point.codes)
+
+    def _only_softmax_reads(self, node: fx.Node, depth: int = 3) -> bool:
+        """Every use of ``node`` ends in a softmax, through at most ``depth`` plain function
+        calls (timm's mask helpers between the scores and the softmax)."""
+        if not node.users:
+            return False
+        for user in node.users:
+            if is_softmax(self.gm, user):
+                continue
+            if user.op != "call_function" or depth == 0 or not self._only_softmax_reads(user, depth - 1):
+                return False
+        return True
+
+    def _fuse_softmax_dequantize(self) -> None:
+        for point in self.result.points.values():
+            if point.dequant.graph is self.graph and self._only_softmax_reads(point.dequant):
+                submodule(self.gm, point.dequant).fuse_affine()
+                self.result.fused_dequantize.append(point.name)
 
     def _list_float_boundaries(self) -> None:
         for point in self.result.points.values():

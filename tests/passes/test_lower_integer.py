@@ -196,3 +196,21 @@ def test_lis_shift_matmul_equals_log_int_softmax_then_float_matmul(bits, renorma
     got = LisShiftMatmul(score_scale, bits, renormalize, v_scale, v_zero, shifts)(scores, v_codes)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vit", "swin"])
+def test_scores_read_only_by_softmax_dequantize_in_one_multiply_add(compiled, name):
+    """The attention scores' DequantizeCodes, read only by the softmax (through bias/mask
+    adds), is fused to codes * m + b: within one float32 rounding of (codes - zp) * s;
+    no other point is fused."""
+    tiny, fake, integer, lowering = compiled[name]
+    fused = [m for m in integer.modules() if isinstance(m, DequantizeCodes) and getattr(m, "fused_affine", False)]
+    assert len(fused) == len(lowering.fused_dequantize)
+    if name == "vit":
+        assert len(fused) == tiny.depth
+    else:  # Swin adds its relative-position bias on the way (fused); a shifted window's mask goes through views
+        assert 1 <= len(fused) <= len(lowering.int_matmuls)
+    assert {m.label for m in fused} == {"attn_kv_out"}
+    codes = torch.randint(-128, 128, (2, fused[0].scale.numel(), 6, 6), dtype=torch.int8)
+    plain = (codes.float() - fused[0].zero_point) * fused[0].scale * fused[0].post_scale
+    torch.testing.assert_close(fused[0](codes), plain, rtol=2**-22, atol=1e-7)
