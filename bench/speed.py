@@ -120,6 +120,17 @@ def weight_bytes(fp32: nn.Module, qm: torch.fx.GraphModule) -> dict[str, int]:
             "int_linears": len(int_linears)}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (int8 GEMM speed differs a lot between CPU families), else the machine."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 # --------------------------------------------------------------------------- timing
 @torch.no_grad()
 def timed(run: Callable, x: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -246,7 +257,7 @@ def main(argv=None) -> int:
     body = ["## Speed (integer backend, CPU)", "",
             f"`python -m bench.speed {' '.join(argv if argv is not None else sys.argv[1:])}` (models {', '.join(args.models)}; batches "
             f"{', '.join(map(str, args.batches))}; {args.rounds} interleaved rounds; {args.threads} threads; "
-            f"torch {torch.__version__}; {platform.processor() or platform.machine()}). Random-init weights: "
+            f"torch {torch.__version__}; {cpu_model()}). Random-init weights: "
             "speed does not depend on them; QSNR against FP32 on randn inputs.", ""]
     for name in args.models:
         result = measure_model(name, args.batches, args.rounds, args.skip_peers, log)
