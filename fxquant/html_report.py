@@ -97,11 +97,11 @@ def _worst_points(report: Report, stats: Optional[Sequence[dict]]) -> list[dict]
     return report.worst_nodes(WORST) if report.passes else []
 
 
-def _worst_table(worst: list[dict], from_stats: bool) -> str:
+def _worst_table(worst: list[dict], from_stats: bool, table_id: str = "worst") -> str:
     extra = ["clipping_ratio", "outlier_ratio", "min", "max"] if from_stats else []
     head = "".join(f"<th>{_e(k)}</th>" for k in extra)
     title = "isolated QSNR dB" if from_stats else "QSNR dB vs FP32"
-    rows = [f"<table id='worst'><tr><th class='l'>node</th><th class='l'>group</th><th class='l'>module</th>"
+    rows = [f"<table id='{table_id}'><tr><th class='l'>node</th><th class='l'>group</th><th class='l'>module</th>"
             f"<th>{title}</th>{head}</tr>"]
     for r in worst:
         cells = "".join(f"<td>{r[k]:.4g}</td>" for k in extra)
@@ -213,7 +213,7 @@ def render_html_report(report: Report, *, qm=None, stats: Optional[Sequence[dict
         body += [f"<h2>Worst {WORST} quantization points by their own error (isolated)</h2>",
                  _worst_table(worst, True),
                  f"<h2>Worst {WORST} quantization points end to end (propagated)</h2>",
-                 _worst_table(report.worst_nodes(WORST), False).replace("id='worst'", "id='worst-propagated'")]
+                 _worst_table(report.worst_nodes(WORST), False, "worst-propagated")]
     else:
         body += [f"<h2>Worst {WORST} quantization points</h2>", _worst_table(worst, bool(stats))]
     body += [

@@ -42,6 +42,8 @@ class QuantizeCodes(nn.Module):
 class DequantizeCodes(nn.Module):
     """int8 codes -> float: the explicit boundary before an op that stays in float."""
 
+    fused_affine = False  # set by fuse_affine()
+
     def __init__(self, label: str, scale: torch.Tensor, zero_point: torch.Tensor, post_scale: float = 1.0):
         super().__init__()
         self.label, self.post_scale = label, post_scale
@@ -62,12 +64,12 @@ class DequantizeCodes(nn.Module):
         self.fused_affine = True
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "fused_affine", False):
+        if self.fused_affine:
             return torch.addcmul(self.affine_bias, codes.to(torch.float32), self.affine_scale)
         return dequantize_codes(codes, self.scale, self.zero_point, self.post_scale)
 
     def extra_repr(self) -> str:
-        fused = ", one multiply-add" if getattr(self, "fused_affine", False) else ""
+        fused = ", one multiply-add" if self.fused_affine else ""
         return f"{self.label} codes -> float" + (f" x {self.post_scale:g}" if self.post_scale != 1.0 else "") + fused
 
 
@@ -227,8 +229,7 @@ class IntLayerNorm(nn.Module):
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         out = ptf_layernorm_codes(codes, self.alpha, self.in_zero_point, self.eps_int, self.sigma_bits,
-                                  self.weight_units,
-                                  self.offset, self.out_zero_point, self.qmin, self.qmax)
+                                  self.weight_units, self.offset, self.out_zero_point, self.qmin, self.qmax)
         return out.to(torch.int8)
 
     def extra_repr(self) -> str:

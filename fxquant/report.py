@@ -20,6 +20,10 @@ def db_for_json(value: Optional[float]) -> Optional[float]:
     return round(float(value), 3)
 
 
+def _drop_for_json(drop: dict) -> dict:
+    return {**drop, "qsnr_db": db_for_json(drop["qsnr_db"]), "drop_db": db_for_json(drop.get("drop_db"))}
+
+
 @dataclass
 class PassRecord:
     name: str
@@ -38,8 +42,7 @@ class PassRecord:
                        "input_qsnr_db": db_for_json(n.get("input_qsnr_db"))} for n in self.nodes],
         }
         if self.first_drop is not None:
-            out["first_drop"] = {**self.first_drop, "qsnr_db": db_for_json(self.first_drop["qsnr_db"]),
-                                 "drop_db": db_for_json(self.first_drop.get("drop_db"))}
+            out["first_drop"] = _drop_for_json(self.first_drop)
         if self.notes:
             out["notes"] = list(self.notes)
         return out
@@ -98,8 +101,7 @@ class Report:
                "notes": list(self.notes), "keep_float": list(self.keep_float)}
         drop = self.first_drop()
         if drop is not None:
-            out["first_drop"] = {**drop, "qsnr_db": db_for_json(drop["qsnr_db"]),
-                                 "drop_db": db_for_json(drop.get("drop_db"))}
+            out["first_drop"] = _drop_for_json(drop)
         return out
 
     @classmethod

@@ -372,8 +372,9 @@ class _Lowering:
     def _lower_matmul(self, node: fx.Node) -> None:
         left = _trace_back(self.gm, node.args[0], self.by_dequant)
         right = _trace_back(self.gm, node.args[1], self.by_dequant)
-        if left is None and right is not None and self._lis_source(node.args[0]) is not None:
-            self._lower_lis_matmul(node, self._lis_source(node.args[0]), right)
+        lis_node = self._lis_source(node.args[0]) if left is None and right is not None else None
+        if lis_node is not None:
+            self._lower_lis_matmul(node, lis_node, right)
             return
         if left is None or right is None:
             if left is not None or right is not None:
