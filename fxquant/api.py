@@ -14,7 +14,8 @@ from .numeric_diff import output_qsnr
 from .errors import FxqError
 from .instruments import GraphDump, NumericDiff, Timing
 from .pass_manager import Pass, PassContext, PassManager
-from .pipeline import BACKENDS, default_passes
+from .onednn import onednn_available
+from .pipeline import BACKENDS, INT_KERNELS, default_passes
 from .qconfig import QConfigLike, load_qconfig
 from .report import PassRecord, Report
 from .trace import trace
@@ -32,6 +33,7 @@ def compile(  # noqa: A001 - the public name the design card asks for
     *,
     calib_data,
     backend: str = "fake",
+    int_kernels: str = "portable",
     diff_inputs: Optional[Sequence[torch.Tensor] | torch.Tensor] = None,
     dump_dir: Optional[str | Path] = None,
     progress: bool = True,
@@ -44,6 +46,13 @@ def compile(  # noqa: A001 - the public name the design card asks for
 
     The result carries ``.report`` (per-pass, per-node QSNR against FP32) and
     ``.qconfig``. ``model`` itself is never modified.
+
+    ``int_kernels`` (``backend="int"`` only): ``"portable"`` (default) runs every Linear as
+    ``torch._int_mm`` with dyadic integer requantization, on any device; ``"onednn"`` (x86
+    CPUs) runs the Linears on oneDNN's int8 kernel with the scales, bias, GELU and the next
+    point's quantization in the GEMM's epilogue (float32 scale arithmetic, as torchao's PT2E
+    X86 path), the fastest choice under ``torch.compile`` with inductor freezing
+    (``fxquant.onednn``).
 
     ``numeric_diff=False`` skips the node-by-node comparison after each pass (the report then
     has timings but no QSNR): for quick compiles of large models once the pipeline is trusted.
@@ -60,6 +69,13 @@ def compile(  # noqa: A001 - the public name the design card asks for
         raise FxqError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if backend not in BACKENDS:
         raise FxqError(f"backend {backend!r} is not available in this version; choose one of {BACKENDS}")
+    if int_kernels not in INT_KERNELS:
+        raise FxqError(f"int_kernels {int_kernels!r} is not one of {INT_KERNELS}")
+    if int_kernels != "portable" and backend != "int":
+        raise FxqError(f"int_kernels={int_kernels!r} chooses the integer graph's kernels; it needs backend='int'")
+    if int_kernels == "onednn" and not onednn_available():
+        raise FxqError("int_kernels='onednn' needs oneDNN's int8 Linear kernels (an x86 CPU build of torch with "
+                       "oneDNN); they are not available here: use int_kernels='portable'")
     if isinstance(keep_float, bool) or not isinstance(keep_float, int) or keep_float < 0:
         raise FxqError(f"keep_float must be an integer >= 0, got {keep_float!r}")
     if keep_float and backend == "int":
@@ -84,7 +100,7 @@ def compile(  # noqa: A001 - the public name the design card asks for
         dumper = GraphDump(dump_dir)
         dumper.dump("trace", gm, report.passes[0])
         instruments.append(dumper)
-    gm = PassManager(list(passes) if passes is not None else default_passes(backend), instruments).run(gm, ctx)
+    gm = PassManager(list(passes) if passes is not None else default_passes(backend, int_kernels), instruments).run(gm, ctx)
     report.notes = list(ctx.state.get("notes", [])) + list(ctx.state.get("fuse_scales", []))
     report.notes += list(ctx.state.get("lower_integer", []))  # backend="int": what lowering did, equivalence
     gm.report = report

@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--backend", choices=("fake", "int"), default="fake",
                       help="fake: a fake-quant graph (default); int: int8 codes, integer GEMMs and dyadic "
                       "requantization (the report's notes give its agreement with the fake-quant graph)")
+    comp.add_argument("--int-kernels", choices=("portable", "onednn"), default="portable",
+                      help="with --backend int: portable (torch._int_mm + dyadic requantization, default) or "
+                      "onednn (x86: oneDNN's int8 Linear with scales, GELU and requantization in its epilogue)")
     _add_diff_parser(sub)
     add_export_parser(sub)
     add_run_parser(sub)
@@ -161,13 +164,14 @@ def run_compile(args: argparse.Namespace) -> int:
         main_process = distributed.is_main_process()
     qm = fxquant.compile(model, args.qconfig, calib_data=calib, dump_dir=args.dump_dir if main_process else None,
                          progress=not args.quiet and main_process, model_name=args.model,
-                         keep_float=args.keep_float, numeric_diff=not args.no_diff, backend=args.backend)
+                         keep_float=args.keep_float, numeric_diff=not args.no_diff, backend=args.backend,
+                         int_kernels=args.int_kernels)
     if not main_process:
         return 0
     print(qm.report.table(worst=args.worst))
     if args.backend == "int":
         for note in qm.report.notes:
-            if note.startswith(("integer vs fake-quant", "output QSNR", "lower_integer")):
+            if note.startswith(("integer vs fake-quant", "output QSNR", "lower_integer", "use_onednn_kernels")):
                 print(note)
     if args.keep_float:
         print(f"points kept in float (--keep-float {args.keep_float}): {len(qm.keep_float)}")

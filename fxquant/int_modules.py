@@ -22,9 +22,13 @@ from .integer import (INT8_MAX, INT8_MIN, dequantize_codes, int8_batched_matmul,
 from .log_int_softmax import lis_codes
 from .ptf import ptf_layernorm_codes
 
+UINT8_OFFSET = 128  # uint8 code = int8 code + 128 (oneDNN's activations, fxquant.onednn)
+
 
 class QuantizeCodes(nn.Module):
     """float -> int8 codes of one quantization point (shifted codes, see fxquant.integer)."""
+
+    codes_dtype = "int8"  # "uint8" after to_uint8()
 
     def __init__(self, label: str, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int):
         super().__init__()
@@ -32,11 +36,17 @@ class QuantizeCodes(nn.Module):
         self.register_buffer("scale", scale.to(torch.float32).clone())
         self.register_buffer("zero_point", zero_point.to(torch.float32).clone())
 
+    def to_uint8(self) -> None:
+        """Emit ``int8 code + 128`` as uint8 (oneDNN's activation type); same values."""
+        self.zero_point += UINT8_OFFSET
+        self.qmin, self.qmax, self.codes_dtype = self.qmin + UINT8_OFFSET, self.qmax + UINT8_OFFSET, "uint8"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantize_codes(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        dtype = torch.uint8 if self.codes_dtype == "uint8" else torch.int8
+        return quantize_codes(x, self.scale, self.zero_point, self.qmin, self.qmax, dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.label} -> int8 codes [{self.qmin}, {self.qmax}]"
+        return f"{self.label} -> {self.codes_dtype} codes [{self.qmin}, {self.qmax}]"
 
 
 class DequantizeCodes(nn.Module):
@@ -49,6 +59,12 @@ class DequantizeCodes(nn.Module):
         self.label, self.post_scale = label, post_scale
         self.register_buffer("scale", scale.to(torch.float32).clone())
         self.register_buffer("zero_point", zero_point.to(torch.float32).clone())
+
+    def to_uint8(self) -> None:
+        """Read ``int8 code + 128`` codes (see ``QuantizeCodes.to_uint8``)."""
+        self.zero_point += UINT8_OFFSET
+        if self.fused_affine:
+            self.fuse_affine()
 
     def fuse_affine(self) -> None:
         """Dequantize as one multiply-add, ``codes * m + b``, instead of ``(codes - zp) * s``.
@@ -87,6 +103,7 @@ class _Requantizing(nn.Module):
         zero-point terms). Both, the rounding and the zero point become one int64 offset."""
         m, k = shared_shift_multiplier(multiplier)
         self.requantizes, self.out_label, self.qmin, self.qmax = True, label, qmin, qmax
+        self.out_point = None  # IntLinear keeps its output point's scale/zero point until release
         self.register_buffer("out_multiplier", m.to(torch.int32))  # the int64 offset promotes the product
         self.register_buffer("out_shift", k)
         self.register_buffer("out_offset", requant_offset(m, k, correction, zero_point.to(torch.int64)))
@@ -120,6 +137,7 @@ class IntLinear(_Requantizing):
         # sum_k (x_k - z) w_nk = acc_n - z * sum_k w_nk: the second term is a constant per row
         row_sums = weight_codes.to(torch.int64).sum(dim=1)
         self.register_buffer("zero_point_term", (self.input_zero_point * row_sums).to(torch.int32))
+        self.out_point = None
         self.set_float_output()
 
     @property
@@ -147,6 +165,7 @@ class IntLinear(_Requantizing):
         self._set_codes_output(acc_scale / out_scale.to(torch.float64), correction, out_zero_point, qmin, qmax,
                                label)
         self.out_bias = None
+        self.out_point = (out_scale.to(torch.float64).clone(), out_zero_point.to(torch.float64).clone())
 
     def release_setup_tensors(self) -> None:
         """Drop bias, weight scales and the zero-point term once they are folded into the
@@ -155,6 +174,7 @@ class IntLinear(_Requantizing):
         for name in ("bias", "weight_scale", "zero_point_term"):
             delattr(self, name)
             setattr(self, name, None)
+        self.out_point = None
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         acc = int8_linear(codes, self.weight_codes.t())
@@ -194,11 +214,24 @@ class IntMatmul(_Requantizing):
         self._set_codes_output(self.acc_scale / out_scale.to(torch.float64), torch.zeros((), dtype=torch.int64),
                                out_zero_point, qmin, qmax, label)
 
+    a_uint8 = b_uint8 = False  # an operand read as uint8 codes (int8 code + 128): oneDNN graphs
+
+    def input_to_uint8(self, index: int) -> None:
+        """Operand ``index`` (0: a, 1: b) arrives as uint8 codes (``fxquant.onednn``)."""
+        if index == 0:
+            self.a_uint8 = True
+        else:
+            self.b_uint8 = True
+
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() or a.is_cuda or a.shape[:-2] != b.shape[:-2]:
-            left = a.to(torch.float32).sub_(self.a_zero_point)
-            right = b.to(torch.float32).sub_(self.b_zero_point)
+            left = a.to(torch.float32).sub_(self.a_zero_point + (UINT8_OFFSET if self.a_uint8 else 0))
+            right = b.to(torch.float32).sub_(self.b_zero_point + (UINT8_OFFSET if self.b_uint8 else 0))
             return self._finish(torch.matmul(left, right))
+        if self.a_uint8:  # u - 128 as int8 is u ^ 0x80 reinterpreted
+            a = a.bitwise_xor(UINT8_OFFSET).view(torch.int8)
+        if self.b_uint8:
+            b = b.bitwise_xor(UINT8_OFFSET).view(torch.int8)
         acc = int8_batched_matmul(a, b)
         za, zb = self.a_zero_point.to(torch.int32), self.b_zero_point.to(torch.int32)
         row_term = zb * a.sum(dim=-1, keepdim=True, dtype=torch.int32)  # (..., N, 1)
@@ -276,4 +309,10 @@ class LisShiftMatmul(nn.Module):
 
 
 INT8_RANGE = (INT8_MIN, INT8_MAX)
-INTEGER_MODULE_TYPES = (QuantizeCodes, DequantizeCodes, IntLinear, IntMatmul, IntLayerNorm, LisShiftMatmul)
+def _integer_module_types() -> tuple:
+    from .onednn import OnednnLinear  # imports fxquant.integer only: no cycle at call time
+
+    return (QuantizeCodes, DequantizeCodes, IntLinear, IntMatmul, IntLayerNorm, LisShiftMatmul, OnednnLinear)
+
+
+INTEGER_MODULE_TYPES = _integer_module_types()

@@ -111,13 +111,14 @@ def requantize(acc: torch.Tensor, m: torch.Tensor, k: torch.Tensor, offset: torc
 
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                   qmin: int = INT8_MIN, qmax: int = INT8_MAX) -> torch.Tensor:
+                   qmin: int = INT8_MIN, qmax: int = INT8_MAX, dtype: torch.dtype = torch.int8) -> torch.Tensor:
     """int8 codes of a float tensor; the same arithmetic as ``fxquant.quantizers.quantize``
     (division, round half to even), so codes equal the fake-quant graph's codes exactly.
     The zero point is added in float, before the clamp: ``round(x/s)`` alone may not fit
-    int8 (a float -> int8 cast of such a value is undefined, and inductor and eager differ)."""
+    int8 (a float -> int8 cast of such a value is undefined, and inductor and eager differ).
+    ``dtype=torch.uint8``: unshifted codes for oneDNN's kernels (``fxquant.onednn``)."""
     q = torch.div(x.float() if x.dtype != torch.float32 else x, scale)
-    return q.round_().add_(zero_point).clamp_(qmin, qmax).to(torch.int8)
+    return q.round_().add_(zero_point).clamp_(qmin, qmax).to(dtype)
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,

@@ -6,17 +6,28 @@ from fxquant.pass_manager import Pass
 BACKENDS = ("fake", "int")
 
 
-def default_passes(backend: str = "fake") -> list[Pass]:
+INT_KERNELS = ("portable", "onednn")
+
+
+def default_passes(backend: str = "fake", int_kernels: str = "portable") -> list[Pass]:
     """``fake``: ends in a fake-quant graph. ``int``: the same passes, then ``lower_integer``
     rewrites the fake-quant graph into int8 codes, integer GEMMs and dyadic requantization
-    (one calibration, so the integer graph matches the fake-quant one point by point)."""
+    (one calibration, so the integer graph matches the fake-quant one point by point).
+    ``int_kernels="onednn"`` (x86 CPUs) then moves the Linears onto oneDNN's fused int8
+    kernel (``use_onednn_kernels``)."""
     from fxquant.passes import (Annotate, Calibrate, DecomposeAttention, FuseScales, InsertObservers,
-                                LowerFakeQuant, LowerInteger, LowerLogIntSoftmax, Smooth, SplitQkv)
+                                LowerFakeQuant, LowerInteger, LowerLogIntSoftmax, Smooth, SplitQkv,
+                                UseOnednnKernels)
 
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not available in this version; choose one of {BACKENDS}")
+    if int_kernels not in INT_KERNELS:
+        raise ValueError(f"int_kernels {int_kernels!r} is not one of {INT_KERNELS}")
     passes = [DecomposeAttention(), Annotate(), SplitQkv(), Smooth(), InsertObservers(), Calibrate(), FuseScales(),
               LowerFakeQuant(), LowerLogIntSoftmax()]
     if backend == "int":
-        passes.append(LowerInteger())
+        onednn = int_kernels == "onednn"
+        passes.append(LowerInteger(release_setup=not onednn))
+        if onednn:
+            passes.append(UseOnednnKernels())
     return passes

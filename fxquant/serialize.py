@@ -288,7 +288,7 @@ def _cfg_quant_weight(m: nn.Module) -> dict:
 
 _PLAIN = (str, int, float, bool, type(None))
 _PLAIN_STATE_KEYS = ("fxquant.QuantizeCodes", "fxquant.DequantizeCodes", "fxquant.IntLinear", "fxquant.IntMatmul",
-                     "fxquant.IntLayerNorm", "fxquant.LisShiftMatmul")
+                     "fxquant.IntLayerNorm", "fxquant.LisShiftMatmul", "fxquant.OnednnLinear")
 
 
 def _cfg_plain_state(m: nn.Module) -> dict:

@@ -9,6 +9,7 @@ from fxquant.passes.lower_integer import LowerInteger
 from fxquant.passes.lower_log_int_softmax import LowerLogIntSoftmax
 from fxquant.passes.smooth import Smooth
 from fxquant.passes.split_qkv import SplitQkv
+from fxquant.passes.use_onednn_kernels import UseOnednnKernels
 
 __all__ = ["Annotate", "Calibrate", "DecomposeAttention", "FuseScales", "InsertObservers",
-           "LowerFakeQuant", "LowerInteger", "LowerLogIntSoftmax", "Smooth", "SplitQkv"]
+           "LowerFakeQuant", "LowerInteger", "LowerLogIntSoftmax", "Smooth", "SplitQkv", "UseOnednnKernels"]

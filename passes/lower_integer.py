@@ -231,10 +231,6 @@ class _Lowering:
             self._fuse_requantization(node)
         self._read_shapes_from_codes()
         self._fuse_softmax_dequantize()
-        for node in self.int_nodes:
-            module = submodule(self.gm, node)
-            if isinstance(module, IntLinear):
-                module.release_setup_tensors()
         self.graph.eliminate_dead_code()
         self.gm.delete_all_unused_submodules()
         self._list_float_boundaries()
@@ -523,13 +519,18 @@ def _drop_origin(node: fx.Node) -> None:
     node.meta.pop(POINT, None)
 
 
-def lower_to_integer(gm: fx.GraphModule, example_inputs: tuple) -> IntegerLowering:
+def lower_to_integer(gm: fx.GraphModule, example_inputs: tuple, release_setup: bool = True) -> IntegerLowering:
     """Rewrite a lowered fake-quant GraphModule into an integer one, in place.
 
     ``example_inputs`` are run once to learn tensor shapes (how scales map through reshapes).
+    ``release_setup=False`` keeps the IntLinears' scales and bias (see ``LowerInteger``).
     """
     values = capture_values(gm, tuple(example_inputs))
     result = _Lowering(gm, values).run()
+    if release_setup:
+        for module in gm.modules():
+            if isinstance(module, IntLinear):
+                module.release_setup_tensors()
     gm.graph.lint()
     gm.recompile()
     return result
@@ -559,7 +560,7 @@ class _ForcedCodes(fx.Interpreter):
         if CODES_OF in n.meta:
             name, shift = n.meta[CODES_OF]
             self.got[n.name] = value
-            value = (self.expected[n.name] - shift).to(torch.int8)
+            value = (self.expected[n.name] - shift).to(value.dtype)
         return value
 
 
@@ -609,7 +610,14 @@ def agreement_summary(rows: list[PointAgreement]) -> str:
 
 # ------------------------------------------------------------------------------ pass
 class LowerInteger(Pass):
+    """``release_setup=False`` keeps each IntLinear's scales and bias (and the fake-quant
+    graph, in ``ctx.state``) for a pass that re-targets the Linears (``use_onednn_kernels``),
+    which then releases them."""
+
     name = "lower_integer"
+
+    def __init__(self, release_setup: bool = True):
+        self.release_setup = release_setup
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         if not any(isinstance(m, FakeQuantize) for m in gm.modules()):
@@ -617,7 +625,7 @@ class LowerInteger(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         fake = copy.deepcopy(gm)
-        result = lower_to_integer(gm, ctx.diff_inputs)
+        result = lower_to_integer(gm, ctx.diff_inputs, release_setup=self.release_setup)
         notes = ctx.state.setdefault("lower_integer", [])
         if ctx.report is not None:
             ctx.report.float_points.extend(result.float_points)
@@ -646,6 +654,10 @@ class LowerInteger(Pass):
                 line += (f", integer vs FP32 {output_qsnr(reference, int_out):.2f} dB, fake-quant vs FP32 "
                          f"{output_qsnr(reference, fake_out):.2f} dB")
         notes.append(line)
+        if not self.release_setup:
+            from fxquant.passes.use_onednn_kernels import FAKE_GRAPH_STATE
+
+            ctx.state[FAKE_GRAPH_STATE] = fake
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> None:

@@ -1,0 +1,293 @@
+"""use_onednn_kernels: the integer graph's Linears run on oneDNN's fused int8 kernel.
+
+Runs after ``lower_integer`` when ``compile(..., backend="int", int_kernels="onednn")``.
+Each ``IntLinear`` (``torch._int_mm`` plus a separate requantization) becomes an
+``OnednnLinear`` (``fxquant.onednn``): one oneDNN call that also applies the scales, the
+bias, and either gives the float result, or the next point's codes, or, where the Linear
+is followed by an exact GELU and a per-tensor point (``fc1 -> GELU -> mlp_gelu``), GELU
+and that point's quantization in its epilogue.
+
+oneDNN's fast path needs **uint8** activations, so the codes feeding converted Linears are
+emitted as ``int8 code + 128``: a *code group* is one producer of codes (a
+``QuantizeCodes``, or a Linear that requantizes) with every node that only moves its
+elements (reshape, permute, getitem, dropout); the group switches to uint8 when every
+reader of it is a converted Linear, a ``DequantizeCodes`` (its zero point moves by 128) or
+a shape read. A Linear whose input group cannot switch (read by an integer matmul, an
+integer LayerNorm, a padding...) or whose output point is narrower than 8 bits stays on
+the portable kernel, and the report says why.
+
+Neutral in intent, not bit-exact: oneDNN applies the scales in float32 where the portable
+kernel uses dyadic integer multipliers, so a code may differ by one step where a value is
+within float32 rounding of a step boundary. The pass measures the codes against the
+fake-quant graph, as ``lower_integer`` does, and writes that into the report.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from fxquant.errors import NodeError
+from fxquant.graph_utils import install_submodule
+from fxquant.int_modules import UINT8_OFFSET, DequantizeCodes, IntLinear, IntMatmul, QuantizeCodes
+from fxquant.onednn import OnednnLinear, onednn_available
+from fxquant.pass_manager import Pass, PassContext
+from fxquant.patterns import is_scale_transparent, submodule
+from fxquant.passes.lower_integer import CODES_OF, _drop_origin, agreement_summary, code_agreement
+
+FAKE_GRAPH_STATE = "lower_integer_fake_graph"  # lower_integer leaves the fake-quant graph here for this pass
+_SHAPE_METHODS = {"size", "dim"}
+
+
+def _is_shape_read(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
+        node.op == "call_method" and node.target in _SHAPE_METHODS)
+
+
+def _is_pad(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is F.pad
+
+
+def _moves(gm: fx.GraphModule, node: fx.Node, source: fx.Node) -> bool:
+    """``node`` only rearranges ``source`` (its first argument), or pads it with a constant
+    (Swin's windows: lower_integer made the fill value the zero point's code)."""
+    if not node.args or node.args[0] is not source:
+        return False
+    if _is_pad(node):
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+        return mode == "constant"
+    return is_scale_transparent(gm, node) or (node.op == "call_function" and node.target is torch.roll)
+
+
+def _shift_pad_value(node: fx.Node) -> None:
+    """The fill code of a constant pad on codes moves with the codes (+128)."""
+    if len(node.args) > 3:
+        node.args = (*node.args[:3], (node.args[3] or 0) + UINT8_OFFSET, *node.args[4:])
+    else:
+        node.kwargs = {**node.kwargs, "value": (node.kwargs.get("value") or 0) + UINT8_OFFSET}
+
+
+def _is_exact_gelu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    module = submodule(gm, node)
+    if isinstance(module, torch.nn.GELU):
+        return module.approximate == "none"
+    return (node.op == "call_function" and node.target is F.gelu and len(node.args) == 1
+            and node.kwargs.get("approximate", "none") == "none")
+
+
+class _Group:
+    """One producer of codes and the element-moving nodes after it."""
+
+    def __init__(self, gm: fx.GraphModule, root: fx.Node):
+        self.root, self.members, self.readers = root, [root], []
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            for user in node.users:
+                if _moves(gm, user, node):
+                    self.members.append(user)
+                    stack.append(user)
+                else:
+                    self.readers.append(user)
+
+
+class _Conversion:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm, self.graph = gm, gm.graph
+        self.linears = [n for n in self.graph.nodes if isinstance(submodule(gm, n), IntLinear)]
+        self.groups: dict[fx.Node, _Group] = {}  # root -> group
+        self.group_of_member: dict[fx.Node, _Group] = {}
+        self.kept: dict[str, str] = {}  # linear node name -> why it stays portable
+        for node in self.graph.nodes:
+            module = submodule(gm, node)
+            if isinstance(module, QuantizeCodes) or (isinstance(module, IntLinear) and module.requantizes):
+                group = _Group(gm, node)
+                self.groups[node] = group
+                for member in group.members:
+                    self.group_of_member.setdefault(member, group)
+
+    # -- which Linears convert, which groups switch to uint8
+    def _input_group(self, linear: fx.Node) -> Optional[_Group]:
+        source = linear.args[0] if linear.args else None
+        return self.group_of_member.get(source) if isinstance(source, fx.Node) else None
+
+    def _readers_take_uint8(self, group: _Group, chosen: set) -> Optional[str]:
+        for reader in group.readers:
+            module = submodule(self.gm, reader)
+            if reader in chosen or _is_shape_read(reader) or isinstance(module, (DequantizeCodes, IntMatmul)):
+                continue
+            return f"{reader.name} reads the same codes and needs int8"
+        return None
+
+    def _gelu_point(self, linear: fx.Node, chosen: set) -> Optional[fx.Node]:
+        """The QuantizeCodes node of ``linear -> exact GELU -> point`` (per-tensor, 8-bit),
+        when everything reading that point's codes can take uint8."""
+        module = submodule(self.gm, linear)
+        if module.requantizes or len(linear.users) != 1:
+            return None
+        gelu = next(iter(linear.users))
+        if not _is_exact_gelu(self.gm, gelu) or len(gelu.users) != 1:
+            return None
+        point = next(iter(gelu.users))
+        codes = submodule(self.gm, point)
+        if not isinstance(codes, QuantizeCodes) or codes.scale.numel() != 1 or codes.zero_point.numel() != 1:
+            return None
+        if (codes.qmin, codes.qmax) != (-128, 127) or self._readers_take_uint8(self.groups[point], chosen):
+            return None
+        return point
+
+    def _why_not(self, linear: fx.Node, chosen: set) -> Optional[str]:
+        module = submodule(self.gm, linear)
+        group = self._input_group(linear)
+        if group is None:
+            return "its input codes do not come from a point or a requantizing Linear"
+        root_module = submodule(self.gm, group.root)
+        if isinstance(root_module, IntLinear) and group.root not in chosen:
+            return f"the Linear producing its input ({group.root.name}) stays portable"
+        if isinstance(root_module, QuantizeCodes) and (root_module.qmin, root_module.qmax) != (-128, 127):
+            return "its input point is narrower than 8 bits"
+        reason = self._readers_take_uint8(group, chosen)
+        if reason:
+            return f"its input codes must become uint8, but {reason}"
+        if module.requantizes:
+            if (module.qmin, module.qmax) != (-128, 127):
+                return "its output point is narrower than 8 bits"
+            reason = self._readers_take_uint8(self.groups[linear], chosen)
+            if reason:  # oneDNN gives quantized outputs as uint8 only (inductor's lowering assumes it)
+                return f"its output codes would be uint8, but {reason}"
+        return None
+
+    def choose(self) -> set:
+        chosen = set(self.linears)
+        changed = True
+        while changed:
+            changed = False
+            for linear in list(chosen):
+                reason = self._why_not(linear, chosen)
+                if reason:
+                    chosen.discard(linear)
+                    self.kept[linear.name] = reason
+                    changed = True
+        for linear in chosen:
+            self.kept.pop(linear.name, None)
+        return chosen
+
+    # -- rewrite
+    def convert(self, linear: fx.Node, chosen: set) -> tuple[str, Optional[fx.Node]]:
+        """Replace one IntLinear; returns (what it computes now, root of an output group that
+        becomes uint8 or None)."""
+        module: IntLinear = submodule(self.gm, linear)
+        common = dict(weight_codes=module.weight_codes, input_scale=module.input_scale,
+                      input_zero_point=module.input_zero_point + UINT8_OFFSET, label=module.label)
+        weight_scale = module.weight_scale.to(torch.float64)
+        bias = module.bias.to(torch.float64) if module.bias is not None else torch.zeros_like(weight_scale)
+        gelu_point = self._gelu_point(linear, chosen)
+        out_root = None
+        if module.requantizes:  # per-feature output scale and zero point folded into w_scale and bias
+            out_scale, out_zero = module.out_point
+            zero = out_zero.reshape(-1).expand(module.out_features) + UINT8_OFFSET
+            scale = out_scale.reshape(-1).expand(module.out_features)
+            new = OnednnLinear(weight_scale=weight_scale / scale, bias=bias / scale + zero, output="uint8",
+                               out_label=module.out_label, **common)
+            kind, out_root = f"codes of {module.out_label}", linear
+        elif gelu_point is not None:
+            codes: QuantizeCodes = submodule(self.gm, gelu_point)
+            zero = float(codes.zero_point) + UINT8_OFFSET
+            new = OnednnLinear(weight_scale=weight_scale, bias=bias, output="uint8", output_scale=float(codes.scale),
+                               output_zero_point=int(round(zero)), post_op="gelu", out_label=codes.label, **common)
+            gelu = next(iter(linear.users))
+            _drop_origin(linear)
+            linear.meta[CODES_OF] = gelu_point.meta.get(CODES_OF)
+            gelu_point.replace_all_uses_with(linear)
+            self.graph.erase_node(gelu_point)
+            self.graph.erase_node(gelu)
+            group = self.groups.pop(gelu_point)
+            group.root, group.members[0] = linear, linear
+            self.groups[linear] = group
+            kind, out_root = f"GELU and codes of {codes.label} in the epilogue", linear
+        else:
+            new = OnednnLinear(weight_scale=weight_scale, bias=bias, output="float32", **common)
+            kind = "float output"
+        install_submodule(self.gm, str(linear.target), new)
+        return kind, out_root
+
+    def switch_group(self, root: fx.Node) -> None:
+        """Every code of the group becomes uint8: producer, readers and the diff's meta."""
+        group = self.groups[root]
+        module = submodule(self.gm, root)
+        if isinstance(module, QuantizeCodes):
+            module.to_uint8()
+        members = set(group.members)
+        for member in group.members:
+            if _is_pad(member):
+                _shift_pad_value(member)
+        for reader in group.readers:
+            reader_module = submodule(self.gm, reader)
+            if isinstance(reader_module, DequantizeCodes):
+                reader_module.to_uint8()
+            elif isinstance(reader_module, IntMatmul):
+                for index, arg in enumerate(reader.args[:2]):
+                    if arg in members:
+                        reader_module.input_to_uint8(index)
+        self._shift_meta(group)
+
+    @staticmethod
+    def _shift_meta(group: _Group) -> None:
+        for member in group.members:
+            if CODES_OF in member.meta and member.meta[CODES_OF] is not None:
+                name, shift = member.meta[CODES_OF]
+                member.meta[CODES_OF] = (name, shift - UINT8_OFFSET)
+
+
+class UseOnednnKernels(Pass):
+    name = "use_onednn_kernels"
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        linears = [m for m in gm.modules() if isinstance(m, IntLinear)]
+        if not linears:
+            raise NodeError("output", "no IntLinear in the graph; run lower_integer first")
+        if any(m.weight_scale is None for m in linears):
+            raise NodeError("output", "lower_integer already released the IntLinears' scales; build it with "
+                                      "LowerInteger(release_setup=False) before use_onednn_kernels")
+        if not onednn_available():
+            raise NodeError("output", "oneDNN's int8 Linear kernels are not available here (they need an x86 CPU "
+                                      "build of torch with oneDNN); use int_kernels='portable'")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        conversion = _Conversion(gm)
+        chosen = conversion.choose()
+        switched = {conversion._input_group(linear).root for linear in chosen}
+        kinds = {}
+        for linear in [n for n in gm.graph.nodes if n in chosen]:  # graph order: producers first
+            kinds[linear.name], out_root = conversion.convert(linear, chosen)
+            if out_root is not None:
+                switched.add(out_root)
+        for root in switched:
+            if root.graph is gm.graph and root in conversion.groups:  # a fused GELU point's root is its Linear
+                conversion.switch_group(root)
+        for module in gm.modules():
+            if isinstance(module, IntLinear):
+                module.release_setup_tensors()
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        notes = ctx.state.setdefault("lower_integer", [])
+        gelu = sum("GELU" in k for k in kinds.values())
+        notes.append(f"use_onednn_kernels: {len(kinds)} of {len(conversion.linears)} Linears on oneDNN's int8 "
+                     f"kernel ({gelu} with GELU and the next point's quantization in the epilogue)")
+        notes.extend(f"portable Linear {name}: {why}" for name, why in sorted(conversion.kept.items()))
+        fake = ctx.state.pop(FAKE_GRAPH_STATE, None)
+        if fake is not None:
+            isolated = code_agreement(fake, gm, ctx.diff_inputs, isolated=True)
+            notes.append(agreement_summary(isolated) + " after use_onednn_kernels (diff inputs; isolated)")
+        return gm
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        for name, module in gm.named_modules():
+            if isinstance(module, OnednnLinear) and module.weight_codes.dtype != torch.int8:
+                raise NodeError(name, "OnednnLinear weight is not stored as int8")
+
+
+__all__ = ["UseOnednnKernels", "FAKE_GRAPH_STATE"]

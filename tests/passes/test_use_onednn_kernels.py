@@ -1,0 +1,173 @@
+"""use_onednn_kernels: the integer graph's Linears on oneDNN's fused int8 kernel.
+
+Before: the tiny ViT / Swin compiled with ``backend="int"`` (portable kernels). Expected
+with ``int_kernels="onednn"``: every Linear whose codes can travel as uint8 is an
+``OnednnLinear``; fc1 -> GELU -> mlp_gelu is one kernel; the codes at every point still
+equal the fake-quant graph's or differ by 1 LSB on a small fraction; the output matches the
+portable integer graph; a Linear whose input codes another integer op reads as int8 stays
+portable and the report says why; under torch.compile (inductor freezing) the result equals
+eager. Skipped where oneDNN's int8 ops are not available (non-x86 builds).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxquant
+from fxquant.errors import FxqError
+from fxquant.int_modules import IntLinear, QuantizeCodes
+from fxquant.numeric_diff import output_qsnr
+from fxquant.onednn import OnednnLinear, onednn_available
+from fxquant.passes.lower_integer import CODES_OF, code_agreement
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="oneDNN int8 ops need an x86 torch build")
+
+MAX_OFF_BY_ONE_SHARE = 1e-3  # as for the portable kernels (test_lower_integer)
+
+
+@pytest.fixture(scope="module")
+def graphs():
+    """name -> (tiny model, fake graph, portable int graph, oneDNN int graph)."""
+    from tests.passes.conftest import tiny_model
+
+    out = {}
+    for name, qconfig in (("vit", "w8a8"), ("swin", "w8a8"), ("vit", "fqvit_w8a8")):
+        tiny = tiny_model(name)
+        kwargs = dict(calib_data=tiny.calib(batches=2, batch_size=4), diff_inputs=tiny.inputs(), progress=False)
+        fake = fxquant.compile(tiny.model, qconfig, **kwargs)
+        portable = fxquant.compile(tiny.model, qconfig, backend="int", **kwargs)
+        onednn = fxquant.compile(tiny.model, qconfig, backend="int", int_kernels="onednn", **kwargs)
+        out[(name, qconfig)] = (tiny, fake, portable, onednn)
+    return out
+
+
+def _modules(gm, cls):
+    return {name: m for name, m in gm.named_modules() if isinstance(m, cls)}
+
+
+@pytest.mark.parametrize("key", [("vit", "w8a8"), ("swin", "w8a8")], ids=lambda k: "-".join(k))
+def test_every_linear_runs_on_onednn_under_w8a8(graphs, key):
+    tiny, _, portable, onednn = graphs[key]
+    linears = _modules(onednn, OnednnLinear)
+    assert not _modules(onednn, IntLinear)
+    assert len(linears) == len(_modules(portable, IntLinear))
+    assert all(m.weight_codes.dtype == torch.int8 for m in linears.values())
+    gelu = [name for name, m in linears.items() if m.post_op == "gelu"]
+    assert len(gelu) == tiny.depth and all(name.endswith("mlp.fc1") for name in gelu)
+    # the GELU and its point are gone from the graph: fc1 gives mlp_gelu's codes itself
+    assert not any(isinstance(m, torch.nn.GELU) for m in onednn.modules())
+    assert not any(n.target is F.gelu for n in onednn.graph.nodes)
+    codes_modules = _modules(onednn, QuantizeCodes)
+    assert not any(m.label == "mlp_gelu" for m in codes_modules.values())
+    assert all(m.codes_dtype == "uint8" for m in codes_modules.values() if m.label in ("norm1", "norm2"))
+    note = next(n for n in onednn.report.notes if n.startswith("use_onednn_kernels"))
+    assert f"{len(linears)} of {len(linears)} Linears" in note
+
+
+@pytest.mark.parametrize("key", [("vit", "w8a8"), ("swin", "w8a8"), ("vit", "fqvit_w8a8")],
+                         ids=lambda k: "-".join(k))
+def test_codes_match_the_fake_quant_graph(graphs, key):
+    tiny, fake, portable, onednn = graphs[key]
+    rows = code_agreement(fake, onednn, tiny.inputs(), isolated=True)
+    assert len(rows) == len(code_agreement(fake, portable, tiny.inputs(), isolated=True))
+    assert max(r.worst for r in rows) <= 1
+    assert sum(r.off_by_one for r in rows) <= MAX_OFF_BY_ONE_SHARE * sum(r.codes for r in rows)
+    # the uint8 groups are described to the diff with their new offset (-128 + 128 = 0 for unsigned points)
+    shifts = {n.meta[CODES_OF][1] for n in onednn.graph.nodes if n.meta.get(CODES_OF)}
+    assert shifts <= {0, 128, -128}
+
+
+@pytest.mark.parametrize("key", [("vit", "w8a8"), ("swin", "w8a8"), ("vit", "fqvit_w8a8")],
+                         ids=lambda k: "-".join(k))
+def test_output_matches_the_portable_integer_graph(graphs, key):
+    tiny, fake, portable, onednn = graphs[key]
+    x = tiny.image(2, seed=5)
+    with torch.no_grad():
+        reference, fake_out, ported, fused = tiny.model(x), fake(x), portable(x), onednn(x)
+    assert output_qsnr(ported, fused) > 35.0
+    assert abs(output_qsnr(reference, fused) - output_qsnr(reference, fake_out)) < 0.5
+
+
+def test_linears_reading_int8_codes_stay_portable_with_a_reason(graphs):
+    _, _, _, onednn = graphs[("vit", "fqvit_w8a8")]
+    kept = [n for n in onednn.report.notes if n.startswith("portable Linear")]
+    remaining = _modules(onednn, IntLinear)
+    assert remaining and len(kept) == len(remaining)
+    assert all("int8" in n or "narrower" in n or "stays portable" in n or "do not come from" in n for n in kept)
+    assert _modules(onednn, OnednnLinear)  # the others did convert
+    for module in remaining.values():  # released as after lower_integer alone
+        assert module.weight_scale is None and module.bias is None
+
+
+def test_kernel_matches_its_definition_on_hand_made_tensors():
+    torch.manual_seed(0)
+    weight = torch.randint(-127, 128, (24, 40), dtype=torch.int8)
+    w_scale, bias = torch.rand(24) * 0.01 + 1e-3, torch.randn(24)
+    codes = torch.randint(0, 256, (3, 5, 40), dtype=torch.uint8)
+    acc = (codes.double() - 131) @ weight.double().t()
+    real = acc * 0.02 * w_scale.double() + bias.double()
+    for output, post_op in (("float32", "none"), ("uint8", "none"), ("uint8", "gelu"), ("int8", "none")):
+        codes_out = output != "float32"
+        layer = OnednnLinear(weight, w_scale, bias, 0.02, 131, output=output, output_scale=0.05 if codes_out else 1.0,
+                             output_zero_point=(7 if output == "uint8" else -3) if codes_out else 0, post_op=post_op)
+        y = real if post_op == "none" else F.gelu(real)
+        got = layer(codes)
+        assert got.shape == (3, 5, 24)
+        if output == "float32":
+            torch.testing.assert_close(got.double(), y, rtol=1e-5, atol=1e-4)
+            continue
+        low, high = (0, 255) if output == "uint8" else (-128, 127)
+        want = torch.clamp(torch.round(y / 0.05) + layer.output_zero_point, low, high)
+        assert got.dtype == (torch.uint8 if output == "uint8" else torch.int8)
+        assert (got.double() - want).abs().max() <= 1
+        assert (got.double() != want).float().mean() < 0.01
+        # the fallback (no oneDNN, or compiled without freezing) computes the same
+        assert (layer._portable(codes.reshape(-1, 40)).double().reshape(got.shape) - got.double()).abs().max() <= 1
+
+
+def test_kernel_refuses_int8_codes_and_a_scaled_float_output():
+    layer = OnednnLinear(torch.zeros(4, 8, dtype=torch.int8), torch.ones(4), None, 1.0, 128)
+    with pytest.raises(TypeError, match="uint8"):
+        layer(torch.zeros(2, 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match="float output"):
+        OnednnLinear(torch.zeros(4, 8, dtype=torch.int8), torch.ones(4), None, 1.0, 128, output_scale=0.5)
+
+
+def test_compiled_with_freezing_equals_eager(graphs):
+    import torch._inductor.config as inductor_config
+
+    tiny, _, _, onednn = graphs[("vit", "w8a8")]
+    x = tiny.image(2, seed=3)
+    before = inductor_config.freezing
+    inductor_config.freezing = True
+    try:
+        with torch.no_grad():
+            eager = onednn(x)
+            compiled = torch.compile(onednn)(x)
+    finally:
+        inductor_config.freezing = before
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_saved_onednn_graph_loads_and_runs(graphs, tmp_path):
+    tiny, _, _, onednn = graphs[("vit", "w8a8")]
+    path = tmp_path / "onednn.safetensors"
+    fxquant.save(onednn, path)
+    loaded = fxquant.load(path)
+    x = tiny.image(1, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), onednn(x), rtol=0, atol=0)
+    assert _modules(loaded, OnednnLinear)
+
+
+def test_bad_int_kernels_arguments_are_refused():
+    from tests.passes.conftest import tiny_model
+
+    tiny = tiny_model("vit")
+    with pytest.raises(FxqError, match="needs backend='int'"):
+        fxquant.compile(tiny.model, "w8a8", calib_data=tiny.calib(), int_kernels="onednn", progress=False)
+    with pytest.raises(FxqError, match="int_kernels 'fast'"):
+        fxquant.compile(tiny.model, "w8a8", calib_data=tiny.calib(), backend="int", int_kernels="fast",
+                        progress=False)
