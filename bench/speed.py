@@ -19,6 +19,9 @@ Per model (timm, random init after torch.manual_seed(0)), with 2 intra-op thread
 * ``fxquant int eager``: ``fxquant.compile(model, "w8a8", backend="int")`` on 32 seeded randn
   calibration images (batches of 8), run as the GraphModule it returns.
 * ``fxquant int + torch.compile``: the same GraphModule under ``torch.compile`` (inductor).
+* ``fxquant int, oneDNN kernels`` (eager and under ``torch.compile``): the same compile with
+  ``int_kernels="onednn"``: the Linears on oneDNN's int8 kernel with the scales, GELU and the
+  next point's quantization in the GEMM's epilogue (x86 only; skipped elsewhere).
 * ``torchao PT2E + torch.compile``: torch.export -> prepare_pt2e(X86InductorQuantizer default
   static config) -> the same 32 images -> convert_pt2e -> ``torch.compile`` (inductor
   freezing on, as torchao's X86 recipe asks; it applies to every compiled variant).
@@ -53,6 +56,7 @@ import fxquant
 from bench.markdown import publish
 from fxquant.int_modules import IntLinear
 from fxquant.numeric_diff import output_qsnr
+from fxquant.onednn import onednn_available
 
 MODELS = ("vit_base_patch16_224", "deit_small_patch16_224")
 BATCHES = (1, 8)
@@ -60,6 +64,7 @@ THREADS = 2
 CALIB_IMAGES, CALIB_BATCH = 32, 8
 FP32, INT_EAGER, INT_COMPILED, PT2E, ORT = ("fp32 eager", "fxquant int eager", "fxquant int + torch.compile",
                                             "torchao PT2E + torch.compile", "ORT static int8")
+ONEDNN_EAGER, ONEDNN_COMPILED = "fxquant int, oneDNN kernels, eager", "fxquant int, oneDNN kernels + torch.compile"
 
 
 def images(n: int, seed: int) -> torch.Tensor:
@@ -154,6 +159,15 @@ def measure_model(name: str, batches, rounds: int, skip_peers: bool, log) -> dic
     log(f"{name}: fxquant compile {compile_s:.1f} s, FP32 forward of {CALIB_IMAGES} images {fp32_32:.2f} s")
 
     variants = [Variant(FP32, model), Variant(INT_EAGER, qm), Variant(INT_COMPILED, torch.compile(qm))]
+    qm_onednn = None
+    if onednn_available():
+        start = time.perf_counter()
+        qm_onednn = fxquant.compile(model, "w8a8", calib_data=list(torch.split(calib, CALIB_BATCH)), backend="int",
+                                    int_kernels="onednn", progress=False, model_name=name)
+        log(f"{name}: fxquant compile with int_kernels='onednn' {time.perf_counter() - start:.1f} s")
+        variants += [Variant(ONEDNN_EAGER, qm_onednn), Variant(ONEDNN_COMPILED, torch.compile(qm_onednn))]
+    else:
+        variants.append(Variant(ONEDNN_EAGER, None, error="oneDNN int8 ops not available on this machine"))
     if not skip_peers:
         for label, build in ((PT2E, build_pt2e_compiled), (ORT, build_ort)):
             try:
@@ -186,7 +200,9 @@ def measure_model(name: str, batches, rounds: int, skip_peers: bool, log) -> dic
         log(f"  round {r + 1}/{rounds} done")
     return {"name": name, "variants": variants, "compile_s": compile_s, "fp32_32_s": fp32_32,
             "bytes": weight_bytes(model, qm), "notes": [n for n in qm.report.notes if n.startswith(
-                ("integer vs fake-quant", "output QSNR", "lower_integer:"))]}
+                ("integer vs fake-quant", "output QSNR", "lower_integer:"))] + [
+                f"int_kernels='onednn': {n}" for n in (qm_onednn.report.notes if qm_onednn is not None else [])
+                if n.startswith("use_onednn_kernels") or "after use_onednn_kernels" in n]}
 
 
 # --------------------------------------------------------------------------- output
@@ -215,14 +231,17 @@ def acceptance(result: dict) -> list[str]:
     lines = []
     if 8 in by_name[FP32].times:
         median = {n: statistics.median(v.times[8]) for n, v in by_name.items() if not v.error and 8 in v.times}
-        speedup = median[FP32] / median[INT_EAGER]
-        target = ("target >= 2.5x for ViT-B/16: " + ("met" if speedup >= 2.5 else "not met")
-                  if result["name"].startswith("vit_base") else "the 2.5x target is set for ViT-B/16")
-        lines.append(f"- batch 8: int eager {speedup:.2f}x FP32 eager ({target})")
-        if INT_COMPILED in median and PT2E in median:
-            ratio = median[PT2E] / median[INT_COMPILED]
-            lines.append(f"- batch 8: int + torch.compile {ratio:.2f}x the speed of PT2E + torch.compile "
-                         f"(target >= 1: {'met' if ratio >= 1 else 'not met'})")
+        for eager, compiled in ((INT_EAGER, INT_COMPILED), (ONEDNN_EAGER, ONEDNN_COMPILED)):
+            if eager not in median:
+                continue
+            speedup = median[FP32] / median[eager]
+            target = ("target >= 2.5x for ViT-B/16: " + ("met" if speedup >= 2.5 else "not met")
+                      if result["name"].startswith("vit_base") else "the 2.5x target is set for ViT-B/16")
+            lines.append(f"- batch 8: {eager} {speedup:.2f}x FP32 eager ({target})")
+            if compiled in median and PT2E in median:
+                ratio = median[PT2E] / median[compiled]
+                lines.append(f"- batch 8: {compiled} {ratio:.2f}x the speed of PT2E + torch.compile "
+                             f"(target >= 1: {'met' if ratio >= 1 else 'not met'})")
     nbytes = result["bytes"]
     share = nbytes["int_linear"] / nbytes["fp32_linear"]
     lines.append(f"- weight bytes of the {nbytes['int_linears']} integer Linears: {nbytes['int_linear'] / 2**20:.1f} "

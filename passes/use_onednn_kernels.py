@@ -16,6 +16,10 @@ a shape read. A Linear whose input group cannot switch (read by an integer matmu
 integer LayerNorm, a padding...) or whose output point is narrower than 8 bits stays on
 the portable kernel, and the report says why.
 
+The integer attention matmuls (``IntMatmul``) that requantize switch to the same float32
+scale arithmetic (``use_float_requantization``), which fuses into the softmax's kernel
+under torch.compile.
+
 Neutral in intent, not bit-exact: oneDNN applies the scales in float32 where the portable
 kernel uses dyadic integer multipliers, so a code may differ by one step where a value is
 within float32 rounding of a step boundary. The pass measures the codes against the
@@ -267,6 +271,11 @@ class UseOnednnKernels(Pass):
         for root in switched:
             if root.graph is gm.graph and root in conversion.groups:  # a fused GELU point's root is its Linear
                 conversion.switch_group(root)
+        float_requant = 0
+        for module in gm.modules():  # the attention matmuls requantize with float32 scales too
+            if isinstance(module, IntMatmul) and module.requantizes:
+                module.use_float_requantization()
+                float_requant += 1
         for module in gm.modules():
             if isinstance(module, IntLinear):
                 module.release_setup_tensors()
@@ -276,7 +285,8 @@ class UseOnednnKernels(Pass):
         notes = ctx.state.setdefault("lower_integer", [])
         gelu = sum("GELU" in k for k in kinds.values())
         notes.append(f"use_onednn_kernels: {len(kinds)} of {len(conversion.linears)} Linears on oneDNN's int8 "
-                     f"kernel ({gelu} with GELU and the next point's quantization in the epilogue)")
+                     f"kernel ({gelu} with GELU and the next point's quantization in the epilogue); "
+                     f"{float_requant} integer matmuls requantize with float32 scales")
         notes.extend(f"portable Linear {name}: {why}" for name, why in sorted(conversion.kept.items()))
         fake = ctx.state.pop(FAKE_GRAPH_STATE, None)
         if fake is not None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import fxquant
 from fxquant.errors import FxqError
-from fxquant.int_modules import IntLinear, QuantizeCodes
+from fxquant.int_modules import IntLinear, IntMatmul, QuantizeCodes
 from fxquant.numeric_diff import output_qsnr
 from fxquant.onednn import OnednnLinear, onednn_available
 from fxquant.passes.lower_integer import CODES_OF, code_agreement
@@ -61,6 +61,8 @@ def test_every_linear_runs_on_onednn_under_w8a8(graphs, key):
     codes_modules = _modules(onednn, QuantizeCodes)
     assert not any(m.label == "mlp_gelu" for m in codes_modules.values())
     assert all(m.codes_dtype == "uint8" for m in codes_modules.values() if m.label in ("norm1", "norm2"))
+    matmuls = [m for m in onednn.modules() if isinstance(m, IntMatmul) and m.requantizes]
+    assert matmuls and all(m.float_requant for m in matmuls)  # q @ kT -> scores codes in float32 scales
     note = next(n for n in onednn.report.notes if n.startswith("use_onednn_kernels"))
     assert f"{len(linears)} of {len(linears)} Linears" in note
 
