@@ -282,10 +282,17 @@ class IntLayerNorm(nn.Module):
         self.register_buffer("weight_units", constants.weight_units.to(torch.float64).clone())
         self.register_buffer("offset", constants.offset.to(torch.int64).clone())
 
+    codes_dtype = "int8"  # "uint8" after to_uint8()
+
+    def to_uint8(self) -> None:
+        """Emit ``int8 code + 128`` as uint8 (oneDNN's activation type); same values."""
+        self.out_zero_point += UINT8_OFFSET
+        self.qmin, self.qmax, self.codes_dtype = self.qmin + UINT8_OFFSET, self.qmax + UINT8_OFFSET, "uint8"
+
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         out = ptf_layernorm_codes(codes, self.alpha, self.in_zero_point, self.eps_int, self.sigma_bits,
                                   self.weight_units, self.offset, self.out_zero_point, self.qmin, self.qmax)
-        return out.to(torch.int8)
+        return out.to(torch.uint8 if self.codes_dtype == "uint8" else torch.int8)
 
     def extra_repr(self) -> str:
         return f"{self.alpha.numel()} channels, codes of {self.in_label} (PTF) -> codes of {self.out_label}"
@@ -313,12 +320,20 @@ class LisShiftMatmul(nn.Module):
         self.register_buffer("v_scale", v_scale.to(torch.float64).clone())
         self.register_buffer("v_zero_point", v_zero_point.to(torch.float64).clone())
 
+    v_uint8 = False  # V read as uint8 codes (int8 code + 128): oneDNN graphs
+
+    def input_to_uint8(self, index: int) -> None:
+        """Operand ``index`` arrives as uint8 codes; only V (1) holds codes."""
+        if index != 1:
+            raise ValueError("LisShiftMatmul reads codes only as its second operand (V)")
+        self.v_uint8 = True
+
     def forward(self, scores: torch.Tensor, v_codes: torch.Tensor) -> torch.Tensor:
         m = lis_codes(scores, self.lis_scale, self.bits, -1)
         qmax = 2**self.bits - 1
         powers = torch.where((m <= self.max_shift) & (m < qmax), torch.pow(2.0, self.max_shift - m),
                              torch.zeros_like(m))
-        acc = torch.matmul(powers, v_codes.to(torch.float64) - self.v_zero_point)
+        acc = torch.matmul(powers, v_codes.to(torch.float64) - (self.v_zero_point + (UINT8_OFFSET if self.v_uint8 else 0)))
         if self.renormalize:
             out = acc * self.v_scale / powers.sum(-1, keepdim=True)
         else:

@@ -9,12 +9,13 @@ and that point's quantization in its epilogue.
 
 oneDNN's fast path needs **uint8** activations, so the codes feeding converted Linears are
 emitted as ``int8 code + 128``: a *code group* is one producer of codes (a
-``QuantizeCodes``, or a Linear that requantizes) with every node that only moves its
-elements (reshape, permute, getitem, dropout); the group switches to uint8 when every
-reader of it is a converted Linear, a ``DequantizeCodes`` (its zero point moves by 128) or
-a shape read. A Linear whose input group cannot switch (read by an integer matmul, an
-integer LayerNorm, a padding...) or whose output point is narrower than 8 bits stays on
-the portable kernel, and the report says why.
+``QuantizeCodes``, an ``IntLayerNorm``, or a Linear that requantizes) with every node that
+only moves its elements (reshape, permute, getitem, dropout, Swin's roll and padding); the
+group switches to uint8 when every reader of it is a converted Linear, a
+``DequantizeCodes`` (its zero point moves by 128), an integer matmul, the V operand of a
+``LisShiftMatmul`` or a shape read. A Linear whose input group cannot switch (read by an
+integer LayerNorm, say) or whose input or output point is narrower than 8 bits stays on the
+portable kernel, and the report says why.
 
 The integer attention matmuls (``IntMatmul``) that requantize switch to the same float32
 scale arithmetic (``use_float_requantization``), which fuses into the softmax's kernel
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 
 from fxquant.errors import NodeError
 from fxquant.graph_utils import install_submodule
-from fxquant.int_modules import UINT8_OFFSET, DequantizeCodes, IntLinear, IntMatmul, QuantizeCodes
+from fxquant.int_modules import (UINT8_OFFSET, DequantizeCodes, IntLayerNorm, IntLinear, IntMatmul, LisShiftMatmul,
+                                 QuantizeCodes)
 from fxquant.onednn import OnednnLinear, onednn_available
 from fxquant.pass_manager import Pass, PassContext
 from fxquant.patterns import is_scale_transparent, submodule
@@ -106,7 +108,8 @@ class _Conversion:
         self.kept: dict[str, str] = {}  # linear node name -> why it stays portable
         for node in self.graph.nodes:
             module = submodule(gm, node)
-            if isinstance(module, QuantizeCodes) or (isinstance(module, IntLinear) and module.requantizes):
+            if isinstance(module, (QuantizeCodes, IntLayerNorm)) or (isinstance(module, IntLinear)
+                                                                     and module.requantizes):
                 group = _Group(gm, node)
                 self.groups[node] = group
                 for member in group.members:
@@ -121,6 +124,8 @@ class _Conversion:
         for reader in group.readers:
             module = submodule(self.gm, reader)
             if reader in chosen or _is_shape_read(reader) or isinstance(module, (DequantizeCodes, IntMatmul)):
+                continue
+            if isinstance(module, LisShiftMatmul) and reader.args[0] not in group.members:  # V only
                 continue
             return f"{reader.name} reads the same codes and needs int8"
         return None
@@ -150,7 +155,7 @@ class _Conversion:
         root_module = submodule(self.gm, group.root)
         if isinstance(root_module, IntLinear) and group.root not in chosen:
             return f"the Linear producing its input ({group.root.name}) stays portable"
-        if isinstance(root_module, QuantizeCodes) and (root_module.qmin, root_module.qmax) != (-128, 127):
+        if isinstance(root_module, (QuantizeCodes, IntLayerNorm)) and (root_module.qmin, root_module.qmax) != (-128, 127):
             return "its input point is narrower than 8 bits"
         reason = self._readers_take_uint8(group, chosen)
         if reason:
@@ -221,7 +226,7 @@ class _Conversion:
         """Every code of the group becomes uint8: producer, readers and the diff's meta."""
         group = self.groups[root]
         module = submodule(self.gm, root)
-        if isinstance(module, QuantizeCodes):
+        if isinstance(module, (QuantizeCodes, IntLayerNorm)):
             module.to_uint8()
         members = set(group.members)
         for member in group.members:
@@ -231,7 +236,7 @@ class _Conversion:
             reader_module = submodule(self.gm, reader)
             if isinstance(reader_module, DequantizeCodes):
                 reader_module.to_uint8()
-            elif isinstance(reader_module, IntMatmul):
+            elif isinstance(reader_module, (IntMatmul, LisShiftMatmul)):
                 for index, arg in enumerate(reader.args[:2]):
                     if arg in members:
                         reader_module.input_to_uint8(index)
@@ -249,9 +254,9 @@ class UseOnednnKernels(Pass):
     name = "use_onednn_kernels"
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
-        linears = [m for m in gm.modules() if isinstance(m, IntLinear)]
-        if not linears:
-            raise NodeError("output", "no IntLinear in the graph; run lower_integer first")
+        if not any(isinstance(m, (QuantizeCodes, IntLinear, IntMatmul)) for m in gm.modules()):
+            raise NodeError("output", "no integer modules in the graph; run lower_integer first")
+        linears = [m for m in gm.modules() if isinstance(m, IntLinear)]  # none: a preset without Linear points
         if any(m.weight_scale is None for m in linears):
             raise NodeError("output", "lower_integer already released the IntLinears' scales; build it with "
                                       "LowerInteger(release_setup=False) before use_onednn_kernels")

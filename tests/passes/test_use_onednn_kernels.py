@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import fxquant
 from fxquant.errors import FxqError
-from fxquant.int_modules import IntLinear, IntMatmul, QuantizeCodes
+from fxquant.int_modules import IntLayerNorm, IntLinear, IntMatmul, LisShiftMatmul, QuantizeCodes
 from fxquant.numeric_diff import output_qsnr
 from fxquant.onednn import OnednnLinear, onednn_available
 from fxquant.passes.lower_integer import CODES_OF, code_agreement
@@ -32,7 +32,7 @@ def graphs():
     from tests.passes.conftest import tiny_model
 
     out = {}
-    for name, qconfig in (("vit", "w8a8"), ("swin", "w8a8"), ("vit", "fqvit_w8a8")):
+    for name, qconfig in (("vit", "w8a8"), ("swin", "w8a8"), ("vit", "fqvit_w8a8"), ("vit", "w6a6")):
         tiny = tiny_model(name)
         kwargs = dict(calib_data=tiny.calib(batches=2, batch_size=4), diff_inputs=tiny.inputs(), progress=False)
         fake = fxquant.compile(tiny.model, qconfig, **kwargs)
@@ -91,15 +91,27 @@ def test_output_matches_the_portable_integer_graph(graphs, key):
     assert abs(output_qsnr(reference, fused) - output_qsnr(reference, fake_out)) < 0.5
 
 
-def test_linears_reading_int8_codes_stay_portable_with_a_reason(graphs):
-    _, _, _, onednn = graphs[("vit", "fqvit_w8a8")]
+def test_fqvit_graph_runs_every_linear_on_onednn(graphs):
+    """FQ-ViT: the IntLayerNorms emit uint8 codes for Q/K/V and fc1, LisShiftMatmul reads V as uint8."""
+    _, _, portable, onednn = graphs[("vit", "fqvit_w8a8")]
+    assert not _modules(onednn, IntLinear)
+    assert len(_modules(onednn, OnednnLinear)) == len(_modules(portable, IntLinear))
+    norms = _modules(onednn, IntLayerNorm)
+    assert norms and all(m.codes_dtype == "uint8" for name, m in norms.items() if "norm1" in name or "norm2" in name)
+    assert all(m.v_uint8 for m in _modules(onednn, LisShiftMatmul).values())
+
+
+def test_linears_on_narrow_points_stay_portable_with_a_reason(graphs):
+    _, _, portable, onednn = graphs[("vit", "w6a6")]  # 6-bit activation points: not oneDNN's uint8
     kept = [n for n in onednn.report.notes if n.startswith("portable Linear")]
     remaining = _modules(onednn, IntLinear)
     assert remaining and len(kept) == len(remaining)
-    assert all("int8" in n or "narrower" in n or "stays portable" in n or "do not come from" in n for n in kept)
-    assert _modules(onednn, OnednnLinear)  # the others did convert
+    assert all("narrower than 8 bits" in n or "stays portable" in n for n in kept)
     for module in remaining.values():  # released as after lower_integer alone
         assert module.weight_scale is None and module.bias is None
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(onednn(x), portable(x))
 
 
 def test_kernel_matches_its_definition_on_hand_made_tensors():
@@ -173,3 +185,18 @@ def test_bad_int_kernels_arguments_are_refused():
     with pytest.raises(FxqError, match="int_kernels 'fast'"):
         fxquant.compile(tiny.model, "w8a8", calib_data=tiny.calib(), backend="int", int_kernels="fast",
                         progress=False)
+
+
+def test_preset_without_linear_points_passes_through():
+    """seed_attn quantizes attention only: no Linear to move, the pass says so and the graph runs."""
+    from tests.passes.conftest import tiny_model
+
+    tiny = tiny_model("vit")
+    kwargs = dict(calib_data=tiny.calib(), diff_inputs=tiny.inputs(), progress=False, backend="int")
+    portable = fxquant.compile(tiny.model, "seed_attn", **kwargs)
+    onednn = fxquant.compile(tiny.model, "seed_attn", int_kernels="onednn", **kwargs)
+    assert not _modules(onednn, OnednnLinear)
+    assert any(n.startswith("use_onednn_kernels: 0 of 0 Linears") for n in onednn.report.notes)
+    x = tiny.image(2, seed=6)
+    with torch.no_grad():
+        assert output_qsnr(portable(x), onednn(x)) > 35.0
