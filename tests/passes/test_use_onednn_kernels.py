@@ -200,3 +200,20 @@ def test_preset_without_linear_points_passes_through():
     x = tiny.image(2, seed=6)
     with torch.no_grad():
         assert output_qsnr(portable(x), onednn(x)) > 35.0
+
+
+def test_compiled_without_freezing_falls_back_to_the_same_arithmetic(graphs):
+    """Without inductor freezing the packed weight cannot be a constant: the kernel runs the
+    same float32 arithmetic on torch._int_mm instead of failing inside inductor."""
+    import torch._inductor.config as inductor_config
+
+    tiny, _, _, onednn = graphs[("vit", "w8a8")]
+    x = tiny.image(2, seed=3)
+    assert not inductor_config.freezing
+    try:
+        with torch.no_grad():
+            eager = onednn(x)
+            compiled = torch.compile(onednn)(x)
+    finally:
+        torch._dynamo.reset()
+    assert output_qsnr(eager, compiled) > 40.0
