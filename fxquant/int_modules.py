@@ -333,7 +333,8 @@ class LisShiftMatmul(nn.Module):
         qmax = 2**self.bits - 1
         powers = torch.where((m <= self.max_shift) & (m < qmax), torch.pow(2.0, self.max_shift - m),
                              torch.zeros_like(m))
-        acc = torch.matmul(powers, v_codes.to(torch.float64) - (self.v_zero_point + (UINT8_OFFSET if self.v_uint8 else 0)))
+        v_zero_point = self.v_zero_point + (UINT8_OFFSET if self.v_uint8 else 0)
+        acc = torch.matmul(powers, v_codes.to(torch.float64) - v_zero_point)
         if self.renormalize:
             out = acc * self.v_scale / powers.sum(-1, keepdim=True)
         else:

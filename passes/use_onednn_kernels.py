@@ -45,6 +45,7 @@ from fxquant.passes.lower_integer import CODES_OF, _drop_origin, agreement_summa
 
 FAKE_GRAPH_STATE = "lower_integer_fake_graph"  # lower_integer leaves the fake-quant graph here for this pass
 _SHAPE_METHODS = {"size", "dim"}
+_INT8 = (-128, 127)  # a full 8-bit point's (shifted) code range: what oneDNN's uint8 codes hold
 
 
 def _is_shape_read(node: fx.Node) -> bool:
@@ -143,7 +144,7 @@ class _Conversion:
         codes = submodule(self.gm, point)
         if not isinstance(codes, QuantizeCodes) or codes.scale.numel() != 1 or codes.zero_point.numel() != 1:
             return None
-        if (codes.qmin, codes.qmax) != (-128, 127) or self._readers_take_uint8(self.groups[point], chosen):
+        if (codes.qmin, codes.qmax) != _INT8 or self._readers_take_uint8(self.groups[point], chosen):
             return None
         return point
 
@@ -155,13 +156,13 @@ class _Conversion:
         root_module = submodule(self.gm, group.root)
         if isinstance(root_module, IntLinear) and group.root not in chosen:
             return f"the Linear producing its input ({group.root.name}) stays portable"
-        if isinstance(root_module, (QuantizeCodes, IntLayerNorm)) and (root_module.qmin, root_module.qmax) != (-128, 127):
+        if isinstance(root_module, (QuantizeCodes, IntLayerNorm)) and (root_module.qmin, root_module.qmax) != _INT8:
             return "its input point is narrower than 8 bits"
         reason = self._readers_take_uint8(group, chosen)
         if reason:
             return f"its input codes must become uint8, but {reason}"
         if module.requantizes:
-            if (module.qmin, module.qmax) != (-128, 127):
+            if (module.qmin, module.qmax) != _INT8:
                 return "its output point is narrower than 8 bits"
             reason = self._readers_take_uint8(self.groups[linear], chosen)
             if reason:  # oneDNN gives quantized outputs as uint8 only (inductor's lowering assumes it)
