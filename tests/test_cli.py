@@ -298,3 +298,19 @@ def test_report_dir_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "report.json").write_text("{}")
     assert_one_line_error(main(["report", str(tmp_path / "bad")]), capsys, "not an fxquant report")
+
+
+@pytest.mark.skipif(not __import__("fxquant.onednn", fromlist=["x"]).onednn_available(),
+                    reason="oneDNN int8 ops need an x86 torch build")
+def test_compile_int_with_onednn_kernels(capsys, spy):
+    rc = main(BASE + ["--calib", "random:8", "--backend", "int", "--int-kernels", "onednn", "--no-diff"])
+    out, _ = capsys.readouterr()
+    assert rc == 0
+    assert spy[-1]["backend"] == "int" and spy[-1]["int_kernels"] == "onednn"
+    assert " use_onednn_kernels " in out  # the pass is in the table
+    assert "use_onednn_kernels: 13 of 13 Linears on oneDNN's int8 kernel" in out
+
+
+def test_int_kernels_without_int_backend_is_one_line_error(capsys):
+    rc = main(BASE + ["--calib", "random:8", "--int-kernels", "onednn"])
+    assert_one_line_error(rc, capsys, "needs backend='int'")
