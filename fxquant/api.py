@@ -64,6 +64,9 @@ def compile(  # noqa: A001 - the public name the design card asks for
     a noisy ranking). The points are listed in ``.keep_float``, ``report.keep_float`` and,
     with their rank, in ``report.float_points``; the per-pass records describe the pipeline
     before the fallback, and ``report.notes`` gets the output QSNR (diff inputs) before/after.
+    With ``backend="int"`` the points are chosen on the fake-quant graph, before
+    ``lower_integer``, which then leaves them, and the integer ops that would read them, in
+    float (listed in ``report.float_points`` with the reason).
     """
     if not isinstance(model, nn.Module):
         raise FxqError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -78,9 +81,9 @@ def compile(  # noqa: A001 - the public name the design card asks for
                        "oneDNN); they are not available here: use int_kernels='portable'")
     if isinstance(keep_float, bool) or not isinstance(keep_float, int) or keep_float < 0:
         raise FxqError(f"keep_float must be an integer >= 0, got {keep_float!r}")
-    if keep_float and backend == "int":
-        raise FxqError("keep_float works on fake-quant points; with backend='int' it is not supported yet: "
-                       "compile with backend='fake' to find the sensitive points, or skip them in the qconfig")
+    if keep_float and backend == "int" and passes is not None:
+        raise FxqError("keep_float with backend='int' chooses the points on the fake-quant graph of the default "
+                       "pipeline, then lowers; it cannot be combined with a custom passes= list")
     config = load_qconfig(qconfig)
     example, calib_data = reusable_batches(calib_data)
     if diff_inputs is None:
@@ -100,15 +103,23 @@ def compile(  # noqa: A001 - the public name the design card asks for
         dumper = GraphDump(dump_dir)
         dumper.dump("trace", gm, report.passes[0])
         instruments.append(dumper)
-    gm = PassManager(list(passes) if passes is not None else default_passes(backend, int_kernels), instruments).run(gm, ctx)
-    report.notes = list(ctx.state.get("notes", [])) + list(ctx.state.get("fuse_scales", []))
-    report.notes += list(ctx.state.get("lower_integer", []))  # backend="int": what lowering did, equivalence
+    pipeline = list(passes) if passes is not None else default_passes(backend, int_kernels)
+    # backend="int" with keep_float: the points are chosen on the fake-quant graph, then it is lowered
+    lower_after = pipeline[len(default_passes("fake")):] if keep_float and backend == "int" else []
+    gm = PassManager(pipeline[:len(pipeline) - len(lower_after)], instruments).run(gm, ctx)
     gm.report = report
-    gm.qconfig = config
-    gm.meta["fxq.model_name"], gm.meta["fxq.qconfig_name"] = report.model, config.name  # survive a deepcopy
     gm.keep_float = []
     if keep_float:
         _keep_float(gm, keep_float, example, diff_inputs, reference)
+    kept_notes = list(report.notes)
+    if lower_after:
+        gm = PassManager(lower_after, instruments).run(gm, ctx)
+        gm.report, gm.keep_float = report, list(report.keep_float)
+    report.notes = list(ctx.state.get("notes", [])) + list(ctx.state.get("fuse_scales", []))
+    report.notes += list(ctx.state.get("lower_integer", []))  # backend="int": what lowering did, equivalence
+    report.notes += kept_notes
+    gm.qconfig = config
+    gm.meta["fxq.model_name"], gm.meta["fxq.qconfig_name"] = report.model, config.name  # survive a deepcopy
     return gm
 
 

@@ -204,3 +204,24 @@ def test_cli_diff(small_cli_models, capsys, tmp_path):
     points = json.loads(out_json.read_text())["points"]
     assert lines[0].startswith(f"worst point: {points[0]['node']} ")
     assert len(lines) == 3 + 5 + 1  # worst point, summary, header, --top rows, "diff written to"
+
+
+def test_compile_keep_float_with_the_integer_backend(setup):
+    """backend='int': the point is chosen on the fake-quant graph, then lower_integer leaves it in float."""
+    from fxquant.int_modules import QuantizeCodes
+
+    model, calib, qm, x = setup
+    most = choose_float_points(qm, 1, (calib[:8],))[0]["node"]
+    q_int = fxquant.compile(model, "w8a8", calib_data=calib, progress=False, keep_float=1, backend="int")
+    assert q_int.keep_float == [most] and q_int.report.keep_float == [most]
+    assert any(n.startswith("keep_float 1:") for n in q_int.report.notes)
+    assert any(n.startswith("lower_integer:") for n in q_int.report.notes)
+    assert [p.name for p in q_int.report.passes][-1] == "lower_integer"
+    assert any(line.startswith(f"{most}: kept in float") for line in q_int.report.float_points)
+    assert any(isinstance(m, QuantizeCodes) for m in q_int.modules())  # the other points are lowered
+    q_fake = fxquant.compile(model, "w8a8", calib_data=calib, progress=False, keep_float=1)
+    with torch.no_grad():
+        assert output_qsnr(q_fake(*x), q_int(*x)) > 25.0
+    with pytest.raises(fxquant.FxqError, match="custom passes"):
+        fxquant.compile(model, "w8a8", calib_data=calib, progress=False, keep_float=1, backend="int",
+                        passes=fxquant.pipeline.default_passes("int"))
