@@ -202,7 +202,7 @@ def measure_model(name: str, batches, rounds: int, skip_peers: bool, log) -> dic
             "bytes": weight_bytes(model, qm), "notes": [n for n in qm.report.notes if n.startswith(
                 ("integer vs fake-quant", "output QSNR", "lower_integer:"))] + [
                 f"int_kernels='onednn': {n}" for n in (qm_onednn.report.notes if qm_onednn is not None else [])
-                if n.startswith("use_onednn_kernels") or "after use_onednn_kernels" in n]}
+                if n.startswith(("use_onednn_kernels", "integer vs fake-quant", "output QSNR"))]}
 
 
 # --------------------------------------------------------------------------- output

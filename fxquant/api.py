@@ -76,6 +76,9 @@ def compile(  # noqa: A001 - the public name the design card asks for
         raise FxqError(f"int_kernels {int_kernels!r} is not one of {INT_KERNELS}")
     if int_kernels != "portable" and backend != "int":
         raise FxqError(f"int_kernels={int_kernels!r} chooses the integer graph's kernels; it needs backend='int'")
+    if int_kernels != "portable" and passes is not None:
+        raise FxqError(f"int_kernels={int_kernels!r} chooses passes of the default pipeline; with a custom passes= "
+                       "list add them yourself (LowerInteger(release_setup=False), UseOnednnKernels())")
     if int_kernels == "onednn" and not onednn_available():
         raise FxqError("int_kernels='onednn' needs oneDNN's int8 Linear kernels (an x86 CPU build of torch with "
                        "oneDNN); they are not available here: use int_kernels='portable'")
@@ -113,7 +116,7 @@ def compile(  # noqa: A001 - the public name the design card asks for
         _keep_float(gm, keep_float, example, diff_inputs, reference)
     kept_notes = list(report.notes)
     if lower_after:
-        gm = PassManager(lower_after, instruments).run(gm, ctx)
+        gm = PassManager(lower_after, instruments).run(gm, ctx, after=[r.name for r in report.passes[1:]])
         gm.report, gm.keep_float = report, list(report.keep_float)
     report.notes = list(ctx.state.get("notes", [])) + list(ctx.state.get("fuse_scales", []))
     report.notes += list(ctx.state.get("lower_integer", []))  # backend="int": what lowering did, equivalence

@@ -103,7 +103,6 @@ class _Requantizing(nn.Module):
         zero-point terms). Both, the rounding and the zero point become one int64 offset."""
         m, k = shared_shift_multiplier(multiplier)
         self.requantizes, self.out_label, self.qmin, self.qmax = True, label, qmin, qmax
-        self.out_point = None  # IntLinear keeps its output point's scale/zero point until release
         self.register_buffer("out_multiplier", m.to(torch.int32))  # the int64 offset promotes the product
         self.register_buffer("out_shift", k)
         self.register_buffer("out_offset", requant_offset(m, k, correction, zero_point.to(torch.int64)))
@@ -137,7 +136,8 @@ class IntLinear(_Requantizing):
         # sum_k (x_k - z) w_nk = acc_n - z * sum_k w_nk: the second term is a constant per row
         row_sums = weight_codes.to(torch.int64).sum(dim=1)
         self.register_buffer("zero_point_term", (self.input_zero_point * row_sums).to(torch.int32))
-        self.out_point = None
+        self.register_buffer("out_point_scale", None)  # set by set_codes_output
+        self.register_buffer("out_point_zero", None)
         self.set_float_output()
 
     @property
@@ -165,16 +165,18 @@ class IntLinear(_Requantizing):
         self._set_codes_output(acc_scale / out_scale.to(torch.float64), correction, out_zero_point, qmin, qmax,
                                label)
         self.out_bias = None
-        self.out_point = (out_scale.to(torch.float64).clone(), out_zero_point.to(torch.float64).clone())
+        # the point's own scale and zero point, for a kernel that requantizes in float (fxquant.onednn)
+        self.register_buffer("out_point_scale", out_scale.to(torch.float64).clone())
+        self.register_buffer("out_point_zero", out_zero_point.to(torch.float64).clone())
 
     def release_setup_tensors(self) -> None:
         """Drop bias, weight scales and the zero-point term once they are folded into the
         output constants: at run time the layer holds its int8 weight and 8-16 bytes per
         output feature. ``set_codes_output`` cannot be called afterwards."""
-        for name in ("bias", "weight_scale", "zero_point_term"):
-            delattr(self, name)
+        for name in ("bias", "weight_scale", "zero_point_term", "out_point_scale", "out_point_zero"):
+            if hasattr(self, name):
+                delattr(self, name)
             setattr(self, name, None)
-        self.out_point = None
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         acc = int8_linear(codes, self.weight_codes.t())

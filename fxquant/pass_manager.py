@@ -69,8 +69,9 @@ class PassManager:
         self.passes = list(passes)
         self.instruments = list(instruments)
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        done: list[str] = []
+    def run(self, gm: fx.GraphModule, ctx: PassContext, after: Sequence[str] = ()) -> fx.GraphModule:
+        """``after``: names of passes an earlier run already applied (for error messages)."""
+        done: list[str] = list(after)
         for p in self.passes:
             record = PassRecord(p.name)
             for inst in self.instruments:

@@ -608,6 +608,28 @@ def agreement_summary(rows: list[PointAgreement]) -> str:
             f"by 1 LSB, largest difference {worst} LSB")
 
 
+FAKE_GRAPH_STATE = "lower_integer_fake_graph"  # ctx.state: the fake-quant graph, for a pass after lower_integer
+
+
+def equivalence_notes(fake: fx.GraphModule, gm: fx.GraphModule, ctx: PassContext) -> list[str]:
+    """The report's equivalence lines: codes at every point (isolated and propagated) and the
+    output QSNRs of the integer graph ``gm`` against the fake-quant graph and FP32."""
+    isolated = code_agreement(fake, gm, ctx.diff_inputs, isolated=True)
+    propagated = code_agreement(fake, gm, ctx.diff_inputs)
+    ctx.state["lower_integer_agreement"] = {"isolated": isolated, "propagated": propagated}
+    notes = [agreement_summary(isolated) + " (diff inputs; isolated: each point from the fake-quant codes of "
+             "the points before it)",
+             agreement_summary(propagated) + " (diff inputs; propagated: flips carried downstream)"]
+    with torch.no_grad():
+        fake_out, int_out = fake(*ctx.diff_inputs), gm(*ctx.diff_inputs)
+        line = f"output QSNR on the diff inputs: integer vs fake-quant {output_qsnr(fake_out, int_out):.2f} dB"
+        if ctx.reference is not gm:  # compile(numeric_diff=False) passes the graph itself as reference
+            reference = ctx.reference(*ctx.diff_inputs)
+            line += (f", integer vs FP32 {output_qsnr(reference, int_out):.2f} dB, fake-quant vs FP32 "
+                     f"{output_qsnr(reference, fake_out):.2f} dB")
+    return notes + [line]
+
+
 # ------------------------------------------------------------------------------ pass
 class LowerInteger(Pass):
     """``release_setup=False`` keeps each IntLinear's scales and bias (and the fake-quant
@@ -620,7 +642,10 @@ class LowerInteger(Pass):
         self.release_setup = release_setup
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
-        if not any(isinstance(m, FakeQuantize) for m in gm.modules()):
+        from fxquant.debug import FloatPoint
+
+        # a graph whose every point keep_float left in float (FloatPoint) has nothing to lower, and that is fine
+        if not any(isinstance(m, (FakeQuantize, FloatPoint)) for m in gm.modules()):
             raise NodeError("output", "no FakeQuantize points in the graph; run lower_fake_quant first")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -640,23 +665,9 @@ class LowerInteger(Pass):
         notes.extend(f"attn@V by shifts: {r}" for r in result.shift_matmuls)
         notes.extend(f"requantized: {r}" for r in result.requantized)
         notes.extend(result.float_boundaries)
-        isolated = code_agreement(fake, gm, ctx.diff_inputs, isolated=True)
-        propagated = code_agreement(fake, gm, ctx.diff_inputs)
-        ctx.state["lower_integer_agreement"] = {"isolated": isolated, "propagated": propagated}
-        notes.append(agreement_summary(isolated) + " (diff inputs; isolated: each point from the fake-quant "
-                     "codes of the points before it)")
-        notes.append(agreement_summary(propagated) + " (diff inputs; propagated: flips carried downstream)")
-        with torch.no_grad():
-            fake_out, int_out = fake(*ctx.diff_inputs), gm(*ctx.diff_inputs)
-            line = f"output QSNR on the diff inputs: integer vs fake-quant {output_qsnr(fake_out, int_out):.2f} dB"
-            if ctx.reference is not gm:  # compile(numeric_diff=False) passes the graph itself as reference
-                reference = ctx.reference(*ctx.diff_inputs)
-                line += (f", integer vs FP32 {output_qsnr(reference, int_out):.2f} dB, fake-quant vs FP32 "
-                         f"{output_qsnr(reference, fake_out):.2f} dB")
-        notes.append(line)
-        if not self.release_setup:
-            from fxquant.passes.use_onednn_kernels import FAKE_GRAPH_STATE
-
+        if self.release_setup:
+            notes.extend(equivalence_notes(fake, gm, ctx))
+        else:  # the pass that re-targets the Linears measures the graph it returns
             ctx.state[FAKE_GRAPH_STATE] = fake
         return gm
 
@@ -666,5 +677,5 @@ class LowerInteger(Pass):
                 raise NodeError(name, "IntLinear weight is not stored as int8")
 
 
-__all__ = ["LowerInteger", "lower_to_integer", "code_agreement", "agreement_summary", "IntegerLowering",
-           "PointAgreement", "CODES_OF"]
+__all__ = ["LowerInteger", "lower_to_integer", "code_agreement", "agreement_summary", "equivalence_notes",
+           "IntegerLowering", "PointAgreement", "CODES_OF", "FAKE_GRAPH_STATE"]

@@ -225,3 +225,25 @@ def test_compile_keep_float_with_the_integer_backend(setup):
     with pytest.raises(fxquant.FxqError, match="custom passes"):
         fxquant.compile(model, "w8a8", calib_data=calib, progress=False, keep_float=1, backend="int",
                         passes=fxquant.pipeline.default_passes("int"))
+
+
+def test_keep_float_with_the_integer_backend_when_every_point_stays_float():
+    """A LayerNorm -> Linear model has one activation point; keep_float=1 leaves it float and
+    lower_integer then has nothing to lower, which is not an error."""
+    torch.manual_seed(0)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.head = torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.norm(x))
+
+    model = Tiny().eval()
+    calib = [torch.randn(8, 5, 16) for _ in range(2)]
+    qm = fxquant.compile(model, "w8a8", calib_data=calib, progress=False, keep_float=1, backend="int")
+    assert len(qm.keep_float) == 1
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert output_qsnr(model(x), qm(x)) > 30.0

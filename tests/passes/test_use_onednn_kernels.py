@@ -217,3 +217,39 @@ def test_compiled_without_freezing_falls_back_to_the_same_arithmetic(graphs):
     finally:
         torch._dynamo.reset()
     assert output_qsnr(eager, compiled) > 40.0
+
+
+def test_equivalence_notes_describe_the_returned_graph(graphs):
+    """lower_integer leaves its equivalence lines to this pass, which measures the oneDNN graph."""
+    tiny, fake, _, onednn = graphs[("vit", "w8a8")]
+    notes = onednn.report.notes
+    assert sum(n.startswith("output QSNR on the diff inputs") for n in notes) == 1
+    assert sum(n.startswith("integer vs fake-quant codes") for n in notes) == 2  # isolated, propagated
+    line = next(n for n in notes if n.startswith("output QSNR on the diff inputs"))
+    with torch.no_grad():
+        measured = output_qsnr(fake(*tiny.inputs()), onednn(*tiny.inputs()))
+    assert f"integer vs fake-quant {measured:.2f} dB" in line
+
+
+def test_int_kernels_with_a_custom_pipeline_is_refused():
+    from tests.passes.conftest import tiny_model
+
+    tiny = tiny_model("vit")
+    with pytest.raises(FxqError, match="custom passes"):
+        fxquant.compile(tiny.model, "w8a8", calib_data=tiny.calib(), backend="int", int_kernels="onednn",
+                        passes=fxquant.pipeline.default_passes("int"), progress=False)
+
+
+def test_graph_lowered_without_release_still_saves(tmp_path):
+    """LowerInteger(release_setup=False) alone keeps the scales as buffers: the graph saves and loads."""
+    from fxquant.passes import LowerInteger
+    from tests.passes.conftest import tiny_model
+
+    tiny = tiny_model("vit")
+    passes = fxquant.pipeline.default_passes("fake") + [LowerInteger(release_setup=False)]
+    qm = fxquant.compile(tiny.model, "w8a8", calib_data=tiny.calib(), backend="int", passes=passes, progress=False)
+    fxquant.save(qm, tmp_path / "q.safetensors")
+    loaded = fxquant.load(tmp_path / "q.safetensors")
+    x = tiny.image(1, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), qm(x), rtol=0, atol=0)
