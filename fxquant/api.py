@@ -117,7 +117,6 @@ def compile(  # noqa: A001 - the public name the design card asks for
     kept_notes = list(report.notes)
     if lower_after:
         gm = PassManager(lower_after, instruments).run(gm, ctx, after=[r.name for r in report.passes[1:]])
-        gm.report, gm.keep_float = report, list(report.keep_float)
     report.notes = list(ctx.state.get("notes", [])) + list(ctx.state.get("fuse_scales", []))
     report.notes += list(ctx.state.get("lower_integer", []))  # backend="int": what lowering did, equivalence
     report.notes += kept_notes

@@ -17,12 +17,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .integer import (INT8_MAX, INT8_MIN, dequantize_codes, int8_batched_matmul, int8_linear, quantize_codes,
-                      requant_offset, requantize, shared_shift_multiplier)
+from .integer import (INT8_MAX, INT8_MIN, UINT8_OFFSET, dequantize_codes, int8_batched_matmul, int8_linear,
+                      quantize_codes, requant_offset, requantize, shared_shift_multiplier, uint8_to_int8_codes)
 from .log_int_softmax import lis_codes
 from .ptf import ptf_layernorm_codes
-
-UINT8_OFFSET = 128  # uint8 code = int8 code + 128 (oneDNN's activations, fxquant.onednn)
 
 
 class QuantizeCodes(nn.Module):
@@ -95,17 +93,23 @@ class _Requantizing(nn.Module):
     def _set_float_output(self, scale: torch.Tensor) -> None:
         self.requantizes = False
         self.register_buffer("out_scale", scale.to(torch.float32).contiguous())
+        self.register_buffer("out_point_scale", None)  # set with a codes output
+        self.register_buffer("out_point_zero", None)
 
-    def _set_codes_output(self, multiplier: torch.Tensor, correction: torch.Tensor, zero_point: torch.Tensor,
-                          qmin: int, qmax: int, label: str) -> None:
+    def _set_codes_output(self, multiplier: torch.Tensor, correction: torch.Tensor, out_scale: torch.Tensor,
+                          zero_point: torch.Tensor, qmin: int, qmax: int, label: str) -> None:
         """``multiplier``: the real requantization factor, broadcast against the output;
         ``correction``: an integer added to the accumulator before requantizing (bias and
-        zero-point terms). Both, the rounding and the zero point become one int64 offset."""
+        zero-point terms). Both, the rounding and the zero point become one int64 offset.
+        The point's own scale and zero point are kept too (float64), for kernels that
+        requantize in float (``fxquant.onednn``)."""
         m, k = shared_shift_multiplier(multiplier)
         self.requantizes, self.out_label, self.qmin, self.qmax = True, label, qmin, qmax
         self.register_buffer("out_multiplier", m.to(torch.int32))  # the int64 offset promotes the product
         self.register_buffer("out_shift", k)
         self.register_buffer("out_offset", requant_offset(m, k, correction, zero_point.to(torch.int64)))
+        self.register_buffer("out_point_scale", out_scale.to(torch.float64).clone())
+        self.register_buffer("out_point_zero", zero_point.to(torch.float64).clone())
         self.out_scale = None
 
     def _finish(self, acc: torch.Tensor) -> torch.Tensor:
@@ -136,8 +140,6 @@ class IntLinear(_Requantizing):
         # sum_k (x_k - z) w_nk = acc_n - z * sum_k w_nk: the second term is a constant per row
         row_sums = weight_codes.to(torch.int64).sum(dim=1)
         self.register_buffer("zero_point_term", (self.input_zero_point * row_sums).to(torch.int32))
-        self.register_buffer("out_point_scale", None)  # set by set_codes_output
-        self.register_buffer("out_point_zero", None)
         self.set_float_output()
 
     @property
@@ -162,20 +164,16 @@ class IntLinear(_Requantizing):
         bias = torch.zeros_like(acc_scale) if self.bias is None else self.bias.to(torch.float64)
         bias_units = torch.round(bias / acc_scale).to(torch.int64)  # int32 bias at scale s_x * s_w
         correction = bias_units - self.zero_point_term.to(torch.int64)
-        self._set_codes_output(acc_scale / out_scale.to(torch.float64), correction, out_zero_point, qmin, qmax,
-                               label)
+        self._set_codes_output(acc_scale / out_scale.to(torch.float64), correction, out_scale, out_zero_point, qmin,
+                               qmax, label)
         self.out_bias = None
-        # the point's own scale and zero point, for a kernel that requantizes in float (fxquant.onednn)
-        self.register_buffer("out_point_scale", out_scale.to(torch.float64).clone())
-        self.register_buffer("out_point_zero", out_zero_point.to(torch.float64).clone())
 
     def release_setup_tensors(self) -> None:
         """Drop bias, weight scales and the zero-point term once they are folded into the
         output constants: at run time the layer holds its int8 weight and 8-16 bytes per
         output feature. ``set_codes_output`` cannot be called afterwards."""
         for name in ("bias", "weight_scale", "zero_point_term", "out_point_scale", "out_point_zero"):
-            if hasattr(self, name):
-                delattr(self, name)
+            delattr(self, name)
             setattr(self, name, None)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
@@ -214,9 +212,7 @@ class IntMatmul(_Requantizing):
     def set_codes_output(self, out_scale: torch.Tensor, out_zero_point: torch.Tensor, qmin: int, qmax: int,
                          label: str) -> None:
         self._set_codes_output(self.acc_scale / out_scale.to(torch.float64), torch.zeros((), dtype=torch.int64),
-                               out_zero_point, qmin, qmax, label)
-        self.register_buffer("out_point_scale", out_scale.to(torch.float32).clone())
-        self.register_buffer("out_point_zero", out_zero_point.to(torch.float32).clone())
+                               out_scale, out_zero_point, qmin, qmax, label)
 
     float_requant = False  # set by use_float_requantization()
 
@@ -229,12 +225,13 @@ class IntMatmul(_Requantizing):
         boundary; exact integer accumulators and zero points are unchanged."""
         if not self.requantizes:
             raise ValueError(f"{self.label}: float requantization needs a codes output (set_codes_output)")
-        self.register_buffer("float_multiplier", (self.acc_scale / self.out_point_scale.double()).float())
+        self.register_buffer("float_multiplier", (self.acc_scale / self.out_point_scale).float())
+        self.register_buffer("float_zero_point", self.out_point_zero.float())
         self.float_requant = True
 
     def _finish(self, acc: torch.Tensor) -> torch.Tensor:
         if self.float_requant:
-            y = torch.round(acc.to(torch.float32) * self.float_multiplier).add_(self.out_point_zero)
+            y = torch.round(acc.to(torch.float32) * self.float_multiplier).add_(self.float_zero_point)
             return y.clamp_(self.qmin, self.qmax).to(torch.int8)
         return super()._finish(acc)
 
@@ -252,10 +249,10 @@ class IntMatmul(_Requantizing):
             left = a.to(torch.float32).sub_(self.a_zero_point + (UINT8_OFFSET if self.a_uint8 else 0))
             right = b.to(torch.float32).sub_(self.b_zero_point + (UINT8_OFFSET if self.b_uint8 else 0))
             return self._finish(torch.matmul(left, right))
-        if self.a_uint8:  # u - 128 as int8 is u ^ 0x80 reinterpreted
-            a = a.bitwise_xor(UINT8_OFFSET).view(torch.int8)
+        if self.a_uint8:
+            a = uint8_to_int8_codes(a)
         if self.b_uint8:
-            b = b.bitwise_xor(UINT8_OFFSET).view(torch.int8)
+            b = uint8_to_int8_codes(b)
         acc = int8_batched_matmul(a, b)
         za, zb = self.a_zero_point.to(torch.int32), self.b_zero_point.to(torch.int32)
         row_term = zb * a.sum(dim=-1, keepdim=True, dtype=torch.int32)  # (..., N, 1)

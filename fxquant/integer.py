@@ -23,6 +23,7 @@ MULTIPLIER_BITS = 31  # m < 2**31: an int32, and acc * m fits int64 for any int3
 MAX_SHIFT = 54  # zero_point * 2**k (|zp| <= 128) stays below 2**62, so acc * m + offset fits int64
 FLOAT32_EXACT = 2 ** 24  # every integer of magnitude <= 2**24 is exact in float32
 INT8_MIN, INT8_MAX = -128, 127
+UINT8_OFFSET = 128  # uint8 code = int8 code + 128 (oneDNN's activations, fxquant.onednn)
 
 
 def code_shift(qmin: int, qmax: int) -> int:
@@ -119,6 +120,11 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     ``dtype=torch.uint8``: unshifted codes for oneDNN's kernels (``fxquant.onednn``)."""
     q = torch.div(x.float() if x.dtype != torch.float32 else x, scale)
     return q.round_().add_(zero_point).clamp_(qmin, qmax).to(dtype)
+
+
+def uint8_to_int8_codes(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes from uint8 ones (``int8 code + 128``): ``u - 128`` is ``u ^ 0x80`` reinterpreted."""
+    return codes.bitwise_xor(UINT8_OFFSET).view(torch.int8)
 
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,

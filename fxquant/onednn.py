@@ -25,12 +25,13 @@ machine without oneDNN, the same arithmetic runs on ``torch._int_mm``.
 from __future__ import annotations
 
 import platform
+import sys
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .integer import int8_linear
+from .integer import UINT8_OFFSET, int8_linear, uint8_to_int8_codes
 
 __all__ = ["onednn_available", "OnednnLinear", "OUTPUT_DTYPES"]
 
@@ -38,8 +39,7 @@ OUTPUT_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "float32": torch.floa
 _RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
 
 
-def onednn_available() -> bool:
-    """True on an x86 CPU build of torch with oneDNN's int8 Linear ops."""
+def _probe_onednn() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return False
     if not torch.backends.mkldnn.is_available():
@@ -51,18 +51,21 @@ def onednn_available() -> bool:
         return False
 
 
-try:
-    from torch._inductor import config as _inductor_config
-except ImportError:  # pragma: no cover - inductor ships with torch
-    _inductor_config = None
+_AVAILABLE = _probe_onednn()  # once: forward must not call into platform/op lookups under dynamo
 
-_AVAILABLE = onednn_available()  # once: forward must not call into platform/op lookups under dynamo
+
+def onednn_available() -> bool:
+    """True on an x86 CPU build of torch with oneDNN's int8 Linear ops."""
+    return _AVAILABLE
 
 
 def _inductor_freezes() -> bool:
     """Whether the graph being compiled has its buffers folded to constants (what oneDNN's
-    packed weight needs under inductor)."""
-    return _inductor_config is not None and bool(_inductor_config.freezing) and not torch.is_grad_enabled()
+    packed weight needs under inductor). Inductor's config is read only if inductor is loaded,
+    as it is whenever a graph is being compiled: importing it here would add about 1.5 s to
+    ``import fxquant``."""
+    config = sys.modules.get("torch._inductor.config")
+    return config is not None and bool(config.freezing) and not torch.is_grad_enabled()
 
 
 class OnednnLinear(nn.Module):
@@ -119,10 +122,9 @@ class OnednnLinear(nn.Module):
 
     def _portable(self, rows: torch.Tensor) -> torch.Tensor:
         """The same arithmetic on ``torch._int_mm`` (no oneDNN, or compiled without freezing)."""
-        shifted = (rows.to(torch.int16) - 128).to(torch.int8)
-        acc = int8_linear(shifted, self.weight_codes.t())
+        acc = int8_linear(uint8_to_int8_codes(rows), self.weight_codes.t())
         row_sums = self.weight_codes.sum(dim=1, dtype=torch.int32)
-        acc = acc - (self.input_zero_point - 128) * row_sums
+        acc = acc - (self.input_zero_point - UINT8_OFFSET) * row_sums
         y = acc.to(torch.float32) * (self.input_scale * self.weight_scale)
         if self.bias is not None:
             y = y + self.bias

@@ -115,6 +115,12 @@ def _is_constant_pad(node: fx.Node) -> bool:
     return mode == "constant" and value in (None, 0, 0.0)
 
 
+def reads_shape(node: fx.Node) -> bool:
+    """``x.shape`` / ``x.size()`` / ``x.dim()``: reads no values, so codes serve as well as floats."""
+    return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
+        node.op == "call_method" and node.target in _SHAPE_READS)
+
+
 def _moves_elements(gm: fx.GraphModule, node: fx.Node, allow_pad: bool) -> bool:
     """True when ``node`` only rearranges its first input, so codes can flow through it."""
     if not node.args or not isinstance(node.args[0], fx.Node):
@@ -482,9 +488,7 @@ class _Lowering:
         so that a dequantize no float op needs is not kept alive by a shape read."""
         for point in self.result.points.values():
             for user in list(point.dequant.users):
-                reads_shape = (user.op == "call_function" and user.target is getattr and user.args[1] == "shape") or (
-                    user.op == "call_method" and user.target in _SHAPE_READS)
-                if reads_shape:
+                if reads_shape(user):
                     user.replace_input_with(point.dequant, point.codes)
 
     def _only_softmax_reads(self, node: fx.Node, depth: int = 3) -> bool:

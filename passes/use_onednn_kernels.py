@@ -36,20 +36,15 @@ import torch.nn.functional as F
 
 from fxquant.errors import NodeError
 from fxquant.graph_utils import install_submodule
-from fxquant.int_modules import (UINT8_OFFSET, DequantizeCodes, IntLayerNorm, IntLinear, IntMatmul, LisShiftMatmul,
-                                 QuantizeCodes)
+from fxquant.int_modules import DequantizeCodes, IntLayerNorm, IntLinear, IntMatmul, LisShiftMatmul, QuantizeCodes
+from fxquant.integer import UINT8_OFFSET
 from fxquant.onednn import OnednnLinear, onednn_available
 from fxquant.pass_manager import Pass, PassContext
-from fxquant.patterns import is_scale_transparent, submodule
-from fxquant.passes.lower_integer import CODES_OF, FAKE_GRAPH_STATE, _drop_origin, equivalence_notes
+from fxquant.patterns import submodule
+from fxquant.passes.lower_integer import (CODES_OF, FAKE_GRAPH_STATE, _drop_origin, _moves_elements,
+                                          equivalence_notes, reads_shape)
 
-_SHAPE_METHODS = {"size", "dim"}
 _INT8 = (-128, 127)  # a full 8-bit point's (shifted) code range: what oneDNN's uint8 codes hold
-
-
-def _is_shape_read(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
-        node.op == "call_method" and node.target in _SHAPE_METHODS)
 
 
 def _is_pad(node: fx.Node) -> bool:
@@ -57,14 +52,13 @@ def _is_pad(node: fx.Node) -> bool:
 
 
 def _moves(gm: fx.GraphModule, node: fx.Node, source: fx.Node) -> bool:
-    """``node`` only rearranges ``source`` (its first argument), or pads it with a constant
-    (Swin's windows: lower_integer made the fill value the zero point's code)."""
+    """``node`` only rearranges ``source`` (its first argument), or pads it with a constant:
+    on codes, lower_integer made that fill value the zero point's code, not 0."""
     if not node.args or node.args[0] is not source:
         return False
     if _is_pad(node):
-        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
-        return mode == "constant"
-    return is_scale_transparent(gm, node) or (node.op == "call_function" and node.target is torch.roll)
+        return node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") == "constant"
+    return _moves_elements(gm, node, allow_pad=False)
 
 
 def _shift_pad_value(node: fx.Node) -> None:
@@ -123,7 +117,7 @@ class _Conversion:
     def _readers_take_uint8(self, group: _Group, chosen: set) -> Optional[str]:
         for reader in group.readers:
             module = submodule(self.gm, reader)
-            if reader in chosen or _is_shape_read(reader) or isinstance(module, (DequantizeCodes, IntMatmul)):
+            if reader in chosen or reads_shape(reader) or isinstance(module, (DequantizeCodes, IntMatmul)):
                 continue
             if isinstance(module, LisShiftMatmul) and reader.args[0] not in group.members:  # V only
                 continue
@@ -245,7 +239,7 @@ class _Conversion:
     @staticmethod
     def _shift_meta(group: _Group) -> None:
         for member in group.members:
-            if CODES_OF in member.meta and member.meta[CODES_OF] is not None:
+            if member.meta.get(CODES_OF):
                 name, shift = member.meta[CODES_OF]
                 member.meta[CODES_OF] = (name, shift - UINT8_OFFSET)
 
@@ -274,7 +268,7 @@ class UseOnednnKernels(Pass):
             if out_root is not None:
                 switched.add(out_root)
         for root in switched:
-            if root.graph is gm.graph and root in conversion.groups:  # a fused GELU point's root is its Linear
+            if root in conversion.groups:  # a fused GELU point was erased: its group's root is now its Linear
                 conversion.switch_group(root)
         float_requant = 0
         for module in gm.modules():  # the attention matmuls requantize with float32 scales too
