@@ -194,10 +194,13 @@ class IntMatmul(_Requantizing):
     Eager on CPU: int8 x int8 -> int32 by ``torch._int_mm`` per (batch, head) matrix, then
     the zero-point terms ``(a - za)(b - zb) = ab - za colsum(b) - zb rowsum(a) + K za zb``
     as two in-place int32 adds (6x faster than a float matmul at ViT-B sizes). Under
-    torch.compile (which would unroll the per-matrix loop): the zero points are subtracted
-    in float32 and one batched float32 matmul runs; the operands are integers below 256 in
-    magnitude and the lowering checks that every partial sum stays below 2**24
-    (``exact_float_matmul_bound``), so it gives the same exact accumulator.
+    torch.compile the same GEMMs run as one opaque op (``fxquant::int8_bmm_sums``, which also
+    gives the row and column sums), so inductor neither unrolls the per-matrix loop nor
+    recomputes the sums per element, and the zero-point terms fuse into the requantization.
+    On CUDA: the zero points are subtracted in float32 and one batched float32 matmul runs;
+    the operands are integers below 256 in magnitude and the lowering checks that every
+    partial sum stays below 2**24 (``exact_float_matmul_bound``), so it gives the same exact
+    accumulator.
     """
 
     def __init__(self, a_zero_point: torch.Tensor, b_zero_point: torch.Tensor, acc_scale: torch.Tensor,
@@ -245,7 +248,7 @@ class IntMatmul(_Requantizing):
             self.b_uint8 = True
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or a.is_cuda or a.shape[:-2] != b.shape[:-2]:
+        if a.is_cuda or a.shape[:-2] != b.shape[:-2]:
             left = a.to(torch.float32).sub_(self.a_zero_point + (UINT8_OFFSET if self.a_uint8 else 0))
             right = b.to(torch.float32).sub_(self.b_zero_point + (UINT8_OFFSET if self.b_uint8 else 0))
             return self._finish(torch.matmul(left, right))
@@ -253,10 +256,13 @@ class IntMatmul(_Requantizing):
             a = uint8_to_int8_codes(a)
         if self.b_uint8:
             b = uint8_to_int8_codes(b)
-        acc = int8_batched_matmul(a, b)
         za, zb = self.a_zero_point.to(torch.int32), self.b_zero_point.to(torch.int32)
+        if torch.compiler.is_compiling():  # one opaque op; the zero-point terms fuse into the epilogue
+            acc, row_sums, col_sums = torch.ops.fxquant.int8_bmm_sums(a, b)
+            return self._finish(acc - zb * row_sums - (za * col_sums - a.shape[-1] * za * zb))
         row_term = zb * a.sum(dim=-1, keepdim=True, dtype=torch.int32)  # (..., N, 1)
         col_term = za * b.sum(dim=-2, keepdim=True, dtype=torch.int32) - a.shape[-1] * za * zb  # (..., 1, M)
+        acc = int8_batched_matmul(a, b)
         return self._finish(acc.sub_(row_term).sub_(col_term))
 
     def extra_repr(self) -> str:
@@ -347,9 +353,11 @@ class LisShiftMatmul(nn.Module):
 
 INT8_RANGE = (INT8_MIN, INT8_MAX)
 def _integer_module_types() -> tuple:
+    from .int_attention import IntAttention  # imports torch only
     from .onednn import OnednnLinear  # imports fxquant.integer only: no cycle at call time
 
-    return (QuantizeCodes, DequantizeCodes, IntLinear, IntMatmul, IntLayerNorm, LisShiftMatmul, OnednnLinear)
+    return (QuantizeCodes, DequantizeCodes, IntLinear, IntMatmul, IntLayerNorm, LisShiftMatmul, OnednnLinear,
+            IntAttention)
 
 
 INTEGER_MODULE_TYPES = _integer_module_types()

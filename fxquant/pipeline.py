@@ -14,10 +14,11 @@ def default_passes(backend: str = "fake", int_kernels: str = "portable") -> list
     rewrites the fake-quant graph into int8 codes, integer GEMMs and dyadic requantization
     (one calibration, so the integer graph matches the fake-quant one point by point).
     ``int_kernels="onednn"`` (x86 CPUs) then moves the Linears onto oneDNN's fused int8
-    kernel (``use_onednn_kernels``)."""
+    kernel (``use_onednn_kernels``) and each attention core (q @ kT, score requantization,
+    softmax, attn@V) into one C++ kernel (``fuse_int_attention``)."""
     from fxquant.passes import (Annotate, Calibrate, DecomposeAttention, FuseScales, InsertObservers,
-                                LowerFakeQuant, LowerInteger, LowerLogIntSoftmax, Smooth, SplitQkv,
-                                UseOnednnKernels)
+                                FuseIntAttention, LowerFakeQuant, LowerInteger, LowerLogIntSoftmax, Smooth,
+                                SplitQkv, UseOnednnKernels)
 
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not available in this version; choose one of {BACKENDS}")
@@ -29,5 +30,5 @@ def default_passes(backend: str = "fake", int_kernels: str = "portable") -> list
         onednn = int_kernels == "onednn"
         passes.append(LowerInteger(release_setup=not onednn))
         if onednn:
-            passes.append(UseOnednnKernels())
+            passes += [UseOnednnKernels(measure=False), FuseIntAttention()]
     return passes

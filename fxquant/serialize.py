@@ -288,7 +288,7 @@ def _cfg_quant_weight(m: nn.Module) -> dict:
 
 _PLAIN = (str, int, float, bool, type(None))
 _PLAIN_STATE_KEYS = ("fxquant.QuantizeCodes", "fxquant.DequantizeCodes", "fxquant.IntLinear", "fxquant.IntMatmul",
-                     "fxquant.IntLayerNorm", "fxquant.LisShiftMatmul", "fxquant.OnednnLinear")
+                     "fxquant.IntLayerNorm", "fxquant.LisShiftMatmul", "fxquant.OnednnLinear", "fxquant.IntAttention")
 
 
 def _cfg_plain_state(m: nn.Module) -> dict:
@@ -743,6 +743,10 @@ def _rebuild(path: Path, document: dict, tensors: dict[str, torch.Tensor]) -> fx
         config = qconfig_from_dict(_dec(raw["dict"], None, f"{path}: qconfig"), str(raw.get("source", path)))
         gm.qconfig = config
     gm.keep_float = list(_dec(document.get("keep_float", []), None, f"{path}: keep_float"))
+    if any(type(m).__name__ == "IntAttention" for m in root.values() if isinstance(m, nn.Module)):
+        from .int_attention import load_kernel
+
+        load_kernel()  # the fused attention kernel (built once per machine); without it IntAttention runs in torch
     return gm
 
 

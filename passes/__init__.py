@@ -2,6 +2,7 @@
 from fxquant.passes.annotate import Annotate
 from fxquant.passes.calibrate import Calibrate
 from fxquant.passes.decompose_attention import DecomposeAttention
+from fxquant.passes.fuse_int_attention import FuseIntAttention
 from fxquant.passes.fuse_scales import FuseScales
 from fxquant.passes.insert_observers import InsertObservers
 from fxquant.passes.lower_fake_quant import LowerFakeQuant
@@ -11,5 +12,5 @@ from fxquant.passes.smooth import Smooth
 from fxquant.passes.split_qkv import SplitQkv
 from fxquant.passes.use_onednn_kernels import UseOnednnKernels
 
-__all__ = ["Annotate", "Calibrate", "DecomposeAttention", "FuseScales", "InsertObservers",
+__all__ = ["Annotate", "Calibrate", "DecomposeAttention", "FuseIntAttention", "FuseScales", "InsertObservers",
            "LowerFakeQuant", "LowerInteger", "LowerLogIntSoftmax", "Smooth", "SplitQkv", "UseOnednnKernels"]

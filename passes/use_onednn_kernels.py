@@ -245,7 +245,14 @@ class _Conversion:
 
 
 class UseOnednnKernels(Pass):
+    """``measure=False``: leave the equivalence check (and the fake-quant graph, in
+    ``ctx.state``) to a later integer pass (``fuse_int_attention``), so that it is made on
+    the graph that pass returns."""
+
     name = "use_onednn_kernels"
+
+    def __init__(self, measure: bool = True):
+        self.measure = measure
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         if not any(isinstance(m, (QuantizeCodes, IntLinear, IntMatmul)) for m in gm.modules()):
@@ -287,7 +294,7 @@ class UseOnednnKernels(Pass):
                      f"kernel ({gelu} with GELU and the next point's quantization in the epilogue); "
                      f"{float_requant} integer matmuls requantize with float32 scales")
         notes.extend(f"portable Linear {name}: {why}" for name, why in sorted(conversion.kept.items()))
-        fake = ctx.state.pop(FAKE_GRAPH_STATE, None)
+        fake = ctx.state.pop(FAKE_GRAPH_STATE, None) if self.measure else None
         if fake is not None:  # lower_integer left the equivalence check to this pass: the graph returned
             notes.extend(equivalence_notes(fake, gm, ctx))
         return gm

@@ -170,8 +170,8 @@ def test_int_linear_under_torch_compile_with_one_strided_row():
 
 
 def test_int_matmul_eager_int8_path_equals_the_exact_float_path():
-    """The per-matrix int8 GEMM path with integer zero-point terms and the float32 path used
-    under torch.compile give the same exact accumulator."""
+    """The per-matrix int8 GEMM path with integer zero-point terms, eager and under
+    torch.compile (one opaque ``fxquant::int8_bmm_sums`` op), gives the exact accumulator."""
     generator = torch.Generator().manual_seed(6)
     a = torch.randint(-128, 128, (2, 3, 9, 16), generator=generator, dtype=torch.int8)
     k = torch.randint(-128, 128, (2, 3, 9, 16), generator=generator, dtype=torch.int8)
@@ -182,3 +182,16 @@ def test_int_matmul_eager_int8_path_equals_the_exact_float_path():
     assert torch.equal(eager.to(torch.int64), exact)
     compiled = torch.compile(matmul)(a, k.transpose(-2, -1))
     assert torch.equal(compiled.to(torch.int64), exact)
+
+
+def test_int8_bmm_sums_op_gives_the_product_and_the_zero_point_sums():
+    generator = torch.Generator().manual_seed(8)
+    a = torch.randint(-128, 128, (2, 3, 5, 7), generator=generator, dtype=torch.int8)
+    b = torch.randint(-128, 128, (2, 3, 4, 7), generator=generator, dtype=torch.int8).transpose(-2, -1)
+    acc, row_sums, col_sums = torch.ops.fxquant.int8_bmm_sums(a, b)
+    assert acc.dtype == row_sums.dtype == col_sums.dtype == torch.int32
+    assert torch.equal(acc.to(torch.int64), a.to(torch.int64) @ b.to(torch.int64))
+    assert torch.equal(row_sums, a.sum(-1, keepdim=True, dtype=torch.int32))
+    assert torch.equal(col_sums, b.sum(-2, keepdim=True, dtype=torch.int32))
+    with pytest.raises(TypeError, match="int8 operands"):
+        torch.ops.fxquant.int8_bmm_sums(a.to(torch.uint8), b)

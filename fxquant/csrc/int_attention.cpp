@@ -1,0 +1,212 @@
+// fxquant::int_attention: the integer graph's attention core as one CPU kernel.
+//
+//   scores codes = clamp(round((q - zq) @ (k - zk)^T * M) + zs, qmin, qmax)   exact int32 GEMM
+//   x            = codes * A + B                                               (dequantize)
+//   out          = softmax(x, -1) @ ((v - zv) * sv)                            float32
+//
+// which is what IntMatmul (float requantization), DequantizeCodes (one multiply-add),
+// softmax and the float attn@V matmul of fxquant's integer graph compute one after the
+// other. Here each (batch, head) is one task: its scores stay in the cache instead of
+// travelling through memory as a (B, H, N, M) tensor, q @ k^T runs as int8 x int8 -> int32
+// (torch._int_mm: oneDNN, VNNI where the CPU has it), and the softmax needs no exp per
+// element: the scores are codes, so exp(x_j - x_max) = exp(-A (c_max - c_j)) is one of
+// qmax - qmin + 1 values per head, looked up in a table.
+//
+// Inputs: q (B, H, N, D), kt (B, H, D, M), v (B, H, M, Dv): int8 or uint8 codes, any
+// strides. consts (H, 8) float32 per head: zq, zk, M, zs, A, B, sv, zv, zero points in the
+// domain of the codes they apply to (uint8 codes: int8 zero point + 128).
+// Output: float32 (B, N, H, Dv), contiguous (the layout the projection after attention reads).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kConsts = 8;
+constexpr int64_t kLanes = 16;
+
+// One code tensor read as int8 (uint8 codes: u - 128 = u ^ 0x80, the same values with the
+// zero point moved by 128), so that torch._int_mm can take it.
+struct Codes {
+  const uint8_t* data;
+  bool is_uint8;
+  int64_t s0, s1, s2, s3;
+
+  explicit Codes(const at::Tensor& t)
+      : data(static_cast<const uint8_t*>(t.data_ptr())), is_uint8(t.scalar_type() == at::kByte),
+        s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)), s3(t.stride(3)) {}
+
+  const uint8_t* at(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    return data + b * s0 + h * s1 + i * s2 + j * s3;
+  }
+  int64_t int8_zero_point(float zero_point) const {
+    return static_cast<int64_t>(zero_point) - (is_uint8 ? 128 : 0);
+  }
+};
+
+// n codes at src (element stride `stride`) to int8 at dst; returns their sum.
+inline int32_t load_int8(const uint8_t* src, int64_t n, int64_t stride, bool is_uint8, int8_t* dst) {
+  const uint8_t flip = is_uint8 ? 0x80 : 0x00;
+  int32_t sum = 0;
+  if (stride == 1) {  // the usual case: vectorizes
+    for (int64_t i = 0; i < n; ++i) {
+      dst[i] = static_cast<int8_t>(src[i] ^ flip);
+      sum += dst[i];
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      dst[i] = static_cast<int8_t>(src[i * stride] ^ flip);
+      sum += dst[i];
+    }
+  }
+  return sum;
+}
+
+// n codes at src to float (codes - zero_point) * scale: dequantize_codes' arithmetic.
+inline void load_float(const uint8_t* src, int64_t n, int64_t stride, bool is_uint8, float zero_point, float scale,
+                       float* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t raw = src[i * stride];
+    const float code = is_uint8 ? static_cast<float>(raw) : static_cast<float>(static_cast<int8_t>(raw));
+    dst[i] = (code - zero_point) * scale;
+  }
+}
+
+void check_codes(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "fxquant::int_attention: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == 4, "fxquant::int_attention: ", name, " must be 4-d (batch, head, rows, cols), got ",
+              t.dim(), "-d");
+  TORCH_CHECK(t.scalar_type() == at::kChar || t.scalar_type() == at::kByte, "fxquant::int_attention: ", name,
+              " must hold int8 or uint8 codes, got ", t.scalar_type());
+}
+
+at::Tensor int_attention(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& v, const at::Tensor& consts,
+                         int64_t qmin, int64_t qmax) {
+  check_codes(q, "q");
+  check_codes(kt, "kt");
+  check_codes(v, "v");
+  const int64_t batch = q.size(0), heads = q.size(1), rows = q.size(2), depth = q.size(3);
+  const int64_t cols = kt.size(3), vdim = v.size(3);
+  TORCH_CHECK(kt.size(0) == batch && kt.size(1) == heads && kt.size(2) == depth,
+              "fxquant::int_attention: kt must be (B, H, D, M) with q's B, H, D; got q ", q.sizes(), ", kt ",
+              kt.sizes());
+  TORCH_CHECK(v.size(0) == batch && v.size(1) == heads && v.size(2) == cols,
+              "fxquant::int_attention: v must be (B, H, M, Dv) with kt's M; got kt ", kt.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(consts.scalar_type() == at::kFloat && consts.dim() == 2 && consts.size(0) == heads &&
+                  consts.size(1) == kConsts,
+              "fxquant::int_attention: consts must be float32 (H, 8), got ", consts.sizes());
+  TORCH_CHECK(qmin < qmax && qmax - qmin < 65536, "fxquant::int_attention: bad score code range");
+  // exact in float32 (what the unfused graph relies on) and in int32
+  TORCH_CHECK(depth * 256 * 256 < (int64_t(1) << 24), "fxquant::int_attention: depth ", depth, " too large");
+
+  const at::Tensor c = consts.contiguous();
+  const float* cp = c.data_ptr<float>();
+  const int64_t levels = qmax - qmin + 1;
+  std::vector<float> table(heads * levels);  // exp(-A d) for d = c_max - c_j
+  for (int64_t h = 0; h < heads; ++h) {
+    const float scale = cp[h * kConsts + 4];
+    TORCH_CHECK(scale > 0.f, "fxquant::int_attention: head ", h, " has a non-positive score scale");
+    for (int64_t d = 0; d < levels; ++d) {
+      table[h * levels + d] = std::exp(-scale * static_cast<float>(d));
+    }
+  }
+
+  at::Tensor out = at::empty({batch, rows, heads, vdim}, q.options().dtype(at::kFloat));
+  float* out_p = out.data_ptr<float>();
+  const Codes qc(q), kc(kt), vc(v);
+
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor a8 = at::empty({rows, depth}, q.options().dtype(at::kChar));
+    at::Tensor b8 = at::empty({cols, depth}, q.options().dtype(at::kChar));
+    at::Tensor acc = at::empty({rows, cols}, q.options().dtype(at::kInt));
+    std::vector<int32_t> row_sum(rows), col_term(cols), codes(cols);
+    std::vector<float> probs(rows * cols), vf(cols * vdim);
+    int8_t* a = a8.data_ptr<int8_t>();
+    int8_t* bt = b8.data_ptr<int8_t>();
+    const int32_t* accp = acc.data_ptr<int32_t>();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / heads, h = task % heads;
+      const float* k = cp + h * kConsts;
+      const int64_t zq = qc.int8_zero_point(k[0]), zk = kc.int8_zero_point(k[1]);
+      const float multiplier = k[2], zs = k[3], sv = k[6], zv = k[7];
+      const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+      for (int64_t i = 0; i < rows; ++i) {
+        row_sum[i] = load_int8(qc.at(b, h, i, 0), depth, qc.s3, qc.is_uint8, a + i * depth);
+      }
+      for (int64_t j = 0; j < cols; ++j) {  // kt's column j is k's row j
+        col_term[j] = static_cast<int32_t>(zq * load_int8(kc.at(b, h, 0, j), depth, kc.s2, kc.is_uint8,
+                                                          bt + j * depth));
+      }
+      if (depth > 1) {
+        at::_int_mm_out(acc, a8, b8.t());
+      } else {  // a (K = 1) view is ambiguous column-/row-major for the GEMM: the outer product by hand
+        int32_t* out_acc = acc.data_ptr<int32_t>();
+        for (int64_t i = 0; i < rows; ++i) {
+          for (int64_t j = 0; j < cols; ++j) {
+            out_acc[i * cols + j] = static_cast<int32_t>(a[i]) * static_cast<int32_t>(bt[j]);
+          }
+        }
+      }
+      const int32_t constant = static_cast<int32_t>(depth * zq * zk);
+      const float* tab = table.data() + h * levels;
+      for (int64_t i = 0; i < rows; ++i) {
+        const int32_t row_term = static_cast<int32_t>(zk * row_sum[i]) - constant;
+        const int32_t* acc_row = accp + i * cols;
+        int32_t* code = codes.data();
+        int32_t top = static_cast<int32_t>(qmin);
+        for (int64_t j = 0; j < cols; ++j) {  // written to vectorize: no calls, selects instead of branches
+          const float exact = static_cast<float>(acc_row[j] - row_term - col_term[j]);
+          float y = std::rint(exact * multiplier) + zs;  // round half to even, as torch.round
+          y = y < lo ? lo : y;
+          y = y > hi ? hi : y;
+          code[j] = static_cast<int32_t>(y);
+          top = code[j] > top ? code[j] : top;
+        }
+        float* p = probs.data() + i * cols;
+        float lanes[kLanes] = {};
+        int64_t j = 0;
+        for (; j + kLanes <= cols; j += kLanes) {  // kLanes partial sums: a vectorizable float reduction
+          for (int64_t l = 0; l < kLanes; ++l) {
+            p[j + l] = tab[top - code[j + l]];
+            lanes[l] += p[j + l];
+          }
+        }
+        float total = 0.f;
+        for (; j < cols; ++j) {
+          p[j] = tab[top - code[j]];
+          total += p[j];
+        }
+        for (int64_t l = 0; l < kLanes; ++l) {
+          total += lanes[l];
+        }
+        const float inv = 1.f / total;
+        for (int64_t k2 = 0; k2 < cols; ++k2) {
+          p[k2] *= inv;
+        }
+      }
+      for (int64_t j = 0; j < cols; ++j) {
+        load_float(vc.at(b, h, j, 0), vdim, vc.s3, vc.is_uint8, zv, sv, vf.data() + j * vdim);
+      }
+      // out[b, :, h, :] (rows x vdim, row stride heads * vdim) = probs (rows x cols) @ vf (cols x vdim)
+      at::native::cpublas::brgemm(rows, vdim, cols, cols, vdim, heads * vdim, false, probs.data(), vf.data(),
+                                  out_p + (b * rows * heads + h) * vdim, false);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fxquant_kernels, m) {
+  m.def("int_attention(Tensor q, Tensor kt, Tensor v, Tensor consts, int qmin, int qmax) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fxquant_kernels, CPU, m) {
+  m.impl("int_attention", &int_attention);
+}

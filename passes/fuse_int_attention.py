@@ -1,0 +1,221 @@
+"""fuse_int_attention: each attention core of the integer graph becomes one ``IntAttention``.
+
+Runs after ``use_onednn_kernels`` (``compile(..., backend="int", int_kernels="onednn")``).
+The pattern, as ``lower_integer`` and ``use_onednn_kernels`` leave it when the attention
+probabilities stay in float (``w8a8``):
+
+    IntMatmul(q, kT) -> codes of the score point (float32 requantization)
+      -> DequantizeCodes (one multiply-add)
+      -> [timm's maybe_add_mask with no mask]
+      -> softmax(dim=-1) -> [Dropout(p=0) / Identity]
+      -> matmul(., DequantizeCodes(v codes))
+
+becomes ``IntAttention(q, kT, v codes)`` (``fxquant.int_attention``): one C++ kernel per
+(batch, head), the scores never written to memory. Anything else between those nodes (a
+relative position bias or a mask, as in Swin; log2 probabilities, which ``lower_integer``
+already made a ``LisShiftMatmul``; a node with a second reader) leaves that attention as it
+is. Where the kernel cannot be built (no C++ compiler), nothing is fused and the report
+says why.
+
+Not bit-exact: the softmax and attn@V round differently in float32 (the score codes are
+computed with the same arithmetic), so the next point's codes can differ by one step where
+a value lies within float32 rounding of a step boundary. The score point's codes stay
+inside the kernel: the code comparison with the fake-quant graph, made on the graph this
+pass returns, covers every other point.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from fxquant.errors import NodeError
+from fxquant.graph_utils import install_submodule, unique_attr
+from fxquant.int_attention import IntAttention, kernel_error, load_kernel, per_head
+from fxquant.int_modules import DequantizeCodes, IntMatmul
+from fxquant.integer import UINT8_OFFSET
+from fxquant.meta import MODULE, ORIGIN
+from fxquant.pass_manager import Pass, PassContext
+from fxquant.patterns import is_matmul, is_pass_through_module, is_softmax, submodule
+from fxquant.passes.lower_integer import CODES_OF, FAKE_GRAPH_STATE, equivalence_notes
+
+
+def _fn_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+
+
+def _only_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _is_unmasked(mask: fx.Node) -> bool:
+    """``resolve_self_attn_mask(n, x, None, False)`` (timm): no mask, it returns None."""
+    return (_fn_name(mask) == "resolve_self_attn_mask" and len(mask.args) >= 4 and mask.args[2] is None
+            and mask.args[3] is False)
+
+
+def _is_no_mask(node: fx.Node) -> bool:
+    """timm's ``maybe_add_mask(x, m)`` with ``m`` None or an unmasked resolve: it returns x."""
+    if _fn_name(node) != "maybe_add_mask" or len(node.args) < 2:
+        return False
+    mask = node.args[1]
+    return mask is None or (isinstance(mask, fx.Node) and _is_unmasked(mask) and len(mask.users) == 1)
+
+
+def _next_in_chain(node: fx.Node) -> Optional[fx.Node]:
+    """The one reader of ``node``, not counting an unmasked resolve (it reads only the dtype)
+    that feeds that reader."""
+    users = list(node.users)
+    if len(users) == 2:
+        resolve = [u for u in users if _is_unmasked(u) and list(u.users) == [v for v in users if v is not u]]
+        if resolve:
+            users = [u for u in users if u is not resolve[0]]
+    return users[0] if len(users) == 1 else None
+
+
+def _softmax_last_dim(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if not is_softmax(gm, node) or node.kwargs.get("dtype") is not None:
+        return False
+    module = submodule(gm, node)
+    dim = module.dim if module is not None else node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    return dim in (-1, 3)
+
+
+def _identity_module(gm: fx.GraphModule, node: fx.Node) -> bool:
+    module = submodule(gm, node)
+    return is_pass_through_module(gm, node) and (not isinstance(module, torch.nn.Dropout) or module.p == 0)
+
+
+class _Match:
+    def __init__(self, scores: fx.Node, dequant: fx.Node, chain: list[fx.Node], matmul: fx.Node, v_dequant: fx.Node):
+        self.scores, self.dequant, self.chain, self.matmul, self.v_dequant = scores, dequant, chain, matmul, v_dequant
+
+
+def _match(gm: fx.GraphModule, scores: fx.Node) -> tuple[Optional[_Match], str]:
+    """The attention core starting at an IntMatmul node, or None and why not."""
+    module = submodule(gm, scores)
+    if not module.requantizes or not module.float_requant:
+        return None, "the scores are not requantized to codes with float32 scales"
+    dequant = _only_user(scores)
+    dq = submodule(gm, dequant) if dequant is not None else None
+    if not isinstance(dq, DequantizeCodes) or not dq.fused_affine:
+        return None, "the score codes are not read by one multiply-add dequantization only"
+    chain, node = [], dequant
+    while True:
+        nxt = _next_in_chain(node)
+        if nxt is None:
+            return None, "a value between the scores and attn@V has more than one reader"
+        if _is_no_mask(nxt) and nxt.args[0] is node:
+            chain.append(nxt)
+            node = nxt
+            continue
+        if _softmax_last_dim(gm, nxt) and nxt.args[0] is node and not any(_softmax_last_dim(gm, c) for c in chain):
+            chain.append(nxt)
+            node = nxt
+            continue
+        if nxt.op == "call_module" and _identity_module(gm, nxt) and any(is_softmax(gm, c) for c in chain):
+            chain.append(nxt)
+            node = nxt
+            continue
+        break
+    if not any(is_softmax(gm, c) for c in chain):
+        return None, "something other than a softmax over the last dimension reads the scores"
+    matmul = _only_user(node)
+    if matmul is None or not is_matmul(matmul) or len(matmul.args) != 2 or matmul.args[0] is not node:
+        return None, "the probabilities are not the left operand of a matmul"
+    v_dequant = matmul.args[1]
+    vd = submodule(gm, v_dequant) if isinstance(v_dequant, fx.Node) else None
+    if not isinstance(vd, DequantizeCodes) or vd.fused_affine or vd.post_scale != 1.0:
+        return None, "V is not a plain dequantization of codes"
+    return _Match(scores, dequant, chain, matmul, v_dequant), ""
+
+
+def _head_constants(match: _Match, gm: fx.GraphModule) -> torch.Tensor:
+    scores: IntMatmul = submodule(gm, match.scores)
+    dq: DequantizeCodes = submodule(gm, match.dequant)
+    vd: DequantizeCodes = submodule(gm, match.v_dequant)
+    where = str(match.scores.target)
+    columns = [
+        per_head(scores.a_zero_point + (UINT8_OFFSET if scores.a_uint8 else 0), None, f"{where}: q zero point"),
+        per_head(scores.b_zero_point + (UINT8_OFFSET if scores.b_uint8 else 0), None, f"{where}: k zero point"),
+        per_head(scores.float_multiplier, None, f"{where}: score multiplier"),
+        per_head(scores.float_zero_point, None, f"{where}: score zero point"),
+        per_head(dq.affine_scale, None, f"{where}: score scale"),
+        per_head(dq.affine_bias, None, f"{where}: score bias"),
+        per_head(vd.scale, None, f"{where}: V scale"),
+        per_head(vd.zero_point, None, f"{where}: V zero point"),
+    ]
+    heads = max(c.numel() for c in columns)
+    if any(c.numel() not in (1, heads) for c in columns):
+        raise ValueError(f"{where}: the per-head constants disagree on the number of heads")
+    return torch.stack([c.expand(heads) for c in columns], dim=1)
+
+
+class FuseIntAttention(Pass):
+    name = "fuse_int_attention"
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        if not any(isinstance(m, (IntMatmul, DequantizeCodes)) for m in gm.modules()):
+            raise NodeError("output", "no integer modules in the graph; run lower_integer first")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        notes = ctx.state.setdefault("lower_integer", [])
+        candidates = [n for n in gm.graph.nodes if isinstance(submodule(gm, n), IntMatmul)]
+        matches, skipped = [], {}
+        for node in candidates:
+            match, why = _match(gm, node)
+            if match is None:
+                skipped[node.name] = why
+                continue
+            try:
+                constants = _head_constants(match, gm)
+            except ValueError as exc:
+                skipped[node.name] = str(exc)
+                continue
+            matches.append((match, constants))
+        if matches and not load_kernel():
+            notes.append(f"fuse_int_attention: {len(matches)} attention cores left unfused: {kernel_error()}")
+            matches = []
+        for match, constants in matches:
+            self._fuse(gm, match, constants)
+        if matches:
+            gm.graph.eliminate_dead_code()
+            gm.delete_all_unused_submodules()
+            gm.recompile()
+            notes.append(f"fuse_int_attention: {len(matches)} of {len(candidates)} attention cores (q @ kT, score "
+                         "requantization, softmax, attn@V) as one kernel each; their score codes stay inside the "
+                         "kernel and are not in the code comparison")
+        notes.extend(f"unfused attention {name}: {why}" for name, why in sorted(skipped.items()))
+        fake = ctx.state.pop(FAKE_GRAPH_STATE, None)
+        if fake is not None:  # the earlier integer passes left the equivalence check to the last one
+            notes.extend(equivalence_notes(fake, gm, ctx))
+        return gm
+
+    @staticmethod
+    def _fuse(gm: fx.GraphModule, match: _Match, constants: torch.Tensor) -> None:
+        scores: IntMatmul = submodule(gm, match.scores)
+        label = scores.label or str(match.scores.target)
+        path = unique_attr(gm, f"fxq_{match.matmul.name}_attention")
+        install_submodule(gm, path, IntAttention(constants, scores.qmin, scores.qmax, label=label))
+        v_codes = match.v_dequant.args[0]
+        q, kt = match.scores.args[0], match.scores.args[1]
+        with gm.graph.inserting_before(match.matmul):
+            fused = gm.graph.call_module(path, (q, kt, v_codes))
+        fused.meta[MODULE] = match.matmul.meta.get(MODULE, "")
+        fused.meta[ORIGIN] = match.matmul.meta.get(ORIGIN, fused.name)
+        match.matmul.replace_all_uses_with(fused)
+        for node in [match.matmul, *reversed(match.chain), match.dequant, match.scores]:
+            mask = node.args[1] if _is_no_mask(node) and isinstance(node.args[1], fx.Node) else None
+            gm.graph.erase_node(node)
+            if mask is not None and not mask.users:
+                gm.graph.erase_node(mask)
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        for node in gm.graph.nodes:
+            if isinstance(submodule(gm, node), IntAttention) and CODES_OF in node.meta:
+                raise NodeError(node.name, "a fused attention node cannot stand for a point's codes")
+
+
+__all__ = ["FuseIntAttention"]
