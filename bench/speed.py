@@ -21,7 +21,8 @@ Per model (timm, random init after torch.manual_seed(0)), with 2 intra-op thread
 * ``fxquant int + torch.compile``: the same GraphModule under ``torch.compile`` (inductor).
 * ``fxquant int, oneDNN kernels`` (eager and under ``torch.compile``): the same compile with
   ``int_kernels="onednn"``: the Linears on oneDNN's int8 kernel with the scales, GELU and the
-  next point's quantization in the GEMM's epilogue (x86 only; skipped elsewhere).
+  next point's quantization in the GEMM's epilogue, and each attention core as one fused C++
+  kernel (``fuse_int_attention``) (x86 only; skipped elsewhere).
 * ``torchao PT2E + torch.compile``: torch.export -> prepare_pt2e(X86InductorQuantizer default
   static config) -> the same 32 images -> convert_pt2e -> ``torch.compile`` (inductor
   freezing on, as torchao's X86 recipe asks; it applies to every compiled variant).
