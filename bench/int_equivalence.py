@@ -129,7 +129,7 @@ def measure(name: str, preset: str, int_kernels: str = "portable") -> dict:
         injector.remove()
         flip_db.append(output_qsnr(ref0, flipped))
         flip_fake_db.append(output_qsnr(fake_out, flipped))
-    lowering = "; ".join(n for n in integer.report.notes if n.startswith(("lower_integer:", "use_onednn_kernels:")))
+    lowering = "; ".join(n for n in integer.report.notes if n.startswith(("lower_integer:", "use_onednn_kernels:", "fuse_int_attention:")))
     log(f"{name} {preset}: {time.perf_counter() - start:.0f} s; {lowering}")
     return {"model": name, "preset": preset, "iso_share": iso_share, "iso_worst": iso_worst,
             "prop_share": prop_share, "prop_worst": prop_worst, "fake_db": fake_db, "int_db": int_db,

@@ -78,7 +78,8 @@ def compile(  # noqa: A001 - the public name the design card asks for
         raise FxqError(f"int_kernels={int_kernels!r} chooses the integer graph's kernels; it needs backend='int'")
     if int_kernels != "portable" and passes is not None:
         raise FxqError(f"int_kernels={int_kernels!r} chooses passes of the default pipeline; with a custom passes= "
-                       "list add them yourself (LowerInteger(release_setup=False), UseOnednnKernels())")
+                       "list add them yourself (LowerInteger(release_setup=False), UseOnednnKernels(measure=False), "
+                       "FuseIntAttention())")
     if int_kernels == "onednn" and not onednn_available():
         raise FxqError("int_kernels='onednn' needs oneDNN's int8 Linear kernels (an x86 CPU build of torch with "
                        "oneDNN); they are not available here: use int_kernels='portable'")

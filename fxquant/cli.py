@@ -171,7 +171,8 @@ def run_compile(args: argparse.Namespace) -> int:
     print(qm.report.table(worst=args.worst))
     if args.backend == "int":
         for note in qm.report.notes:
-            if note.startswith(("integer vs fake-quant", "output QSNR", "lower_integer", "use_onednn_kernels")):
+            if note.startswith(("integer vs fake-quant", "output QSNR", "lower_integer", "use_onednn_kernels",
+                                "fuse_int_attention")):
                 print(note)
     if args.keep_float:
         print(f"points kept in float (--keep-float {args.keep_float}): {len(qm.keep_float)}")

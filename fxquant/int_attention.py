@@ -71,6 +71,9 @@ def load_kernel() -> bool:
         if _Kernel.tried:
             return _Kernel.ready
         _Kernel.tried = True
+        if _registered():  # built and loaded earlier in this process
+            _Kernel.ready = True
+            return True
         if platform.machine().lower() not in ("x86_64", "amd64"):
             _Kernel.error = f"the fused attention kernel is built for x86-64 CPUs, this is {platform.machine()}"
             return False
@@ -82,11 +85,26 @@ def load_kernel() -> bool:
                  verbose=False)
             torch.library.register_fake("fxquant_kernels::int_attention")(_int_attention_shape)
         except Exception as exc:  # no compiler, no ninja, a build error: the fallback still works
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            _Kernel.error = f"building fxquant/csrc/int_attention.cpp failed: {type(exc).__name__}: {first}"[:400]
+            _Kernel.error = f"building fxquant/csrc/int_attention.cpp failed: {type(exc).__name__}: {_cause(exc)}"
             return False
         _Kernel.ready = True
         return True
+
+
+def _registered() -> bool:
+    try:
+        torch.ops.fxquant_kernels.int_attention
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _cause(exc: Exception) -> str:
+    """The useful part of a build failure: the compiler's error lines, else the last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() and not line.startswith("[")]
+    picked = errors[:2] if errors else lines[-1:]
+    return " | ".join(picked)[:600]
 
 
 def kernel_ready() -> bool:
@@ -132,8 +150,9 @@ class IntAttention(nn.Module):
         super().__init__()
         if head_constants.dim() != 2 or head_constants.shape[1] != len(CONSTANTS):
             raise ValueError(f"head_constants must be (heads, {len(CONSTANTS)}), got {tuple(head_constants.shape)}")
-        if not bool((head_constants[:, CONSTANTS.index("score_scale")] > 0).all()):
-            raise ValueError("the scores' dequantization scale must be positive")
+        if not bool((head_constants[:, CONSTANTS.index("score_scale")] >= 0).all()):
+            raise ValueError("the scores' dequantization scale must not be negative (the kernel's softmax takes the "
+                             "largest code as the largest score)")
         self.qmin, self.qmax, self.label = int(qmin), int(qmax), label
         self.register_buffer("head_constants", head_constants.to(torch.float32).contiguous().clone())
 
@@ -142,8 +161,13 @@ class IntAttention(nn.Module):
         return c.expand(heads, c.shape[1]).contiguous() if c.shape[0] == 1 and heads != 1 else c
 
     def forward(self, q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not _Kernel.tried and not torch.compiler.is_compiling():
+            load_kernel()  # a graph that reached this process without fxquant.load (pickle, a worker)
         if kernel_ready() and q.device.type == "cpu" and q.dim() == 4 and kt.dim() == 4 and v.dim() == 4:
-            out = torch.ops.fxquant_kernels.int_attention(q, kt, v, self._constants(q.shape[1]), self.qmin, self.qmax)
+            batch, heads = q.shape[:2]  # K or V shared across batch or heads: stride-0 views, no copy
+            out = torch.ops.fxquant_kernels.int_attention(q, kt.expand(batch, heads, -1, -1),
+                                                          v.expand(batch, heads, -1, -1), self._constants(heads),
+                                                          self.qmin, self.qmax)
             return out.transpose(1, 2)
         return self.reference(q, kt, v)
 

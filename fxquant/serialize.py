@@ -744,9 +744,13 @@ def _rebuild(path: Path, document: dict, tensors: dict[str, torch.Tensor]) -> fx
         gm.qconfig = config
     gm.keep_float = list(_dec(document.get("keep_float", []), None, f"{path}: keep_float"))
     if any(type(m).__name__ == "IntAttention" for m in root.values() if isinstance(m, nn.Module)):
-        from .int_attention import load_kernel
+        from .int_attention import kernel_error, load_kernel
 
-        load_kernel()  # the fused attention kernel (built once per machine); without it IntAttention runs in torch
+        if not load_kernel():  # the fused attention kernel (built once per machine)
+            import warnings
+
+            warnings.warn(f"{path}: the fused attention kernel is not available ({kernel_error()}); its IntAttention "
+                          "modules run the same ops in torch, slower", RuntimeWarning, stacklevel=2)
     return gm
 
 

@@ -31,18 +31,25 @@ import torch
 import torch.fx as fx
 
 from fxquant.errors import NodeError
-from fxquant.graph_utils import install_submodule, unique_attr
-from fxquant.int_attention import IntAttention, kernel_error, load_kernel, per_head
+from fxquant.graph_utils import install_submodule, propagate_shapes, shape_of, unique_attr
+from fxquant.int_attention import CONSTANTS, IntAttention, kernel_error, load_kernel, per_head
 from fxquant.int_modules import DequantizeCodes, IntMatmul
 from fxquant.integer import UINT8_OFFSET
-from fxquant.meta import MODULE, ORIGIN
+from fxquant.meta import POINT, ROLE, copy_provenance
 from fxquant.pass_manager import Pass, PassContext
 from fxquant.patterns import is_matmul, is_pass_through_module, is_softmax, submodule
 from fxquant.passes.lower_integer import CODES_OF, FAKE_GRAPH_STATE, equivalence_notes
 
 
-def _fn_name(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+def _timm_attention_helper(node: fx.Node, name: str) -> bool:
+    """``node`` calls timm's ``timm.layers.attention.<name>`` (the function itself, not a namesake)."""
+    if node.op != "call_function":
+        return False
+    try:
+        from timm.layers import attention as timm_attention
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return node.target is getattr(timm_attention, name, None)
 
 
 def _only_user(node: fx.Node) -> Optional[fx.Node]:
@@ -50,17 +57,23 @@ def _only_user(node: fx.Node) -> Optional[fx.Node]:
     return users[0] if len(users) == 1 else None
 
 
+def _argument(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
 def _is_unmasked(mask: fx.Node) -> bool:
-    """``resolve_self_attn_mask(n, x, None, False)`` (timm): no mask, it returns None."""
-    return (_fn_name(mask) == "resolve_self_attn_mask" and len(mask.args) >= 4 and mask.args[2] is None
-            and mask.args[3] is False)
+    """``resolve_self_attn_mask(n, x, attn_mask=None, is_causal=False)`` (timm): it returns None."""
+    return (_timm_attention_helper(mask, "resolve_self_attn_mask") and _argument(mask, 2, "attn_mask") is None
+            and _argument(mask, 3, "is_causal", False) is False)
 
 
 def _is_no_mask(node: fx.Node) -> bool:
     """timm's ``maybe_add_mask(x, m)`` with ``m`` None or an unmasked resolve: it returns x."""
-    if _fn_name(node) != "maybe_add_mask" or len(node.args) < 2:
+    if not _timm_attention_helper(node, "maybe_add_mask"):
         return False
-    mask = node.args[1]
+    mask = _argument(node, 1, "attn_mask")
     return mask is None or (isinstance(mask, fx.Node) and _is_unmasked(mask) and len(mask.users) == 1)
 
 
@@ -79,8 +92,9 @@ def _softmax_last_dim(gm: fx.GraphModule, node: fx.Node) -> bool:
     if not is_softmax(gm, node) or node.kwargs.get("dtype") is not None:
         return False
     module = submodule(gm, node)
-    dim = module.dim if module is not None else node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    return dim in (-1, 3)
+    dim = module.dim if module is not None else _argument(node, 1, "dim")
+    shape = shape_of(node)
+    return dim == -1 or (shape is not None and dim == len(shape) - 1)
 
 
 def _identity_module(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -129,6 +143,10 @@ def _match(gm: fx.GraphModule, scores: fx.Node) -> tuple[Optional[_Match], str]:
     vd = submodule(gm, v_dequant) if isinstance(v_dequant, fx.Node) else None
     if not isinstance(vd, DequantizeCodes) or vd.fused_affine or vd.post_scale != 1.0:
         return None, "V is not a plain dequantization of codes"
+    operands = (scores.args[0], scores.args[1], v_dequant.args[0])
+    shapes = [shape_of(n) if isinstance(n, fx.Node) else None for n in operands]
+    if any(shape is not None and len(shape) != 4 for shape in shapes):
+        return None, "the attention operands are not 4-d (batch, head, rows, cols)"
     return _Match(scores, dequant, chain, matmul, v_dequant), ""
 
 
@@ -150,6 +168,9 @@ def _head_constants(match: _Match, gm: fx.GraphModule) -> torch.Tensor:
     heads = max(c.numel() for c in columns)
     if any(c.numel() not in (1, heads) for c in columns):
         raise ValueError(f"{where}: the per-head constants disagree on the number of heads")
+    if bool((columns[CONSTANTS.index("score_scale")] < 0).any()):
+        raise ValueError(f"{where}: a negative score scale (the kernel's softmax needs the largest code to be the "
+                         "largest score)")
     return torch.stack([c.expand(heads) for c in columns], dim=1)
 
 
@@ -162,6 +183,8 @@ class FuseIntAttention(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         notes = ctx.state.setdefault("lower_integer", [])
+        if ctx.diff_inputs:  # ranks of the attention operands (the kernel takes 4-d ones)
+            propagate_shapes(gm, tuple(ctx.diff_inputs))
         candidates = [n for n in gm.graph.nodes if isinstance(submodule(gm, n), IntMatmul)]
         matches, skipped = [], {}
         for node in candidates:
@@ -184,9 +207,9 @@ class FuseIntAttention(Pass):
             gm.graph.eliminate_dead_code()
             gm.delete_all_unused_submodules()
             gm.recompile()
-            notes.append(f"fuse_int_attention: {len(matches)} of {len(candidates)} attention cores (q @ kT, score "
-                         "requantization, softmax, attn@V) as one kernel each; their score codes stay inside the "
-                         "kernel and are not in the code comparison")
+            notes.append(f"fuse_int_attention: {len(matches)} attention cores (q @ kT, score requantization, "
+                         f"softmax, attn@V) as one kernel each ({len(candidates)} integer matmuls examined); their "
+                         "score codes stay inside the kernel and are not in the code comparison")
         notes.extend(f"unfused attention {name}: {why}" for name, why in sorted(skipped.items()))
         fake = ctx.state.pop(FAKE_GRAPH_STATE, None)
         if fake is not None:  # the earlier integer passes left the equivalence check to the last one
@@ -203,13 +226,15 @@ class FuseIntAttention(Pass):
         q, kt = match.scores.args[0], match.scores.args[1]
         with gm.graph.inserting_before(match.matmul):
             fused = gm.graph.call_module(path, (q, kt, v_codes))
-        fused.meta[MODULE] = match.matmul.meta.get(MODULE, "")
-        fused.meta[ORIGIN] = match.matmul.meta.get(ORIGIN, fused.name)
+        copy_provenance(match.matmul, fused)  # it computes attn@V: the diff pairs it with the FP32 matmul
+        for key in (ROLE, POINT, "tensor_meta"):
+            if key in match.matmul.meta:
+                fused.meta[key] = match.matmul.meta[key]
         match.matmul.replace_all_uses_with(fused)
         for node in [match.matmul, *reversed(match.chain), match.dequant, match.scores]:
-            mask = node.args[1] if _is_no_mask(node) and isinstance(node.args[1], fx.Node) else None
+            mask = _argument(node, 1, "attn_mask") if _is_no_mask(node) else None
             gm.graph.erase_node(node)
-            if mask is not None and not mask.users:
+            if isinstance(mask, fx.Node) and not mask.users:
                 gm.graph.erase_node(mask)
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> None:

@@ -102,8 +102,8 @@ at::Tensor int_attention(const at::Tensor& q, const at::Tensor& kt, const at::Te
                   consts.size(1) == kConsts,
               "fxquant::int_attention: consts must be float32 (H, 8), got ", consts.sizes());
   TORCH_CHECK(qmin < qmax && qmax - qmin < 65536, "fxquant::int_attention: bad score code range");
-  // exact in float32 (what the unfused graph relies on) and in int32
-  TORCH_CHECK(depth * 256 * 256 < (int64_t(1) << 24), "fxquant::int_attention: depth ", depth, " too large");
+  // every int32 term below (raw products, zero-point terms, their sum) stays under 2**31
+  TORCH_CHECK(depth <= 32768, "fxquant::int_attention: head dimension ", depth, " is above 32768");
 
   const at::Tensor c = consts.contiguous();
   const float* cp = c.data_ptr<float>();
@@ -111,7 +111,7 @@ at::Tensor int_attention(const at::Tensor& q, const at::Tensor& kt, const at::Te
   std::vector<float> table(heads * levels);  // exp(-A d) for d = c_max - c_j
   for (int64_t h = 0; h < heads; ++h) {
     const float scale = cp[h * kConsts + 4];
-    TORCH_CHECK(scale > 0.f, "fxquant::int_attention: head ", h, " has a non-positive score scale");
+    TORCH_CHECK(scale >= 0.f, "fxquant::int_attention: head ", h, " has a negative score scale");
     for (int64_t d = 0; d < levels; ++d) {
       table[h * levels + d] = std::exp(-scale * static_cast<float>(d));
     }
