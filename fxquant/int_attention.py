@@ -63,6 +63,24 @@ def _cpu_tag() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:10]
 
 
+def _extension_name() -> str:
+    return f"fxquant_kernels_{_cpu_tag()}"
+
+
+def needs_build() -> bool:
+    """True when ``load_kernel`` would have to compile (no built library in torch's extension
+    cache yet): callers use it to tell the user why the next step takes 10-30 s."""
+    if _Kernel.tried or _registered():
+        return False
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        name = _extension_name()
+        return not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
+    except Exception:  # a private helper of torch: if it moves, just say nothing
+        return False
+
+
 def load_kernel() -> bool:
     """Build (first call on a machine, about 10-30 s) or load the kernel; True when
     ``torch.ops.fxquant_kernels.int_attention`` is ready. Tried once per process: a failure
@@ -80,7 +98,7 @@ def load_kernel() -> bool:
         try:
             from torch.utils.cpp_extension import load
 
-            load(name=f"fxquant_kernels_{_cpu_tag()}", sources=[str(_SOURCE)],
+            load(name=_extension_name(), sources=[str(_SOURCE)],
                  extra_cflags=_CFLAGS + ["-march=native"], extra_ldflags=_LDFLAGS, is_python_module=False,
                  verbose=False)
             torch.library.register_fake("fxquant_kernels::int_attention")(_int_attention_shape)

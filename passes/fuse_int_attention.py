@@ -25,6 +25,7 @@ pass returns, covers every other point.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -32,7 +33,7 @@ import torch.fx as fx
 
 from fxquant.errors import NodeError
 from fxquant.graph_utils import install_submodule, propagate_shapes, shape_of, unique_attr
-from fxquant.int_attention import CONSTANTS, IntAttention, kernel_error, load_kernel, per_head
+from fxquant.int_attention import CONSTANTS, IntAttention, kernel_error, load_kernel, needs_build, per_head
 from fxquant.int_modules import DequantizeCodes, IntMatmul
 from fxquant.integer import UINT8_OFFSET
 from fxquant.meta import POINT, ROLE, copy_provenance
@@ -198,6 +199,9 @@ class FuseIntAttention(Pass):
                 skipped[node.name] = str(exc)
                 continue
             matches.append((match, constants))
+        if matches and ctx.progress and needs_build():
+            print("fuse_int_attention: compiling the fused attention kernel (fxquant/csrc/int_attention.cpp; once per "
+                  "machine, about 10-30 s)", file=sys.stderr, flush=True)
         if matches and not load_kernel():
             notes.append(f"fuse_int_attention: {len(matches)} attention cores left unfused: {kernel_error()}")
             matches = []

@@ -118,36 +118,53 @@ at::Tensor int_attention(const at::Tensor& q, const at::Tensor& kt, const at::Te
   }
 
   at::Tensor out = at::empty({batch, rows, heads, vdim}, q.options().dtype(at::kFloat));
+  if (cols == 0) {  // no keys: the softmax over nothing times nothing, as torch.matmul of empty operands gives
+    return out.zero_();
+  }
   float* out_p = out.data_ptr<float>();
   const Codes qc(q), kc(kt), vc(v);
 
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor a8 = at::empty({rows, depth}, q.options().dtype(at::kChar));
+  // Tasks: (batch, head) pairs, split into row blocks when there are few pairs for the
+  // threads (batch 1 on a many-core machine), so that every thread gets about 4 tasks.
+  const int64_t pairs = batch * heads, threads = at::get_num_threads();
+  int64_t blocks = 1;
+  if (pairs < 4 * threads) {
+    blocks = std::max<int64_t>(1, std::min<int64_t>((rows + 31) / 32, (4 * threads + pairs - 1) / pairs));
+  }
+  const int64_t block_rows = (rows + blocks - 1) / blocks;
+
+  at::parallel_for(0, pairs * blocks, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor a8 = at::empty({block_rows, depth}, q.options().dtype(at::kChar));
     at::Tensor b8 = at::empty({cols, depth}, q.options().dtype(at::kChar));
-    at::Tensor acc = at::empty({rows, cols}, q.options().dtype(at::kInt));
-    std::vector<int32_t> row_sum(rows), col_term(cols), codes(cols);
-    std::vector<float> probs(rows * cols), vf(cols * vdim);
+    at::Tensor acc = at::empty({block_rows, cols}, q.options().dtype(at::kInt));
+    std::vector<int32_t> row_sum(block_rows), col_term(cols), codes(cols);
+    std::vector<float> probs(block_rows * cols), vf(cols * vdim);
     int8_t* a = a8.data_ptr<int8_t>();
     int8_t* bt = b8.data_ptr<int8_t>();
     const int32_t* accp = acc.data_ptr<int32_t>();
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / heads, h = task % heads;
+      const int64_t pair = task / blocks, b = pair / heads, h = pair % heads;
+      const int64_t first = (task % blocks) * block_rows, count = std::min(block_rows, rows - first);
+      if (count <= 0) {
+        continue;
+      }
       const float* k = cp + h * kConsts;
       const int64_t zq = qc.int8_zero_point(k[0]), zk = kc.int8_zero_point(k[1]);
       const float multiplier = k[2], zs = k[3], sv = k[6], zv = k[7];
       const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
-      for (int64_t i = 0; i < rows; ++i) {
-        row_sum[i] = load_int8(qc.at(b, h, i, 0), depth, qc.s3, qc.is_uint8, a + i * depth);
+      for (int64_t i = 0; i < count; ++i) {
+        row_sum[i] = load_int8(qc.at(b, h, first + i, 0), depth, qc.s3, qc.is_uint8, a + i * depth);
       }
       for (int64_t j = 0; j < cols; ++j) {  // kt's column j is k's row j
         col_term[j] = static_cast<int32_t>(zq * load_int8(kc.at(b, h, 0, j), depth, kc.s2, kc.is_uint8,
                                                           bt + j * depth));
       }
       if (depth > 1) {
-        at::_int_mm_out(acc, a8, b8.t());
+        at::Tensor acc_rows = acc.narrow(0, 0, count);  // leading rows of contiguous buffers: still contiguous
+        at::_int_mm_out(acc_rows, a8.narrow(0, 0, count), b8.t());
       } else {  // a (K = 1) view is ambiguous column-/row-major for the GEMM: the outer product by hand
         int32_t* out_acc = acc.data_ptr<int32_t>();
-        for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t i = 0; i < count; ++i) {
           for (int64_t j = 0; j < cols; ++j) {
             out_acc[i * cols + j] = static_cast<int32_t>(a[i]) * static_cast<int32_t>(bt[j]);
           }
@@ -155,7 +172,7 @@ at::Tensor int_attention(const at::Tensor& q, const at::Tensor& kt, const at::Te
       }
       const int32_t constant = static_cast<int32_t>(depth * zq * zk);
       const float* tab = table.data() + h * levels;
-      for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t i = 0; i < count; ++i) {
         const int32_t row_term = static_cast<int32_t>(zk * row_sum[i]) - constant;
         const int32_t* acc_row = accp + i * cols;
         int32_t* code = codes.data();
@@ -193,9 +210,9 @@ at::Tensor int_attention(const at::Tensor& q, const at::Tensor& kt, const at::Te
       for (int64_t j = 0; j < cols; ++j) {
         load_float(vc.at(b, h, j, 0), vdim, vc.s3, vc.is_uint8, zv, sv, vf.data() + j * vdim);
       }
-      // out[b, :, h, :] (rows x vdim, row stride heads * vdim) = probs (rows x cols) @ vf (cols x vdim)
-      at::native::cpublas::brgemm(rows, vdim, cols, cols, vdim, heads * vdim, false, probs.data(), vf.data(),
-                                  out_p + (b * rows * heads + h) * vdim, false);
+      // out[b, first:first + count, h, :] (row stride heads * vdim) = probs (count x cols) @ vf (cols x vdim)
+      at::native::cpublas::brgemm(count, vdim, cols, cols, vdim, heads * vdim, false, probs.data(), vf.data(),
+                                  out_p + ((b * rows + first) * heads + h) * vdim, false);
     }
   });
   return out;

@@ -218,6 +218,22 @@ def test_kernel_equals_its_torch_definition(seed, batch, heads, rows, cols, dept
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()) + 1e-7)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_few_heads_are_split_into_row_blocks_with_the_same_result(threads):
+    """Batch 1, one head, 150 query rows: on 2 threads the kernel splits the rows into blocks."""
+    _kernel_or_skip()
+    q, kt, v, constants = _random_case(5, 1, 1, 150, 97, 64, 32, True, True, True, "heads-inner")
+    module = IntAttention(constants, -128, 127)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = module(q, kt, v)
+    finally:
+        torch.set_num_threads(before)
+    want = module.reference(q, kt, v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
 def test_k_and_v_shared_across_heads_are_broadcast():
     _kernel_or_skip()
     q, kt, v, constants = _random_case(4, 2, 3, 6, 5, 8, 4, True, False, True, "dense")
@@ -344,3 +360,21 @@ def test_a_graph_from_elsewhere_loads_the_kernel_on_its_first_call(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ready True" in result.stdout
+
+
+def test_needs_build_says_when_the_kernel_must_be_compiled(tmp_path):
+    """What fuse_int_attention's progress line relies on: True in a fresh process with an empty
+    extension cache, False once the kernel is loaded."""
+    import os
+    import subprocess
+    import sys
+
+    from fxquant.int_attention import needs_build
+
+    _kernel_or_skip()
+    assert not needs_build()
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "empty")}
+    result = subprocess.run([sys.executable, "-c", "import fxquant.int_attention as ia; print(ia.needs_build())"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("True")
