@@ -9,16 +9,22 @@ After ``lower_integer`` and ``use_onednn_kernels``, a ViT's attention is four op
 
 Between them the (B, H, N, N) scores go to memory three times. ``IntAttention`` computes
 the same four steps per (batch, head) in one C++ kernel (``fxquant/csrc/int_attention.cpp``,
-built on first use with torch's extension builder and cached): q @ kT on the int8 GEMM,
-the scores kept in the cache, and no exp per element (the scores are codes, so
-``exp(x_j - x_max)`` is one of 256 values per head, read from a table). On ViT-B/16 batch 8
+built on first use with torch's extension builder and cached; a (batch, head) is split into
+blocks of query rows when there are few for the threads): q @ kT on the int8 GEMM, the
+scores kept in the cache, and no exp per element (the scores are codes, so
+``exp(x_j - x_max)`` is one of ``qmax - qmin + 1`` values per head, 256 for 8-bit scores,
+read from a table). On ViT-B/16 batch 8
 with 2 threads one layer's attention takes about 5 ms, against 8.5 ms for torch's flash
 attention in float and about 10 ms for the four ops under torch.compile.
 
 The result equals the four ops up to float32 rounding of the softmax and of attn@V (the
 codes of the scores are computed with the same arithmetic, exactly); the point after it
 (``attn_v_out``) can differ by one code where a value sits within that rounding of a step
-boundary. ``fuse_int_attention`` measures it against the fake-quant graph.
+boundary. Against the fake-quant graph the score codes have the integer graph's rare 1-LSB
+flips, as unfused; they stay inside the kernel, so such a flip shows at ``attn_v_out``,
+where it can move a code by more than one step (one score step changes that key's
+probability by a factor exp(step)). ``fuse_int_attention`` measures it against the
+fake-quant graph.
 
 Without the kernel (no C++ compiler, not a CPU tensor), ``IntAttention`` runs the four ops
 in torch, and ``fuse_int_attention`` leaves the graph unfused and says why.
@@ -174,6 +180,12 @@ class IntAttention(nn.Module):
         self.qmin, self.qmax, self.label = int(qmin), int(qmax), label
         self.register_buffer("head_constants", head_constants.to(torch.float32).contiguous().clone())
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled (torch.load of a whole graph, a worker process): load the kernel now, so
+        that a first call under torch.compile already sees it."""
+        super().__setstate__(state)
+        load_kernel()
+
     def _constants(self, heads: int) -> torch.Tensor:
         c = self.head_constants
         return c.expand(heads, c.shape[1]).contiguous() if c.shape[0] == 1 and heads != 1 else c
@@ -200,4 +212,4 @@ class IntAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.label}: q @ kT (int8 GEMM) -> score codes [{self.qmin}, {self.qmax}] -> softmax -> @ v, "
-                f"one kernel per (batch, head)")
+                f"one fused kernel")

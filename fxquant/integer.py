@@ -167,6 +167,8 @@ def int8_batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     left = a.reshape(-1, rows, depth)
     right_t = b.transpose(-2, -1).reshape(-1, cols, depth).contiguous()
     out = torch.empty(left.shape[0], rows, cols, dtype=torch.int32, device=a.device)
+    if left.shape[0] != right_t.shape[0]:
+        raise ValueError(f"int8_batched_matmul needs equal batch dimensions, got {tuple(a.shape)} and {tuple(b.shape)}")
     for lhs, rhs_t, result in zip(left.unbind(0), right_t.unbind(0), out.unbind(0)):
         torch._int_mm(lhs, rhs_t.t(), out=result)
     return out.reshape(*batch, rows, cols)

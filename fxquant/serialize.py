@@ -750,7 +750,7 @@ def _rebuild(path: Path, document: dict, tensors: dict[str, torch.Tensor]) -> fx
             import warnings
 
             warnings.warn(f"{path}: the fused attention kernel is not available ({kernel_error()}); its IntAttention "
-                          "modules run the same ops in torch, slower", RuntimeWarning, stacklevel=2)
+                          "modules run the same ops in torch, slower", RuntimeWarning, stacklevel=3)
     return gm
 
 

@@ -21,7 +21,8 @@ Not bit-exact: the softmax and attn@V round differently in float32 (the score co
 computed with the same arithmetic), so the next point's codes can differ by one step where
 a value lies within float32 rounding of a step boundary. The score point's codes stay
 inside the kernel: the code comparison with the fake-quant graph, made on the graph this
-pass returns, covers every other point.
+pass returns, covers every other point, and a score's rare 1-LSB flip shows at the next
+point (``attn_v_out``), where it can move a code by more than one step.
 """
 from __future__ import annotations
 
@@ -146,7 +147,9 @@ def _match(gm: fx.GraphModule, scores: fx.Node) -> tuple[Optional[_Match], str]:
         return None, "V is not a plain dequantization of codes"
     operands = (scores.args[0], scores.args[1], v_dequant.args[0])
     shapes = [shape_of(n) if isinstance(n, fx.Node) else None for n in operands]
-    if any(shape is not None and len(shape) != 4 for shape in shapes):
+    if any(shape is None for shape in shapes):
+        return None, "the operands' shapes are unknown (the pass needs diff inputs to propagate them)"
+    if any(len(shape) != 4 for shape in shapes):
         return None, "the attention operands are not 4-d (batch, head, rows, cols)"
     return _Match(scores, dequant, chain, matmul, v_dequant), ""
 

@@ -6,7 +6,8 @@
 //
 // which is what IntMatmul (float requantization), DequantizeCodes (one multiply-add),
 // softmax and the float attn@V matmul of fxquant's integer graph compute one after the
-// other. Here each (batch, head) is one task: its scores stay in the cache instead of
+// other. Here each (batch, head) is one task (split into blocks of query rows when there
+// are fewer than about 4 per thread): its scores stay in the cache instead of
 // travelling through memory as a (B, H, N, M) tensor, q @ k^T runs as int8 x int8 -> int32
 // (torch._int_mm: oneDNN, VNNI where the CPU has it), and the softmax needs no exp per
 // element: the scores are codes, so exp(x_j - x_max) = exp(-A (c_max - c_j)) is one of
@@ -118,6 +119,9 @@ at::Tensor int_attention(const at::Tensor& q, const at::Tensor& kt, const at::Te
   }
 
   at::Tensor out = at::empty({batch, rows, heads, vdim}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) {  // no batch, head, row or value column: nothing to compute
+    return out;
+  }
   if (cols == 0) {  // no keys: the softmax over nothing times nothing, as torch.matmul of empty operands gives
     return out.zero_();
   }
@@ -159,7 +163,9 @@ at::Tensor int_attention(const at::Tensor& q, const at::Tensor& kt, const at::Te
         col_term[j] = static_cast<int32_t>(zq * load_int8(kc.at(b, h, 0, j), depth, kc.s2, kc.is_uint8,
                                                           bt + j * depth));
       }
-      if (depth > 1) {
+      if (depth == 0) {  // empty dot products
+        acc.zero_();
+      } else if (depth > 1) {
         at::Tensor acc_rows = acc.narrow(0, 0, count);  // leading rows of contiguous buffers: still contiguous
         at::_int_mm_out(acc_rows, a8.narrow(0, 0, count), b8.t());
       } else {  // a (K = 1) view is ambiguous column-/row-major for the GEMM: the outer product by hand

@@ -330,9 +330,9 @@ def test_a_second_reader_of_the_probabilities_keeps_that_attention_unfused(graph
     assert any("more than one reader" in n for n in notes if n.startswith("unfused attention"))
 
 
-def test_a_graph_from_elsewhere_loads_the_kernel_on_its_first_call(tmp_path):
-    """A fresh process that gets an IntAttention without fxquant.load builds/loads the kernel
-    on the first call instead of silently running the torch fallback."""
+def test_a_module_from_elsewhere_loads_the_kernel_when_unpickled(tmp_path):
+    """A fresh process that gets an IntAttention without fxquant.load (torch.load of the
+    module) has the kernel loaded by unpickling, so a first call under torch.compile sees it."""
     import subprocess
     import sys
 
@@ -343,7 +343,7 @@ def test_a_graph_from_elsewhere_loads_the_kernel_on_its_first_call(tmp_path):
     torch.save({"module": module, "args": (q, kt, v), "want": module(q, kt, v)}, path)
     script = ("import torch, fxquant.int_attention as ia\n"
               f"case = torch.load({str(path)!r}, weights_only=False)\n"
-              "assert not ia.kernel_ready()\n"
+              "assert ia.kernel_ready()\n"
               "got = case['module'](*case['args'])\n"
               "torch.testing.assert_close(got, case['want'], rtol=0, atol=0)\n"
               "print('ready', ia.kernel_ready())\n")
@@ -368,3 +368,26 @@ def test_needs_build_says_when_the_kernel_must_be_compiled(tmp_path):
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("True")
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 5, 8, 4), (1, 2, 0, 8, 4), (1, 2, 5, 0, 4), (1, 2, 5, 8, 0)],
+                         ids=["no-batch", "no-rows", "no-depth", "no-value-columns"])
+def test_empty_dimensions_give_what_torch_gives(shape):
+    _kernel_or_skip()
+    batch, heads, rows, depth, vdim = shape
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 256, (batch, heads, rows, depth), dtype=torch.uint8, generator=g)
+    kt = torch.randint(0, 256, (batch, heads, depth, 6), dtype=torch.uint8, generator=g)
+    v = torch.randint(0, 256, (batch, heads, 6, vdim), dtype=torch.uint8, generator=g)
+    constants = torch.tensor([[128, 128, 1e-3, 0, 0.05, 0, 0.1, 128]]).expand(heads, -1)
+    module = IntAttention(constants, -128, 127)
+    got, want = module(q, kt, v), module.reference(q, kt, v)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_unequal_batch_dimensions_are_refused_by_the_batched_int8_matmul():
+    a = torch.zeros(2, 2, 5, 8, dtype=torch.int8)
+    b = torch.zeros(1, 2, 8, 3, dtype=torch.int8)
+    with pytest.raises(ValueError, match="equal batch dimensions"):
+        torch.ops.fxquant.int8_bmm_sums(a, b)
