@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import fxquant
 from fxquant.errors import FxqError
-from fxquant.int_attention import IntAttention
+from fxquant.int_attention import IntAttention, load_kernel
 from fxquant.int_modules import IntLayerNorm, IntLinear, IntMatmul, LisShiftMatmul, QuantizeCodes
 from fxquant.numeric_diff import output_qsnr
 from fxquant.onednn import OnednnLinear, onednn_available
@@ -63,9 +63,9 @@ def test_every_linear_runs_on_onednn_under_w8a8(graphs, key):
     assert not any(m.label == "mlp_gelu" for m in codes_modules.values())
     assert all(m.codes_dtype == "uint8" for m in codes_modules.values() if m.label in ("norm1", "norm2"))
     matmuls = [m for m in onednn.modules() if isinstance(m, IntMatmul) and m.requantizes]
-    if key[0] == "vit":  # q @ kT, softmax and attn@V are one fused kernel per block (fuse_int_attention)
+    if key[0] == "vit" and load_kernel():  # q @ kT, softmax and attn@V: one fused kernel per block (fuse_int_attention)
         assert not matmuls and len(_modules(onednn, IntAttention)) == tiny.depth
-    else:  # Swin's biased scores stay unfused: q @ kT -> scores codes in float32 scales
+    else:  # Swin's biased scores stay unfused (and every attention without a C++ compiler): float32 scales
         assert matmuls and all(m.float_requant for m in matmuls)
     note = next(n for n in onednn.report.notes if n.startswith("use_onednn_kernels"))
     assert f"{len(linears)} of {len(linears)} Linears" in note
