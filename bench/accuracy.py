@@ -125,8 +125,11 @@ def fxquant_methods(presets, backends) -> list[tuple[str, str, Callable]]:
     import fxquant
 
     def builder(preset, backend):
+        # "int-onednn": backend="int" with int_kernels="onednn" (oneDNN Linears, fused attention)
+        base, kernels = (backend.split("-", 1) + ["portable"])[:2]
+
         def build(model, calib, model_name=""):
-            qm = fxquant.compile(model, preset, calib_data=calib, backend=backend, progress=False,
+            qm = fxquant.compile(model, preset, calib_data=calib, backend=base, int_kernels=kernels, progress=False,
                                  numeric_diff=False, model_name=model_name or None)
             return qm
         return build
@@ -292,7 +295,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
     ap.add_argument("--presets", default=None, help="comma-separated presets (default: all)")
-    ap.add_argument("--backends", default=None, help="comma-separated (default: all of fxquant's)")
+    ap.add_argument("--backends", default=None,
+                    help="comma-separated (default: all of fxquant's); 'int-onednn' is backend int with the oneDNN kernels")
     ap.add_argument("--peers", default=",".join(DEFAULT_PEERS),
                     help="comma-separated keys of bench.peers.BUILDERS, or 'none'")
     ap.add_argument("--quick", action="store_true", help="tiny subsets (smoke test)")
