@@ -40,7 +40,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["IntAttention", "load_kernel", "kernel_ready", "kernel_error", "CONSTANTS"]
+__all__ = ["IntAttention", "load_kernel", "kernel_ready", "kernel_error", "needs_build", "check_head_constants",
+           "CONSTANTS"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "int_attention.cpp"
 # IEEE-preserving flags only: -fno-math-errno and -fno-trapping-math let rint and the
@@ -158,6 +159,17 @@ def per_head(value: torch.Tensor, heads: Optional[int], what: str) -> torch.Tens
     return value.detach().reshape(-1).to(torch.float32)
 
 
+def check_head_constants(head_constants: torch.Tensor) -> None:
+    """ValueError unless ``head_constants`` is what ``IntAttention`` takes: (H or 1, 8), with a
+    score scale that is not negative (the kernel's softmax takes the largest code as the
+    largest score)."""
+    if head_constants.dim() != 2 or head_constants.shape[1] != len(CONSTANTS):
+        raise ValueError(f"head_constants must be (heads, {len(CONSTANTS)}), got {tuple(head_constants.shape)}")
+    if not bool((head_constants[:, CONSTANTS.index("score_scale")] >= 0).all()):
+        raise ValueError("the scores' dequantization scale must not be negative (the kernel's softmax takes the "
+                         "largest code as the largest score)")
+
+
 class IntAttention(nn.Module):
     """``softmax(dequantize(requantize(q @ kT))) @ dequantize(v)`` on codes, one kernel.
 
@@ -172,17 +184,14 @@ class IntAttention(nn.Module):
 
     def __init__(self, head_constants: torch.Tensor, qmin: int, qmax: int, label: str = ""):
         super().__init__()
-        if head_constants.dim() != 2 or head_constants.shape[1] != len(CONSTANTS):
-            raise ValueError(f"head_constants must be (heads, {len(CONSTANTS)}), got {tuple(head_constants.shape)}")
-        if not bool((head_constants[:, CONSTANTS.index("score_scale")] >= 0).all()):
-            raise ValueError("the scores' dequantization scale must not be negative (the kernel's softmax takes the "
-                             "largest code as the largest score)")
+        check_head_constants(head_constants)
         self.qmin, self.qmax, self.label = int(qmin), int(qmax), label
         self.register_buffer("head_constants", head_constants.to(torch.float32).contiguous().clone())
+        load_kernel()  # here, not in forward: a first call under torch.compile must already see it
 
     def __setstate__(self, state: dict) -> None:
-        """Unpickled (torch.load of a whole graph, a worker process): load the kernel now, so
-        that a first call under torch.compile already sees it."""
+        """Unpickled (torch.load of a whole graph, a worker process): load the kernel now, as
+        ``__init__`` does (``fxquant.load`` builds modules without either and loads it itself)."""
         super().__setstate__(state)
         load_kernel()
 
@@ -191,8 +200,6 @@ class IntAttention(nn.Module):
         return c.expand(heads, c.shape[1]).contiguous() if c.shape[0] == 1 and heads != 1 else c
 
     def forward(self, q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if not _Kernel.tried and not torch.compiler.is_compiling():
-            load_kernel()  # a graph that reached this process without fxquant.load (pickle, a worker)
         if kernel_ready() and q.device.type == "cpu" and q.dim() == 4 and kt.dim() == 4 and v.dim() == 4:
             batch, heads = q.shape[:2]  # K or V shared across batch or heads: stride-0 views, no copy
             out = torch.ops.fxquant_kernels.int_attention(q, kt.expand(batch, heads, -1, -1),

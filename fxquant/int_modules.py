@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .integer import (INT8_MAX, INT8_MIN, UINT8_OFFSET, dequantize_codes, int8_batched_matmul, int8_linear,
+from .integer import (INT8_MAX, INT8_MIN, UINT8_OFFSET, dequantize_codes, int8_linear, int8_matmul_with_sums,
                       quantize_codes, requant_offset, requantize, shared_shift_multiplier, uint8_to_int8_codes)
 from .log_int_softmax import lis_codes
 from .ptf import ptf_layernorm_codes
@@ -191,11 +191,11 @@ class IntLinear(_Requantizing):
 class IntMatmul(_Requantizing):
     """``a @ b`` of two code tensors (attention's q @ kT, probs @ v), exact.
 
-    Eager on CPU: int8 x int8 -> int32 by ``torch._int_mm`` per (batch, head) matrix, then
-    the zero-point terms ``(a - za)(b - zb) = ab - za colsum(b) - zb rowsum(a) + K za zb``
-    as two in-place int32 adds (6x faster than a float matmul at ViT-B sizes). Under
-    torch.compile the same GEMMs run as one opaque op (``fxquant::int8_bmm_sums``, which also
-    gives the row and column sums), so inductor neither unrolls the per-matrix loop nor
+    On CPU: int8 x int8 -> int32 by ``torch._int_mm`` per (batch, head) matrix, then the
+    zero-point terms ``(a - za)(b - zb) = ab - za colsum(b) - zb rowsum(a) + K za zb`` as two
+    in-place int32 adds (6x faster than a float matmul at ViT-B sizes). The GEMMs and the sums
+    are one function (``int8_matmul_with_sums``), an opaque op under torch.compile
+    (``fxquant::int8_bmm_sums``), so that inductor neither unrolls the per-matrix loop nor
     recomputes the sums per element, and the zero-point terms fuse into the requantization.
     On CUDA: the zero points are subtracted in float32 and one batched float32 matmul runs;
     the operands are integers below 256 in magnitude and the lowering checks that every
@@ -257,13 +257,10 @@ class IntMatmul(_Requantizing):
         if self.b_uint8:
             b = uint8_to_int8_codes(b)
         za, zb = self.a_zero_point.to(torch.int32), self.b_zero_point.to(torch.int32)
-        if torch.compiler.is_compiling():  # one opaque op; the zero-point terms fuse into the epilogue
-            acc, row_sums, col_sums = torch.ops.fxquant.int8_bmm_sums(a, b)
-            return self._finish(acc - zb * row_sums - (za * col_sums - a.shape[-1] * za * zb))
-        row_term = zb * a.sum(dim=-1, keepdim=True, dtype=torch.int32)  # (..., N, 1)
-        col_term = za * b.sum(dim=-2, keepdim=True, dtype=torch.int32) - a.shape[-1] * za * zb  # (..., 1, M)
-        acc = int8_batched_matmul(a, b)
-        return self._finish(acc.sub_(row_term).sub_(col_term))
+        # compiled: one opaque op, and the zero-point terms fuse into the requantization
+        with_sums = torch.ops.fxquant.int8_bmm_sums if torch.compiler.is_compiling() else int8_matmul_with_sums
+        acc, row_sums, col_sums = with_sums(a, b)  # sums: (..., N, 1), (..., 1, M)
+        return self._finish(acc.sub_(zb * row_sums).sub_(za * col_sums - a.shape[-1] * za * zb))
 
     def extra_repr(self) -> str:
         out = f"codes of {self.out_label}" if self.requantizes else "float"

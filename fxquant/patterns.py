@@ -58,6 +58,20 @@ def is_matmul(node: fx.Node) -> bool:
         node.op == "call_method" and node.target == "matmul")
 
 
+def single_user(node: fx.Node) -> Optional[fx.Node]:
+    """The one node reading ``node``; None when it has no reader or several."""
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def softmax_dim(gm: fx.GraphModule, node: fx.Node) -> Optional[int]:
+    """The dimension a softmax node (``is_softmax``) reduces over; None when not a literal int."""
+    module = submodule(gm, node)
+    if module is not None:  # nn.Softmax (Swin)
+        return getattr(module, "dim", None)
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    return dim if isinstance(dim, int) else None
+
+
 def is_softmax(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target == "softmax"

@@ -743,8 +743,9 @@ def _rebuild(path: Path, document: dict, tensors: dict[str, torch.Tensor]) -> fx
         config = qconfig_from_dict(_dec(raw["dict"], None, f"{path}: qconfig"), str(raw.get("source", path)))
         gm.qconfig = config
     gm.keep_float = list(_dec(document.get("keep_float", []), None, f"{path}: keep_float"))
-    if any(type(m).__name__ == "IntAttention" for m in root.values() if isinstance(m, nn.Module)):
-        from .int_attention import kernel_error, load_kernel
+    from .int_attention import IntAttention, kernel_error, load_kernel
+
+    if any(isinstance(m, IntAttention) for m in root.values()):
 
         if not load_kernel():  # the fused attention kernel (built once per machine)
             import warnings

@@ -34,12 +34,13 @@ import torch.fx as fx
 
 from fxquant.errors import NodeError
 from fxquant.graph_utils import install_submodule, propagate_shapes, shape_of, unique_attr
-from fxquant.int_attention import CONSTANTS, IntAttention, kernel_error, load_kernel, needs_build, per_head
+from fxquant.int_attention import (IntAttention, check_head_constants, kernel_error, load_kernel, needs_build,
+                                   per_head)
 from fxquant.int_modules import DequantizeCodes, IntMatmul
 from fxquant.integer import UINT8_OFFSET
 from fxquant.meta import POINT, ROLE, copy_provenance
 from fxquant.pass_manager import Pass, PassContext
-from fxquant.patterns import is_matmul, is_pass_through_module, is_softmax, submodule
+from fxquant.patterns import is_matmul, is_pass_through_module, is_softmax, single_user, softmax_dim, submodule
 from fxquant.passes.lower_integer import CODES_OF, FAKE_GRAPH_STATE, equivalence_notes
 
 
@@ -52,11 +53,6 @@ def _timm_attention_helper(node: fx.Node, name: str) -> bool:
     except ImportError:  # pragma: no cover - timm is a dependency
         return False
     return node.target is getattr(timm_attention, name, None)
-
-
-def _only_user(node: fx.Node) -> Optional[fx.Node]:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
 
 
 def _argument(node: fx.Node, index: int, name: str, default=None):
@@ -93,10 +89,8 @@ def _next_in_chain(node: fx.Node) -> Optional[fx.Node]:
 def _softmax_last_dim(gm: fx.GraphModule, node: fx.Node) -> bool:
     if not is_softmax(gm, node) or node.kwargs.get("dtype") is not None:
         return False
-    module = submodule(gm, node)
-    dim = module.dim if module is not None else _argument(node, 1, "dim")
-    shape = shape_of(node)
-    return dim == -1 or (shape is not None and dim == len(shape) - 1)
+    dim, shape = softmax_dim(gm, node), shape_of(node)
+    return dim == -1 or (dim is not None and shape is not None and dim == len(shape) - 1)
 
 
 def _identity_module(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -114,31 +108,29 @@ def _match(gm: fx.GraphModule, scores: fx.Node) -> tuple[Optional[_Match], str]:
     module = submodule(gm, scores)
     if not module.requantizes or not module.float_requant:
         return None, "the scores are not requantized to codes with float32 scales"
-    dequant = _only_user(scores)
+    dequant = single_user(scores)
     dq = submodule(gm, dequant) if dequant is not None else None
     if not isinstance(dq, DequantizeCodes) or not dq.fused_affine:
         return None, "the score codes are not read by one multiply-add dequantization only"
-    chain, node = [], dequant
-    while True:
+    chain, node, softmax_seen = [], dequant, False
+    while True:  # [no-mask adds] softmax(-1) [identities], each read only by the next
         nxt = _next_in_chain(node)
         if nxt is None:
             return None, "a value between the scores and attn@V has more than one reader"
-        if _is_no_mask(nxt) and nxt.args[0] is node:
-            chain.append(nxt)
-            node = nxt
-            continue
-        if _softmax_last_dim(gm, nxt) and nxt.args[0] is node and not any(_softmax_last_dim(gm, c) for c in chain):
-            chain.append(nxt)
-            node = nxt
-            continue
-        if nxt.op == "call_module" and _identity_module(gm, nxt) and any(is_softmax(gm, c) for c in chain):
-            chain.append(nxt)
-            node = nxt
-            continue
-        break
-    if not any(is_softmax(gm, c) for c in chain):
+        reads_node = bool(nxt.args) and nxt.args[0] is node
+        if reads_node and _is_no_mask(nxt):
+            pass
+        elif reads_node and not softmax_seen and _softmax_last_dim(gm, nxt):
+            softmax_seen = True
+        elif softmax_seen and nxt.op == "call_module" and _identity_module(gm, nxt):
+            pass
+        else:
+            break
+        chain.append(nxt)
+        node = nxt
+    if not softmax_seen:
         return None, "something other than a softmax over the last dimension reads the scores"
-    matmul = _only_user(node)
+    matmul = single_user(node)
     if matmul is None or not is_matmul(matmul) or len(matmul.args) != 2 or matmul.args[0] is not node:
         return None, "the probabilities are not the left operand of a matmul"
     v_dequant = matmul.args[1]
@@ -172,10 +164,12 @@ def _head_constants(match: _Match, gm: fx.GraphModule) -> torch.Tensor:
     heads = max(c.numel() for c in columns)
     if any(c.numel() not in (1, heads) for c in columns):
         raise ValueError(f"{where}: the per-head constants disagree on the number of heads")
-    if bool((columns[CONSTANTS.index("score_scale")] < 0).any()):
-        raise ValueError(f"{where}: a negative score scale (the kernel's softmax needs the largest code to be the "
-                         "largest score)")
-    return torch.stack([c.expand(heads) for c in columns], dim=1)
+    constants = torch.stack([c.expand(heads) for c in columns], dim=1)
+    try:
+        check_head_constants(constants)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return constants
 
 
 class FuseIntAttention(Pass):

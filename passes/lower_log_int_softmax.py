@@ -20,17 +20,9 @@ from fxquant.log_int_softmax import LogIntSoftmax
 from fxquant.meta import POINT, ROLE, copy_provenance
 from fxquant.modules import FakeQuantize
 from fxquant.pass_manager import Pass, PassContext
-from fxquant.patterns import is_scale_transparent, is_softmax, submodule
+from fxquant.patterns import is_scale_transparent, is_softmax, softmax_dim, submodule
 
 _ADDS = (operator.add, torch.add)
-
-
-def _softmax_dim(gm: fx.GraphModule, node: fx.Node) -> Optional[int]:
-    module = submodule(gm, node)
-    if module is not None:  # nn.Softmax (Swin)
-        return getattr(module, "dim", None)
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    return dim if isinstance(dim, int) else None
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -68,7 +60,7 @@ class LowerLogIntSoftmax(Pass):
                 notes.append(f"{node.name} (intSoft): not right after a softmax; plain log2 quantizer kept")
                 continue
             scores = _scores_point(gm, softmax.args[0])
-            dim = _softmax_dim(gm, softmax)
+            dim = softmax_dim(gm, softmax)
             if scores is None or dim is None or fq.post_scale != 1.0:
                 notes.append(f"{node.name} (intSoft): the softmax input is not the quantized scores; float softmax "
                              "with a log2 quantizer kept (quantize attn_kv_out to get the integer LIS)")

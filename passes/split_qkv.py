@@ -17,7 +17,7 @@ from torch import nn
 from fxquant.graph_utils import install_submodule, new_node, unique_attr
 from fxquant.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE, WEIGHT, copy_provenance
 from fxquant.pass_manager import Pass, PassContext
-from fxquant.patterns import submodule
+from fxquant.patterns import single_user, submodule
 
 
 @dataclass
@@ -29,25 +29,21 @@ class _FusedQkv:
     outputs: list  # getitem nodes for q, k, v (index order)
 
 
-def _single_user(node: fx.Node) -> Optional[fx.Node]:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
 def _match_fused_qkv(gm: fx.GraphModule, node: fx.Node) -> Optional[_FusedQkv]:
     module = submodule(gm, node)
     if not isinstance(module, nn.Linear) or module.out_features % 3:
         return None
-    reshape = _single_user(node)
+    reshape = single_user(node)
     if reshape is None or reshape.op != "call_method" or reshape.target not in ("reshape", "view"):
         return None
     shape = reshape.args[1:]
     if len(shape) != 5 or shape[2] != 3:
         return None
-    permute = _single_user(reshape)
+    permute = single_user(reshape)
     if permute is None or permute.op != "call_method" or permute.target != "permute" or \
             tuple(permute.args[1:]) != (2, 0, 3, 1, 4):
         return None
-    unbind = _single_user(permute)
+    unbind = single_user(permute)
     if unbind is None or unbind.op != "call_method" or unbind.target != "unbind" or \
             (unbind.args[1:] or (unbind.kwargs.get("dim", 0),))[0] != 0:
         return None
