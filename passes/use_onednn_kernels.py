@@ -40,7 +40,7 @@ from fxquant.int_modules import DequantizeCodes, IntLayerNorm, IntLinear, IntMat
 from fxquant.integer import UINT8_OFFSET
 from fxquant.onednn import OnednnLinear, onednn_available
 from fxquant.pass_manager import Pass, PassContext
-from fxquant.patterns import submodule
+from fxquant.patterns import single_user, submodule
 from fxquant.passes.lower_integer import (CODES_OF, FAKE_GRAPH_STATE, _drop_origin, _moves_elements,
                                           equivalence_notes, reads_shape)
 
@@ -127,14 +127,11 @@ class _Conversion:
     def _gelu_point(self, linear: fx.Node, chosen: set) -> Optional[fx.Node]:
         """The QuantizeCodes node of ``linear -> exact GELU -> point`` (per-tensor, 8-bit),
         when everything reading that point's codes can take uint8."""
-        module = submodule(self.gm, linear)
-        if module.requantizes or len(linear.users) != 1:
+        gelu = None if submodule(self.gm, linear).requantizes else single_user(linear)
+        if gelu is None or not _is_exact_gelu(self.gm, gelu):
             return None
-        gelu = next(iter(linear.users))
-        if not _is_exact_gelu(self.gm, gelu) or len(gelu.users) != 1:
-            return None
-        point = next(iter(gelu.users))
-        codes = submodule(self.gm, point)
+        point = single_user(gelu)
+        codes = submodule(self.gm, point) if point is not None else None
         if not isinstance(codes, QuantizeCodes) or codes.scale.numel() != 1 or codes.zero_point.numel() != 1:
             return None
         if (codes.qmin, codes.qmax) != _INT8 or self._readers_take_uint8(self.groups[point], chosen):
