@@ -132,7 +132,7 @@ def test_other_format_version_fails_clearly(vit_file, tmp_path):
         doc["fxquant_version"] = "9.9.9"
 
     path = _rewrite(vit_file, tmp_path / "future.fxq", bump)
-    with pytest.raises(SerializeError, match=r"format version 2 \(fxquant 9.9.9\).*reads format version 1"):
+    with pytest.raises(SerializeError, match=rf"format version {FORMAT_VERSION + 1} \(fxquant '9.9.9'\).*reads format version {FORMAT_VERSION}"):
         load(path)
 
 
@@ -152,14 +152,14 @@ def test_disallowed_call_target_is_refused(vit_file, tmp_path):
         node = next(n for n in doc["nodes"] if n["op"] == "call_function")
         node["target"] = "os:system"
 
-    with pytest.raises(SerializeError, match="'os.system' is not allowed"):
+    with pytest.raises(SerializeError, match="'os:system' is not allowed"):
         load(_rewrite(vit_file, tmp_path / "evil.fxq", evil))
 
     def evil_torch(doc):
         node = next(n for n in doc["nodes"] if n["op"] == "call_function")
         node["target"] = "torch:load"
 
-    with pytest.raises(SerializeError, match="'torch.load' is not allowed"):
+    with pytest.raises(SerializeError, match="'torch:load' is not allowed"):
         load(_rewrite(vit_file, tmp_path / "evil2.fxq", evil_torch))
 
 
@@ -177,7 +177,7 @@ def test_private_getattr_is_refused(vit_file, tmp_path):
         node = next(n for n in doc["nodes"] if n["target"] == "builtins:getattr")
         node["args"]["v"][1] = "__class__"
 
-    with pytest.raises(SerializeError, match="getattr is only allowed with a public attribute name"):
+    with pytest.raises(SerializeError, match="getattr may only read"):
         load(_rewrite(vit_file, tmp_path / "evil.fxq", evil))
 
 
@@ -190,12 +190,12 @@ def test_unsupported_module_type_is_named_on_save(tmp_path):
 
 
 def test_file_from_another_fxquant_version_is_refused(tmp_path, monkeypatch):
-    import fxquant.serialize as serialize
+    import fxquant.serial_read as serial_read
 
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64,
                               num_heads=2, num_classes=10).eval()
     qm = fxquant.compile(model, "seed_attn", calib_data=torch.randn(4, 3, 32, 32), progress=False)
     path = fxquant.save(qm, tmp_path / "m.fxq")
-    monkeypatch.setattr(serialize, "_fxquant_version", lambda: "9.9.9")
+    monkeypatch.setattr(serial_read, "_fxquant_version", lambda: "9.9.9")
     with pytest.raises(fxquant.SerializeError, match=r"written by fxquant '0\.1\.0', this is fxquant 9\.9\.9"):
         fxquant.load(path)
