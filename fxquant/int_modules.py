@@ -9,6 +9,11 @@ result feeds a quantization point directly, that point's codes by dyadic requant
 
 Every parameter is a buffer, shaped to broadcast against the tensor it applies to, so
 ``state_dict`` holds all of them and ``.to(device)`` moves them.
+
+Codes hold no NaN or inf: ``QuantizeCodes`` clamps an inf to the end code and casts a NaN to
+an arbitrary one. ``lower_to_integer`` therefore checks, per sample, every float tensor
+computed from the inputs that becomes codes, and makes such a sample's outputs NaN, as in
+FP32 (``fxquant.nonfinite``); the modules themselves stay as they are.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ from .ptf import ptf_layernorm_codes
 
 
 class QuantizeCodes(nn.Module):
-    """float -> int8 codes of one quantization point (shifted codes, see fxquant.integer)."""
+    """float -> int8 codes of one quantization point (shifted codes, see fxquant.integer).
+    A NaN or inf input gives some code; the graph's non-finite guard flags its sample."""
 
     codes_dtype = "int8"  # "uint8" after to_uint8()
 

@@ -18,11 +18,13 @@ followed by ``DequantizeCodes`` (the explicit way back to float). Then:
 5. Log-Int-Softmax followed by attn@V on a point's codes becomes one ``LisShiftMatmul``:
    the log2 probability codes from the integer exp, then attn@V as shifts of the V codes.
 6. A ``DequantizeCodes`` that no float op reads any more is dropped.
+7. A per-sample guard makes a sample whose input holds a NaN or an inf NaN in every output,
+   as in FP32 (``fxquant.nonfinite``: the float tensors that become codes are checked).
 
 What is not lowered stays float between explicit dequantize/quantize nodes and is listed
 in ``report.float_points`` with the reason; nothing is lowered on a guess. After the
 rewrite the pass runs the fake-quant graph and the integer graph on the diff inputs and
-records how many codes differ at each point (``code_agreement``) and the output QSNRs.
+records how many codes differ at each point (``fxquant.code_agreement``) and the output QSNRs.
 """
 from __future__ import annotations
 
@@ -35,20 +37,21 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from fxquant.code_agreement import (CODES_OF, PointAgreement, agreement_summary, code_agreement,  # noqa: F401
+                                    equivalence_notes)  # re-exported: the integer passes, tests, bench
 from fxquant.errors import NodeError
 from fxquant.graph_utils import install_submodule, unique_attr
 from fxquant.int_modules import DequantizeCodes, IntLayerNorm, IntLinear, IntMatmul, LisShiftMatmul, QuantizeCodes
 from fxquant.log_int_softmax import LogIntSoftmax
 from fxquant.integer import code_shift, exact_float_matmul_bound
 from fxquant.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE
-from fxquant.modules import FakeQuantize, QuantLinear
-from fxquant.numeric_diff import capture_values, output_qsnr
+from fxquant.modules import QUANTIZED_WEIGHT_TYPES, FakeQuantize, ObserverModule, QuantLinear
+from fxquant.nonfinite import guard_nonfinite
+from fxquant.numeric_diff import capture_values
 from fxquant.pass_manager import Pass, PassContext
 from fxquant.patterns import is_matmul, is_pass_through_module, is_scale_transparent, is_softmax, submodule
 from fxquant.ptf import ptf_layernorm_constants
-from fxquant.quantizers import quantize
 
-CODES_OF = "fxq.codes_of"  # node meta: (FakeQuantize node name in the fake graph, code shift)
 _SHAPE_READS = {"size", "dim"}
 
 
@@ -104,6 +107,7 @@ class IntegerLowering:
     requantized: list[str] = field(default_factory=list)  # "op -> point" fused requantizations
     float_points: list[str] = field(default_factory=list)
     float_boundaries: list[str] = field(default_factory=list)  # points dequantized for float ops
+    nonfinite_checks: list[str] = field(default_factory=list)  # tensors checked per sample (fxquant.nonfinite)
 
 
 # ----------------------------------------------------------------------- chain helpers
@@ -531,6 +535,7 @@ def lower_to_integer(gm: fx.GraphModule, example_inputs: tuple, release_setup: b
     """
     values = capture_values(gm, tuple(example_inputs))
     result = _Lowering(gm, values).run()
+    result.nonfinite_checks = guard_nonfinite(gm, tuple(example_inputs))  # NaN/inf samples stay NaN
     if release_setup:
         for module in gm.modules():
             if isinstance(module, IntLinear):
@@ -540,98 +545,7 @@ def lower_to_integer(gm: fx.GraphModule, example_inputs: tuple, release_setup: b
     return result
 
 
-# ----------------------------------------------------------------------- equivalence
-@dataclass
-class PointAgreement:
-    point: str
-    label: str
-    codes: int
-    off_by_one: int
-    worst: int  # largest |int code - fake code|
-
-
-class _ForcedCodes(fx.Interpreter):
-    """Runs the integer graph, records its codes at every point, then continues with the
-    fake-quant graph's codes there: each point then shows only the error of the integer ops
-    since the previous points, not rounding flips inherited from upstream."""
-
-    def __init__(self, gm: fx.GraphModule, expected: dict[str, torch.Tensor]):
-        super().__init__(gm)
-        self.expected, self.got = expected, {}
-
-    def run_node(self, n: fx.Node):
-        value = super().run_node(n)
-        if CODES_OF in n.meta:
-            name, shift = n.meta[CODES_OF]
-            self.got[n.name] = value
-            value = (self.expected[n.name] - shift).to(value.dtype)
-        return value
-
-
-@torch.no_grad()
-def code_agreement(fake_gm: fx.GraphModule, int_gm: fx.GraphModule, inputs: tuple,
-                   isolated: bool = False) -> list[PointAgreement]:
-    """Codes of every lowered point in the integer graph against the fake-quant graph's codes
-    of the same point (``quantize`` of the FakeQuantize's input), on ``inputs``.
-
-    ``isolated=False``: both graphs run freely, so a code that flips at one point (two
-    roundings of values within float32 rounding of a step boundary) perturbs every later
-    point, and deep random-init models amplify such flips. ``isolated=True``: the integer
-    graph continues from the fake-quant codes at every point (the lowering's own error).
-    """
-    fake_nodes = {n.name: n for n in fake_gm.graph.nodes}
-    fake_values = capture_values(fake_gm, tuple(inputs))
-    expected, labels = {}, {}
-    for node in int_gm.graph.nodes:
-        if CODES_OF in node.meta:
-            fq_node = fake_nodes[node.meta[CODES_OF][0]]
-            fq = fake_gm.get_submodule(str(fq_node.target))
-            expected[node.name] = quantize(fake_values[fq_node.args[0].name], fq.qparams)
-            labels[node.name] = fq.point.label
-    if isolated:
-        runner = _ForcedCodes(int_gm, expected)
-        runner.run(*inputs)
-        got = runner.got
-    else:
-        got = capture_values(int_gm, tuple(inputs))
-    int_nodes = {n.name: n for n in int_gm.graph.nodes}
-    rows = []
-    for name, want in expected.items():
-        point, shift = int_nodes[name].meta[CODES_OF]
-        diff = (got[name].to(torch.float64) + shift - want.to(torch.float64)).abs()
-        rows.append(PointAgreement(point, labels[name], diff.numel(), int((diff == 1).sum()), int(diff.max())))
-    return rows
-
-
-def agreement_summary(rows: list[PointAgreement]) -> str:
-    codes = sum(r.codes for r in rows)
-    off = sum(r.off_by_one for r in rows)
-    worst = max((r.worst for r in rows), default=0)
-    share = off / codes if codes else 0.0
-    return (f"integer vs fake-quant codes at {len(rows)} points: {off} of {codes} ({100 * share:.3f}%) differ "
-            f"by 1 LSB, largest difference {worst} LSB")
-
-
 FAKE_GRAPH_STATE = "lower_integer_fake_graph"  # ctx.state: the fake-quant graph, for a pass after lower_integer
-
-
-def equivalence_notes(fake: fx.GraphModule, gm: fx.GraphModule, ctx: PassContext) -> list[str]:
-    """The report's equivalence lines: codes at every point (isolated and propagated) and the
-    output QSNRs of the integer graph ``gm`` against the fake-quant graph and FP32."""
-    isolated = code_agreement(fake, gm, ctx.diff_inputs, isolated=True)
-    propagated = code_agreement(fake, gm, ctx.diff_inputs)
-    ctx.state["lower_integer_agreement"] = {"isolated": isolated, "propagated": propagated}
-    notes = [agreement_summary(isolated) + " (diff inputs; isolated: each point from the fake-quant codes of "
-             "the points before it)",
-             agreement_summary(propagated) + " (diff inputs; propagated: flips carried downstream)"]
-    with torch.no_grad():
-        fake_out, int_out = fake(*ctx.diff_inputs), gm(*ctx.diff_inputs)
-        line = f"output QSNR on the diff inputs: integer vs fake-quant {output_qsnr(fake_out, int_out):.2f} dB"
-        if ctx.reference is not gm:  # compile(numeric_diff=False) passes the graph itself as reference
-            reference = ctx.reference(*ctx.diff_inputs)
-            line += (f", integer vs FP32 {output_qsnr(reference, int_out):.2f} dB, fake-quant vs FP32 "
-                     f"{output_qsnr(reference, fake_out):.2f} dB")
-    return notes + [line]
 
 
 # ------------------------------------------------------------------------------ pass
@@ -648,9 +562,16 @@ class LowerInteger(Pass):
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         from fxquant.debug import FloatPoint
 
+        modules = list(gm.modules())
+        if any(isinstance(m, ObserverModule) for m in modules):
+            raise NodeError("output", "the graph still holds observers; run calibrate and lower_fake_quant first")
         # a graph whose every point keep_float left in float (FloatPoint) has nothing to lower, and that is fine
-        if not any(isinstance(m, (FakeQuantize, FloatPoint)) for m in gm.modules()):
-            raise NodeError("output", "no FakeQuantize points in the graph; run lower_fake_quant first")
+        if not any(isinstance(m, (FakeQuantize, FloatPoint)) for m in modules):
+            weights = any(isinstance(m, QUANTIZED_WEIGHT_TYPES) for m in modules)
+            raise NodeError("output", f"backend='int' computes on int8 activation codes, but qconfig "
+                            f"{ctx.qconfig.name!r} quantizes no activation (no quantization point in the graph"
+                            f"{', only weights' if weights else ''}): nothing can run in integer arithmetic. Use "
+                            "backend='fake', or a qconfig with activation points (the w8a8 preset, say)")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         fake = copy.deepcopy(gm)
@@ -665,6 +586,10 @@ class LowerInteger(Pass):
                      f"IntLinear, {len(result.int_matmuls)} IntMatmul, {len(result.int_layernorms)} IntLayerNorm, "
                      f"{len(result.shift_matmuls)} LisShiftMatmul, "
                      f"{len(result.requantized)} dyadic requantizations straight to the next point")
+        checks = result.nonfinite_checks
+        notes.append(f"non-finite guard: NaN/inf checked per sample in {len(checks)} float tensor(s) before they "
+                     f"become codes ({', '.join(checks) or 'none is computed from the inputs in float'}); a sample "
+                     "holding one gets NaN outputs, as in FP32 (fxquant.nonfinite)")
         notes.extend(f"integer LayerNorm: {r}" for r in result.int_layernorms)
         notes.extend(f"attn@V by shifts: {r}" for r in result.shift_matmuls)
         notes.extend(f"requantized: {r}" for r in result.requantized)

@@ -145,6 +145,29 @@ def test_backend_int_keep_float_refuses_a_custom_pipeline(vit):
                         passes=fxquant.pipeline.default_passes("int"))
 
 
+@pytest.mark.parametrize("config", [
+    {"name": "weights_only", "attn_qkv": {"weight": {"bits": 8, "signed": True, "calibration_mode": "channel_wise",
+                                                     "observer_type": "MinmaxObserver"}}},
+    {"name": "nothing"}], ids=["weights only", "nothing quantized"])
+def test_backend_int_without_activation_points_says_so(vit, config):
+    """Without an activation point there are no codes to compute on: the error says that and
+    names the qconfig, instead of asking for a pass that did run."""
+    with pytest.raises(FxqError) as caught:
+        fxquant.compile(vit.model, config, calib_data=vit.calib(), backend="int", progress=False)
+    message = str(caught.value)
+    assert f"qconfig '{config['name']}' quantizes no activation" in message and "backend='fake'" in message
+    assert ("only weights" in message) == (config["name"] == "weights_only")
+    assert "run lower_fake_quant first" not in message
+
+
+def test_lower_integer_before_lower_fake_quant_asks_for_it(vit):
+    from fxquant.passes import Annotate, Calibrate, InsertObservers, LowerInteger
+
+    passes = [Annotate(), InsertObservers(), Calibrate(), LowerInteger()]
+    with pytest.raises(FxqError, match="still holds observers; run calibrate and lower_fake_quant first"):
+        fxquant.compile(vit.model, "w8a8", calib_data=vit.calib(), backend="int", passes=passes, progress=False)
+
+
 def test_cli_accepts_backend_int():
     from fxquant.cli import _parser
 
