@@ -60,7 +60,11 @@ SCHEMAS: dict[str, Schema] = {
                         {"weight_codes": TensorRule((i8,), ndims=(2,), rows="out_features", cols="in_features",
                                                     required=True),
                          "out_multiplier": _out(i32), "out_shift": TensorRule((i64,), ndims=(0,)),
-                         "out_offset": _out(i64), "out_scale": _out(f32), "out_bias": _out(f32)}),
+                         "out_offset": _out(i64), "out_scale": _out(f32), "out_bias": _out(f32),
+                         # kept when lowered with release_setup=False
+                         "bias": _out(f32), "weight_scale": _out(f32), "zero_point_term": _out(i32),
+                         "out_point_scale": TensorRule((f64,), ndims=(0, 1)),
+                         "out_point_zero": TensorRule((f64,), fits="out_point_scale")}),
     "IntMatmul": Schema({**_NAMED, "requantizes": bool, "a_uint8": bool, "b_uint8": bool, "float_requant": bool},
                         {"a_zero_point": TensorRule((f32,), required=True),
                          "b_zero_point": TensorRule((f32,), fits="a_zero_point", required=True),
