@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .calib_data import reusable_batches
+from .calib_data import check_batch, reusable_batches
 from .numeric_diff import output_qsnr
 from .errors import FxqError
 from .instruments import GraphDump, NumericDiff, Timing
@@ -17,14 +17,17 @@ from .pass_manager import Pass, PassContext, PassManager
 from .onednn import onednn_available
 from .pipeline import BACKENDS, INT_KERNELS, default_passes
 from .qconfig import QConfigLike, load_qconfig
+from .qconfig_globs import check_globs
 from .report import PassRecord, Report
-from .trace import trace
+from .trace import check_image_input, trace
 
 DIFF_SEED = 123
 def default_diff_inputs(example: torch.Tensor, seed: int = DIFF_SEED) -> tuple[torch.Tensor]:
-    """One seeded randn image with the calibration data's shape (the seed's fixed input)."""
+    """One seeded randn image with the calibration data's shape (the seed's fixed input), in its
+    dtype (float32 for a non-floating example). Its own generator: the global RNG is not used."""
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn((1, *example.shape[1:]), generator=generator, dtype=example.dtype),)
+    dtype = example.dtype if example.is_floating_point() else torch.float32
+    return (torch.randn((1, *example.shape[1:]), generator=generator, dtype=dtype),)
 
 
 def compile(  # noqa: A001 - the public name the design card asks for
@@ -53,6 +56,20 @@ def compile(  # noqa: A001 - the public name the design card asks for
     point's quantization in the GEMM's epilogue (float32 scale arithmetic, as torchao's PT2E
     X86 path), the fastest choice under ``torch.compile`` with inductor freezing
     (``fxquant.onednn``).
+
+    ``calib_data``: one (N, C, H, W) tensor (split into batches of 8), a list or other iterable
+    of batches (tensors, (tensor, label) pairs, dicts with an ``'image'`` tensor) or a
+    DataLoader. Batches must be floating-point tensors holding at least one image, all
+    images of one shape, the size the model's patch embedding accepts; anything else is
+    refused with the batch's index and what to do. Integer and bool tensors (e.g. uint8
+    pixels) are refused rather than cast: calibrate on the model's real, preprocessed
+    input (``x.float() / 255`` and the model's normalization), or every range is measured
+    on values the deployed model never sees. Data in memory is checked before tracing; a
+    DataLoader as the passes read it. ``diff_inputs`` are checked the same way.
+
+    ``compile`` does not touch the global torch RNG (``torch.get_rng_state()`` is the same
+    before and after): new modules are built without random initialisation and every
+    random choice (default diff input, observer subsamples) uses its own seeded generator.
 
     ``numeric_diff=False`` skips the node-by-node comparison after each pass (the report then
     has timings but no QSNR): for quick compiles of large models once the pipeline is trusted.
@@ -89,12 +106,14 @@ def compile(  # noqa: A001 - the public name the design card asks for
         raise FxqError("keep_float with backend='int' chooses the points on the fake-quant graph of the default "
                        "pipeline, then lowers; it cannot be combined with a custom passes= list")
     config = load_qconfig(qconfig)
+    check_globs(config, (name for name, _ in model.named_modules()), model_name or type(model).__name__)
     example, calib_data = reusable_batches(calib_data)
     if diff_inputs is None:
         diff_inputs = default_diff_inputs(example)
     elif isinstance(diff_inputs, torch.Tensor):
         diff_inputs = (diff_inputs,)
     diff_inputs = tuple(diff_inputs)
+    _check_inputs(model, example, diff_inputs)
 
     gm = trace(model)
     reference = copy.deepcopy(gm) if numeric_diff else gm  # only NumericDiff reads the reference
@@ -114,7 +133,10 @@ def compile(  # noqa: A001 - the public name the design card asks for
     gm.report = report
     gm.keep_float = []
     if keep_float:
-        _keep_float(gm, keep_float, example, diff_inputs, reference)
+        # fxquant.debug builds the float stand-in modules with nn.Linear/nn.Conv2d, whose random
+        # init would advance the user's global RNG: keep it as it was
+        with torch.random.fork_rng(devices=[]):
+            _keep_float(gm, keep_float, example, diff_inputs, reference)
     kept_notes = list(report.notes)
     if lower_after:
         gm = PassManager(lower_after, instruments).run(gm, ctx, after=[r.name for r in report.passes[1:]])
@@ -124,6 +146,18 @@ def compile(  # noqa: A001 - the public name the design card asks for
     gm.qconfig = config
     gm.meta["fxq.model_name"], gm.meta["fxq.qconfig_name"] = report.model, config.name  # survive a deepcopy
     return gm
+
+
+def _check_inputs(model: nn.Module, example: torch.Tensor, diff_inputs: tuple) -> None:
+    """Before tracing: the calibration images and diff inputs fit the model's input."""
+    check_image_input(model, example, "calib_data batch 0")
+    if not diff_inputs:
+        raise FxqError("diff_inputs is empty; give the model's input tensor (or leave diff_inputs=None)")
+    for index, value in enumerate(diff_inputs):
+        if not isinstance(value, torch.Tensor):
+            raise FxqError(f"diff_inputs {index} is {type(value).__name__}; expected a tensor (N, C, H, W)")
+        check_batch(value, index, what="diff_inputs")
+    check_image_input(model, diff_inputs[0], "diff_inputs 0")
 
 
 @torch.no_grad()

@@ -11,8 +11,10 @@ import operator
 from dataclasses import dataclass, replace
 from typing import Optional
 
+import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import skip_init
 
 from fxquant.graph_utils import install_submodule, new_node, unique_attr
 from fxquant.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE, WEIGHT, copy_provenance
@@ -88,10 +90,15 @@ class SplitQkv(Pass):
         parent_path, _, leaf = str(m.linear.target).rpartition(".")
         module = m.linear.meta.get(MODULE, "")
         for index, letter in enumerate("qkv"):
-            part = nn.Linear(fused.in_features, width, bias=fused.bias is not None)
-            part.weight.data.copy_(fused.weight.data[index * width:(index + 1) * width])
-            if fused.bias is not None:
-                part.bias.data.copy_(fused.bias.data[index * width:(index + 1) * width])
+            # skip_init: no random initialisation (it would advance the user's global RNG),
+            # the weights are copied from the fused matrix right away
+            part = skip_init(nn.Linear, fused.in_features, width, bias=fused.bias is not None,
+                             device=fused.weight.device, dtype=fused.weight.dtype)
+            with torch.no_grad():
+                part.weight.copy_(fused.weight[index * width:(index + 1) * width])
+                if fused.bias is not None:
+                    part.bias.copy_(fused.bias[index * width:(index + 1) * width])
+            part.train(fused.training)
             path = unique_attr(gm, f"{parent_path}.{leaf}_{letter}" if parent_path else f"{leaf}_{letter}")
             install_submodule(gm, path, part)
             old = m.outputs[index]

@@ -218,8 +218,16 @@ def test_bad_calib_data(calib, message):
 
 
 def test_calib_images_of_wrong_shape():
-    with pytest.raises(FxqError, match=r"rejects inputs of shape \[\(1, 3, 48, 48\)\]"):
+    # checked before tracing, against the patch embedding's img_size: both sizes named
+    with pytest.raises(FxqError, match=r"calib_data batch 0 holds images of size 48x48 .* model expects 32x32"):
         fxquant.compile(tiny_vit(), "seed_attn", calib_data=images(2, 48), progress=False)
+
+
+def test_inputs_a_model_without_patch_embedding_rejects():
+    """No img_size to read: the eager run of the model itself names the shapes."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10)).eval()
+    with pytest.raises(FxqError, match=r"rejects inputs of shape \[\(1, 3, 5, 5\)\]"):
+        fxquant.compile(model, {}, calib_data=images(2, 5), progress=False)
 
 
 @pytest.mark.parametrize("model", [lambda x: x, "vit_tiny_patch16_224", None])

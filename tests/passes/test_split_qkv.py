@@ -135,3 +135,16 @@ def test_unfused_attention_is_left_alone(trace, make_ctx, run):
 
     assert gm.code == code
     assert sorted(name for name, _ in gm.named_children()) == ["k", "q", "v"]
+
+
+def test_split_does_not_advance_the_global_rng(tiny, trace, make_ctx, run, qconfigs):
+    """The three Linears are built without random init (it would move the user's RNG)."""
+    gm = trace(tiny.model)
+    ctx = make_ctx(gm, qconfigs.all_groups(), tiny.inputs())
+    gm = run(gm, ctx, Annotate())
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    gm = run(gm, ctx, SplitQkv())
+    assert torch.equal(torch.get_rng_state(), before)
+    part = gm.get_submodule(f"{fused_qkv_paths(tiny)[0]}_q")
+    assert part.weight.requires_grad and part.weight.dtype == torch.float32
