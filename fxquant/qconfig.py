@@ -2,14 +2,14 @@
 
 A qconfig maps group names (``attn_qkv``, ``norm1``...) to specs. A linear group has
 ``weight:`` and ``output:`` sections; an activation group is a spec itself. Top-level keys
-besides groups: ``name``, ``description``, ``extends`` (a preset or file to start from),
+besides groups: ``name``, ``description``, ``extends`` (a preset by name, or a file or directory to start
+from: a relative path is read from the directory of the file that says ``extends``),
 ``overrides`` (module glob -> partial groups) and ``skip`` (module globs kept in float).
 Every error names the source, the key path and the allowed values.
 """
 from __future__ import annotations
 
 import copy
-import fnmatch
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional, Union
 import yaml
 
 from .errors import QConfigError
+from .qconfig_globs import module_matches
 from .spec import QuantSpec
 
 LINEAR_GROUPS = ("patch_embed", "attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "head", "patch_merging")
@@ -55,18 +56,6 @@ SPEC_KEYS = (
     + _GRANULARITY_KEYS + _OBSERVER_KEYS + _METHOD_KEYS + _ENABLE_KEYS
     + tuple(_FLOAT_OPTIONS) + tuple(_INT_OPTIONS)
 )
-
-
-def module_matches(module_path: str, pattern: str) -> bool:
-    """Whether a ``skip``/``overrides`` glob covers ``module_path``.
-
-    ``"blocks.0.*"`` also covers ``blocks.0`` itself: a block's own ops (its residual
-    adds, attention's matmuls in ``blocks.0.attn``) belong to that module, not to a child,
-    and "everything in block 0" is what the glob means.
-    """
-    if module_path == pattern or fnmatch.fnmatchcase(module_path, pattern):
-        return True
-    return pattern.endswith(".*") and fnmatch.fnmatchcase(module_path, pattern[:-2])
 
 
 def _fail(source: str, path: str, message: str) -> QConfigError:
@@ -275,7 +264,18 @@ def _parse_groups(raw: Mapping[str, Any], source: str, prefix: str = "") -> dict
     return groups
 
 
-def qconfig_from_dict(raw: Mapping[str, Any], source: str = "<dict>", _depth: int = 0) -> QConfig:
+def _extends_target(value: str, base_dir: Optional[Path]) -> Union[str, Path]:
+    """A preset by name; a relative path from the directory of the file holding ``extends``
+    (``base_dir``; the working directory for a dict); an absolute path as it is."""
+    if value in preset_names() or base_dir is None or Path(value).is_absolute():
+        return value
+    return base_dir / value
+
+
+def qconfig_from_dict(raw: Mapping[str, Any], source: str = "<dict>", _depth: int = 0, *,
+                      base_dir: Optional[Path] = None) -> QConfig:
+    """``base_dir``: the directory of the file ``raw`` was read from; a relative ``extends``
+    path resolves against it (None: against the working directory)."""
     if not isinstance(raw, Mapping):
         raise _fail(source, "<top>", f"expected a mapping of groups, got {type(raw).__name__}")
     raw = dict(raw)
@@ -284,7 +284,12 @@ def qconfig_from_dict(raw: Mapping[str, Any], source: str = "<dict>", _depth: in
     if "extends" in raw:
         if _depth > 8:
             raise _fail(source, "extends", "chain of 'extends' is too deep (a cycle?)")
-        base = load_qconfig(_expect(raw.pop("extends"), str, source, "extends"), _depth=_depth + 1)
+        value = _expect(raw.pop("extends"), str, source, "extends")
+        target = _extends_target(value, base_dir)
+        if isinstance(target, Path) and not target.exists():
+            raise _fail(source, "extends", f"{value!r} is neither a preset ({', '.join(preset_names())}) nor an "
+                        f"existing file: looked for {target} (relative to the directory of {source})")
+        base = load_qconfig(target, _depth=_depth + 1)
     name = raw.pop("name", Path(source).stem if source != "<dict>" else "custom")
     description = raw.pop("description", "")
     smooth_alpha = raw.pop("smooth_alpha", None)
@@ -348,7 +353,7 @@ def _load_directory(path: Path, depth: int) -> QConfig:
         data = _read_yaml(file)
         if not isinstance(data, Mapping):
             raise QConfigError(f"{file}: expected a mapping of groups")
-        qconfig_from_dict(data, str(file), depth)  # validate each file with its own name in errors
+        qconfig_from_dict(data, str(file), depth, base_dir=file.parent)  # validate each file, errors name it
         for key, value in data.items():
             if key in ("name", "description"):
                 continue
@@ -357,7 +362,7 @@ def _load_directory(path: Path, depth: int) -> QConfig:
             merged[key] = merged.get(key, []) + value if key == "skip" else value
             owner[key] = file
     merged["name"] = path.name
-    config = qconfig_from_dict(merged, str(path), depth)
+    config = qconfig_from_dict(merged, str(path), depth, base_dir=path)
     config.strict_groups = {key: str(owner[key]) for key in merged if key in ALL_GROUPS}
     return config
 
@@ -382,5 +387,5 @@ def load_qconfig(qconfig: QConfigLike, *, _depth: int = 0) -> QConfig:
     if path.is_dir():
         return _load_directory(path, _depth)
     if path.is_file():
-        return qconfig_from_dict(_read_yaml(path), str(path), _depth)
+        return qconfig_from_dict(_read_yaml(path), str(path), _depth, base_dir=path.parent)
     raise QConfigError(f"qconfig '{text}' is neither a preset ({', '.join(preset_names())}) nor an existing file or directory")

@@ -4,7 +4,8 @@ A LayerNorm group may also quantize the norm's input (``norm1: {input: {...}}``)
 the edge into the norm only. Groups are found by module path (``blocks.3.attn.qkv`` -> ``attn_qkv``) and, inside
 attention, by role (q, k, v, scores, probabilities, probs@v). The spec comes from the
 qconfig after overrides and ``skip``; an op whose group has no spec stays float and is
-listed in ``report.float_points``.
+listed in ``report.float_points``. A ``skip`` or ``overrides`` glob that matches no module
+of the model fails the pass, naming the glob and the closest module paths.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from fxquant.pass_manager import Pass, PassContext
 from fxquant.patterns import find_attention, submodule
 from fxquant.points import QuantPoint
 from fxquant.qconfig import ACT
+from fxquant.qconfig_globs import check_globs
 
 LINEAR_RULES = [
     (re.compile(r"(^|\.)qkv$"), "attn_qkv"),
@@ -64,6 +66,9 @@ class Annotate(Pass):
     neutral = True
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        # a skip/overrides glob that covers no module would be ignored silently: refuse it first
+        paths = {name for name, _ in gm.named_modules()} | {n.meta.get(MODULE, "") for n in gm.graph.nodes}
+        check_globs(ctx.qconfig, paths, gm.meta.get("fxq.model_name", "the model"))
         propagate_shapes(gm, ctx.diff_inputs)
         self.gm, self.ctx, self.float_points, self.seen_groups = gm, ctx, [], set()
         heads: dict[str, int] = {}

@@ -282,6 +282,79 @@ def test_extends_unknown_base(tmp_path):
         load_qconfig(write(tmp_path, "x.yaml", "extends: w3a3\n"))
 
 
+def test_relative_extends_is_read_from_the_including_files_directory(tmp_path, monkeypatch):
+    configs = tmp_path / "configs"
+    (configs / "base").mkdir(parents=True)
+    write(configs / "base", "common.yaml", "extends: w8a8\nname: common\nhead: {weight: {bits: 4}}\n")
+    mine = write(configs, "mine.yaml", "extends: base/common.yaml\nmlp_fc1: {weight: {bits: 6}}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not where the files are: the old lookup failed here
+    config = load_qconfig(mine)
+    assert config.spec_for("head", "weight").bits == 4 and config.spec_for("mlp_fc1", "weight").bits == 6
+    # a chain: the base's own relative extends is read from the base's directory
+    write(configs / "base", "leaf.yaml", "extends: common.yaml\n")
+    write(configs, "chain.yaml", "extends: base/leaf.yaml\n")
+    assert load_qconfig(configs / "chain.yaml").spec_for("head", "weight").bits == 4
+
+
+def test_relative_extends_shadowed_in_the_working_directory_is_not_used(tmp_path, monkeypatch):
+    """A same-named file in the working directory must not be picked instead."""
+    (tmp_path / "a").mkdir()
+    write(tmp_path / "a", "base.yaml", "extends: w8a8\nhead: {weight: {bits: 4}}\n")
+    write(tmp_path / "a", "mine.yaml", "extends: base.yaml\n")
+    write(tmp_path, "base.yaml", "extends: w8a8\nhead: {weight: {bits: 2}}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_qconfig(Path("a/mine.yaml")).spec_for("head", "weight").bits == 4
+
+
+def test_missing_relative_extends_names_where_it_looked(tmp_path):
+    message = error_for(tmp_path, "extends: nowhere.yaml\n", "x.yaml")
+    assert "extends" in message and "neither a preset" in message
+    assert str(tmp_path / "nowhere.yaml") in message
+
+
+def test_extends_in_a_directory_config_is_relative_to_that_directory(tmp_path, monkeypatch):
+    write(tmp_path, "base.yaml", "extends: w8a8\n")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    write(parts, "attn.yaml", "extends: ../base.yaml\nattn_q_out: {bits: 6, signed: false}\n")
+    monkeypatch.chdir(parts.parent.parent)
+    config = load_qconfig(parts)
+    assert config.spec_for("attn_q_out", ACT).bits == 6
+    assert config.spec_for("mlp_fc1", "weight") == load_qconfig("w8a8").spec_for("mlp_fc1", "weight")
+
+
+def test_extends_preset_by_name_and_absolute_path(tmp_path):
+    base = write(tmp_path, "abs_base.yaml", "extends: w8a8\nhead: {weight: {bits: 5}}\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    mine = write(sub, "mine.yaml", f"extends: {base}\n")
+    assert load_qconfig(mine).spec_for("head", "weight").bits == 5
+    write(sub, "w8a8", "not: used")  # a file named like the preset: the preset still wins
+    assert load_qconfig(write(sub, "p.yaml", "extends: w8a8\n")).spec_for("head", "weight") == \
+        load_qconfig("w8a8").spec_for("head", "weight")
+
+
+def test_unmatched_globs_name_the_glob_and_close_matches():
+    from fxquant.qconfig_globs import check_globs, unmatched_globs
+
+    paths = ["blocks", "blocks.0", "blocks.0.attn", "blocks.0.attn.qkv", "blocks.1", "blocks.1.mlp.fc1", "head"]
+    config = load_qconfig({"extends": "w8a8", "skip": ["head", "blcoks.*"],
+                           "overrides": {"blocks.1.*": {"norm1": {"bits": 6}}, "blocks.0.atn.*": {}}})
+    assert unmatched_globs(config, paths) == [("skip[1]", "blcoks.*"), ("overrides.blocks.0.atn.*", "blocks.0.atn.*")]
+    with pytest.raises(QConfigError) as info:
+        check_globs(config, paths, "TinyViT")
+    message = str(info.value)
+    assert message.startswith("<dict>: skip[1]: glob 'blcoks.*' matches no module of TinyViT")
+    assert "did you mean 'blocks.*'" in message
+    config.skip.remove("blcoks.*")
+    with pytest.raises(QConfigError, match=r"overrides\.blocks\.0\.atn\.\*: .*'blocks\.0\.attn\.\*'"):
+        check_globs(config, paths)
+    with pytest.raises(QConfigError, match="top-level modules: blocks, head"):
+        check_globs(load_qconfig({"skip": ["zzzzzz"]}), paths)
+
+
 def test_overrides_by_glob_change_only_matching_modules(tmp_path):
     config = load_qconfig(write(tmp_path, "ov.yaml", """\
         extends: w8a8

@@ -11,7 +11,8 @@ from collections import Counter
 
 import pytest
 
-from fxquant.errors import NodeError, PassError
+import fxquant
+from fxquant.errors import NodeError, PassError, QConfigError
 from fxquant.meta import MODULE, POINT, ROLE, WEIGHT
 from fxquant.passes import Annotate
 from fxquant.qconfig import ACTIVATION_GROUPS
@@ -156,6 +157,21 @@ def test_skip_glob_keeps_a_whole_block_float(vit, trace, make_ctx, run, qconfigs
 def _in_block(gm, name, block):
     node = next(n for n in gm.graph.nodes if n.name == name)
     return node.meta[MODULE] == f"blocks.{block}" or node.meta[MODULE].startswith(f"blocks.{block}.")
+
+
+@pytest.mark.parametrize("key, glob", [("skip", "blcoks.*"), ("overrides", "blocks.0.nrom1")])
+def test_glob_that_matches_no_module_fails(vit, trace, make_ctx, run, qconfigs, key, glob):
+    body = [glob] if key == "skip" else {glob: {"norm1": {"bits": 4}}}
+    gm = trace(vit.model)
+    ctx = make_ctx(gm, {**qconfigs.all_groups(), key: body}, vit.inputs())
+    with pytest.raises(PassError) as info:
+        run(gm, ctx, Annotate())
+    message = str(info.value)
+    assert "pass 'annotate' failed" in message and f"glob '{glob}' matches no module" in message
+    assert ("'blocks.*'" if key == "skip" else "'blocks.0.norm1'") in message  # the close match
+    # fxquant.compile refuses it before tracing, as a QConfigError
+    with pytest.raises(QConfigError, match=f"glob '{glob}' matches no module of VisionTransformer"):
+        fxquant.compile(vit.model, {**qconfigs.all_groups(), key: body}, calib_data=vit.calib(), progress=False)
 
 
 def test_overrides_glob_changes_specs_per_module(vit, trace, make_ctx, run, qconfigs):
