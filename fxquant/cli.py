@@ -11,13 +11,12 @@ import torch
 from . import distributed
 from .cli_deploy import add_export_parser, add_run_parser, run_export, run_images
 from .cli_report import add_report_parser, run_report
+from .cli_checkpoint import load_checkpoint
+from .cli_inputs import (IMAGE_SUFFIXES, ArgumentParser, CliError, check_output_dir, check_output_file, image_files,
+                         non_negative_int, positive_int, read_images, report_skipped, writing)
 from .errors import FxqError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-
-
-class CliError(FxqError):
-    """Bad command-line input: printed as one line, exit status 2."""
+__all__ = ["main", "build_model", "calibration_batches", "load_checkpoint", "CliError", "IMAGE_SUFFIXES"]
 
 
 def build_model(name: str, checkpoint: Optional[str], pretrained: bool, kwargs: dict) -> torch.nn.Module:
@@ -33,31 +32,13 @@ def build_model(name: str, checkpoint: Optional[str], pretrained: bool, kwargs: 
         hint = " (no network? download the weights elsewhere and pass --checkpoint PATH)" if pretrained else ""
         raise CliError(f"could not create model '{name}' with {kwargs}: {type(exc).__name__}: {exc}{hint}") from exc
     if checkpoint:
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint, name)
     return model.eval()
 
 
-def load_checkpoint(model: torch.nn.Module, path: str) -> None:
-    file = Path(path)
-    if not file.is_file():
-        raise CliError(f"--checkpoint {path}: no such file")
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(file))
-    else:
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model", "model_state_dict"):
-            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-                state = state[key]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CliError(f"--checkpoint {path} does not fit the model: {str(exc).splitlines()[0]}") from None
-
-
 def calibration_batches(spec: str, model: torch.nn.Module, batch_size: int) -> list[torch.Tensor]:
-    """``random:N`` (seeded randn images) or a directory of images (timm's eval transform)."""
+    """``random:N`` (seeded randn images) or a directory of images (timm's eval transform);
+    unreadable image files are skipped with a warning."""
     import timm.data
 
     config = dict(timm.data.resolve_data_config({}, model=model))
@@ -65,30 +46,31 @@ def calibration_batches(spec: str, model: torch.nn.Module, batch_size: int) -> l
     if img_size is not None:  # the model's own size wins over its pretrained config's
         config["input_size"] = (config["input_size"][0], *img_size)
     if spec.startswith("random:"):
-        try:
-            count = int(spec.split(":", 1)[1])
-        except ValueError:
-            raise CliError(f"--calib {spec}: expected random:N with an integer N") from None
-        if count < 1:
-            raise CliError("--calib random:N needs N >= 1")
-        generator = torch.Generator().manual_seed(0)
-        images = torch.randn((count, *config["input_size"]), generator=generator)
-        return list(torch.split(images, batch_size))
-    folder = Path(spec)
-    if not folder.is_dir():
+        return list(torch.split(_random_images(spec, config["input_size"]), batch_size))
+    if not Path(spec).is_dir():
         raise CliError(f"--calib {spec}: expected random:N or a directory of images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise CliError(f"--calib {spec}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the directory")
-    from PIL import Image
+    files = image_files(spec, "--calib")
+    _, images, skipped = read_images(files, timm.data.create_transform(**config))
+    report_skipped("--calib", spec, skipped, len(files))
+    return list(torch.split(torch.stack(images), batch_size))
 
-    transform = timm.data.create_transform(**config)
-    images = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
-    return list(torch.split(images, batch_size))
+
+def _random_images(spec: str, image_shape: tuple) -> torch.Tensor:
+    try:
+        count = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise CliError(f"--calib {spec}: expected random:N with an integer N") from None
+    if count < 1:
+        raise CliError("--calib random:N needs N >= 1")
+    try:
+        return torch.randn((count, *image_shape), generator=torch.Generator().manual_seed(0))
+    except RuntimeError:  # the allocator: N images do not fit in memory
+        raise CliError(f"--calib {spec}: not enough memory for {count} images of shape {tuple(image_shape)}; "
+                       "use a smaller N") from None
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxquant", description="Post-training quantization of ViTs with torch.fx")
+    parser = ArgumentParser(prog="fxquant", description="Post-training quantization of ViTs with torch.fx")
     sub = parser.add_subparsers(dest="command", required=True)
     comp = sub.add_parser("compile", help="quantize a timm model and report QSNR after every pass")
     _add_model_arguments(comp)
@@ -99,8 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--no-diff", action="store_true",
                       help="skip the per-pass numeric diff against FP32 (faster; the report has no QSNR)")
     comp.add_argument("--save", help="save the quantized model here (safetensors, loads without pickle)")
-    comp.add_argument("--worst", type=int, default=10, help="how many worst points to print (default 10)")
+    comp.add_argument("--worst", type=non_negative_int, default=10, help="how many worst points to print (default 10)")
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
+    # a negative K is refused by fxquant.compile itself ("keep_float must be an integer >= 0")
     comp.add_argument("--keep-float", type=int, default=0, metavar="K",
                       help="leave the K most sensitive quantization points in float (default 0)")
     comp.add_argument("--backend", choices=("fake", "int"), default="fake",
@@ -124,40 +107,60 @@ def _add_model_arguments(command: argparse.ArgumentParser) -> None:
     source.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the hub)")
     command.add_argument("--qconfig", default="w8a8", help="preset name, YAML file or directory (default w8a8)")
     command.add_argument("--calib", default="random:32", help="random:N or a directory of images (default random:32)")
-    command.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
-    command.add_argument("--img-size", type=int, help="model input size (timm img_size)")
-    command.add_argument("--num-classes", type=int, help="classifier classes (timm num_classes; 0 = features)")
+    command.add_argument("--batch-size", type=positive_int, default=8, help="calibration batch size (default 8)")
+    command.add_argument("--img-size", type=positive_int, help="model input size (timm img_size)")
+    command.add_argument("--num-classes", type=non_negative_int,
+                         help="classifier classes (timm num_classes; 0 = features)")
     command.add_argument("--seed", type=int, default=0, help="torch seed for random-init weights (default 0)")
 
 
 def _add_diff_parser(sub) -> None:
     diff = sub.add_parser("diff", help="isolated vs propagated QSNR per quantization point, worst first")
     _add_model_arguments(diff)
-    diff.add_argument("--top", type=int, default=20, help="how many points to print, worst first (default 20)")
+    diff.add_argument("--top", type=non_negative_int, default=20,
+                      help="how many points to print, worst first (default 20)")
     diff.add_argument("--json", help="write all points as JSON here")
+
+
+def _model_and_calibration(args: argparse.Namespace) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    kwargs = {k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v is not None}
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, args.checkpoint, args.pretrained, kwargs)
+    return model, calibration_batches(args.calib, model, args.batch_size)
 
 
 def run_diff(args: argparse.Namespace) -> int:
     from .debug import diff
 
-    kwargs = {k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v is not None}
-    torch.manual_seed(args.seed)
-    model = build_model(args.model, args.checkpoint, args.pretrained, kwargs)
-    calib = calibration_batches(args.calib, model, args.batch_size)
+    check_output_file(args.json, "--json", "diff.json")
+    model, calib = _model_and_calibration(args)
     result = diff(model, args.qconfig, calib_data=calib, model_name=args.model)
     print(result.table(top=args.top))
     if args.json:
-        print(f"diff written to {result.to_json(args.json)}")
+        with writing("--json", args.json):
+            print(f"diff written to {result.to_json(args.json)}")
     return 0
+
+
+def _check_compile_outputs(args: argparse.Namespace) -> None:
+    """Before the compile: every path it will write must be writable as a file (a folder for --dump-dir)."""
+    check_output_file(args.save, "--save", "model.fxq")
+    check_output_file(args.report, "--report", "report.json")
+    check_output_dir(args.dump_dir, "--dump-dir")
+    check_output_file(args.html, "--html", "report.html")
+    if args.html:
+        stem = stats_stem(Path(args.html))
+        for stats in (stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".json")):
+            if stats.is_dir():
+                raise CliError(f"--html {args.html}: its layer statistics go to {stats}, which is a directory; "
+                               "choose another name for the page")
 
 
 def run_compile(args: argparse.Namespace) -> int:
     import fxquant
 
-    kwargs = {k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v is not None}
-    torch.manual_seed(args.seed)
-    model = build_model(args.model, args.checkpoint, args.pretrained, kwargs)
-    calib = calibration_batches(args.calib, model, args.batch_size)
+    _check_compile_outputs(args)
+    model, calib = _model_and_calibration(args)
     main_process = True
     if distributed.init_from_env():  # under torchrun: each rank calibrates its shard; rank 0 prints and writes
         calib = distributed.shard_batches(calib)
@@ -168,6 +171,12 @@ def run_compile(args: argparse.Namespace) -> int:
                          int_kernels=args.int_kernels)
     if not main_process:
         return 0
+    _print_compile_result(qm, args)
+    _write_compile_outputs(qm, calib, args)
+    return 0
+
+
+def _print_compile_result(qm, args: argparse.Namespace) -> None:
     print(qm.report.table(worst=args.worst))
     if args.backend == "int":
         for note in qm.report.notes:
@@ -182,15 +191,27 @@ def run_compile(args: argparse.Namespace) -> int:
         for note in qm.report.notes:
             if note.startswith("keep_float"):
                 print(f"  {note}")
+
+
+def _write_compile_outputs(qm, calib: list[torch.Tensor], args: argparse.Namespace) -> None:
+    import fxquant
+
     if args.report:
-        print(f"report written to {qm.report.to_json(args.report)}")
+        with writing("--report", args.report):
+            print(f"report written to {qm.report.to_json(args.report)}")
     if args.dump_dir:
         print(f"graph dumps written to {args.dump_dir}")
     if args.html:
-        print(f"HTML report written to {write_debug_page(qm, calib[0], args.html, args.dump_dir)}")
+        with writing("--html", args.html):
+            print(f"HTML report written to {write_debug_page(qm, calib[0], args.html, args.dump_dir)}")
     if args.save:
-        print(f"quantized model saved to {fxquant.save(qm, args.save)} (load it with fxquant.load)")
-    return 0
+        with writing("--save", args.save):
+            print(f"quantized model saved to {fxquant.save(qm, args.save)} (load it with fxquant.load)")
+
+
+def stats_stem(page: Path) -> Path:
+    """Where the layer statistics beside an HTML page go: <stem>.csv and <stem>.json."""
+    return page.with_suffix("").with_name(page.stem + "_stats")
 
 
 def write_debug_page(qm, batch: torch.Tensor, html_path: str, dump_dir: Optional[str]) -> Path:
@@ -200,29 +221,23 @@ def write_debug_page(qm, batch: torch.Tensor, html_path: str, dump_dir: Optional
     path = Path(html_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = fxquant.layer_statistics(qm, [batch])
-    fxquant.write_statistics(rows, path.with_suffix("").with_name(path.stem + "_stats"))
+    fxquant.write_statistics(rows, stats_stem(path))
     dots = sorted(Path(dump_dir).glob("*.dot")) if dump_dir else []
     return fxquant.write_html_report(qm.report, path, qm=qm, stats=rows, inputs=batch,
                                      dot_path=dots[-1] if dots else None)
 
 
+COMMANDS = {"compile": run_compile, "diff": run_diff, "export": run_export, "run": run_images, "report": run_report}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run one command; bad input (an FxqError, argparse's errors included) is one line on stderr, exit 2."""
     try:
-        if args.command == "compile":
-            return run_compile(args)
-        if args.command == "diff":
-            return run_diff(args)
-        if args.command == "export":
-            return run_export(args)
-        if args.command == "run":
-            return run_images(args)
-        if args.command == "report":
-            return run_report(args)
+        args = _parser().parse_args(argv)
+        return COMMANDS[args.command](args)
     except FxqError as exc:
         print(f"fxquant: error: {exc}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

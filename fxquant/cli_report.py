@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .cli_inputs import check_output_file, positive_int, writing
 from .errors import FxqError
 
 
@@ -25,7 +26,7 @@ def add_report_parser(sub) -> None:
     rep.add_argument("dump_dir", help="a directory written by fxquant compile --dump-dir DIR --report DIR/report.json")
     rep.add_argument("--report", help="the report JSON (default: DIR/report.json)")
     rep.add_argument("--model", help="a saved model (compile --save) for histograms and layer statistics")
-    rep.add_argument("--images", type=int, default=4, help="seeded random images for the histograms (default 4)")
+    rep.add_argument("--images", type=positive_int, default=4, help="seeded random images for the histograms (default 4)")
     rep.add_argument("--out", help="the HTML file to write (default: DIR/report.html)")
 
 
@@ -47,14 +48,17 @@ def run_report(args) -> int:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ReportError(f"{report_path}: not an fxquant report ({type(exc).__name__}: {exc})") from None
     out = Path(args.out) if args.out else directory / "report.html"
+    check_output_file(str(out), "--out", "report.html")
     dots = sorted(directory.glob("*.dot"))
     if args.model:
         qm = _load(args.model)
         qm.report = report
         shape = _input_shape(qm, None, args.model)
         batch = torch.randn(args.images, *shape, generator=torch.Generator().manual_seed(0))
-        path = write_debug_page(qm, batch, str(out), str(directory))
+        with writing("--out", str(out)):
+            path = write_debug_page(qm, batch, str(out), str(directory))
     else:
-        path = fxquant.write_html_report(report, out, dot_path=dots[-1] if dots else None)
+        with writing("--out", str(out)):
+            path = fxquant.write_html_report(report, out, dot_path=dots[-1] if dots else None)
     print(f"HTML report written to {path}")
     return 0
