@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import FxqError
+from .fd_capture import captured_output
+from .onnx_checks import OnnxExportError, check_file, check_opset, export_failure, writable_path
 from .patterns import is_scale_transparent, submodule
 from .modules import FakeQuantize, ObserverModule, QuantConv2d, QuantLinear
 from .qparams import QParams
@@ -42,10 +44,6 @@ __all__ = ["export_onnx", "OnnxExportError", "to_exportable", "ONNX_OPSET"]
 
 ONNX_OPSET = 17  # per-axis Q/DQ needs 13; 17 adds LayerNormalization
 INPUT_NAME, OUTPUT_NAME = "images", "output"
-
-
-class OnnxExportError(FxqError):
-    """A compiled model (or one of its nodes) cannot be written as ONNX."""
 
 
 # ------------------------------------------------------------------------------ Q/DQ ops
@@ -319,31 +317,28 @@ def export_onnx(qm: fx.GraphModule, path: str | Path, example_inputs: Sequence[t
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
-    if opset < 13:
-        raise OnnxExportError(f"opset {opset} has no per-axis QuantizeLinear/DequantizeLinear; use opset >= 13")
+    check_opset(opset)
     gm = to_exportable(qm)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = writable_path(Path(path))
     names = [INPUT_NAME] if len(example_inputs) == 1 else [f"{INPUT_NAME}_{i}" for i in range(len(example_inputs))]
     dynamic_axes = {n: {0: "batch"} for n in [*names, OUTPUT_NAME]} if dynamic_batch else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+    failure, log = None, ""
+    # the exporter's deprecation and tracer warnings are ignored; what it prints from C++ (the
+    # whole TorchScript IR when it fails) is captured and, on failure, written beside the file
+    with warnings.catch_warnings(), captured_output() as exporter_output:
+        warnings.simplefilter("ignore")
         try:
             torch.onnx.export(_Positional(gm), example_inputs, str(path), dynamo=False, opset_version=opset,
                               input_names=names, output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes,
                               do_constant_folding=True)
         except FxqError:
             raise
-        except Exception as exc:
-            raise OnnxExportError(f"torch.onnx.export failed for {path}: {type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        except Exception as exc:  # torch.onnx raises many types (SymbolicValueError, RuntimeError, ...)
+            failure, log = exc, exporter_output()
+    if failure is not None:
+        raise export_failure(failure, path, log) from failure
     if check:
-        try:
-            import onnx
-        except ImportError as exc:
-            raise OnnxExportError("checking the exported file needs the onnx package: pip install 'fxquant[onnx]' "
-                                  "(or pass check=False)") from exc
-        onnx.checker.check_model(str(path), full_check=True)
+        check_file(path)
     return path
 
 
