@@ -112,7 +112,7 @@ def _state_dict(loaded, path: str) -> dict[str, torch.Tensor]:
     bad = [k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if bad:
         keys = ", ".join(repr(k) for k in list(state)[:6])
-        raise CliError(f"--checkpoint {path}: not a state dict: entry {bad[0]!r} is a "
+        raise CliError(f"--checkpoint {path}: not a state dict: entry {bad[0]!r} is of type "
                        f"{type(state[bad[0]]).__name__}, not a tensor (top-level keys: {keys}); a training "
                        f"checkpoint should hold its weights under one of {', '.join(WRAPPER_KEYS)}")
     return dict(state)

@@ -39,6 +39,8 @@ def run_report(args) -> int:
     directory = Path(args.dump_dir)
     if not directory.is_dir():
         raise ReportError(f"{directory}: not a directory (make one with fxquant compile ... --dump-dir DIR)")
+    out = Path(args.out) if args.out else directory / "report.html"
+    check_output_file(str(out), "--out", "report.html")
     report_path = Path(args.report) if args.report else directory / "report.json"
     if not report_path.is_file():
         raise ReportError(f"{report_path}: no report JSON; compile with --report {directory / 'report.json'} "
@@ -47,8 +49,6 @@ def run_report(args) -> int:
         report = Report.from_json(report_path)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ReportError(f"{report_path}: not an fxquant report ({type(exc).__name__}: {exc})") from None
-    out = Path(args.out) if args.out else directory / "report.html"
-    check_output_file(str(out), "--out", "report.html")
     dots = sorted(directory.glob("*.dot"))
     if args.model:
         qm = _load(args.model)
