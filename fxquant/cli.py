@@ -9,14 +9,14 @@ from typing import Optional, Sequence
 import torch
 
 from . import distributed
-from .cli_deploy import add_export_parser, add_run_parser, run_export, run_images
-from .cli_report import add_report_parser, run_report
 from .cli_checkpoint import load_checkpoint
+from .cli_deploy import add_export_parser, add_run_parser, run_export, run_images
 from .cli_inputs import (IMAGE_SUFFIXES, ArgumentParser, CliError, check_output_dir, check_output_file, image_files,
                          non_negative_int, positive_int, read_images, report_skipped, writing)
+from .cli_report import add_report_parser, run_report
 from .errors import FxqError
 
-__all__ = ["main", "build_model", "calibration_batches", "load_checkpoint", "CliError", "IMAGE_SUFFIXES"]
+__all__ = ["IMAGE_SUFFIXES", "CliError", "build_model", "calibration_batches", "load_checkpoint", "main"]
 
 
 def build_model(name: str, checkpoint: Optional[str], pretrained: bool, kwargs: dict) -> torch.nn.Module:

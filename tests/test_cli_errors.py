@@ -79,7 +79,7 @@ def test_calib_skips_unreadable_images_with_one_warning(tmp_path, capsys, monkey
     monkeypatch.setattr(fxquant, "compile", lambda m, q, **kw: seen.append(kw["calib_data"]) or real(m, q, **kw))
     folder = _mixed_folder(tmp_path)
     rc = main(BASE[:-1] + [str(folder)])
-    out, err = capsys.readouterr()
+    err = capsys.readouterr().err
     assert rc == 0, err
     (warning,) = err.strip().splitlines()
     assert warning.startswith(f"fxquant: warning: --calib {folder}: skipped 4 of 5")
@@ -266,6 +266,28 @@ def test_img_size_the_model_does_not_take(tmp_path, capsys, saved, command):
     assert_one_line_error(rc, capsys, "--img-size 64", "takes 32x32 images", "not 64x64", "--img-size 32")
 
 
+class _FlatLinear(torch.nn.Module):
+    """A graph that does not check its input size but takes only 3x32x32 images."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_run_names_the_input_shape_a_model_refuses(tmp_path, capsys, monkeypatch):
+    model_file, folder = tmp_path / "m.fxq", tmp_path / "photos"
+    model_file.write_bytes(b"stands in for a saved model")
+    folder.mkdir()
+    _png(folder / "p.png")
+    monkeypatch.setattr(fxquant, "load", lambda path: fx.symbolic_trace(_FlatLinear()))
+    rc = main(["run", str(model_file), "--images", str(folder), "--img-size", "64", "--model", MODEL])
+    assert_one_line_error(rc, capsys, str(model_file), "failed on images of shape (3, 64, 64)",
+                          "--img-size it was compiled for")
+
+
 def test_run_on_a_file_saved_without_model_name(tmp_path, capsys, saved):
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -312,7 +334,7 @@ def test_no_traceback_from_the_command(tmp_path, extra):
         extra = ["--checkpoint", str(tmp_path / "w.pth")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "fxquant", *BASE, *extra], capture_output=True, text=True,
-                            env=env, timeout=300)
+                            env=env, timeout=300, check=False)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
