@@ -14,6 +14,7 @@ from .numeric_diff import output_qsnr
 from .errors import FxqError
 from .instruments import GraphDump, NumericDiff, Timing
 from .pass_manager import Pass, PassContext, PassManager
+from .observer_progress import observer_progress
 from .onednn import onednn_available
 from .pipeline import BACKENDS, INT_KERNELS, default_passes
 from .qconfig import QConfigLike, load_qconfig
@@ -70,6 +71,9 @@ def compile(  # noqa: A001 - the public name the design card asks for
     ``compile`` does not touch the global torch RNG (``torch.get_rng_state()`` is the same
     before and after): new modules are built without random initialisation and every
     random choice (default diff input, observer subsamples) uses its own seeded generator.
+
+    ``progress``: tqdm bars for calibration and for observer range searches (OMSE, KL) long
+    enough to notice (about a second or more); ``False`` shows none.
 
     ``numeric_diff=False`` skips the node-by-node comparison after each pass (the report then
     has timings but no QSNR): for quick compiles of large models once the pipeline is trusted.
@@ -129,7 +133,8 @@ def compile(  # noqa: A001 - the public name the design card asks for
     pipeline = list(passes) if passes is not None else default_passes(backend, int_kernels)
     # backend="int" with keep_float: the points are chosen on the fake-quant graph, then it is lowered
     lower_after = pipeline[len(default_passes("fake")):] if keep_float and backend == "int" else []
-    gm = PassManager(pipeline[:len(pipeline) - len(lower_after)], instruments).run(gm, ctx)
+    with observer_progress(progress):  # the OMSE/KL range searches show a bar when they take long
+        gm = PassManager(pipeline[:len(pipeline) - len(lower_after)], instruments).run(gm, ctx)
     gm.report = report
     gm.keep_float = []
     if keep_float:

@@ -14,14 +14,14 @@ is estimated. Statistics are kept in float32 on the device the data came from.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .errors import FxqError
+from .observer_progress import work_bar
 from .qparams import QParams
 from .quantizers import fake_quantize
 from .spec import QuantSpec
+from .tail_quantiles import tail_quantiles
 
 __all__ = [
     "ObserverError",
@@ -283,9 +283,11 @@ class OmseObserver(MinMaxObserver):
     Keeps the running min/max plus a bounded, deterministic subsample of the calibration
     values (at most ``omse_group_samples`` = 2**16 per group and ``omse_total_samples`` =
     2**20 in all; seeded by ``omse_seed`` = 0). At compute time it tries ``omse_steps`` =
-    100 shrink factors 1, 0.99, ..., 0.01 of the min/max range and keeps, per group, the one
-    whose fake-quantized sample has the smallest squared error. Factor 1.0 is tried first
-    and ties keep the earlier factor, so the result is never worse than min-max on the sample.
+    100 shrink factors 1, 0.99, ..., 0.01 of the min/max range (at most 2000, see
+    ``fxquant.qconfig``) and keeps, per group, the one whose fake-quantized sample has the
+    smallest squared error; each factor is scored for all groups at once, in one reused
+    buffer. Factor 1.0 is tried first and ties keep the earlier factor, so the result is
+    never worse than min-max on the sample.
     """
 
     def __init__(self, spec: QuantSpec, **kw):
@@ -319,66 +321,30 @@ class OmseObserver(MinMaxObserver):
 
     def _range(self):
         lo, hi, s = self.min, self.max, self.sample
-        best_err = best_f = None
-        for i in range(self.steps):
-            f = 1.0 - i / self.steps
-            scale, zp = range_to_scale_zero_point(lo * f, hi * f, self.spec)
-            qp = QParams(scale, zp, self.spec.qmin, self.spec.qmax, axis=0)
-            err = (fake_quantize(s, qp, self.spec.method) - s).pow_(2).sum(1)
-            if best_err is None:
-                best_err, best_f = err, torch.ones_like(err)
-                continue
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_f = torch.where(better, torch.full_like(best_f, f), best_f)
-        return lo * best_f, hi * best_f
+        factors = shrink_factors(self.steps).to(lo.device)
+        errors = torch.empty(self.steps, lo.numel(), dtype=s.dtype, device=s.device)
+        buf = torch.empty_like(s)  # one scratch buffer for every factor: no allocation per step
+        qmin, qmax = self.spec.qmin, self.spec.qmax
+        with work_bar(self.steps, self.steps * s.numel(), f"OMSE {self.name}") as bar:
+            for i, f in enumerate(factors):
+                scale, zp = range_to_scale_zero_point(lo * f, hi * f, self.spec)
+                if self.spec.method == "uniform":  # fake_quantize's ops, in place on buf
+                    scale, zp = scale[:, None], zp[:, None]
+                    torch.div(s, scale, out=buf).round_().add_(zp).clamp_(qmin, qmax).sub_(zp).mul_(scale)
+                else:
+                    buf.copy_(fake_quantize(s, QParams(scale, zp, qmin, qmax, axis=0), self.spec.method))
+                torch.sum(buf.sub_(s).pow_(2), 1, out=errors[i])
+                bar.update(1)
+        best = errors.argmin(0)  # the first minimum: factor 1.0 first, ties keep the earlier
+        return lo * factors[best], hi * factors[best]
 
     def state(self):
         return {**super().state(), "sample": self.sample, "sample_keys": self.keys}
 
 
-# ------------------------------------------------------------------------ percentiles
-_CHUNK = 2**20  # elements per topk call: bounds topk's (value, index) scratch to ~16 MB
-_TOPK_MAX_K = 2**16  # beyond this, two kthvalue calls are cheaper than a topk tail
-
-
-def tail_quantiles(xg: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (1-alpha, alpha) quantiles of a (G, M) matrix, as torch.quantile ('linear').
-
-    Only the order statistics next to each quantile are needed, so the k extreme values
-    are found with chunked topk (exact: the top k of a union is within the union of the
-    chunks' top k) instead of sorting; very large k falls back to torch.kthvalue.
-    """
-    return _quantile(xg, 1.0 - alpha, largest=False), _quantile(xg, alpha, largest=True)
-
-
-def _quantile(xg: torch.Tensor, q: float, *, largest: bool) -> torch.Tensor:
-    m = xg.shape[1]
-    pos = q * (m - 1)
-    i0 = min(int(math.floor(pos)), m - 1)
-    i1 = min(i0 + 1, m - 1)
-    frac = pos - i0
-    # ranks counted from the end the tail is taken from
-    r0, r1 = (m - 1 - i0, m - 1 - i1) if largest else (i0, i1)
-    k = max(r0, r1) + 1
-    if k > _TOPK_MAX_K:
-        v0 = xg.kthvalue(i0 + 1, dim=1).values
-        v1 = v0 if i1 == i0 else xg.kthvalue(i1 + 1, dim=1).values
-    else:
-        tail = _topk(xg, k, largest)
-        v0, v1 = tail[:, r0], tail[:, r1]
-    return torch.lerp(v0, v1, frac)
-
-
-def _topk(xg: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
-    """Sorted k most extreme values per row, scanning the columns in bounded chunks."""
-    g, m = xg.shape
-    cols = max(4 * k, _CHUNK // g)
-    if m > cols:
-        parts = [c.topk(min(k, c.shape[1]), dim=1, largest=largest, sorted=False).values for c in xg.split(cols, 1)]
-        xg = torch.cat(parts, 1)
-    return xg.topk(k, dim=1, largest=largest, sorted=True).values
-
+def shrink_factors(steps: int) -> torch.Tensor:
+    """The candidate factors 1, 1 - 1/steps, ..., 1/steps (float32, as ``x * f`` rounds them)."""
+    return (1.0 - torch.arange(steps, dtype=torch.float64) / steps).float()
 
 _OBSERVERS = {
     "minmax": MinMaxObserver,

@@ -50,7 +50,11 @@ _ENABLE_KEYS = ("enable", "quant_enable", "output_quant_enable", "weight_quant_e
 _FLOAT_OPTIONS = {
     "percentile_alpha": (0.5, 1.0), "percentile_sigma": (0.0, 1.0), "ema_momentum": (0.0, 1.0),
 }
-_INT_OPTIONS = {"kl_bins": (16, 1 << 16), "omse_steps": (1, 10_000), "ptf_factors": (1, 8)}
+# omse_steps <= 2000: a shrink step of 0.05% of the range (an 8-bit grid step is 0.4%); the search
+# costs steps x samples (up to 2**20): ~1.5 s per observer at the maximum. kl_bins: a histogram row
+# per group; a KL candidate costs O(levels) whatever the bins (fxquant.kl_observer).
+_INT_OPTIONS = {"kl_bins": (16, 1 << 16), "omse_steps": (1, 2000), "ptf_factors": (1, 8)}
+_OPTION_HINTS = {"omse_steps": "finer shrink factors no longer change the chosen range but cost time"}
 SPEC_KEYS = (
     ("bits", "signed", "symmetric", "bit_type", "enable_profiler", "lis_renormalize")
     + _GRANULARITY_KEYS + _OBSERVER_KEYS + _METHOD_KEYS + _ENABLE_KEYS
@@ -129,7 +133,8 @@ def parse_spec(raw: Mapping[str, Any], source: str, path: str) -> QuantSpec:
             lo, hi = _INT_OPTIONS[key]
             number = _expect(value, int, source, where, f"an integer in [{lo}, {hi}]")
             if not lo <= number <= hi:
-                raise _fail(source, where, f"{number} is outside [{lo}, {hi}]")
+                hint = f" ({_OPTION_HINTS[key]})" if key in _OPTION_HINTS and number > hi else ""
+                raise _fail(source, where, f"{number} is outside [{lo}, {hi}]{hint}")
             options[key] = number
         else:
             raise _fail(source, where, f"unknown key; allowed keys: {', '.join(SPEC_KEYS)}")

@@ -222,9 +222,9 @@ def test_tail_quantiles_match_torch_quantile(n, alpha):
 
 @pytest.mark.parametrize("groups", [1, 5])
 def test_chunked_topk_tail_is_exact(monkeypatch, groups):
-    import fxquant.observers as observers
+    import fxquant.tail_quantiles as quantiles
 
-    monkeypatch.setattr(observers, "_CHUNK", 2000)  # force many chunks
+    monkeypatch.setattr(quantiles, "_CHUNK", 2000)  # force many chunks
     x = torch.randn(groups, 30_001, generator=_gen(groups))
     x[0] = x[0].sort().values  # all of the tail inside one chunk
     for alpha in (0.999, 0.99):
