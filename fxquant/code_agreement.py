@@ -17,8 +17,9 @@ from .pass_manager import PassContext
 from .quantizers import quantize
 
 CODES_OF = "fxq.codes_of"  # node meta: (FakeQuantize node name in the fake graph, code shift)
+FAKE_GRAPH_STATE = "lower_integer_fake_graph"  # ctx.state: the fake-quant graph, for a pass after lower_integer
 
-__all__ = ["CODES_OF", "PointAgreement", "code_agreement", "agreement_summary", "equivalence_notes"]
+__all__ = ["CODES_OF", "FAKE_GRAPH_STATE", "PointAgreement", "code_agreement", "agreement_summary", "equivalence_notes"]
 
 
 @dataclass

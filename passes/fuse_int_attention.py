@@ -41,7 +41,7 @@ from fxquant.integer import UINT8_OFFSET
 from fxquant.meta import POINT, ROLE, copy_provenance
 from fxquant.pass_manager import Pass, PassContext
 from fxquant.patterns import is_matmul, is_pass_through_module, is_softmax, single_user, softmax_dim, submodule
-from fxquant.passes.lower_integer import CODES_OF, FAKE_GRAPH_STATE, equivalence_notes
+from fxquant.code_agreement import CODES_OF, FAKE_GRAPH_STATE, equivalence_notes
 
 
 def _timm_attention_helper(node: fx.Node, name: str) -> bool:

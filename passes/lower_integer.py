@@ -30,189 +30,28 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from fxquant.code_agreement import (CODES_OF, PointAgreement, agreement_summary, code_agreement,  # noqa: F401
-                                    equivalence_notes)  # re-exported: the integer passes, tests, bench
+from fxquant.code_agreement import (CODES_OF, FAKE_GRAPH_STATE, PointAgreement, agreement_summary,  # noqa: F401
+                                    code_agreement, equivalence_notes)  # re-exported: tests, bench
+from fxquant.code_chains import (IntegerLowering, LoweredPoint, batch_independent, codes_through, drop_origin,
+                                 float_boundaries, fuse_softmax_dequantize, moves_elements,
+                                 only_last_dim, params_after, params_before, read_shapes_from_codes, trace_back)
 from fxquant.errors import NodeError
 from fxquant.graph_utils import install_submodule, unique_attr
 from fxquant.int_modules import DequantizeCodes, IntLayerNorm, IntLinear, IntMatmul, LisShiftMatmul, QuantizeCodes
 from fxquant.log_int_softmax import LogIntSoftmax
 from fxquant.integer import code_shift, exact_float_matmul_bound
-from fxquant.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE
+from fxquant.meta import MODULE, ROLE
 from fxquant.modules import QUANTIZED_WEIGHT_TYPES, FakeQuantize, ObserverModule, QuantLinear
 from fxquant.nonfinite import guard_nonfinite
 from fxquant.numeric_diff import capture_values
 from fxquant.pass_manager import Pass, PassContext
-from fxquant.patterns import is_matmul, is_pass_through_module, is_scale_transparent, is_softmax, submodule
+from fxquant.patterns import is_matmul, is_pass_through_module, submodule
 from fxquant.ptf import ptf_layernorm_constants
-
-_SHAPE_READS = {"size", "dim"}
-
-
-@dataclass
-class LoweredPoint:
-    """One FakeQuantize point of the fake graph, now codes plus an explicit dequantize."""
-
-    name: str  # the FakeQuantize node's name (in the fake graph)
-    label: str
-    fake_quantize: FakeQuantize
-    shift: int  # codes are stored as code - shift (int8)
-    shape: tuple  # the point's value shape on the diff inputs
-    codes: fx.Node
-    dequant: fx.Node
-
-    @property
-    def per_tensor(self) -> bool:
-        return not self.fake_quantize.qparams.per_channel
-
-    @property
-    def qmin(self) -> int:
-        return self.fake_quantize.qparams.qmin - self.shift
-
-    @property
-    def qmax(self) -> int:
-        return self.fake_quantize.qparams.qmax - self.shift
-
-    def scale(self, ndim: int) -> torch.Tensor:
-        """Broadcast against an ``ndim``-d tensor of the point's layout (0: per-tensor only)."""
-        qp = self.fake_quantize.qparams
-        return (qp.broadcast_scale(ndim) if ndim else qp.scale).to(torch.float64)
-
-    def zero_point(self, ndim: int) -> torch.Tensor:
-        qp = self.fake_quantize.qparams
-        return (qp.broadcast_zero_point(ndim) if ndim else qp.zero_point) - self.shift
-
-    def magnitude(self) -> int:
-        """The largest |code - zero point| this point can produce."""
-        zp = self.fake_quantize.qparams.zero_point - self.shift
-        return int(torch.max(torch.maximum(zp - self.qmin, self.qmax - zp)))
-
-
-@dataclass
-class IntegerLowering:
-    """What ``lower_to_integer`` did: points lowered, ops left in float and why."""
-
-    points: dict[str, LoweredPoint] = field(default_factory=dict)
-    int_linears: list[str] = field(default_factory=list)
-    int_matmuls: list[str] = field(default_factory=list)
-    int_layernorms: list[str] = field(default_factory=list)
-    shift_matmuls: list[str] = field(default_factory=list)  # Log-Int-Softmax + attn@V by shifts
-    fused_dequantize: list[str] = field(default_factory=list)  # points dequantized by one multiply-add
-    requantized: list[str] = field(default_factory=list)  # "op -> point" fused requantizations
-    float_points: list[str] = field(default_factory=list)
-    float_boundaries: list[str] = field(default_factory=list)  # points dequantized for float ops
-    nonfinite_checks: list[str] = field(default_factory=list)  # tensors checked per sample (fxquant.nonfinite)
-
-
-# ----------------------------------------------------------------------- chain helpers
-def _is_constant_pad(node: fx.Node) -> bool:
-    if node.op != "call_function" or node.target is not F.pad:
-        return False
-    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
-    value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
-    return mode == "constant" and value in (None, 0, 0.0)
-
-
-def reads_shape(node: fx.Node) -> bool:
-    """``x.shape`` / ``x.size()`` / ``x.dim()``: reads no values, so codes serve as well as floats."""
-    return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
-        node.op == "call_method" and node.target in _SHAPE_READS)
-
-
-def _moves_elements(gm: fx.GraphModule, node: fx.Node, allow_pad: bool) -> bool:
-    """True when ``node`` only rearranges its first input, so codes can flow through it."""
-    if not node.args or not isinstance(node.args[0], fx.Node):
-        return False
-    if is_scale_transparent(gm, node) or (node.op == "call_function" and node.target is torch.roll):
-        return True
-    return allow_pad and _is_constant_pad(node)
-
-
-def _trace_back(gm: fx.GraphModule, node, by_dequant: dict) -> Optional[tuple[LoweredPoint, list[fx.Node]]]:
-    """(point, chain) when ``node`` is a point's dequantized value moved by element-moving ops."""
-    chain = []
-    while isinstance(node, fx.Node) and node not in by_dequant:
-        if not _moves_elements(gm, node, allow_pad=True):
-            return None
-        chain.append(node)
-        node = node.args[0]
-    if not isinstance(node, fx.Node):
-        return None
-    point = by_dequant[node]
-    if not point.per_tensor and any(_is_constant_pad(n) for n in chain):
-        return None  # padding with one zero code needs one zero point
-    return point, chain[::-1]
-
-
-def _replay(gm: fx.GraphModule, chain: list[fx.Node], start: torch.Tensor, values: dict) -> torch.Tensor:
-    """Run ``chain`` on ``start`` (the other arguments from the recorded ``values``)."""
-    current = start
-    for node in chain:
-        prev = node.args[0]
-        args = fx.node.map_arg(node.args, lambda a: current if a is prev else values[a.name])
-        kwargs = fx.node.map_arg(node.kwargs, lambda a: current if a is prev else values[a.name])
-        if node.op == "call_method":
-            current = getattr(args[0], str(node.target))(*args[1:], **kwargs)
-        elif node.op == "call_function":
-            current = node.target(*args, **kwargs)
-        else:
-            current = gm.get_submodule(str(node.target))(*args, **kwargs)
-    return current
-
-
-def _reduce_broadcast(t: torch.Tensor) -> torch.Tensor:
-    """The smallest tensor that broadcasts to ``t``: dims along which it is constant -> 1."""
-    for dim in range(t.dim()):
-        if t.size(dim) > 1 and bool((t == t.narrow(dim, 0, 1)).all()):
-            t = t.narrow(dim, 0, 1)
-    return t.contiguous().clone()
-
-
-def _params_after(gm, chain, point: LoweredPoint, values) -> tuple[torch.Tensor, torch.Tensor]:
-    """A point's (scale, zero point) laid out as its codes arrive at the end of ``chain``."""
-    ndim = len(point.shape)
-    if point.per_tensor:
-        return point.scale(0), point.zero_point(0)
-    index = torch.arange(int(torch.Size(point.shape).numel())).reshape(point.shape)
-    where = _replay(gm, chain, index, values)
-    scale = point.scale(ndim).expand(point.shape).reshape(-1)[where]
-    zero = point.zero_point(ndim).expand(point.shape).reshape(-1)[where]
-    return _reduce_broadcast(scale), _reduce_broadcast(zero)
-
-
-def _params_before(gm, chain, point: LoweredPoint, out_shape, values) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """A point's (scale, zero point) laid out as an op's output that ``chain`` moves to the
-    point; None when some output element does not reach the point."""
-    ndim = len(point.shape)
-    if point.per_tensor:
-        return point.scale(0), point.zero_point(0)
-    count = int(torch.Size(out_shape).numel())
-    where = _replay(gm, chain, torch.arange(count).reshape(out_shape), values)
-    if tuple(where.shape) != point.shape:
-        return None
-    scale = torch.full((count,), float("nan"), dtype=torch.float64)
-    zero = torch.full((count,), float("nan"), dtype=torch.float32)
-    scale[where.reshape(-1)] = point.scale(ndim).expand(point.shape).reshape(-1)
-    zero[where.reshape(-1)] = point.zero_point(ndim).expand(point.shape).reshape(-1)
-    if torch.isnan(scale).any():
-        return None
-    return _reduce_broadcast(scale.reshape(out_shape)), _reduce_broadcast(zero.reshape(out_shape))
-
-
-def _only_last_dim(t: torch.Tensor) -> bool:
-    return all(size == 1 for size in t.shape[:-1])
-
-
-def _batch_independent(t: torch.Tensor) -> bool:
-    """Constant along the first (batch) dim and the matmul's own two dims."""
-    return t.dim() < 3 or (t.size(0) == 1 and t.size(-1) == 1 and t.size(-2) == 1)
-
 
 # ------------------------------------------------------------------------- the lowering
 class _Lowering:
@@ -239,11 +78,11 @@ class _Lowering:
                 self._lower_matmul(node)
         for node in self.int_nodes:
             self._fuse_requantization(node)
-        self._read_shapes_from_codes()
-        self._fuse_softmax_dequantize()
+        read_shapes_from_codes(self.result.points.values())
+        self.result.fused_dequantize = fuse_softmax_dequantize(self.gm, self.result.points.values())
         self.graph.eliminate_dead_code()
         self.gm.delete_all_unused_submodules()
-        self._list_float_boundaries()
+        self.result.float_boundaries = float_boundaries(self.graph, self.result.points.values())
         return self.result
 
     # -- points
@@ -280,26 +119,6 @@ class _Lowering:
         self.result.points[node.name] = point
         self.by_dequant[dequant] = point
         self.by_codes[codes] = point
-
-    def _codes_through(self, point: LoweredPoint, chain: list[fx.Node]) -> fx.Node:
-        """The point's codes moved by a copy of ``chain`` (copies shared between users)."""
-        current = point.codes
-        for node in chain:
-            if node in self.copies:
-                current = self.copies[node]
-                continue
-            prev = node.args[0]
-            with self.graph.inserting_after(node):
-                moved = self.graph.node_copy(node, lambda a: current if a is prev else a)
-            if _is_constant_pad(node):  # zero is the zero point's code, not code 0
-                zero = int(point.zero_point(0))
-                if len(moved.args) > 3:
-                    moved.args = (*moved.args[:3], zero, *moved.args[4:])
-                else:
-                    moved.kwargs = {**moved.kwargs, "value": zero}
-            _drop_origin(moved)
-            self.copies[node] = current = moved
-        return current
 
     # -- LayerNorm on PTF codes
     def _lower_layernorm(self, node: fx.Node) -> None:
@@ -348,7 +167,7 @@ class _Lowering:
     def _lower_linear(self, node: fx.Node) -> None:
         module: QuantLinear = submodule(self.gm, node)
         label = module.point.label
-        found = _trace_back(self.gm, node.args[0], self.by_dequant) if len(node.args) == 1 else None
+        found = trace_back(self.gm, node.args[0], self.by_dequant) if len(node.args) == 1 else None
         wq = module.weight_qparams
         reason = None
         if found is None:
@@ -365,7 +184,7 @@ class _Lowering:
                                             f"weight: {reason}")
             return
         point, chain = found
-        codes = self._codes_through(point, chain)
+        codes = codes_through(self.graph, point, chain, self.copies)
         input_scale = float(point.scale(0)) * point.fake_quantize.post_scale
         int_linear = IntLinear(module.weight_codes, wq.scale, module.bias, input_scale, int(point.zero_point(0)),
                                label)
@@ -376,8 +195,8 @@ class _Lowering:
 
     # -- attention matmuls
     def _lower_matmul(self, node: fx.Node) -> None:
-        left = _trace_back(self.gm, node.args[0], self.by_dequant)
-        right = _trace_back(self.gm, node.args[1], self.by_dequant)
+        left = trace_back(self.gm, node.args[0], self.by_dequant)
+        right = trace_back(self.gm, node.args[1], self.by_dequant)
         lis_node = self._lis_source(node.args[0]) if left is None and right is not None else None
         if lis_node is not None:
             self._lower_lis_matmul(node, lis_node, right)
@@ -388,11 +207,11 @@ class _Lowering:
                                                 "one of its inputs is not an 8-bit uniform point")
             return
         (lp, lchain), (rp, rchain) = left, right
-        lscale, lzero = _params_after(self.gm, lchain, lp, self.values)
-        rscale, rzero = _params_after(self.gm, rchain, rp, self.values)
+        lscale, lzero = params_after(self.gm, lchain, lp, self.values)
+        rscale, rzero = params_after(self.gm, rchain, rp, self.values)
         depth = (self.values[lchain[-1].name].shape if lchain else lp.shape)[-1]
         reason = None
-        if not all(_batch_independent(t) for t in (lscale, lzero, rscale, rzero)):
+        if not all(batch_independent(t) for t in (lscale, lzero, rscale, rzero)):
             reason = "its inputs' scales vary along the batch or matrix dimensions"
         elif not exact_float_matmul_bound(depth, lp.magnitude(), rp.magnitude()):
             reason = f"a depth of {depth} could overflow float32's exact integers (2**24)"
@@ -404,8 +223,8 @@ class _Lowering:
         module = IntMatmul(lzero, rzero, acc_scale, label=role or node.name)
         path = unique_attr(self.gm, f"fxq_int_{node.name}")
         install_submodule(self.gm, path, module)
-        a = self._codes_through(lp, lchain)
-        b = self._codes_through(rp, rchain)
+        a = codes_through(self.graph, lp, lchain, self.copies)
+        b = codes_through(self.graph, rp, rchain, self.copies)
         with self.graph.inserting_before(node):
             int_node = self.graph.call_module(path, (a, b))
         int_node.meta.update(node.meta)
@@ -425,7 +244,7 @@ class _Lowering:
 
     def _lower_lis_matmul(self, node: fx.Node, lis_node: fx.Node, right) -> None:
         point, chain = right
-        scale, zero = _params_after(self.gm, chain, point, self.values)
+        scale, zero = params_after(self.gm, chain, point, self.values)
         if (scale.dim() >= 2 and scale.size(-2) != 1) or (zero.dim() >= 2 and zero.size(-2) != 1):
             self.result.float_points.append(f"{node.name} (attn_out): float matmul: the V scale varies along "
                                             "the summed tokens")
@@ -438,7 +257,7 @@ class _Lowering:
                                 max_shift, label=node.meta.get(ROLE) or node.name)
         path = unique_attr(self.gm, f"fxq_shift_{node.name}")
         install_submodule(self.gm, path, module)
-        v_codes = self._codes_through(point, chain)
+        v_codes = codes_through(self.graph, point, chain, self.copies)
         with self.graph.inserting_before(node):
             new = self.graph.call_module(path, (lis_node.args[0], v_codes))
         new.meta.update(node.meta)
@@ -455,7 +274,7 @@ class _Lowering:
             user = next(iter(current.users))
             if user in self.by_codes and user.args[0] is current:
                 break
-            if not (_moves_elements(self.gm, user, allow_pad=False) and user.args[0] is current):
+            if not (moves_elements(self.gm, user, allow_pad=False) and user.args[0] is current):
                 return
             chain.append(user)
             current = user
@@ -463,21 +282,21 @@ class _Lowering:
             return
         codes_node = next(iter(current.users))
         point = self.by_codes[codes_node]
-        params = _params_before(self.gm, chain, point, tuple(self.values[node.name].shape), self.values)
+        params = params_before(self.gm, chain, point, tuple(self.values[node.name].shape), self.values)
         if params is None:
             return
         scale, zero = params
         module = submodule(self.gm, node)
         if isinstance(module, IntLinear):
-            if not _only_last_dim(scale) or not _only_last_dim(zero):
+            if not only_last_dim(scale) or not only_last_dim(zero):
                 return
             features = module.out_features
             scale, zero = scale.reshape(-1).expand(features), zero.reshape(-1).expand(features)
-        elif not (_batch_independent(scale) and _batch_independent(zero)):
+        elif not (batch_independent(scale) and batch_independent(zero)):
             return
         module.set_codes_output(scale, zero.round(), point.qmin, point.qmax, point.label)
         for moved in [node, *chain]:
-            _drop_origin(moved)
+            drop_origin(moved)
         codes_node.replace_all_uses_with(current)
         self.graph.erase_node(codes_node)
         del self.by_codes[codes_node]
@@ -485,47 +304,6 @@ class _Lowering:
         point.codes = current
         self.by_codes[current] = point
         self.result.requantized.append(f"{node.name} -> {point.name} ({point.label})")
-
-    # -- clean-up
-    def _read_shapes_from_codes(self) -> None:
-        """``x.shape`` / ``x.size()`` of a dequantized value: read it from the codes instead,
-        so that a dequantize no float op needs is not kept alive by a shape read."""
-        for point in self.result.points.values():
-            for user in list(point.dequant.users):
-                if reads_shape(user):
-                    user.replace_input_with(point.dequant, point.codes)
-
-    def _only_softmax_reads(self, node: fx.Node, depth: int = 3) -> bool:
-        """Every use of ``node`` ends in a softmax, through at most ``depth`` plain function
-        calls (timm's mask helpers between the scores and the softmax)."""
-        if not node.users:
-            return False
-        for user in node.users:
-            if is_softmax(self.gm, user):
-                continue
-            if user.op != "call_function" or depth == 0 or not self._only_softmax_reads(user, depth - 1):
-                return False
-        return True
-
-    def _fuse_softmax_dequantize(self) -> None:
-        for point in self.result.points.values():
-            if point.dequant.graph is self.graph and self._only_softmax_reads(point.dequant):
-                submodule(self.gm, point.dequant).fuse_affine()
-                self.result.fused_dequantize.append(point.name)
-
-    def _list_float_boundaries(self) -> None:
-        for point in self.result.points.values():
-            if point.dequant.graph is self.graph and point.dequant.users:
-                users = ", ".join(sorted(u.name for u in point.dequant.users))
-                self.result.float_boundaries.append(f"{point.name} ({point.label}) dequantized for float: {users}")
-
-
-def _drop_origin(node: fx.Node) -> None:
-    """A node holding codes has no float counterpart: the diff must not pair it."""
-    node.meta.pop(ORIGIN, None)
-    node.meta.pop(ORIGIN_SLICE, None)
-    node.meta.pop(POINT, None)
-
 
 def lower_to_integer(gm: fx.GraphModule, example_inputs: tuple, release_setup: bool = True) -> IntegerLowering:
     """Rewrite a lowered fake-quant GraphModule into an integer one, in place.
@@ -545,7 +323,6 @@ def lower_to_integer(gm: fx.GraphModule, example_inputs: tuple, release_setup: b
     return result
 
 
-FAKE_GRAPH_STATE = "lower_integer_fake_graph"  # ctx.state: the fake-quant graph, for a pass after lower_integer
 
 
 # ------------------------------------------------------------------------------ pass

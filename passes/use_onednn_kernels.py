@@ -41,8 +41,8 @@ from fxquant.integer import UINT8_OFFSET
 from fxquant.onednn import OnednnLinear, onednn_available
 from fxquant.pass_manager import Pass, PassContext
 from fxquant.patterns import single_user, submodule
-from fxquant.passes.lower_integer import (CODES_OF, FAKE_GRAPH_STATE, _drop_origin, _moves_elements,
-                                          equivalence_notes, reads_shape)
+from fxquant.code_agreement import CODES_OF, FAKE_GRAPH_STATE, equivalence_notes
+from fxquant.code_chains import drop_origin, moves_elements, reads_shape
 
 _INT8 = (-128, 127)  # a full 8-bit point's (shifted) code range: what oneDNN's uint8 codes hold
 
@@ -58,7 +58,7 @@ def _moves(gm: fx.GraphModule, node: fx.Node, source: fx.Node) -> bool:
         return False
     if _is_pad(node):
         return node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") == "constant"
-    return _moves_elements(gm, node, allow_pad=False)
+    return moves_elements(gm, node, allow_pad=False)
 
 
 def _shift_pad_value(node: fx.Node) -> None:
@@ -198,7 +198,7 @@ class _Conversion:
             new = OnednnLinear(weight_scale=weight_scale, bias=bias, output="uint8", output_scale=float(codes.scale),
                                output_zero_point=int(round(zero)), post_op="gelu", out_label=codes.label, **common)
             gelu = next(iter(linear.users))
-            _drop_origin(linear)
+            drop_origin(linear)
             linear.meta[CODES_OF] = gelu_point.meta.get(CODES_OF)
             gelu_point.replace_all_uses_with(linear)
             self.graph.erase_node(gelu_point)
