@@ -19,6 +19,7 @@ allowlists before torch.fx generates ``forward``'s Python source from it.
 from __future__ import annotations
 
 import builtins
+import importlib
 import keyword
 import math
 import operator
@@ -92,8 +93,6 @@ def resolve_function(text: Any, where: str) -> Callable:
     if isinstance(text, str) and text in _TIMM:
         module_name, name = text.split(":")
         try:
-            import importlib
-
             return getattr(importlib.import_module(module_name), name)
         except (ImportError, AttributeError) as exc:
             raise SerializeError(f"{where}: the file needs {module_name}.{name}, which this timm does not "

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .serial_values import MAX_INT, SerializeError
+from .serial_values import MAX_INT, SerializeError, decode
 
 f32, f64, i8, u8, i32, i64 = torch.float32, torch.float64, torch.int8, torch.uint8, torch.int32, torch.int64
 
@@ -164,8 +164,6 @@ def _attr(value: Any, rule: Any, where: str) -> Any:
         return value
     if rule is float:
         if type(value) is int or (isinstance(value, dict) and value.get("$") == "float"):
-            from .serial_values import decode
-
             value = float(decode(value, None, where))
         if type(value) is not float:
             raise SerializeError(f"{where}: expected a number, got {value!r:.40}")

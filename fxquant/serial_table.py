@@ -3,6 +3,7 @@ and tensors) and rebuilt at load time, checked against ``fxquant.serial_modules`
 anything is allocated."""
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Callable
 
 import torch
@@ -78,6 +79,7 @@ def _float_point_type() -> type:
     return FloatPoint
 
 
+@lru_cache(maxsize=1)  # the table is fixed: built once, on first save or load
 def _module_types() -> dict[str, tuple[type, Callable[[nn.Module], dict]]]:
     """type key -> (class, config of an instance). Restoring is in ``_build_module``."""
     table: dict[str, tuple[type, Callable]] = {

@@ -3,8 +3,7 @@
 Plain JSON carries None, bool, int, float, str and lists; everything else is a tagged object
 ``{"$": tag, "v": body}``: tuples, dicts, slices, torch.Size, dtypes, devices, Ellipsis,
 non-finite floats, graph nodes and quantization points. Decoding is strict: unknown tags,
-integers beyond :data:`MAX_INT`, nesting beyond :data:`MAX_DEPTH` and dtypes or devices
-outside a short list fail with a :class:`SerializeError` naming where they were found.
+integers beyond :data:`MAX_INT` and dtypes or devices outside a short list fail with a :class:`SerializeError` naming where they were found.
 """
 from __future__ import annotations
 
@@ -23,8 +22,6 @@ class SerializeError(FxqError):
     """A compiled model could not be saved, or a file could not be loaded."""
 
 
-#: nesting allowed inside one decoded value (a node's args, a meta entry, a module config)
-MAX_DEPTH = 32
 #: the largest integer magnitude a file may hold; shapes and indices stay far below it
 MAX_INT = 2**40
 #: dtypes a value (not a tensor) may name
@@ -67,10 +64,9 @@ def encode(value: Any, where: str) -> Any:
                          "tuple, dict, slice, torch.dtype, torch.device, graph nodes, QuantPoint")
 
 
-def decode(value: Any, nodes: Optional[dict[str, fx.Node]], where: str, depth: int = 0) -> Any:
-    """The inverse of :func:`encode`; ``nodes`` resolves node references (None: none allowed)."""
-    if depth > MAX_DEPTH:
-        raise SerializeError(f"{where}: values nested deeper than {MAX_DEPTH} levels")
+def decode(value: Any, nodes: Optional[dict[str, fx.Node]], where: str) -> Any:
+    """The inverse of :func:`encode`; ``nodes`` resolves node references (None: none allowed).
+    Its recursion is bounded by the document's depth limit (``fxquant.serial_read``)."""
     if value is None or isinstance(value, (bool, str, float)):
         return value
     if isinstance(value, int):
@@ -78,7 +74,7 @@ def decode(value: Any, nodes: Optional[dict[str, fx.Node]], where: str, depth: i
             raise SerializeError(f"{where}: integer {value:.3e} is beyond the bound of {MAX_INT:.3e}")
         return value
     if isinstance(value, list):
-        return [decode(v, nodes, where, depth + 1) for v in value]
+        return [decode(v, nodes, where) for v in value]
     if not isinstance(value, dict) or "$" not in value or not set(value) <= {"$", "v"}:
         raise SerializeError(f"{where}: malformed value {value!r:.80}")
     tag, body = value["$"], value.get("v")
@@ -87,7 +83,7 @@ def decode(value: Any, nodes: Optional[dict[str, fx.Node]], where: str, depth: i
             raise SerializeError(f"{where}: refers to node {body!r:.80}, which is not defined before it")
         return nodes[body]
     if tag in ("tuple", "size", "dict", "slice"):
-        items = [decode(v, nodes, where, depth + 1) for v in as_list(body, where)]
+        items = [decode(v, nodes, where) for v in as_list(body, where)]
         return _container(tag, items, where)
     if tag == "float":
         if body not in ("inf", "-inf", "nan"):
