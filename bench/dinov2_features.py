@@ -18,6 +18,7 @@ The table goes to stdout and into BENCHMARKS.md between
 ``<!-- dinov2_features:start -->`` and ``<!-- dinov2_features:end -->`` (the rest of the
 file is left as it is).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,24 +68,28 @@ def feature_qsnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
 def metrics(ref: torch.Tensor, x: torch.Tensor) -> dict:
     x = x.detach().float().reshape(ref.shape)
     cos = torch.nn.functional.cosine_similarity(ref.double(), x.double(), dim=1)
-    per_photo = [feature_qsnr_db(ref[i:i + 1], x[i:i + 1]) for i in range(ref.shape[0])]
-    return {"qsnr": feature_qsnr_db(ref, x), "cos": float(cos.mean()), "worst": min(per_photo),
-            "per_photo": per_photo}
+    per_photo = [feature_qsnr_db(ref[i : i + 1], x[i : i + 1]) for i in range(ref.shape[0])]
+    return {"qsnr": feature_qsnr_db(ref, x), "cos": float(cos.mean()), "worst": min(per_photo), "per_photo": per_photo}
 
 
 # ------------------------------------------------------------------------ methods
 # w8a8 with the attention probabilities quantized too: 8-bit Log-Int-Softmax (the variant
 # issue 4 asks about; not a preset, since it costs ~5 dB on this model)
-W8A8_LIS = {"extends": "w8a8", "name": "w8a8+LIS8", "description": "w8a8 plus 8-bit Log-Int-Softmax attention "
-            "probabilities", "intSoft": {"bits": 8, "signed": False, "quantization_method": "log2"}}
+W8A8_LIS = {
+    "extends": "w8a8",
+    "name": "w8a8+LIS8",
+    "description": "w8a8 plus 8-bit Log-Int-Softmax attention probabilities",
+    "intSoft": {"bits": 8, "signed": False, "quantization_method": "log2"},
+}
 
 
 def run_fxquant(preset, model, calib, eval_x, keep: dict) -> tuple[torch.Tensor, dict]:
     import fxquant
 
     t0 = time.perf_counter()
-    qm = fxquant.compile(model, preset, calib_data=calib, diff_inputs=eval_x[:1], progress=False,
-                         model_name="vit_small_patch14_dinov2")
+    qm = fxquant.compile(
+        model, preset, calib_data=calib, diff_inputs=eval_x[:1], progress=False, model_name="vit_small_patch14_dinov2"
+    )
     t1 = time.perf_counter()
     with torch.no_grad():
         out = qm(eval_x)
@@ -92,27 +97,39 @@ def run_fxquant(preset, model, calib, eval_x, keep: dict) -> tuple[torch.Tensor,
     keep[qm.qconfig.name] = qm
     pass_s = sum(p.seconds for p in qm.report.passes)
     desc = fxquant.load_qconfig(preset).description
-    return out, {"quantize": t1 - t0, "run": t2 - t1,
-                 "note": f"{desc}; passes {pass_s:.1f} s of the quantize time; report's output "
-                         f"QSNR (diff input = photo 10): {qm.report.final.output_qsnr_db:.2f} dB"}
+    return out, {
+        "quantize": t1 - t0,
+        "run": t2 - t1,
+        "note": f"{desc}; passes {pass_s:.1f} s of the quantize time; report's output "
+        f"QSNR (diff input = photo 10): {qm.report.final.output_qsnr_db:.2f} dB",
+    }
 
 
 def run_peer(fn, model, calib, eval_x) -> tuple[torch.Tensor, dict]:
     from bench import peers
 
     out = fn(model, calib, eval_x)
-    return out, {"quantize": peers.last_timing.get("quantize", float("nan")),
-                 "run": peers.last_timing.get("run", float("nan"))}
+    return out, {
+        "quantize": peers.last_timing.get("quantize", float("nan")),
+        "run": peers.last_timing.get("run", float("nan")),
+    }
 
 
 def methods() -> list[tuple[str, callable]]:
     import fxquant
     from bench.peers import PEERS
 
-    out = [(f"fxquant `{p}`", (lambda p: lambda m, c, e, keep: run_fxquant(p, m, c, e, keep))(p))
-           for p in sorted(fxquant.preset_names(), key=lambda n: (n != "w8a8", n))]
-    out.insert(1, ("fxquant `w8a8` + 8-bit Log-Int-Softmax (`intSoft: log2`)",
-                   lambda m, c, e, keep: run_fxquant(W8A8_LIS, m, c, e, keep)))
+    out = [
+        (f"fxquant `{p}`", (lambda p: lambda m, c, e, keep: run_fxquant(p, m, c, e, keep))(p))
+        for p in sorted(fxquant.preset_names(), key=lambda n: (n != "w8a8", n))
+    ]
+    out.insert(
+        1,
+        (
+            "fxquant `w8a8` + 8-bit Log-Int-Softmax (`intSoft: log2`)",
+            lambda m, c, e, keep: run_fxquant(W8A8_LIS, m, c, e, keep),
+        ),
+    )
     out += [(name, (lambda f: lambda m, c, e, keep: run_peer(f, m, c, e))(fn)) for name, fn in PEERS.items()]
     return out
 
@@ -127,12 +144,16 @@ def _db(v: float) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | feature QSNR dB | cosine | worst photo dB | quantize s | eval s | status |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| method | feature QSNR dB | cosine | worst photo dB | quantize s | eval s | status |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         if r["ok"]:
-            lines.append(f"| {_cell(r['name'])} | {_db(r['qsnr'])} | {r['cos']:.5f} | {_db(r['worst'])} | "
-                         f"{r['quantize']:.1f} | {r['run']:.1f} | ok{'; ' + _cell(r['note']) if r.get('note') else ''} |")
+            lines.append(
+                f"| {_cell(r['name'])} | {_db(r['qsnr'])} | {r['cos']:.5f} | {_db(r['worst'])} | "
+                f"{r['quantize']:.1f} | {r['run']:.1f} | ok{'; ' + _cell(r['note']) if r.get('note') else ''} |"
+            )
         else:
             lines.append(f"| {_cell(r['name'])} | - | - | - | - | - | {_cell(r['error'])} |")
     return "\n".join(lines)
@@ -151,10 +172,16 @@ def _git_state() -> str:
 
     root = BENCH_FILE.parent
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fxquant", "passes", "qconfigs"],
-                               cwd=root, capture_output=True, text=True, check=True).stdout.split("\n")
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "fxquant", "passes", "qconfigs"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")
     except (OSError, subprocess.CalledProcessError):
         return "git state unknown"
     n = sum(1 for line in dirty if line.strip())
@@ -196,16 +223,24 @@ def section(rows, command: str, total_s: float, report_table: str | None) -> str
         "",
         "Notes: ONNX Runtime peers are QDQ int8 from `quantize_static` (MinMax, per-channel int8 "
         "weights, QUInt8 activations; QInt8 asymmetric activations give identical values), run on "
-        "the CPU execution provider; \"op_types MatMul+Gemm\" also quantizes the attention "
-        "q@kT and attn@V MatMuls, \"Linear layers only\" restricts `nodes_to_quantize` to "
-        "MatMul/Gemm nodes with a constant weight. torch.ao FX uses `get_default_qconfig_mapping(\"x86\")` "
+        'the CPU execution provider; "op_types MatMul+Gemm" also quantizes the attention '
+        'q@kT and attn@V MatMuls, "Linear layers only" restricts `nodes_to_quantize` to '
+        'MatMul/Gemm nodes with a constant weight. torch.ao FX uses `get_default_qconfig_mapping("x86")` '
         "(HistogramObserver, reduce_range activations) on a copy with timm's `fused_attn` off. "
         "torchao PT2E: `torch.export` at batch 1, `X86InductorQuantizer` default static config, "
         "run eagerly (no inductor).",
     ]
     if report_table:
-        parts += ["", "<details><summary>fxquant w8a8 compile report (diff input: evaluation photo 10)</summary>",
-                  "", "```", report_table.rstrip(), "```", "", "</details>"]
+        parts += [
+            "",
+            "<details><summary>fxquant w8a8 compile report (diff input: evaluation photo 10)</summary>",
+            "",
+            "```",
+            report_table.rstrip(),
+            "```",
+            "",
+            "</details>",
+        ]
     parts.append(END)
     return "\n".join(parts) + "\n"
 
@@ -227,8 +262,9 @@ def write_section(text: str, path: Path = BENCH_FILE) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", action="append", default=[],
-                    help="run methods whose name contains this text (repeatable)")
+    ap.add_argument(
+        "--only", action="append", default=[], help="run methods whose name contains this text (repeatable)"
+    )
     ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     args = ap.parse_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)
@@ -256,8 +292,10 @@ def main(argv=None) -> int:
         try:
             out, timing = fn(model, calib, eval_x, keep)
             row = {"name": name, "ok": True, **metrics(ref, out), **timing}
-            log(f"    QSNR {_db(row['qsnr'])} dB, cosine {row['cos']:.5f}, worst photo {_db(row['worst'])} dB, "
-                f"quantize {row['quantize']:.1f} s, eval {row['run']:.1f} s")
+            log(
+                f"    QSNR {_db(row['qsnr'])} dB, cosine {row['cos']:.5f}, worst photo {_db(row['worst'])} dB, "
+                f"quantize {row['quantize']:.1f} s, eval {row['run']:.1f} s"
+            )
             log("    per photo: " + " ".join(_db(v) for v in row["per_photo"]))
         except Exception as exc:  # noqa: BLE001 - a failing peer is a row, not a crash
             msg = f"{type(exc).__name__}: {exc}".strip()

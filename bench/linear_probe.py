@@ -13,10 +13,10 @@ backbones are judged by the head's top-1 on their features of test images ``0 ..
 FP32 features are cached under ``bench/cache/`` (gitignored): 224 px DINOv2 on one CPU
 thread runs at about 8 images/s.
 """
+
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,8 +35,7 @@ def probe_images(split: str, n: int, start: int = 0) -> tuple[torch.Tensor, torc
     """(images (n, 3, 224, 224), labels (n,)) of Fashion-MNIST ``split`` from index ``start``."""
     from bench.real_data import IMAGENET_MEAN, IMAGENET_STD, fashion_mnist
 
-    return fashion_mnist(split, size=SIZE, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                         limit=n, start=start)
+    return fashion_mnist(split, size=SIZE, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, limit=n, start=start)
 
 
 def batched(run, x: torch.Tensor, batch: int = FEATURE_BATCH, desc: str | None = None) -> torch.Tensor:
@@ -45,8 +44,9 @@ def batched(run, x: torch.Tensor, batch: int = FEATURE_BATCH, desc: str | None =
 
     outs = []
     with torch.no_grad():
-        for b in tqdm(torch.split(x, batch), desc=desc, leave=False, mininterval=5, file=sys.stdout,
-                      disable=desc is None):
+        for b in tqdm(
+            torch.split(x, batch), desc=desc, leave=False, mininterval=5, file=sys.stdout, disable=desc is None
+        ):
             outs.append(run(b).float())
     return torch.cat(outs)
 
@@ -84,8 +84,15 @@ class LinearProbe(nn.Module):
 def _fit(probe: LinearProbe, x: torch.Tensor, y: torch.Tensor, l2: float, steps: int = 200) -> LinearProbe:
     nn.init.zeros_(probe.linear.weight)
     nn.init.zeros_(probe.linear.bias)
-    opt = torch.optim.LBFGS(probe.linear.parameters(), lr=1, max_iter=steps, history_size=20,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
+    opt = torch.optim.LBFGS(
+        probe.linear.parameters(),
+        lr=1,
+        max_iter=steps,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+    )
 
     def closure():
         opt.zero_grad()
@@ -132,10 +139,11 @@ def main(argv=None) -> int:
     with torch.no_grad():
         acc_tr = float((probe(xtr).argmax(1) == ytr).float().mean())
         acc = float((probe(xte).argmax(1) == yte).float().mean())
-    print(f"L2 hold-out accuracy: {', '.join(f'{k:g}: {100 * v:.1f}%' for k, v in scores.items())}; "
-          f"chosen {l2:g}")
-    print(f"linear probe FP32: train {100 * acc_tr:.2f}%, test {100 * acc:.2f}% "
-          f"({args.train} train / {args.test} test images)")
+    print(f"L2 hold-out accuracy: {', '.join(f'{k:g}: {100 * v:.1f}%' for k, v in scores.items())}; chosen {l2:g}")
+    print(
+        f"linear probe FP32: train {100 * acc_tr:.2f}%, test {100 * acc:.2f}% "
+        f"({args.train} train / {args.test} test images)"
+    )
     return 0
 
 

@@ -18,15 +18,16 @@ against FP32). Rows:
   (scores kept on a 16-bit grid so that the softmax still reads quantized scores): what a
   single w8a8 point adds to the log2 error.
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
-from importlib import resources
 import shlex
 import sys
 import time
 import warnings
+from importlib import resources
 
 import torch
 import yaml
@@ -43,7 +44,7 @@ def log(msg: str) -> None:
 
 def ideal_log2(frac_bits: int, domain: str):
     """A LogIntSoftmax forward: float64 softmax, then nearest ``2**(-m / 2**frac_bits)``."""
-    steps = 2 ** frac_bits
+    steps = 2**frac_bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = torch.softmax(x.double(), self.dim)
@@ -53,7 +54,7 @@ def ideal_log2(frac_bits: int, domain: str):
         else:  # the nearer of the two neighbouring grid values, in the probability itself
             lo = torch.floor(e)
             m = torch.where(torch.pow(2.0, -lo / steps) - p <= p - torch.pow(2.0, -(lo + 1) / steps), lo, lo + 1)
-        qmax = 2 ** self.bits - 1
+        qmax = 2**self.bits - 1
         m = m.clamp(0, qmax)
         v = torch.where(m >= qmax, torch.zeros_like(p), torch.pow(2.0, -m / steps))
         return (v / v.sum(self.dim, keepdim=True)).to(x.dtype)
@@ -68,11 +69,11 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     import fxquant
-    from fxquant.log_int_softmax import LogIntSoftmax
-    from fxquant.quantizers import qsnr_db
     from bench.markdown import publish
     from bench.real_data import foolbox_imagenet
     from bench.real_models import load_dinov2_vits14
+    from fxquant.quant.quantizers import qsnr_db
+    from fxquant.runtime.log_int_softmax import LogIntSoftmax
 
     started = time.time()
     log("loading DINOv2 ViT-S/14 and the 20 foolbox photos")
@@ -114,32 +115,44 @@ def main(argv=None) -> int:
     row("`w8a8` + 8-bit Log-Int-Softmax (fxquant, integer exp)", feature_db(config(intSoft=LOG2)))
     for frac, domain in ((0, "log"), (0, "linear"), (1, "linear"), (2, "linear")):
         base = "log2" if frac == 0 else f"log2 with {frac} fractional exponent bit{'s' if frac > 1 else ''}"
-        row(f"`w8a8` + ideal {base} probabilities ({domain}-domain rounding)",
-            feature_db(config(intSoft=LOG2), ideal_log2(frac, domain)))
+        row(
+            f"`w8a8` + ideal {base} probabilities ({domain}-domain rounding)",
+            feature_db(config(intSoft=LOG2), ideal_log2(frac, domain)),
+        )
     alone = config(only={"intSoft", "attn_kv_out"}, intSoft=LOG2, attn_kv_out=SCORES16)
-    row("ideal log2 probabilities alone (16-bit scores, nothing else quantized)",
-        feature_db(alone, ideal_log2(0, "log")))
+    row(
+        "ideal log2 probabilities alone (16-bit scores, nothing else quantized)",
+        feature_db(alone, ideal_log2(0, "log")),
+    )
     for group in SINGLE_GROUPS:
         cfg = config(only={"intSoft", "attn_kv_out", group}, intSoft=LOG2, attn_kv_out=SCORES16)
         row(f"ideal log2 probabilities + `w8a8`'s `{group}` only", feature_db(cfg, ideal_log2(0, "log")))
 
     command = "python -m bench.log2_ceiling" + (" " + shlex.join(argv) if argv else " " + shlex.join(sys.argv[1:]))
-    lines = ["## Log2 attention probabilities on DINOv2: what the grid costs", "",
-             f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch "
-             f"{torch.__version__}, 1 thread, {time.time() - started:.0f} s). DINOv2 ViT-S/14 (real weights), foolbox "
-             "photos 0-9 calibrate, 10-19 evaluate; feature QSNR against FP32. *Ideal* = float64 softmax of the "
-             "same quantized scores, each probability rounded to the nearest 2^(-m/2^f), rows renormalized "
-             "(see the module docstring).", "",
-             "| configuration | feature QSNR dB |", "|---|---:|"]
+    lines = [
+        "## Log2 attention probabilities on DINOv2: what the grid costs",
+        "",
+        f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch "
+        f"{torch.__version__}, 1 thread, {time.time() - started:.0f} s). DINOv2 ViT-S/14 (real weights), foolbox "
+        "photos 0-9 calibrate, 10-19 evaluate; feature QSNR against FP32. *Ideal* = float64 softmax of the "
+        "same quantized scores, each probability rounded to the nearest 2^(-m/2^f), rows renormalized "
+        "(see the module docstring).",
+        "",
+        "| configuration | feature QSNR dB |",
+        "|---|---:|",
+    ]
     lines += [f"| {label} | {value:.2f} |" for label, value in rows]
     values = dict(rows)
     lis_db = values["`w8a8` + 8-bit Log-Int-Softmax (fxquant, integer exp)"]
     ideal_db = values["`w8a8` + ideal log2 probabilities (log-domain rounding)"]
-    lines += ["", f"- Issue 4's bar, `w8a8` with log2 attention probabilities >= 26 dB: **not met** "
-              f"({lis_db:.2f} dB). The log2 grid itself is what costs: ideal float log2 gives {ideal_db:.2f}"
-              " dB, so fxquant's integer exp loses only the difference. Log2 probabilities with nothing else "
-              "quantized stay near 26-27 dB, and adding w8a8's attn_v_out or mlp_gelu point alone already takes "
-              "them below 26 dB; `w8a8` without any probability quantizer is itself below 26 dB."]
+    lines += [
+        "",
+        f"- Issue 4's bar, `w8a8` with log2 attention probabilities >= 26 dB: **not met** "
+        f"({lis_db:.2f} dB). The log2 grid itself is what costs: ideal float log2 gives {ideal_db:.2f}"
+        " dB, so fxquant's integer exp loses only the difference. Log2 probabilities with nothing else "
+        "quantized stay near 26-27 dB, and adding w8a8's attn_v_out or mlp_gelu point alone already takes "
+        "them below 26 dB; `w8a8` without any probability quantizer is itself below 26 dB.",
+    ]
     publish("log2_ceiling", "\n".join(lines), args.write)
     return 0
 

@@ -1,4 +1,5 @@
 """Write a benchmark's section into BENCHMARKS.md between its own markers."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,11 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 def replace_section(name: str, body: str, path: Path = BENCHMARKS) -> None:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nRun by hand; each section names the command that produced it.\n"
+    text = (
+        path.read_text()
+        if path.exists()
+        else "# Benchmarks\n\nRun by hand; each section names the command that produced it.\n"
+    )
     block = f"{start}\n{body.rstrip()}\n{end}"
     if start in text and end in text:
         before, rest = text.split(start, 1)

@@ -10,6 +10,7 @@ Each model: torch.manual_seed(0) random init, 32 seeded randn calibration images
 against the FP32 model on the diff input directly; a preset that fails on a model is a
 cell with its error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ import math
 import sys
 import time
 
-import torch
 import timm
+import torch
 
 import fxquant
 from bench.markdown import replace_section
@@ -48,13 +49,19 @@ def run_one(name: str, qconfig: str, calib_count: int) -> dict:
     with torch.no_grad():
         out = qm(diff)
     points = qm.report.quant_points()
-    return {"model": name, "nodes": len(qm.graph.nodes), "points": len(points),
-            "output_db": qm.report.final.output_qsnr_db, "finite": bool(torch.isfinite(out).all()),
-            "worst": min(points, key=lambda n: n["qsnr_db"]) if points else None, "seconds": seconds}
+    return {
+        "model": name,
+        "nodes": len(qm.graph.nodes),
+        "points": len(points),
+        "output_db": qm.report.final.output_qsnr_db,
+        "finite": bool(torch.isfinite(out).all()),
+        "worst": min(points, key=lambda n: n["qsnr_db"]) if points else None,
+        "seconds": seconds,
+    }
 
 
 def run_matrix(models: list[str], calib_count: int) -> list[str]:
-    from fxquant.quantizers import qsnr_db
+    from fxquant.quant.quantizers import qsnr_db
 
     presets = fxquant.preset_names()
     lines = ["| model | " + " | ".join(f"`{p}`" for p in presets) + " |", "|---|" + "---:|" * len(presets)]
@@ -71,8 +78,9 @@ def run_matrix(models: list[str], calib_count: int) -> list[str]:
         cells = []
         for preset in presets:
             try:
-                qm = fxquant.compile(model, preset, calib_data=calib, diff_inputs=diff, progress=False,
-                                     numeric_diff=False)
+                qm = fxquant.compile(
+                    model, preset, calib_data=calib, diff_inputs=diff, progress=False, numeric_diff=False
+                )
                 with torch.no_grad():
                     cells.append(f"{qsnr_db(ref, qm(diff)):.2f}")
             except Exception as exc:  # noqa: BLE001 - a failure is a cell, not a crash
@@ -95,28 +103,36 @@ def main(argv=None) -> int:
         lines = run_matrix(args.models, args.calib)
         print("\n".join(lines))
         if args.write:
-            body = (f"## Every preset on the ViT family (random init)\n\nCommand: `python -m bench.models_e2e "
-                    f"--all-presets --write` ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, timm "
-                    f"{timm.__version__}). Output QSNR dB against the FP32 model on one seeded randn image; "
-                    f"{args.calib} seeded randn calibration images. Random weights have no trained outliers: "
-                    "these figures show that every preset compiles and runs every model, not real accuracy "
-                    "(the DINOv2 and accuracy sections have real weights).\n\n" + "\n".join(lines))
+            body = (
+                f"## Every preset on the ViT family (random init)\n\nCommand: `python -m bench.models_e2e "
+                f"--all-presets --write` ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, timm "
+                f"{timm.__version__}). Output QSNR dB against the FP32 model on one seeded randn image; "
+                f"{args.calib} seeded randn calibration images. Random weights have no trained outliers: "
+                "these figures show that every preset compiles and runs every model, not real accuracy "
+                "(the DINOv2 and accuracy sections have real weights).\n\n" + "\n".join(lines)
+            )
             replace_section("models_e2e_all_presets", body)
         return 0
-    lines = ["| model | fx nodes | quant points | output QSNR dB | finite | worst point (dB) | compile s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | fx nodes | quant points | output QSNR dB | finite | worst point (dB) | compile s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in args.models:
         r = run_one(name, args.qconfig, args.calib)
         worst = f"{r['worst']['group']} {r['worst']['module']} ({r['worst']['qsnr_db']:.1f})" if r["worst"] else "-"
-        lines.append(f"| {name} | {r['nodes']} | {r['points']} | {r['output_db']:.2f} | {r['finite']} | {worst} | {r['seconds']:.1f} |")
+        lines.append(
+            f"| {name} | {r['nodes']} | {r['points']} | {r['output_db']:.2f} | {r['finite']} | {worst} | {r['seconds']:.1f} |"
+        )
         print(lines[-1], flush=True)
         if not r["finite"] or not math.isfinite(r["output_db"]):
             print(f"{name}: non-finite output", file=sys.stderr)
     if args.write:
-        body = (f"## compile on the ViT family ({args.qconfig}, random init)\n\nCommand: `python -m bench.models_e2e "
-                f"--qconfig {args.qconfig} --write` ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
-                f"timm {timm.__version__}). {args.calib} seeded randn calibration images, diff input seed 123.\n\n"
-                + "\n".join(lines))
+        body = (
+            f"## compile on the ViT family ({args.qconfig}, random init)\n\nCommand: `python -m bench.models_e2e "
+            f"--qconfig {args.qconfig} --write` ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+            f"timm {timm.__version__}). {args.calib} seeded randn calibration images, diff input seed 123.\n\n"
+            + "\n".join(lines)
+        )
         replace_section(f"models_e2e_{args.qconfig}", body)
     return 0
 

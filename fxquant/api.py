@@ -1,4 +1,5 @@
 """The public entry point: ``fxquant.compile``."""
+
 from __future__ import annotations
 
 import copy
@@ -9,26 +10,19 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .calib_data import check_batch, reusable_batches
-from .numeric_diff import output_qsnr
-from .errors import FxqError
-from .instruments import GraphDump, NumericDiff, Timing
-from .pass_manager import Pass, PassContext, PassManager
-from .observer_progress import observer_progress
-from .onednn import onednn_available
-from .pipeline import BACKENDS, INT_KERNELS, default_passes
-from .qconfig import QConfigLike, load_qconfig
-from .qconfig_globs import check_globs
-from .report import PassRecord, Report
-from .trace import check_image_input, trace
-
-DIFF_SEED = 123
-def default_diff_inputs(example: torch.Tensor, seed: int = DIFF_SEED) -> tuple[torch.Tensor]:
-    """One seeded randn image with the calibration data's shape (the seed's fixed input), in its
-    dtype (float32 for a non-floating example). Its own generator: the global RNG is not used."""
-    generator = torch.Generator().manual_seed(seed)
-    dtype = example.dtype if example.is_floating_point() else torch.float32
-    return (torch.randn((1, *example.shape[1:]), generator=generator, dtype=dtype),)
+from fxquant.analysis.fallback import keep_most_sensitive
+from fxquant.analysis.instruments import GraphDump, NumericDiff, Timing
+from fxquant.analysis.numeric_diff import output_qsnr
+from fxquant.errors import FxqError
+from fxquant.infra.pass_manager import Pass, PassContext, PassManager
+from fxquant.infra.records import PassRecord, Report
+from fxquant.ir.trace import check_image_input, trace
+from fxquant.pipeline import BACKENDS, INT_KERNELS, default_passes
+from fxquant.quant.calib_data import DIFF_SEED, check_batch, default_diff_inputs, reusable_batches  # noqa: F401
+from fxquant.quant.progress import observer_progress
+from fxquant.quant.qconfig import QConfigLike, load_qconfig
+from fxquant.quant.qconfig_globs import check_globs
+from fxquant.runtime.onednn import onednn_available
 
 
 def compile(  # noqa: A001 - the public name the design card asks for
@@ -56,7 +50,7 @@ def compile(  # noqa: A001 - the public name the design card asks for
     CPUs) runs the Linears on oneDNN's int8 kernel with the scales, bias, GELU and the next
     point's quantization in the GEMM's epilogue (float32 scale arithmetic, as torchao's PT2E
     X86 path), the fastest choice under ``torch.compile`` with inductor freezing
-    (``fxquant.onednn``).
+    (``fxquant.runtime.onednn``).
 
     ``calib_data``: one (N, C, H, W) tensor (split into batches of 8), a list or other iterable
     of batches (tensors, (tensor, label) pairs, dicts with an ``'image'`` tensor) or a
@@ -98,17 +92,23 @@ def compile(  # noqa: A001 - the public name the design card asks for
     if int_kernels != "portable" and backend != "int":
         raise FxqError(f"int_kernels={int_kernels!r} chooses the integer graph's kernels; it needs backend='int'")
     if int_kernels != "portable" and passes is not None:
-        raise FxqError(f"int_kernels={int_kernels!r} chooses passes of the default pipeline; with a custom passes= "
-                       "list add them yourself (LowerInteger(release_setup=False), UseOnednnKernels(measure=False), "
-                       "FuseIntAttention())")
+        raise FxqError(
+            f"int_kernels={int_kernels!r} chooses passes of the default pipeline; with a custom passes= "
+            "list add them yourself (LowerInteger(release_setup=False), UseOnednnKernels(measure=False), "
+            "FuseIntAttention())"
+        )
     if int_kernels == "onednn" and not onednn_available():
-        raise FxqError("int_kernels='onednn' needs oneDNN's int8 Linear kernels (an x86 CPU build of torch with "
-                       "oneDNN); they are not available here: use int_kernels='portable'")
+        raise FxqError(
+            "int_kernels='onednn' needs oneDNN's int8 Linear kernels (an x86 CPU build of torch with "
+            "oneDNN); they are not available here: use int_kernels='portable'"
+        )
     if isinstance(keep_float, bool) or not isinstance(keep_float, int) or keep_float < 0:
         raise FxqError(f"keep_float must be an integer >= 0, got {keep_float!r}")
     if keep_float and backend == "int" and passes is not None:
-        raise FxqError("keep_float with backend='int' chooses the points on the fake-quant graph of the default "
-                       "pipeline, then lowers; it cannot be combined with a custom passes= list")
+        raise FxqError(
+            "keep_float with backend='int' chooses the points on the fake-quant graph of the default "
+            "pipeline, then lowers; it cannot be combined with a custom passes= list"
+        )
     config = load_qconfig(qconfig)
     check_globs(config, (name for name, _ in model.named_modules()), model_name or type(model).__name__)
     example, calib_data = reusable_batches(calib_data)
@@ -122,8 +122,15 @@ def compile(  # noqa: A001 - the public name the design card asks for
     gm = trace(model)
     reference = copy.deepcopy(gm) if numeric_diff else gm  # only NumericDiff reads the reference
     report = Report(model=model_name or type(model).__name__, qconfig=config.name, backend=backend)
-    ctx = PassContext(qconfig=config, reference=reference, diff_inputs=diff_inputs, calib_data=calib_data,
-                      dump_dir=Path(dump_dir) if dump_dir else None, report=report, progress=progress)
+    ctx = PassContext(
+        qconfig=config,
+        reference=reference,
+        diff_inputs=diff_inputs,
+        calib_data=calib_data,
+        dump_dir=Path(dump_dir) if dump_dir else None,
+        report=report,
+        progress=progress,
+    )
     report.passes.append(_trace_record(model, gm, diff_inputs))
     instruments = [Timing(), NumericDiff()] if numeric_diff else [Timing()]
     if dump_dir:
@@ -132,9 +139,9 @@ def compile(  # noqa: A001 - the public name the design card asks for
         instruments.append(dumper)
     pipeline = list(passes) if passes is not None else default_passes(backend, int_kernels)
     # backend="int" with keep_float: the points are chosen on the fake-quant graph, then it is lowered
-    lower_after = pipeline[len(default_passes("fake")):] if keep_float and backend == "int" else []
+    lower_after = pipeline[len(default_passes("fake")) :] if keep_float and backend == "int" else []
     with observer_progress(progress):  # the OMSE/KL range searches show a bar when they take long
-        gm = PassManager(pipeline[:len(pipeline) - len(lower_after)], instruments).run(gm, ctx)
+        gm = PassManager(pipeline[: len(pipeline) - len(lower_after)], instruments).run(gm, ctx)
     gm.report = report
     gm.keep_float = []
     if keep_float:
@@ -166,16 +173,18 @@ def _check_inputs(model: nn.Module, example: torch.Tensor, diff_inputs: tuple) -
 
 
 @torch.no_grad()
-def _keep_float(gm: fx.GraphModule, k: int, example: torch.Tensor, diff_inputs: tuple,
-                reference: fx.GraphModule) -> None:
-    from .debug import keep_most_sensitive
+def _keep_float(
+    gm: fx.GraphModule, k: int, example: torch.Tensor, diff_inputs: tuple, reference: fx.GraphModule
+) -> None:
 
     before = output_qsnr(reference(*diff_inputs), gm(*diff_inputs))
     kept = keep_most_sensitive(gm, k, (example,))
     after = output_qsnr(reference(*diff_inputs), gm(*diff_inputs))
-    gm.report.notes.append(f"keep_float {k}: {len(kept)} point(s) left in float, ranked on the first calibration "
-                           f"batch ({example.shape[0]} image(s)); output QSNR on the diff inputs "
-                           f"{before:.2f} -> {after:.2f} dB")
+    gm.report.notes.append(
+        f"keep_float {k}: {len(kept)} point(s) left in float, ranked on the first calibration "
+        f"batch ({example.shape[0]} image(s)); output QSNR on the diff inputs "
+        f"{before:.2f} -> {after:.2f} dB"
+    )
 
 
 @torch.no_grad()
@@ -189,7 +198,9 @@ def _trace_record(model: nn.Module, gm: fx.GraphModule, diff_inputs: tuple) -> P
     try:
         expected = model(*diff_inputs)
     except Exception as exc:
-        raise FxqError(f"the model rejects inputs of shape {shapes} (taken from the calibration data "
-                       f"or diff_inputs): {type(exc).__name__}: {exc}") from None
+        raise FxqError(
+            f"the model rejects inputs of shape {shapes} (taken from the calibration data "
+            f"or diff_inputs): {type(exc).__name__}: {exc}"
+        ) from None
     record.output_qsnr_db = output_qsnr(expected, gm(*diff_inputs))
     return record

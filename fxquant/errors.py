@@ -1,4 +1,5 @@
 """Errors that name what went wrong and what to do; never a bare traceback from torch."""
+
 from __future__ import annotations
 
 

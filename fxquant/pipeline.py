@@ -1,7 +1,8 @@
 """The default pass pipeline for each backend."""
+
 from __future__ import annotations
 
-from fxquant.pass_manager import Pass
+from fxquant.infra.pass_manager import Pass
 
 BACKENDS = ("fake", "int")
 
@@ -16,16 +17,36 @@ def default_passes(backend: str = "fake", int_kernels: str = "portable") -> list
     ``int_kernels="onednn"`` (x86 CPUs) then moves the Linears onto oneDNN's fused int8
     kernel (``use_onednn_kernels``) and each attention core (q @ kT, score requantization,
     softmax, attn@V) into one C++ kernel (``fuse_int_attention``)."""
-    from fxquant.passes import (Annotate, Calibrate, DecomposeAttention, FuseScales, InsertObservers,
-                                FuseIntAttention, LowerFakeQuant, LowerInteger, LowerLogIntSoftmax, Smooth,
-                                SplitQkv, UseOnednnKernels)
+    from fxquant.passes import (
+        Annotate,
+        Calibrate,
+        DecomposeAttention,
+        FuseIntAttention,
+        FuseScales,
+        InsertObservers,
+        LowerFakeQuant,
+        LowerInteger,
+        LowerLogIntSoftmax,
+        Smooth,
+        SplitQkv,
+        UseOnednnKernels,
+    )
 
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not available in this version; choose one of {BACKENDS}")
     if int_kernels not in INT_KERNELS:
         raise ValueError(f"int_kernels {int_kernels!r} is not one of {INT_KERNELS}")
-    passes = [DecomposeAttention(), Annotate(), SplitQkv(), Smooth(), InsertObservers(), Calibrate(), FuseScales(),
-              LowerFakeQuant(), LowerLogIntSoftmax()]
+    passes = [
+        DecomposeAttention(),
+        Annotate(),
+        SplitQkv(),
+        Smooth(),
+        InsertObservers(),
+        Calibrate(),
+        FuseScales(),
+        LowerFakeQuant(),
+        LowerLogIntSoftmax(),
+    ]
     if backend == "int":
         onednn = int_kernels == "onednn"
         passes.append(LowerInteger(release_setup=not onednn))

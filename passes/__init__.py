@@ -1,4 +1,5 @@
 """fxquant's graph passes, one module each (installed as ``fxquant.passes``)."""
+
 from fxquant.passes.annotate import Annotate
 from fxquant.passes.calibrate import Calibrate
 from fxquant.passes.decompose_attention import DecomposeAttention
@@ -12,5 +13,17 @@ from fxquant.passes.smooth import Smooth
 from fxquant.passes.split_qkv import SplitQkv
 from fxquant.passes.use_onednn_kernels import UseOnednnKernels
 
-__all__ = ["Annotate", "Calibrate", "DecomposeAttention", "FuseIntAttention", "FuseScales", "InsertObservers",
-           "LowerFakeQuant", "LowerInteger", "LowerLogIntSoftmax", "Smooth", "SplitQkv", "UseOnednnKernels"]
+__all__ = [
+    "Annotate",
+    "Calibrate",
+    "DecomposeAttention",
+    "FuseIntAttention",
+    "FuseScales",
+    "InsertObservers",
+    "LowerFakeQuant",
+    "LowerInteger",
+    "LowerLogIntSoftmax",
+    "Smooth",
+    "SplitQkv",
+    "UseOnednnKernels",
+]

@@ -7,6 +7,7 @@ qconfig after overrides and ``skip``; an op whose group has no spec stays float 
 listed in ``report.float_points``. A ``skip`` or ``overrides`` glob that matches no module
 of the model fails the pass, naming the glob and the closest module paths.
 """
+
 from __future__ import annotations
 
 import operator
@@ -19,13 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxquant.errors import NodeError, QConfigError
-from fxquant.graph_utils import propagate_shapes, shape_of
-from fxquant.meta import INPUT_POINT, MODULE, POINT, ROLE, WEIGHT
-from fxquant.pass_manager import Pass, PassContext
-from fxquant.patterns import find_attention, submodule
-from fxquant.points import QuantPoint
-from fxquant.qconfig import ACT
-from fxquant.qconfig_globs import check_globs
+from fxquant.infra.pass_manager import Pass, PassContext
+from fxquant.ir.graph_utils import propagate_shapes, shape_of
+from fxquant.ir.meta import INPUT_POINT, MODULE, POINT, ROLE, WEIGHT
+from fxquant.ir.patterns import find_attention, submodule
+from fxquant.quant.points import QuantPoint
+from fxquant.quant.qconfig import ACT
+from fxquant.quant.qconfig_globs import check_globs
 
 LINEAR_RULES = [
     (re.compile(r"(^|\.)qkv$"), "attn_qkv"),
@@ -43,8 +44,14 @@ NORM_RULES = [
     (re.compile(r"^(norm|fc_norm)$"), "final_norm"),
 ]
 BLOCK_PATH = re.compile(r"(^|\.)blocks\.\d+$")
-ATTENTION_ROLES = {"q": "attn_q_out", "k": "attn_k_out", "v": "attn_v_input",
-                   "scores": "attn_kv_out", "softmax": "intSoft", "out": "attn_v_out"}
+ATTENTION_ROLES = {
+    "q": "attn_q_out",
+    "k": "attn_k_out",
+    "v": "attn_v_input",
+    "scores": "attn_kv_out",
+    "softmax": "intSoft",
+    "out": "attn_v_out",
+}
 
 
 def _match(rules, path: str) -> Optional[str]:
@@ -56,9 +63,13 @@ def _is_gelu(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _is_residual_add(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in (operator.add, torch.add)
-            and len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2])
-            and bool(BLOCK_PATH.search(node.meta.get(MODULE, ""))))
+    return (
+        node.op == "call_function"
+        and node.target in (operator.add, torch.add)
+        and len(node.args) >= 2
+        and all(isinstance(a, fx.Node) for a in node.args[:2])
+        and bool(BLOCK_PATH.search(node.meta.get(MODULE, "")))
+    )
 
 
 class Annotate(Pass):
@@ -107,9 +118,11 @@ class Annotate(Pass):
         """A per-part config directory names groups on purpose: one the model lacks is a mistake."""
         for group, source in qconfig.strict_groups.items():
             if group not in self.seen_groups:
-                raise QConfigError(f"{source}: {group}: this model has no {group} op (it has: "
-                                   f"{', '.join(sorted(self.seen_groups)) or 'none'}); remove the group or "
-                                   "check that the file belongs to this model")
+                raise QConfigError(
+                    f"{source}: {group}: this model has no {group} op (it has: "
+                    f"{', '.join(sorted(self.seen_groups)) or 'none'}); remove the group or "
+                    "check that the file belongs to this model"
+                )
 
     def _activation(self, node: fx.Node, group: str, *, attention: bool) -> None:
         self._point(node, group, ACT, attention=attention)
@@ -130,14 +143,20 @@ class Annotate(Pass):
                 raise NodeError(node.name, f"{label}: cannot tell the tensor's shape for {spec.granularity}")
             if attention:  # (B, heads, N, *): heads are axis 1
                 if spec.granularity == "channel_wise":
-                    raise NodeError(node.name, f"{label}: channel_wise is not defined on per-head attention "
-                                    "tensors (B, heads, N, d); use head_wise or layer_wise")
+                    raise NodeError(
+                        node.name,
+                        f"{label}: channel_wise is not defined on per-head attention "
+                        "tensors (B, heads, N, d); use head_wise or layer_wise",
+                    )
                 axis, num_groups = 1, shape[1]
             elif spec.granularity == "channel_wise":
                 axis = -1
             else:
-                raise NodeError(node.name, f"{label}: {spec.granularity} applies to attention tensors and the "
-                                "qkv weight only; use layer_wise or channel_wise here")
+                raise NodeError(
+                    node.name,
+                    f"{label}: {spec.granularity} applies to attention tensors and the "
+                    "qkv weight only; use layer_wise or channel_wise here",
+                )
         node.meta[POINT] = QuantPoint(group, section, spec, path, axis, num_groups)
 
     def _norm_input(self, node: fx.Node, group: str) -> None:
@@ -148,8 +167,11 @@ class Annotate(Pass):
         if spec is None:
             return
         if spec.granularity not in ("layer_wise", "channel_wise"):
-            raise NodeError(node.name, f"{group}.input: {spec.granularity} is not defined on a LayerNorm input; "
-                            "use channel_wise (with PtfObserver) or layer_wise")
+            raise NodeError(
+                node.name,
+                f"{group}.input: {spec.granularity} is not defined on a LayerNorm input; "
+                "use channel_wise (with PtfObserver) or layer_wise",
+            )
         axis = -1 if spec.granularity == "channel_wise" else None
         node.meta[INPUT_POINT] = QuantPoint(group, "input", spec, path, axis)
 
@@ -163,8 +185,9 @@ class Annotate(Pass):
         num_groups = None
         if spec.granularity == "group_wise":
             if group != "attn_qkv":
-                raise NodeError(node.name, f"{group}.weight: group_wise needs a fused qkv weight; "
-                                "use layer_wise or channel_wise")
+                raise NodeError(
+                    node.name, f"{group}.weight: group_wise needs a fused qkv weight; use layer_wise or channel_wise"
+                )
             num_groups = 3
         elif spec.granularity == "head_wise":
             if group != "attn_qkv" or heads is None:

@@ -1,4 +1,5 @@
 """calibrate: run the calibration data through the graph so every observer sees it."""
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -7,11 +8,11 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from fxquant import distributed
-from fxquant.calib_data import as_batches, iter_batches
 from fxquant.errors import FxqError
-from fxquant.pass_manager import Pass, PassContext
-from fxquant.passes.insert_observers import observer_nodes
+from fxquant.infra.pass_manager import Pass, PassContext
+from fxquant.quant import distributed
+from fxquant.quant.calib_data import as_batches, iter_batches
+from fxquant.runtime.fake_quant import observer_nodes
 
 
 def _length(calib_data: Iterable):
@@ -37,8 +38,14 @@ class Calibrate(Pass):
             module.observing = True
         batches = 0
         try:
-            bar = tqdm(iter_batches(calib_data), total=_length(calib_data), desc="calibrate",
-                       unit="batch", disable=not ctx.progress, leave=False)
+            bar = tqdm(
+                iter_batches(calib_data),
+                total=_length(calib_data),
+                desc="calibrate",
+                unit="batch",
+                disable=not ctx.progress,
+                leave=False,
+            )
             for batch in bar:
                 gm(batch)
                 batches += 1

@@ -5,6 +5,7 @@ module that calls SDPA, so that the scores and probabilities become quantizable 
 The layout matches timm's own unfused code (scale applied to q), so later passes see
 one attention shape whatever the model.
 """
+
 from __future__ import annotations
 
 import operator
@@ -14,9 +15,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxquant.errors import NodeError
-from fxquant.graph_utils import new_node, propagate_shapes, shape_of
-from fxquant.meta import MODULE, copy_provenance
-from fxquant.pass_manager import Pass, PassContext
+from fxquant.infra.pass_manager import Pass, PassContext
+from fxquant.ir.graph_utils import new_node, propagate_shapes, shape_of
+from fxquant.ir.meta import MODULE, copy_provenance
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")

@@ -10,7 +10,7 @@ probabilities stay in float (``w8a8``):
       -> softmax(dim=-1) -> [Dropout(p=0) / Identity]
       -> matmul(., DequantizeCodes(v codes))
 
-becomes ``IntAttention(q, kT, v codes)`` (``fxquant.int_attention``): one C++ kernel per
+becomes ``IntAttention(q, kT, v codes)`` (``fxquant.runtime.int_attention``): one C++ kernel per
 (batch, head), the scores never written to memory. Anything else between those nodes (a
 relative position bias or a mask, as in Swin; log2 probabilities, which ``lower_integer``
 already made a ``LisShiftMatmul``; a node with a second reader) leaves that attention as it
@@ -24,6 +24,7 @@ inside the kernel: the code comparison with the fake-quant graph, made on the gr
 pass returns, covers every other point, and a score's rare 1-LSB flip shows at the next
 point (``attn_v_out``), where it can move a code by more than one step.
 """
+
 from __future__ import annotations
 
 import sys
@@ -32,16 +33,22 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from fxquant.analysis.code_agreement import CODES_OF, FAKE_GRAPH_STATE, equivalence_notes
 from fxquant.errors import NodeError
-from fxquant.graph_utils import install_submodule, propagate_shapes, shape_of, unique_attr
-from fxquant.int_attention import (IntAttention, check_head_constants, kernel_error, load_kernel, needs_build,
-                                   per_head)
-from fxquant.int_modules import DequantizeCodes, IntMatmul
-from fxquant.integer import UINT8_OFFSET
-from fxquant.meta import POINT, ROLE, copy_provenance
-from fxquant.pass_manager import Pass, PassContext
-from fxquant.patterns import is_matmul, is_pass_through_module, is_softmax, single_user, softmax_dim, submodule
-from fxquant.code_agreement import CODES_OF, FAKE_GRAPH_STATE, equivalence_notes
+from fxquant.infra.pass_manager import Pass, PassContext
+from fxquant.ir.graph_utils import install_submodule, propagate_shapes, shape_of, unique_attr
+from fxquant.ir.meta import POINT, ROLE, copy_provenance
+from fxquant.ir.patterns import is_matmul, is_pass_through_module, is_softmax, single_user, softmax_dim, submodule
+from fxquant.runtime.int_attention import (
+    IntAttention,
+    check_head_constants,
+    kernel_error,
+    load_kernel,
+    needs_build,
+    per_head,
+)
+from fxquant.runtime.int_modules import DequantizeCodes, IntMatmul
+from fxquant.runtime.integer import UINT8_OFFSET
 
 
 def _timm_attention_helper(node: fx.Node, name: str) -> bool:
@@ -63,8 +70,11 @@ def _argument(node: fx.Node, index: int, name: str, default=None):
 
 def _is_unmasked(mask: fx.Node) -> bool:
     """``resolve_self_attn_mask(n, x, attn_mask=None, is_causal=False)`` (timm): it returns None."""
-    return (_timm_attention_helper(mask, "resolve_self_attn_mask") and _argument(mask, 2, "attn_mask") is None
-            and _argument(mask, 3, "is_causal", False) is False)
+    return (
+        _timm_attention_helper(mask, "resolve_self_attn_mask")
+        and _argument(mask, 2, "attn_mask") is None
+        and _argument(mask, 3, "is_causal", False) is False
+    )
 
 
 def _is_no_mask(node: fx.Node) -> bool:
@@ -197,8 +207,13 @@ class FuseIntAttention(Pass):
                 continue
             matches.append((match, constants))
         if matches and ctx.progress and needs_build():
-            print("fuse_int_attention: compiling the fused attention kernel (fxquant/csrc/int_attention.cpp; once per "
-                  "machine, about 10-30 s)", file=sys.stderr, flush=True)
+            print(
+                "fuse_int_attention: compiling the fused attention kernel "
+                "(fxquant/runtime/csrc/int_attention.cpp; once per "
+                "machine, about 10-30 s)",
+                file=sys.stderr,
+                flush=True,
+            )
         if matches and not load_kernel():
             notes.append(f"fuse_int_attention: {len(matches)} attention cores left unfused: {kernel_error()}")
             matches = []
@@ -208,9 +223,11 @@ class FuseIntAttention(Pass):
             gm.graph.eliminate_dead_code()
             gm.delete_all_unused_submodules()
             gm.recompile()
-            notes.append(f"fuse_int_attention: {len(matches)} attention cores (q @ kT, score requantization, "
-                         f"softmax, attn@V) as one kernel each ({len(candidates)} integer matmuls examined); their "
-                         "score codes stay inside the kernel and are not in the code comparison")
+            notes.append(
+                f"fuse_int_attention: {len(matches)} attention cores (q @ kT, score requantization, "
+                f"softmax, attn@V) as one kernel each ({len(candidates)} integer matmuls examined); their "
+                "score codes stay inside the kernel and are not in the code comparison"
+            )
         notes.extend(f"unfused attention {name}: {why}" for name, why in sorted(skipped.items()))
         fake = ctx.state.pop(FAKE_GRAPH_STATE, None)
         if fake is not None:  # the earlier integer passes left the equivalence check to the last one

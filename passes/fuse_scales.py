@@ -9,17 +9,17 @@
 
 Observers still pass values through at this stage, so the FP32 output is bit-identical.
 """
+
 from __future__ import annotations
 
 from typing import Optional
 
 import torch.fx as fx
 
-from fxquant.meta import POINT, copy_provenance
-from fxquant.modules import ObserverModule
-from fxquant.pass_manager import Pass, PassContext
-from fxquant.passes.insert_observers import observer_nodes
-from fxquant.patterns import is_scale_transparent, scalar_mul
+from fxquant.infra.pass_manager import Pass, PassContext
+from fxquant.ir.meta import POINT, copy_provenance
+from fxquant.ir.patterns import is_scale_transparent, scalar_mul
+from fxquant.runtime.fake_quant import ObserverModule, observer_nodes
 
 
 def _follow_transparent(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
@@ -35,8 +35,9 @@ def _follow_transparent(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
 
 
 def _is_observer(gm: fx.GraphModule, node: Optional[fx.Node]) -> bool:
-    return node is not None and node.op == "call_module" and isinstance(
-        gm.get_submodule(str(node.target)), ObserverModule)
+    return (
+        node is not None and node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), ObserverModule)
+    )
 
 
 class FuseScales(Pass):

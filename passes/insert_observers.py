@@ -4,26 +4,15 @@ Observers pass values through unchanged, so the FP32 output is untouched; the po
 QuantPoint moves from the op to its observer node, which from here on is "the
 quantized value" of that op (same origin, so the diff pairs it with the op's FP32 value).
 """
+
 from __future__ import annotations
 
 import torch.fx as fx
 
-from fxquant.graph_utils import install_submodule, safe_name, unique_attr
-from fxquant.meta import INPUT_POINT, POINT, ROLE, copy_provenance
-from fxquant.modules import ObserverModule
-from fxquant.pass_manager import Pass, PassContext
-
-OBSERVER_PREFIX = "fxq_"
-
-
-def observer_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, ObserverModule]]:
-    out = []
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and str(node.target).startswith(OBSERVER_PREFIX):
-            module = gm.get_submodule(str(node.target))
-            if isinstance(module, ObserverModule):
-                out.append((node, module))
-    return out
+from fxquant.infra.pass_manager import Pass, PassContext
+from fxquant.ir.graph_utils import install_submodule, safe_name, unique_attr
+from fxquant.ir.meta import INPUT_POINT, POINT, ROLE, copy_provenance
+from fxquant.runtime.fake_quant import OBSERVER_PREFIX, ObserverModule, observer_nodes
 
 
 class InsertObservers(Pass):
@@ -53,7 +42,9 @@ class InsertObservers(Pass):
 
     @staticmethod
     def _observer_after(gm: fx.GraphModule, value: fx.Node, name_from: fx.Node, point) -> fx.Node:
-        path = unique_attr(gm, OBSERVER_PREFIX + safe_name(name_from.name) + ("_in" if point.section == "input" else ""))
+        path = unique_attr(
+            gm, OBSERVER_PREFIX + safe_name(name_from.name) + ("_in" if point.section == "input" else "")
+        )
         install_submodule(gm, path, ObserverModule(point, name=f"{name_from.name} ({point.label})"))
         with gm.graph.inserting_after(value):
             observed = gm.graph.call_module(path, (value,))
@@ -68,8 +59,10 @@ class InsertObservers(Pass):
         if not isinstance(source, fx.Node):
             return
         if POINT in source.meta:
-            notes.append(f"{node.name} ({point.label}): its input {source.name} is already the quantization point "
-                         f"{source.meta[POINT].label}; that point's grid is used")
+            notes.append(
+                f"{node.name} ({point.label}): its input {source.name} is already the quantization point "
+                f"{source.meta[POINT].label}; that point's grid is used"
+            )
             return
         observed = self._observer_after(gm, source, node, point)
         node.args = (observed, *node.args[1:])

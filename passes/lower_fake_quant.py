@@ -5,26 +5,34 @@ codes and QParams; its float weight is derived from the codes exactly once. A mo
 that is already quantized is refused: quantizing a quantized weight again is the bug
 the seed document spent days on.
 """
+
 from __future__ import annotations
 
 import torch.fx as fx
 from torch import nn
 
 from fxquant.errors import NodeError
-from fxquant.meta import WEIGHT
-from fxquant.modules import QUANTIZED_WEIGHT_TYPES, FakeQuantize, ObserverModule, QuantConv2d, QuantLinear
-from fxquant.observers import make_observer
-from fxquant.pass_manager import Pass, PassContext
-from fxquant.passes.insert_observers import observer_nodes
-from fxquant.points import QuantPoint
-from fxquant.qparams import QParams
+from fxquant.infra.pass_manager import Pass, PassContext
+from fxquant.ir.meta import WEIGHT
+from fxquant.quant.observers import make_observer
+from fxquant.quant.points import QuantPoint
+from fxquant.quant.qparams import QParams
+from fxquant.runtime.fake_quant import (
+    QUANTIZED_WEIGHT_TYPES,
+    FakeQuantize,
+    ObserverModule,
+    QuantConv2d,
+    QuantLinear,
+    observer_nodes,
+)
 
 
 def weight_qparams(weight, point: QuantPoint, name: str) -> QParams:
     spec = point.spec
     if spec.observer == "omse":  # a weight is small and known exactly: search on all of it
-        spec = spec.with_(options={**spec.options, "omse_total_samples": weight.numel(),
-                                   "omse_group_samples": weight.numel()})
+        spec = spec.with_(
+            options={**spec.options, "omse_total_samples": weight.numel(), "omse_group_samples": weight.numel()}
+        )
     observer = make_observer(spec, name=name, **point.observer_kwargs())
     observer.update(weight.detach())
     return observer.compute_qparams()
@@ -32,8 +40,11 @@ def weight_qparams(weight, point: QuantPoint, name: str) -> QParams:
 
 def quantize_weight_module(module: nn.Module, point: QuantPoint, name: str) -> nn.Module:
     if isinstance(module, QUANTIZED_WEIGHT_TYPES):
-        raise NodeError(name, "weight is already quantized; quantizing it again would stack two "
-                        "roundings on the same weight (the seed's double-quantization bug)")
+        raise NodeError(
+            name,
+            "weight is already quantized; quantizing it again would stack two "
+            "roundings on the same weight (the seed's double-quantization bug)",
+        )
     qparams = weight_qparams(module.weight, point, f"{name} ({point.label})")
     if isinstance(module, nn.Linear):
         return QuantLinear(module, point, qparams)
@@ -48,8 +59,9 @@ class LowerFakeQuant(Pass):
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         for node, module in observer_nodes(gm):
             if module.observer.num_updates == 0:
-                raise NodeError(node.name, f"observer of {module.point.label} saw no calibration data; "
-                                "run the calibrate pass first")
+                raise NodeError(
+                    node.name, f"observer of {module.point.label} saw no calibration data; run the calibrate pass first"
+                )
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         for node, module in observer_nodes(gm):

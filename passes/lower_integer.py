@@ -14,18 +14,19 @@ followed by ``DequantizeCodes`` (the explicit way back to float). Then:
    score point.
 4. A LayerNorm between a PTF input point (FQ-ViT's power-of-two factors) and one per-tensor
    output point becomes an ``IntLayerNorm``: codes in, codes out, integer mean, variance
-   and square root (``fxquant.ptf``).
+   and square root (``fxquant.quant.ptf``).
 5. Log-Int-Softmax followed by attn@V on a point's codes becomes one ``LisShiftMatmul``:
    the log2 probability codes from the integer exp, then attn@V as shifts of the V codes.
 6. A ``DequantizeCodes`` that no float op reads any more is dropped.
 7. A per-sample guard makes a sample whose input holds a NaN or an inf NaN in every output,
-   as in FP32 (``fxquant.nonfinite``: the float tensors that become codes are checked).
+   as in FP32 (``fxquant.lowering.nonfinite``: the float tensors that become codes are checked).
 
 What is not lowered stays float between explicit dequantize/quantize nodes and is listed
 in ``report.float_points`` with the reason; nothing is lowered on a guess. After the
 rewrite the pass runs the fake-quant graph and the integer graph on the diff inputs and
-records how many codes differ at each point (``fxquant.code_agreement``) and the output QSNRs.
+records how many codes differ at each point (``fxquant.analysis.code_agreement``) and the output QSNRs.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,23 +36,49 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxquant.code_agreement import (CODES_OF, FAKE_GRAPH_STATE, PointAgreement, agreement_summary,  # noqa: F401
-                                    code_agreement, equivalence_notes)  # re-exported: tests, bench
-from fxquant.code_chains import (IntegerLowering, LoweredPoint, batch_independent, codes_through, drop_origin,
-                                 float_boundaries, fuse_softmax_dequantize, moves_elements,
-                                 only_last_dim, params_after, params_before, read_shapes_from_codes, trace_back)
+from fxquant.analysis.code_agreement import (
+    CODES_OF,
+    FAKE_GRAPH_STATE,
+    PointAgreement,
+    agreement_summary,  # noqa: F401
+    code_agreement,
+    equivalence_notes,
+)  # re-exported: tests, bench
 from fxquant.errors import NodeError
-from fxquant.graph_utils import install_submodule, unique_attr
-from fxquant.int_modules import DequantizeCodes, IntLayerNorm, IntLinear, IntMatmul, LisShiftMatmul, QuantizeCodes
-from fxquant.log_int_softmax import LogIntSoftmax
-from fxquant.integer import code_shift, exact_float_matmul_bound
-from fxquant.meta import MODULE, ROLE
-from fxquant.modules import QUANTIZED_WEIGHT_TYPES, FakeQuantize, ObserverModule, QuantLinear
-from fxquant.nonfinite import guard_nonfinite
-from fxquant.numeric_diff import capture_values
-from fxquant.pass_manager import Pass, PassContext
-from fxquant.patterns import is_matmul, is_pass_through_module, submodule
-from fxquant.ptf import ptf_layernorm_constants
+from fxquant.infra.pass_manager import Pass, PassContext
+from fxquant.ir.capture import capture_values
+from fxquant.ir.graph_utils import install_submodule, unique_attr
+from fxquant.ir.meta import MODULE, ROLE
+from fxquant.ir.patterns import is_matmul, is_pass_through_module, submodule
+from fxquant.lowering.code_chains import (
+    IntegerLowering,
+    LoweredPoint,
+    batch_independent,
+    codes_through,
+    drop_origin,
+    float_boundaries,
+    fuse_softmax_dequantize,
+    moves_elements,
+    only_last_dim,
+    params_after,
+    params_before,
+    read_shapes_from_codes,
+    trace_back,
+)
+from fxquant.lowering.nonfinite import guard_nonfinite
+from fxquant.quant.ptf import ptf_layernorm_constants
+from fxquant.runtime.fake_quant import QUANTIZED_WEIGHT_TYPES, FakeQuantize, ObserverModule, QuantLinear
+from fxquant.runtime.int_modules import (
+    DequantizeCodes,
+    IntLayerNorm,
+    IntLinear,
+    IntMatmul,
+    LisShiftMatmul,
+    QuantizeCodes,
+)
+from fxquant.runtime.integer import code_shift, exact_float_matmul_bound
+from fxquant.runtime.log_int_softmax import LogIntSoftmax
+
 
 # ------------------------------------------------------------------------- the lowering
 class _Lowering:
@@ -139,18 +166,21 @@ class _Lowering:
         if reason is None:
             bias = module.bias if module.bias is not None else torch.zeros_like(module.weight)
             try:
-                constants = ptf_layernorm_constants(point_in.fake_quantize.qparams, module.weight, bias, module.eps,
-                                                    point_out.fake_quantize.qparams)
+                constants = ptf_layernorm_constants(
+                    point_in.fake_quantize.qparams, module.weight, bias, module.eps, point_out.fake_quantize.qparams
+                )
             except ValueError as exc:  # not power-of-two factors over one base scale
                 reason = f"its input point {point_in.name} ({point_in.label}) is not a PTF point: {exc}"
         if reason:
-            self.result.float_points.append(f"{node.name} (LayerNorm): float between explicit dequantize/quantize: "
-                                            f"{reason}")
+            self.result.float_points.append(
+                f"{node.name} (LayerNorm): float between explicit dequantize/quantize: {reason}"
+            )
             return
         codes_node = users[0]
         path = unique_attr(self.gm, f"fxq_int_{node.name}")
-        install_submodule(self.gm, path, IntLayerNorm(constants, point_in.shift, point_out.shift, point_in.label,
-                                                      point_out.label))
+        install_submodule(
+            self.gm, path, IntLayerNorm(constants, point_in.shift, point_out.shift, point_in.label, point_out.label)
+        )
         with self.graph.inserting_before(node):
             int_node = self.graph.call_module(path, (point_in.codes,))
         int_node.meta[MODULE] = node.meta.get(MODULE, "")
@@ -173,21 +203,23 @@ class _Lowering:
         if found is None:
             reason = "its input is not an 8-bit uniform quantization point"
         elif not found[0].per_tensor:
-            reason = (f"its input point {found[0].name} ({found[0].label}) has one scale per channel/head; "
-                      "an integer GEMM needs one scale per input tensor (use calibration_mode: layer_wise)")
+            reason = (
+                f"its input point {found[0].name} ({found[0].label}) has one scale per channel/head; "
+                "an integer GEMM needs one scale per input tensor (use calibration_mode: layer_wise)"
+            )
         elif module.weight_codes.dtype != torch.int8 or bool(torch.any(wq.zero_point != 0)):
             reason = "its weight is not symmetric int8 (needs signed: True, 8 bits or fewer)"
         elif wq.per_channel and wq.axis not in (0, -2):
             reason = f"its weight scale runs along axis {wq.axis}, not the output features"
         if reason:
-            self.result.float_points.append(f"{node.name} ({label}): float Linear on its dequantized int8 "
-                                            f"weight: {reason}")
+            self.result.float_points.append(
+                f"{node.name} ({label}): float Linear on its dequantized int8 weight: {reason}"
+            )
             return
         point, chain = found
         codes = codes_through(self.graph, point, chain, self.copies)
         input_scale = float(point.scale(0)) * point.fake_quantize.post_scale
-        int_linear = IntLinear(module.weight_codes, wq.scale, module.bias, input_scale, int(point.zero_point(0)),
-                               label)
+        int_linear = IntLinear(module.weight_codes, wq.scale, module.bias, input_scale, int(point.zero_point(0)), label)
         install_submodule(self.gm, str(node.target), int_linear)
         node.args = (codes,)
         self.int_nodes.append(node)
@@ -203,8 +235,10 @@ class _Lowering:
             return
         if left is None or right is None:
             if left is not None or right is not None:
-                self.result.float_points.append(f"{node.name} ({node.meta.get(ROLE) or 'matmul'}): float matmul: "
-                                                "one of its inputs is not an 8-bit uniform point")
+                self.result.float_points.append(
+                    f"{node.name} ({node.meta.get(ROLE) or 'matmul'}): float matmul: "
+                    "one of its inputs is not an 8-bit uniform point"
+                )
             return
         (lp, lchain), (rp, rchain) = left, right
         lscale, lzero = params_after(self.gm, lchain, lp, self.values)
@@ -246,15 +280,23 @@ class _Lowering:
         point, chain = right
         scale, zero = params_after(self.gm, chain, point, self.values)
         if (scale.dim() >= 2 and scale.size(-2) != 1) or (zero.dim() >= 2 and zero.size(-2) != 1):
-            self.result.float_points.append(f"{node.name} (attn_out): float matmul: the V scale varies along "
-                                            "the summed tokens")
+            self.result.float_points.append(
+                f"{node.name} (attn_out): float matmul: the V scale varies along the summed tokens"
+            )
             return
         lis: LogIntSoftmax = submodule(self.gm, lis_node)
         tokens = self.values[lis_node.name].shape[-1]  # the probabilities' last axis is the summed one
         # every partial sum |v - zv| * 2**T * tokens must stay an exact float64 integer (< 2**53)
         max_shift = min(2**lis.bits - 2, 52 - 8 - math.ceil(math.log2(max(tokens, 2))))
-        module = LisShiftMatmul(lis.scale, lis.bits, lis.renormalize, scale * point.fake_quantize.post_scale, zero,
-                                max_shift, label=node.meta.get(ROLE) or node.name)
+        module = LisShiftMatmul(
+            lis.scale,
+            lis.bits,
+            lis.renormalize,
+            scale * point.fake_quantize.post_scale,
+            zero,
+            max_shift,
+            label=node.meta.get(ROLE) or node.name,
+        )
         path = unique_attr(self.gm, f"fxq_shift_{node.name}")
         install_submodule(self.gm, path, module)
         v_codes = codes_through(self.graph, point, chain, self.copies)
@@ -264,8 +306,9 @@ class _Lowering:
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
         self.values[new.name] = self.values[node.name]
-        self.result.shift_matmuls.append(f"{new.name}: {lis_node.name} @ {point.name} ({point.label}), shifts up to "
-                                         f"{max_shift}")
+        self.result.shift_matmuls.append(
+            f"{new.name}: {lis_node.name} @ {point.name} ({point.label}), shifts up to {max_shift}"
+        )
 
     # -- requantization straight to the next point
     def _fuse_requantization(self, node: fx.Node) -> None:
@@ -305,6 +348,7 @@ class _Lowering:
         self.by_codes[current] = point
         self.result.requantized.append(f"{node.name} -> {point.name} ({point.label})")
 
+
 def lower_to_integer(gm: fx.GraphModule, example_inputs: tuple, release_setup: bool = True) -> IntegerLowering:
     """Rewrite a lowered fake-quant GraphModule into an integer one, in place.
 
@@ -323,8 +367,6 @@ def lower_to_integer(gm: fx.GraphModule, example_inputs: tuple, release_setup: b
     return result
 
 
-
-
 # ------------------------------------------------------------------------------ pass
 class LowerInteger(Pass):
     """``release_setup=False`` keeps each IntLinear's scales and bias (and the fake-quant
@@ -337,7 +379,7 @@ class LowerInteger(Pass):
         self.release_setup = release_setup
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
-        from fxquant.debug import FloatPoint
+        from fxquant.runtime.float_point import FloatPoint
 
         modules = list(gm.modules())
         if any(isinstance(m, ObserverModule) for m in modules):
@@ -345,10 +387,13 @@ class LowerInteger(Pass):
         # a graph whose every point keep_float left in float (FloatPoint) has nothing to lower, and that is fine
         if not any(isinstance(m, (FakeQuantize, FloatPoint)) for m in modules):
             weights = any(isinstance(m, QUANTIZED_WEIGHT_TYPES) for m in modules)
-            raise NodeError("output", f"backend='int' computes on int8 activation codes, but qconfig "
-                            f"{ctx.qconfig.name!r} quantizes no activation (no quantization point in the graph"
-                            f"{', only weights' if weights else ''}): nothing can run in integer arithmetic. Use "
-                            "backend='fake', or a qconfig with activation points (the w8a8 preset, say)")
+            raise NodeError(
+                "output",
+                f"backend='int' computes on int8 activation codes, but qconfig "
+                f"{ctx.qconfig.name!r} quantizes no activation (no quantization point in the graph"
+                f"{', only weights' if weights else ''}): nothing can run in integer arithmetic. Use "
+                "backend='fake', or a qconfig with activation points (the w8a8 preset, say)",
+            )
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         fake = copy.deepcopy(gm)
@@ -358,15 +403,20 @@ class LowerInteger(Pass):
             ctx.report.float_points.extend(result.float_points)
             ctx.report.float_points.append(
                 "softmax without a log2 point, GELU, residual adds and LayerNorms without a PTF input point "
-                "run in float between DequantizeCodes and QuantizeCodes nodes")
-        notes.append(f"lower_integer: {len(result.points)} points as int8 codes, {len(result.int_linears)} "
-                     f"IntLinear, {len(result.int_matmuls)} IntMatmul, {len(result.int_layernorms)} IntLayerNorm, "
-                     f"{len(result.shift_matmuls)} LisShiftMatmul, "
-                     f"{len(result.requantized)} dyadic requantizations straight to the next point")
+                "run in float between DequantizeCodes and QuantizeCodes nodes"
+            )
+        notes.append(
+            f"lower_integer: {len(result.points)} points as int8 codes, {len(result.int_linears)} "
+            f"IntLinear, {len(result.int_matmuls)} IntMatmul, {len(result.int_layernorms)} IntLayerNorm, "
+            f"{len(result.shift_matmuls)} LisShiftMatmul, "
+            f"{len(result.requantized)} dyadic requantizations straight to the next point"
+        )
         checks = result.nonfinite_checks
-        notes.append(f"non-finite guard: NaN/inf checked per sample in {len(checks)} float tensor(s) before they "
-                     f"become codes ({', '.join(checks) or 'none is computed from the inputs in float'}); a sample "
-                     "holding one gets NaN outputs, as in FP32 (fxquant.nonfinite)")
+        notes.append(
+            f"non-finite guard: NaN/inf checked per sample in {len(checks)} float tensor(s) before they "
+            f"become codes ({', '.join(checks) or 'none is computed from the inputs in float'}); a sample "
+            "holding one gets NaN outputs, as in FP32 (fxquant.lowering.nonfinite)"
+        )
         notes.extend(f"integer LayerNorm: {r}" for r in result.int_layernorms)
         notes.extend(f"attn@V by shifts: {r}" for r in result.shift_matmuls)
         notes.extend(f"requantized: {r}" for r in result.requantized)
@@ -383,5 +433,14 @@ class LowerInteger(Pass):
                 raise NodeError(name, "IntLinear weight is not stored as int8")
 
 
-__all__ = ["LowerInteger", "lower_to_integer", "code_agreement", "agreement_summary", "equivalence_notes",
-           "IntegerLowering", "PointAgreement", "CODES_OF", "FAKE_GRAPH_STATE"]
+__all__ = [
+    "LowerInteger",
+    "lower_to_integer",
+    "code_agreement",
+    "agreement_summary",
+    "equivalence_notes",
+    "IntegerLowering",
+    "PointAgreement",
+    "CODES_OF",
+    "FAKE_GRAPH_STATE",
+]

@@ -3,11 +3,12 @@
 Runs after lower_fake_quant. Where the ``intSoft`` point uses ``quantization_method: log2``
 and the softmax input is the quantized scores (``attn_kv_out``), possibly plus a bias or a
 mask (Swin's relative position bias), the float softmax and the log2 fake-quant after it
-are replaced by :class:`fxquant.log_int_softmax.LogIntSoftmax`, which computes the log2
+are replaced by :class:`fxquant.runtime.log_int_softmax.LogIntSoftmax`, which computes the log2
 codes from the integer scores (integer exp, no division, see that module). Where the
 scores are not quantized, the float softmax followed by the log2 quantizer stays, and the
 report's notes say so.
 """
+
 from __future__ import annotations
 
 import operator
@@ -16,11 +17,11 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxquant.log_int_softmax import LogIntSoftmax
-from fxquant.meta import POINT, ROLE, copy_provenance
-from fxquant.modules import FakeQuantize
-from fxquant.pass_manager import Pass, PassContext
-from fxquant.patterns import is_scale_transparent, is_softmax, softmax_dim, submodule
+from fxquant.infra.pass_manager import Pass, PassContext
+from fxquant.ir.meta import POINT, ROLE, copy_provenance
+from fxquant.ir.patterns import is_scale_transparent, is_softmax, softmax_dim, submodule
+from fxquant.runtime.fake_quant import FakeQuantize
+from fxquant.runtime.log_int_softmax import LogIntSoftmax
 
 _ADDS = (operator.add, torch.add)
 
@@ -28,7 +29,8 @@ _ADDS = (operator.add, torch.add)
 def _is_add(node: fx.Node) -> bool:
     # timm >= 1.0.20 adds the attention mask through a helper that returns x when mask is None
     return node.op == "call_function" and (
-        node.target in _ADDS or getattr(node.target, "__name__", "") == "maybe_add_mask")
+        node.target in _ADDS or getattr(node.target, "__name__", "") == "maybe_add_mask"
+    )
 
 
 def _scores_point(gm: fx.GraphModule, node: fx.Node) -> Optional[FakeQuantize]:
@@ -62,8 +64,10 @@ class LowerLogIntSoftmax(Pass):
             scores = _scores_point(gm, softmax.args[0])
             dim = softmax_dim(gm, softmax)
             if scores is None or dim is None or fq.post_scale != 1.0:
-                notes.append(f"{node.name} (intSoft): the softmax input is not the quantized scores; float softmax "
-                             "with a log2 quantizer kept (quantize attn_kv_out to get the integer LIS)")
+                notes.append(
+                    f"{node.name} (intSoft): the softmax input is not the quantized scores; float softmax "
+                    "with a log2 quantizer kept (quantize attn_kv_out to get the integer LIS)"
+                )
                 continue
             self._replace(gm, softmax, node, fq, scores, dim)
         gm.graph.eliminate_dead_code()
@@ -75,11 +79,21 @@ class LowerLogIntSoftmax(Pass):
         qp = scores.qparams
         scale = qp.broadcast_scale(4 if qp.per_channel else 0) * scores.post_scale
         if fq.point.spec.signed:
-            raise ValueError(f"{fq_node.name}: softmax outputs are non-negative; the intSoft log2 point must be "
-                             "unsigned (signed: false)")
+            raise ValueError(
+                f"{fq_node.name}: softmax outputs are non-negative; the intSoft log2 point must be "
+                "unsigned (signed: false)"
+            )
         target = str(fq_node.target)
-        gm.add_submodule(target, LogIntSoftmax(scale, fq.point.spec.bits, dim, point=fq.point,
-                                               renormalize=bool(fq.point.spec.option("lis_renormalize", True))))
+        gm.add_submodule(
+            target,
+            LogIntSoftmax(
+                scale,
+                fq.point.spec.bits,
+                dim,
+                point=fq.point,
+                renormalize=bool(fq.point.spec.option("lis_renormalize", True)),
+            ),
+        )
         with gm.graph.inserting_before(fq_node):
             lis = gm.graph.call_module(target, (softmax.args[0],))
         copy_provenance(fq_node, lis)

@@ -16,6 +16,7 @@ per tensor are smoothed. FP32 output unchanged up to float rounding. The nodes w
 values are rescaled get a new origin, so the diff compares them with the smoothed FP32
 graph rather than with the unscaled reference.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,12 +26,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxquant import distributed
 from fxquant.errors import FxqError
-from fxquant.meta import ORIGIN, ORIGIN_SLICE, POINT
-from fxquant.pass_manager import Pass, PassContext
-from fxquant.calib_data import as_batches, iter_batches
-from fxquant.patterns import find_attention, is_scale_transparent, submodule
+from fxquant.infra.pass_manager import Pass, PassContext
+from fxquant.ir.meta import ORIGIN, ORIGIN_SLICE, POINT
+from fxquant.ir.patterns import find_attention, is_scale_transparent, submodule
+from fxquant.quant import distributed
+from fxquant.quant.calib_data import as_batches, iter_batches
 
 SCALE_RANGE = (1e-5, 1e5)
 
@@ -50,7 +51,8 @@ def _linear(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Linear]:
 def _reads_shape_only(node: fx.Node) -> bool:
     """``x.shape`` / ``x.size()``: uses a tensor without reading its values."""
     return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
-        node.op == "call_method" and node.target in ("size", "dim"))
+        node.op == "call_method" and node.target in ("size", "dim")
+    )
 
 
 def _per_tensor_point(node: fx.Node) -> bool:
@@ -119,9 +121,11 @@ class Smooth(Pass):
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         data = ctx.calib_data
         if ctx.qconfig.smooth_alpha is not None and data is not None and iter(data) is data:
-            raise FxqError("smooth and calibrate each go over calib_data, so it must be read more than "
-                           "once: pass a list, a tensor or a DataLoader, not a generator "
-                           "(fxquant.compile turns a generator into a list for you)")
+            raise FxqError(
+                "smooth and calibrate each go over calib_data, so it must be read more than "
+                "once: pass a list, a tensor or a DataLoader, not a generator "
+                "(fxquant.compile turns a generator into a list for you)"
+            )
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         alpha = ctx.qconfig.smooth_alpha
@@ -142,8 +146,10 @@ class Smooth(Pass):
             scale = self._scale(gm, pair, absmax[pair.act.name], alpha)
             self._fold(gm, pair, scale)
             self._reorigin(gm, pair)
-            notes.append(f"{pair.act.name}: smoothed into {[c.name for c in pair.consumers]} "
-                         f"(max channel factor {scale.max().item():.3g})")
+            notes.append(
+                f"{pair.act.name}: smoothed into {[c.name for c in pair.consumers]} "
+                f"(max channel factor {scale.max().item():.3g})"
+            )
         return gm
 
     @staticmethod

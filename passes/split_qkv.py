@@ -5,6 +5,7 @@ Q, K and V then gets its own weight quantization (per matrix: a group_wise or la
 spec on the fused weight becomes one scale per matrix) and its own output point, which is
 what the seed's fused weight could not express. Numerically neutral in FP32.
 """
+
 from __future__ import annotations
 
 import operator
@@ -16,10 +17,10 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import skip_init
 
-from fxquant.graph_utils import install_submodule, new_node, unique_attr
-from fxquant.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE, WEIGHT, copy_provenance
-from fxquant.pass_manager import Pass, PassContext
-from fxquant.patterns import single_user, submodule
+from fxquant.infra.pass_manager import Pass, PassContext
+from fxquant.ir.graph_utils import install_submodule, new_node, unique_attr
+from fxquant.ir.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE, WEIGHT, copy_provenance
+from fxquant.ir.patterns import single_user, submodule
 
 
 @dataclass
@@ -42,12 +43,20 @@ def _match_fused_qkv(gm: fx.GraphModule, node: fx.Node) -> Optional[_FusedQkv]:
     if len(shape) != 5 or shape[2] != 3:
         return None
     permute = single_user(reshape)
-    if permute is None or permute.op != "call_method" or permute.target != "permute" or \
-            tuple(permute.args[1:]) != (2, 0, 3, 1, 4):
+    if (
+        permute is None
+        or permute.op != "call_method"
+        or permute.target != "permute"
+        or tuple(permute.args[1:]) != (2, 0, 3, 1, 4)
+    ):
         return None
     unbind = single_user(permute)
-    if unbind is None or unbind.op != "call_method" or unbind.target != "unbind" or \
-            (unbind.args[1:] or (unbind.kwargs.get("dim", 0),))[0] != 0:
+    if (
+        unbind is None
+        or unbind.op != "call_method"
+        or unbind.target != "unbind"
+        or (unbind.args[1:] or (unbind.kwargs.get("dim", 0),))[0] != 0
+    ):
         return None
     outputs: list = [None, None, None]
     for user in unbind.users:
@@ -92,26 +101,34 @@ class SplitQkv(Pass):
         for index, letter in enumerate("qkv"):
             # skip_init: no random initialisation (it would advance the user's global RNG),
             # the weights are copied from the fused matrix right away
-            part = skip_init(nn.Linear, fused.in_features, width, bias=fused.bias is not None,
-                             device=fused.weight.device, dtype=fused.weight.dtype)
+            part = skip_init(
+                nn.Linear,
+                fused.in_features,
+                width,
+                bias=fused.bias is not None,
+                device=fused.weight.device,
+                dtype=fused.weight.dtype,
+            )
             with torch.no_grad():
-                part.weight.copy_(fused.weight[index * width:(index + 1) * width])
+                part.weight.copy_(fused.weight[index * width : (index + 1) * width])
                 if fused.bias is not None:
-                    part.bias.copy_(fused.bias[index * width:(index + 1) * width])
+                    part.bias.copy_(fused.bias[index * width : (index + 1) * width])
             part.train(fused.training)
             path = unique_attr(gm, f"{parent_path}.{leaf}_{letter}" if parent_path else f"{leaf}_{letter}")
             install_submodule(gm, path, part)
             old = m.outputs[index]
             with graph.inserting_before(old):
-                linear = new_node(graph, "call_module", path, (m.linear.args[0],), module=path,
-                                  origin=m.linear.meta.get(ORIGIN))
+                linear = new_node(
+                    graph, "call_module", path, (m.linear.args[0],), module=path, origin=m.linear.meta.get(ORIGIN)
+                )
                 linear.meta[ORIGIN_SLICE] = (-1, index * width, width)
                 for key in (WEIGHT, POINT):
                     point = _split_point(m.linear.meta.get(key), index)
                     if point is not None:
                         linear.meta[key] = replace(point, module=path)
-                shaped = new_node(graph, "call_method", "reshape", (linear, batch, tokens, heads, head_dim),
-                                  module=module)
+                shaped = new_node(
+                    graph, "call_method", "reshape", (linear, batch, tokens, heads, head_dim), module=module
+                )
                 heads_first = new_node(graph, "call_method", "permute", (shaped, 0, 2, 1, 3), module=module)
             copy_provenance(old, heads_first)
             for key in (POINT, ROLE):

@@ -2,7 +2,7 @@
 
 Runs after ``lower_integer`` when ``compile(..., backend="int", int_kernels="onednn")``.
 Each ``IntLinear`` (``torch._int_mm`` plus a separate requantization) becomes an
-``OnednnLinear`` (``fxquant.onednn``): one oneDNN call that also applies the scales, the
+``OnednnLinear`` (``fxquant.runtime.onednn``): one oneDNN call that also applies the scales, the
 bias, and either gives the float result, or the next point's codes, or, where the Linear
 is followed by an exact GELU and a per-tensor point (``fc1 -> GELU -> mlp_gelu``), GELU
 and that point's quantization in its epilogue.
@@ -26,6 +26,7 @@ kernel uses dyadic integer multipliers, so a code may differ by one step where a
 within float32 rounding of a step boundary. The pass measures the codes against the
 fake-quant graph, as ``lower_integer`` does, and writes that into the report.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -34,15 +35,22 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from fxquant.analysis.code_agreement import CODES_OF, FAKE_GRAPH_STATE, equivalence_notes
 from fxquant.errors import NodeError
-from fxquant.graph_utils import install_submodule
-from fxquant.int_modules import DequantizeCodes, IntLayerNorm, IntLinear, IntMatmul, LisShiftMatmul, QuantizeCodes
-from fxquant.integer import UINT8_OFFSET
-from fxquant.onednn import OnednnLinear, onednn_available
-from fxquant.pass_manager import Pass, PassContext
-from fxquant.patterns import single_user, submodule
-from fxquant.code_agreement import CODES_OF, FAKE_GRAPH_STATE, equivalence_notes
-from fxquant.code_chains import drop_origin, moves_elements, reads_shape
+from fxquant.infra.pass_manager import Pass, PassContext
+from fxquant.ir.graph_utils import install_submodule
+from fxquant.ir.patterns import single_user, submodule
+from fxquant.lowering.code_chains import drop_origin, moves_elements, reads_shape
+from fxquant.runtime.int_modules import (
+    DequantizeCodes,
+    IntLayerNorm,
+    IntLinear,
+    IntMatmul,
+    LisShiftMatmul,
+    QuantizeCodes,
+)
+from fxquant.runtime.integer import UINT8_OFFSET
+from fxquant.runtime.onednn import OnednnLinear, onednn_available
 
 _INT8 = (-128, 127)  # a full 8-bit point's (shifted) code range: what oneDNN's uint8 codes hold
 
@@ -73,8 +81,12 @@ def _is_exact_gelu(gm: fx.GraphModule, node: fx.Node) -> bool:
     module = submodule(gm, node)
     if isinstance(module, torch.nn.GELU):
         return module.approximate == "none"
-    return (node.op == "call_function" and node.target is F.gelu and len(node.args) == 1
-            and node.kwargs.get("approximate", "none") == "none")
+    return (
+        node.op == "call_function"
+        and node.target is F.gelu
+        and len(node.args) == 1
+        and node.kwargs.get("approximate", "none") == "none"
+    )
 
 
 class _Group:
@@ -102,8 +114,9 @@ class _Conversion:
         self.kept: dict[str, str] = {}  # linear node name -> why it stays portable
         for node in self.graph.nodes:
             module = submodule(gm, node)
-            if isinstance(module, (QuantizeCodes, IntLayerNorm)) or (isinstance(module, IntLinear)
-                                                                     and module.requantizes):
+            if isinstance(module, (QuantizeCodes, IntLayerNorm)) or (
+                isinstance(module, IntLinear) and module.requantizes
+            ):
                 group = _Group(gm, node)
                 self.groups[node] = group
                 for member in group.members:
@@ -179,8 +192,12 @@ class _Conversion:
         """Replace one IntLinear; returns (what it computes now, root of an output group that
         becomes uint8 or None)."""
         module: IntLinear = submodule(self.gm, linear)
-        common = dict(weight_codes=module.weight_codes, input_scale=module.input_scale,
-                      input_zero_point=module.input_zero_point + UINT8_OFFSET, label=module.label)
+        common = dict(
+            weight_codes=module.weight_codes,
+            input_scale=module.input_scale,
+            input_zero_point=module.input_zero_point + UINT8_OFFSET,
+            label=module.label,
+        )
         weight_scale = module.weight_scale.to(torch.float64)
         bias = module.bias.to(torch.float64) if module.bias is not None else torch.zeros_like(weight_scale)
         gelu_point = self._gelu_point(linear, chosen)
@@ -189,14 +206,27 @@ class _Conversion:
             out_scale, out_zero = module.out_point_scale, module.out_point_zero
             zero = out_zero.reshape(-1).expand(module.out_features) + UINT8_OFFSET
             scale = out_scale.reshape(-1).expand(module.out_features)
-            new = OnednnLinear(weight_scale=weight_scale / scale, bias=bias / scale + zero, output="uint8",
-                               out_label=module.out_label, **common)
+            new = OnednnLinear(
+                weight_scale=weight_scale / scale,
+                bias=bias / scale + zero,
+                output="uint8",
+                out_label=module.out_label,
+                **common,
+            )
             kind, out_root = f"codes of {module.out_label}", linear
         elif gelu_point is not None:
             codes: QuantizeCodes = submodule(self.gm, gelu_point)
             zero = float(codes.zero_point) + UINT8_OFFSET
-            new = OnednnLinear(weight_scale=weight_scale, bias=bias, output="uint8", output_scale=float(codes.scale),
-                               output_zero_point=int(round(zero)), post_op="gelu", out_label=codes.label, **common)
+            new = OnednnLinear(
+                weight_scale=weight_scale,
+                bias=bias,
+                output="uint8",
+                output_scale=float(codes.scale),
+                output_zero_point=int(round(zero)),
+                post_op="gelu",
+                out_label=codes.label,
+                **common,
+            )
             gelu = next(iter(linear.users))
             drop_origin(linear)
             linear.meta[CODES_OF] = gelu_point.meta.get(CODES_OF)
@@ -256,11 +286,17 @@ class UseOnednnKernels(Pass):
             raise NodeError("output", "no integer modules in the graph; run lower_integer first")
         linears = [m for m in gm.modules() if isinstance(m, IntLinear)]  # none: a preset without Linear points
         if any(m.weight_scale is None for m in linears):
-            raise NodeError("output", "lower_integer already released the IntLinears' scales; build it with "
-                                      "LowerInteger(release_setup=False) before use_onednn_kernels")
+            raise NodeError(
+                "output",
+                "lower_integer already released the IntLinears' scales; build it with "
+                "LowerInteger(release_setup=False) before use_onednn_kernels",
+            )
         if not onednn_available():
-            raise NodeError("output", "oneDNN's int8 Linear kernels are not available here (they need an x86 CPU "
-                                      "build of torch with oneDNN); use int_kernels='portable'")
+            raise NodeError(
+                "output",
+                "oneDNN's int8 Linear kernels are not available here (they need an x86 CPU "
+                "build of torch with oneDNN); use int_kernels='portable'",
+            )
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         conversion = _Conversion(gm)
@@ -287,9 +323,11 @@ class UseOnednnKernels(Pass):
         gm.recompile()
         notes = ctx.state.setdefault("lower_integer", [])
         gelu = sum("GELU" in k for k in kinds.values())
-        notes.append(f"use_onednn_kernels: {len(kinds)} of {len(conversion.linears)} Linears on oneDNN's int8 "
-                     f"kernel ({gelu} with GELU and the next point's quantization in the epilogue); "
-                     f"{float_requant} integer matmuls requantize with float32 scales")
+        notes.append(
+            f"use_onednn_kernels: {len(kinds)} of {len(conversion.linears)} Linears on oneDNN's int8 "
+            f"kernel ({gelu} with GELU and the next point's quantization in the epilogue); "
+            f"{float_requant} integer matmuls requantize with float32 scales"
+        )
         notes.extend(f"portable Linear {name}: {why}" for name, why in sorted(conversion.kept.items()))
         fake = ctx.state.pop(FAKE_GRAPH_STATE, None) if self.measure else None
         if fake is not None:  # lower_integer left the equivalence check to this pass: the graph returned

@@ -1,4 +1,5 @@
 """Session-wide test settings."""
+
 import torch
 
 # The test models are tiny: one thread is as fast as two, and it stays fast when the

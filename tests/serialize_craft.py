@@ -1,5 +1,6 @@
 """Helpers that craft .fxq files the way an attacker would: edit the document and the tensors,
 then recompute every digest, so that only the loader's own checks stand in the way."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
-from fxquant.serialize import DOC_KEY, HASH_KEY, _tensors_digest
+from fxquant.io.serialize import DOC_KEY, HASH_KEY, _tensors_digest
 
 
 def read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -21,8 +22,13 @@ def read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return document, tensors
 
 
-def craft(src: Path, dst: Path, edit: Optional[Callable[[dict], None]] = None,
-          edit_tensors: Optional[Callable[[dict], None]] = None, text: Optional[str] = None) -> Path:
+def craft(
+    src: Path,
+    dst: Path,
+    edit: Optional[Callable[[dict], None]] = None,
+    edit_tensors: Optional[Callable[[dict], None]] = None,
+    text: Optional[str] = None,
+) -> Path:
     """``src`` with its document and/or tensors edited, every listing and digest made consistent."""
     from safetensors.torch import save_file
 
@@ -32,8 +38,10 @@ def craft(src: Path, dst: Path, edit: Optional[Callable[[dict], None]] = None,
     if edit_tensors is not None:
         edit_tensors(tensors)
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        document["tensors"] = {k: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-                               for k, t in sorted(tensors.items())}
+        document["tensors"] = {
+            k: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+            for k, t in sorted(tensors.items())
+        }
         document["tensors_sha256"] = _tensors_digest(tensors)
     if text is None:
         text = json.dumps(document)
@@ -47,6 +55,11 @@ def nodes_of(document: dict, op: str) -> list[dict]:
 
 def process_state() -> tuple:
     """Process-wide torch state a loaded model must not change."""
-    return (torch.get_default_dtype(), str(torch.empty(0).device), torch.get_num_threads(),
-            torch.are_deterministic_algorithms_enabled(), torch.random.get_rng_state().sum().item(),
-            str(torch._tensor_str.PRINT_OPTS.__dict__))
+    return (
+        torch.get_default_dtype(),
+        str(torch.empty(0).device),
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.random.get_rng_state().sum().item(),
+        str(torch._tensor_str.PRINT_OPTS.__dict__),
+    )

@@ -1,4 +1,5 @@
 """fxquant.compile end to end on tiny models, and the seed's double-quantization bug found by the diff."""
+
 from __future__ import annotations
 
 import copy
@@ -14,19 +15,19 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxquant
-from tests.tiny import images, state_hash
+from fxquant.analysis.numeric_diff import capture_values, compare_graph, output_qsnr
 from fxquant.api import default_diff_inputs
-from fxquant.numeric_diff import capture_values, compare_graph, output_qsnr
 from fxquant.errors import FxqError, NodeError, PassError
-from fxquant.modules import QuantLinear
-from fxquant.observers import make_observer
-from fxquant.pass_manager import PassContext, PassManager
+from fxquant.infra.pass_manager import PassContext, PassManager
+from fxquant.infra.records import Report
 from fxquant.passes import LowerFakeQuant
 from fxquant.passes.lower_fake_quant import quantize_weight_module
 from fxquant.pipeline import default_passes
-from fxquant.quantizers import dequantize
-from fxquant.report import Report
-from fxquant.spec import QuantSpec
+from fxquant.quant.observers import make_observer
+from fxquant.quant.quantizers import dequantize
+from fxquant.quant.spec import QuantSpec
+from fxquant.runtime.fake_quant import QuantLinear
+from tests.tiny import images, state_hash
 
 NEUTRAL_PASSES = [p.name for p in default_passes() if p.neutral]
 QKV_LINEARS = {"blocks_0_attn_qkv_q", "blocks_0_attn_qkv_k", "blocks_0_attn_qkv_v"}
@@ -35,14 +36,22 @@ QKV_GROUPS = {"attn_q_out", "attn_k_out", "attn_v_input", "attn_qkv.weight", "at
 
 def tiny_vit() -> nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64,
-                             num_heads=2, num_classes=10).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=10
+    ).eval()
 
 
 def tiny_swin() -> nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("swin_tiny_patch4_window7_224", img_size=56, embed_dim=32, depths=(2, 2),
-                             num_heads=(2, 4), window_size=7, num_classes=10).eval()
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        img_size=56,
+        embed_dim=32,
+        depths=(2, 2),
+        num_heads=(2, 4),
+        window_size=7,
+        num_classes=10,
+    ).eval()
 
 
 def fused_flags(model: nn.Module) -> dict:
@@ -126,8 +135,15 @@ def test_user_model_is_unchanged(request, which):
 @pytest.mark.parametrize("which", BOTH)
 def test_neutral_passes_keep_fp32_output(request, which):
     report = request.getfixturevalue(which).qm.report
-    assert set(NEUTRAL_PASSES) == {"decompose_attention", "annotate", "split_qkv", "smooth", "insert_observers",
-                                   "calibrate", "fuse_scales"}
+    assert set(NEUTRAL_PASSES) == {
+        "decompose_attention",
+        "annotate",
+        "split_qkv",
+        "smooth",
+        "insert_observers",
+        "calibrate",
+        "fuse_scales",
+    }
     assert report.pass_record("trace").output_qsnr_db >= 100.0  # traced graph vs the eager model
     for name in NEUTRAL_PASSES:
         record = report.pass_record(name)
@@ -142,8 +158,15 @@ def test_report_pairs_split_nodes_with_their_parent(vit_w8a8):
     assert q["origin"] == "blocks_0_attn_qkv" and q["group"] == "attn_qkv.weight"
     assert q["module"] == "blocks.0.attn.qkv_q"
     groups = {n["group"] for n in final.nodes if n["group"]}
-    assert {"attn_qkv.weight", "attn_q_out", "attn_k_out", "attn_v_input", "attn_kv_out", "norm1",
-            "mlp_fc1.weight"} <= groups
+    assert {
+        "attn_qkv.weight",
+        "attn_q_out",
+        "attn_k_out",
+        "attn_v_input",
+        "attn_kv_out",
+        "norm1",
+        "mlp_fc1.weight",
+    } <= groups
 
 
 # ------------------------------------------------------------------ calibration data
@@ -210,8 +233,9 @@ def test_empty_calib_data(empty):
         fxquant.compile(tiny_vit(), "w8a8", calib_data=calib, progress=False)
 
 
-@pytest.mark.parametrize("calib, message", [(None, "calib_data must be"), (3, "calib_data must be"),
-                                            (["not a tensor"], "calib_data item 0")])
+@pytest.mark.parametrize(
+    "calib, message", [(None, "calib_data must be"), (3, "calib_data must be"), (["not a tensor"], "calib_data item 0")]
+)
 def test_bad_calib_data(calib, message):
     with pytest.raises(FxqError, match=message):
         fxquant.compile(tiny_vit(), "seed_attn", calib_data=calib, progress=False)
@@ -319,8 +343,11 @@ def test_double_quantized_qkv_is_the_first_drop(vit_w8a8):
 
 def test_lower_refuses_an_already_quantized_weight(vit_w8a8):
     qm = copy.deepcopy(vit_w8a8.qm)
-    ctx = PassContext(qconfig=vit_w8a8.qm.qconfig, reference=fxquant.trace(vit_w8a8.model),
-                      diff_inputs=default_diff_inputs(vit_w8a8.calib))
+    ctx = PassContext(
+        qconfig=vit_w8a8.qm.qconfig,
+        reference=fxquant.trace(vit_w8a8.model),
+        diff_inputs=default_diff_inputs(vit_w8a8.calib),
+    )
     with pytest.raises(PassError) as info:
         PassManager([LowerFakeQuant()]).run(qm, ctx)
     message = str(info.value)

@@ -12,7 +12,8 @@ from bench.train_fashion_vit import ARCH, CHECKPOINT, build_fashion_vit, load_fa
 
 HAS_CHECKPOINT = os.path.isfile(CHECKPOINT)
 HAS_FASHION = os.path.isfile(
-    os.path.join(os.environ.get("FASHION_MNIST_DIR", FASHION_DIR), "t10k-images-idx3-ubyte.gz"))
+    os.path.join(os.environ.get("FASHION_MNIST_DIR", FASHION_DIR), "t10k-images-idx3-ubyte.gz")
+)
 
 
 def test_builder_shapes_and_size():

@@ -1,16 +1,17 @@
 """fxquant.compile refuses calibration data and diff inputs it cannot use, naming the batch,
 and leaves the global torch RNG as it found it."""
+
 from __future__ import annotations
 
 import pytest
 import timm
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import fxquant
-from fxquant.calib_data import iter_batches
 from fxquant.errors import FxqError
-from fxquant.trace import image_input
+from fxquant.ir.trace import image_input
+from fxquant.quant.calib_data import iter_batches
 from tests.tiny import TINY_VIT, images
 
 
@@ -59,23 +60,29 @@ def test_float64_calibration_still_works(vit):
 def test_empty_batch_is_refused_naming_its_index(vit, form):
     empty = torch.empty(0, 3, 32, 32)
     batches = [images(2, 32), images(2, 32, seed=2), empty]
-    calib = {"list": lambda: batches, "generator": lambda: (b for b in batches),
-             "dataloader": lambda: DataLoader([(b, 0) for b in batches], batch_size=None)}[form]()
+    calib = {
+        "list": lambda: batches,
+        "generator": lambda: (b for b in batches),
+        "dataloader": lambda: DataLoader([(b, 0) for b in batches], batch_size=None),
+    }[form]()
     message = compile_error(vit, calib)
     assert "calib_data batch 2 holds no images (shape (0, 3, 32, 32))" in message
     assert "IndexError" not in message
 
 
-@pytest.mark.parametrize("calib, expected", [
-    ([], "calib_data is empty"),
-    ("images/", "calib_data is a str"),
-    ({"image": images(2, 32)}, "calib_data is a dict"),
-    ([[1, 2]], "calib_data item 0 is a list whose first element is an int"),
-    ([(None, 0)], "calib_data item 0 is a tuple whose first element is a NoneType"),
-    ([{"label": 1}], "calib_data item 0 is a dict without an 'image'"),
-    ([images(2, 32), "x"], "calib_data item 1 is str"),
-    ([torch.ones(3)], r"calib_data batch 0 has shape (3,); expected a batch of images"),
-])
+@pytest.mark.parametrize(
+    "calib, expected",
+    [
+        ([], "calib_data is empty"),
+        ("images/", "calib_data is a str"),
+        ({"image": images(2, 32)}, "calib_data is a dict"),
+        ([[1, 2]], "calib_data item 0 is a list whose first element is an int"),
+        ([(None, 0)], "calib_data item 0 is a tuple whose first element is a NoneType"),
+        ([{"label": 1}], "calib_data item 0 is a dict without an 'image'"),
+        ([images(2, 32), "x"], "calib_data item 1 is str"),
+        ([torch.ones(3)], r"calib_data batch 0 has shape (3,); expected a batch of images"),
+    ],
+)
 def test_calib_data_that_is_not_image_batches(vit, calib, expected):
     assert expected in compile_error(vit, calib)
 
@@ -137,8 +144,11 @@ def test_traced_size_assertion_names_the_shape_not_a_proxy(vit):
 
 
 # -------------------------------------------------------------------------- RNG
-@pytest.mark.parametrize("kwargs", [dict(), dict(backend="int"), dict(keep_float=1),
-                                    dict(qconfig="fqvit_w8a8")], ids=["fake", "int", "keep_float", "fqvit"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(backend="int"), dict(keep_float=1), dict(qconfig="fqvit_w8a8")],
+    ids=["fake", "int", "keep_float", "fqvit"],
+)
 def test_compile_leaves_the_global_rng_untouched(vit, kwargs):
     kwargs = dict(kwargs)
     qconfig = kwargs.pop("qconfig", "w8a8")

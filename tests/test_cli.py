@@ -1,4 +1,5 @@
-"""The command line: fxquant.cli.main([...]) on a tiny ViT; errors are one line on stderr, exit 2."""
+"""The command line: fxquant.cli.app.main([...]) on a tiny ViT; errors are one line on stderr, exit 2."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,23 @@ import timm
 import torch
 
 import fxquant
-from fxquant.cli import main
+from fxquant.cli.app import main
 
 MODEL = "vit_tiny_patch16_224"
 TINY = dict(patch_size=8, depth=2, embed_dim=64, num_heads=2)  # what --img-size/--num-classes cannot set
 BASE = ["compile", "--model", MODEL, "--img-size", "32", "--num-classes", "10", "--quiet"]
-PASSES = ["trace", "decompose_attention", "annotate", "split_qkv", "smooth", "insert_observers", "calibrate", "fuse_scales",
-          "lower_fake_quant", "lower_log_int_softmax"]
+PASSES = [
+    "trace",
+    "decompose_attention",
+    "annotate",
+    "split_qkv",
+    "smooth",
+    "insert_observers",
+    "calibrate",
+    "fuse_scales",
+    "lower_fake_quant",
+    "lower_log_int_softmax",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -92,11 +103,14 @@ def test_missing_checkpoint(tmp_path, capsys):
     assert_one_line_error(rc, capsys, str(missing), "no such file")
 
 
-@pytest.mark.parametrize("spec, fragment", [
-    ("random:abc", "expected random:N with an integer N"),
-    ("random:0", "N >= 1"),
-    ("no/such/folder", "expected random:N or a directory of images"),
-])
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("random:abc", "expected random:N with an integer N"),
+        ("random:0", "N >= 1"),
+        ("no/such/folder", "expected random:N or a directory of images"),
+    ],
+)
 def test_bad_calib_spec(spec, fragment, capsys):
     rc = main(BASE + ["--calib", spec])
     assert_one_line_error(rc, capsys, f"{fragment}")
@@ -108,8 +122,7 @@ def test_calib_directory_without_images(tmp_path, capsys):
     assert_one_line_error(rc, capsys, "no images")
 
 
-@pytest.mark.parametrize("qconfig, fragment", [("w3a3", "neither a preset"),
-                                               ("bad.yaml", "norm1.observer_type")])
+@pytest.mark.parametrize("qconfig, fragment", [("w3a3", "neither a preset"), ("bad.yaml", "norm1.observer_type")])
 def test_unknown_or_bad_qconfig(tmp_path, monkeypatch, capsys, qconfig, fragment):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.yaml").write_text("norm1:\n  observer_type: FooObserver\n")
@@ -164,8 +177,22 @@ def test_calibration_directory_of_png_images(tmp_path, capsys, spy):
 
 def test_compile_html_writes_page_and_statistics(tmp_path, capsys):
     page = tmp_path / "out" / "report.html"
-    rc = main(["compile", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10",
-               "--calib", "random:8", "--quiet", "--html", str(page)])
+    rc = main(
+        [
+            "compile",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--num-classes",
+            "10",
+            "--calib",
+            "random:8",
+            "--quiet",
+            "--html",
+            str(page),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and f"HTML report written to {page}" in out
     text = page.read_text()
@@ -177,8 +204,24 @@ def test_compile_html_writes_page_and_statistics(tmp_path, capsys):
 
 def test_compile_save_writes_a_loadable_model(tmp_path, capsys):
     path = tmp_path / "m.fxq"
-    rc = main(["compile", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10",
-               "--qconfig", "seed_attn", "--calib", "random:4", "--quiet", "--save", str(path)])
+    rc = main(
+        [
+            "compile",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--num-classes",
+            "10",
+            "--qconfig",
+            "seed_attn",
+            "--calib",
+            "random:4",
+            "--quiet",
+            "--save",
+            str(path),
+        ]
+    )
     assert rc == 0 and f"quantized model saved to {path}" in capsys.readouterr().out
     qm = fxquant.load(path)
     x = torch.randn(2, 3, 32, 32)
@@ -188,8 +231,25 @@ def test_compile_save_writes_a_loadable_model(tmp_path, capsys):
 # ------------------------------------------------------------------ export / run (a saved .fxq)
 def _saved(tmp_path, num_classes=10, qconfig="w8a8"):
     path = tmp_path / f"m{num_classes}.fxq"
-    rc = main(["compile", "--model", MODEL, "--img-size", "32", "--num-classes", str(num_classes),
-               "--qconfig", qconfig, "--calib", "random:4", "--quiet", "--no-diff", "--save", str(path)])
+    rc = main(
+        [
+            "compile",
+            "--model",
+            MODEL,
+            "--img-size",
+            "32",
+            "--num-classes",
+            str(num_classes),
+            "--qconfig",
+            qconfig,
+            "--calib",
+            "random:4",
+            "--quiet",
+            "--no-diff",
+            "--save",
+            str(path),
+        ]
+    )
     assert rc == 0
     return path
 
@@ -209,7 +269,7 @@ def _image_folder(tmp_path, count=2):
 def test_export_writes_onnx_that_onnxruntime_runs(tmp_path, capsys):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    from fxquant.quantizers import qsnr_db
+    from fxquant.quant.quantizers import qsnr_db
 
     path = _saved(tmp_path)
     capsys.readouterr()
@@ -259,8 +319,9 @@ def test_run_prints_class_indices_or_features(tmp_path, capsys):
 
 def test_export_and_run_errors_are_one_line(tmp_path, capsys):
     missing = tmp_path / "missing.fxq"
-    assert_one_line_error(main(["export", str(missing), "--onnx", str(tmp_path / "m.onnx")]), capsys,
-                          str(missing), "no such file")
+    assert_one_line_error(
+        main(["export", str(missing), "--onnx", str(tmp_path / "m.onnx")]), capsys, str(missing), "no such file"
+    )
     not_fxq = tmp_path / "bad.fxq"
     not_fxq.write_bytes(b"not a safetensors file")
     assert_one_line_error(main(["run", str(not_fxq), "--images", str(tmp_path)]), capsys, str(not_fxq))
@@ -272,8 +333,10 @@ def test_export_and_run_errors_are_one_line(tmp_path, capsys):
 # ------------------------------------------------------------------ report DIR
 def test_report_dir_writes_the_page_from_a_dump(tmp_path, capsys):
     dump, model = tmp_path / "d", tmp_path / "m.fxq"
-    rc = main(BASE + ["--calib", "random:4", "--dump-dir", str(dump), "--report", str(dump / "report.json"),
-                      "--save", str(model)])
+    rc = main(
+        BASE
+        + ["--calib", "random:4", "--dump-dir", str(dump), "--report", str(dump / "report.json"), "--save", str(model)]
+    )
     assert rc == 0
     capsys.readouterr()
     assert main(["report", str(dump)]) == 0
@@ -281,7 +344,7 @@ def test_report_dir_writes_the_page_from_a_dump(tmp_path, capsys):
     assert f"HTML report written to {page}" in capsys.readouterr().out
     text = page.read_text()
     assert "lower_fake_quant" in text and "<svg" in text
-    from fxquant.report import Report
+    from fxquant.infra.records import Report
 
     again = Report.from_json(dump / "report.json")
     assert again.to_dict() == json.loads((dump / "report.json").read_text())
@@ -300,8 +363,10 @@ def test_report_dir_errors_are_one_line(tmp_path, capsys):
     assert_one_line_error(main(["report", str(tmp_path / "bad")]), capsys, "not an fxquant report")
 
 
-@pytest.mark.skipif(not __import__("fxquant.onednn", fromlist=["x"]).onednn_available(),
-                    reason="oneDNN int8 ops need an x86 torch build")
+@pytest.mark.skipif(
+    not __import__("fxquant.runtime.onednn", fromlist=["x"]).onednn_available(),
+    reason="oneDNN int8 ops need an x86 torch build",
+)
 def test_compile_int_with_onednn_kernels(capsys, spy):
     rc = main(BASE + ["--calib", "random:8", "--backend", "int", "--int-kernels", "onednn", "--no-diff"])
     out, _ = capsys.readouterr()

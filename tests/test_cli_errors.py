@@ -1,6 +1,7 @@
 """Bad input to every fxquant command: one ``fxquant: error:`` line naming the path or
 option and what to do, exit status 2, no traceback; unreadable images are skipped with one
 warning. Tiny models, 32x32 images, two random calibration images."""
+
 from __future__ import annotations
 
 import os
@@ -15,16 +16,28 @@ import torch
 import torch.fx as fx
 
 import fxquant
-from fxquant.cli import main
+from fxquant.cli.app import main
 from tests.test_cli import MODEL, TINY, assert_one_line_error, tiny_timm_models  # noqa: F401 (autouse fixture)
 
-BASE = ["compile", "--model", MODEL, "--img-size", "32", "--num-classes", "10", "--quiet", "--no-diff",
-        "--calib", "random:2"]
+BASE = [
+    "compile",
+    "--model",
+    MODEL,
+    "--img-size",
+    "32",
+    "--num-classes",
+    "10",
+    "--quiet",
+    "--no-diff",
+    "--calib",
+    "random:2",
+]
 
 
 @pytest.fixture
 def no_compile(monkeypatch):
     """The checks must refuse before the (long) compile starts."""
+
     def compile_must_not_run(*args, **kwargs):
         raise AssertionError("fxquant.compile ran before the bad input was refused")
 
@@ -34,8 +47,9 @@ def no_compile(monkeypatch):
 def _tiny_compiled(model_name):
     torch.manual_seed(0)
     model = timm.create_model(MODEL, img_size=32, num_classes=10, **TINY).eval()
-    return fxquant.compile(model, "w8a8", calib_data=[torch.randn(2, 3, 32, 32)], progress=False,
-                           numeric_diff=False, model_name=model_name)
+    return fxquant.compile(
+        model, "w8a8", calib_data=[torch.randn(2, 3, 32, 32)], progress=False, numeric_diff=False, model_name=model_name
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,31 +124,39 @@ def test_run_skips_unreadable_images_and_refuses_a_folder_of_them(tmp_path, caps
 
 
 # ------------------------------------------------------------------------- bad numbers
-@pytest.mark.parametrize("argv, option", [
-    (BASE + ["--batch-size", "0"], "--batch-size"),
-    (BASE + ["--batch-size", "-3"], "--batch-size"),
-    (BASE + ["--batch-size", "two"], "--batch-size"),
-    (BASE + ["--worst", "-1"], "--worst"),
-    (BASE + ["--img-size", "0"], "--img-size"),
-    (BASE + ["--num-classes", "-1"], "--num-classes"),
-    (["diff", "--model", MODEL, "--top", "-1"], "--top"),
-    (["run", "m.fxq", "--images", ".", "--batch-size", "0"], "--batch-size"),
-    (["run", "m.fxq", "--images", ".", "--img-size", "-32"], "--img-size"),
-    (["export", "m.fxq", "--onnx", "m.onnx", "--img-size", "0"], "--img-size"),
-    (["export", "m.fxq", "--onnx", "m.onnx", "--opset", "0"], "--opset"),
-    (["report", ".", "--images", "0"], "--images"),
-], ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (BASE + ["--batch-size", "0"], "--batch-size"),
+        (BASE + ["--batch-size", "-3"], "--batch-size"),
+        (BASE + ["--batch-size", "two"], "--batch-size"),
+        (BASE + ["--worst", "-1"], "--worst"),
+        (BASE + ["--img-size", "0"], "--img-size"),
+        (BASE + ["--num-classes", "-1"], "--num-classes"),
+        (["diff", "--model", MODEL, "--top", "-1"], "--top"),
+        (["run", "m.fxq", "--images", ".", "--batch-size", "0"], "--batch-size"),
+        (["run", "m.fxq", "--images", ".", "--img-size", "-32"], "--img-size"),
+        (["export", "m.fxq", "--onnx", "m.onnx", "--img-size", "0"], "--img-size"),
+        (["export", "m.fxq", "--onnx", "m.onnx", "--opset", "0"], "--opset"),
+        (["report", ".", "--images", "0"], "--images"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else v,
+)
 def test_bad_numbers_are_refused_by_the_parser(argv, option, capsys, no_compile):
-    line = assert_one_line_error(main(argv), capsys, f"argument {option}", "must be an integer" if argv[-1] != "two"
-                                 else "expected an integer")
+    line = assert_one_line_error(
+        main(argv), capsys, f"argument {option}", "must be an integer" if argv[-1] != "two" else "expected an integer"
+    )
     assert "--help" in line
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["compile", "--model", MODEL, "--bogus"], "unrecognized arguments: --bogus"),
-    (["compile"], "required: --model"),
-    ([], "required: command"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["compile", "--model", MODEL, "--bogus"], "unrecognized arguments: --bogus"),
+        (["compile"], "required: --model"),
+        ([], "required: command"),
+    ],
+)
 def test_parser_errors_are_one_line(argv, fragment, capsys):
     assert_one_line_error(main(argv), capsys, fragment)
 
@@ -154,8 +176,14 @@ class _RunsCode:
 def test_checkpoint_pickle_that_needs_code_is_refused_not_run(tmp_path, capsys, no_compile, protocol):
     marker, path = tmp_path / "pwned", tmp_path / "evil.pth"
     path.write_bytes(pickle.dumps(_RunsCode(marker), protocol=protocol))
-    line = assert_one_line_error(main(BASE + ["--checkpoint", str(path)]), capsys, f"--checkpoint {path}",
-                                 "needs code to load", "mkdir", "state_dict()")
+    line = assert_one_line_error(
+        main(BASE + ["--checkpoint", str(path)]),
+        capsys,
+        f"--checkpoint {path}",
+        "needs code to load",
+        "mkdir",
+        "state_dict()",
+    )
     assert "weights_only=True" in line
     assert not marker.exists()
 
@@ -180,16 +208,22 @@ def _write(path, kind):
     return path
 
 
-@pytest.mark.parametrize("kind, name, fragments", [
-    ("random bytes", "w.pth", ["not a PyTorch checkpoint", "weights_only=True"]),
-    ("empty", "w.pth", ["not a PyTorch checkpoint", "ends early"]),
-    ("a module", "w.pth", ["needs code to load", "torch.nn.modules.linear.Linear"]),
-    ("a list", "w.pth", ["holds a list, not a state dict"]),
-    ("a training dict", "w.pth", ["entry 'epoch' is of type int, not a tensor", "state_dict"]),
-    ("corrupt safetensors", "w.safetensors", ["not a readable safetensors file"]),
-    ("foreign safetensors", "w.safetensors", ["does not fit the model", "none of the model's",
-                                              "'encoder.weight'", "another model"]),
-])
+@pytest.mark.parametrize(
+    "kind, name, fragments",
+    [
+        ("random bytes", "w.pth", ["not a PyTorch checkpoint", "weights_only=True"]),
+        ("empty", "w.pth", ["not a PyTorch checkpoint", "ends early"]),
+        ("a module", "w.pth", ["needs code to load", "torch.nn.modules.linear.Linear"]),
+        ("a list", "w.pth", ["holds a list, not a state dict"]),
+        ("a training dict", "w.pth", ["entry 'epoch' is of type int, not a tensor", "state_dict"]),
+        ("corrupt safetensors", "w.safetensors", ["not a readable safetensors file"]),
+        (
+            "foreign safetensors",
+            "w.safetensors",
+            ["does not fit the model", "none of the model's", "'encoder.weight'", "another model"],
+        ),
+    ],
+)
 def test_bad_checkpoint_files(tmp_path, capsys, no_compile, kind, name, fragments):
     path = _write(tmp_path / name, kind)
     assert_one_line_error(main(BASE + ["--checkpoint", str(path)]), capsys, f"--checkpoint {path}", *fragments)
@@ -199,20 +233,35 @@ def test_checkpoint_with_a_wrong_shape_names_the_key(tmp_path, capsys, no_compil
     torch.manual_seed(0)
     path = tmp_path / "five.pth"
     torch.save(timm.create_model(MODEL, img_size=32, num_classes=5, **TINY).state_dict(), path)
-    assert_one_line_error(main(BASE + ["--checkpoint", str(path)]), capsys, "does not fit the model",
-                          "'head.weight' is [5, 64] in the file but [10, 64]", "--num-classes")
+    assert_one_line_error(
+        main(BASE + ["--checkpoint", str(path)]),
+        capsys,
+        "does not fit the model",
+        "'head.weight' is [5, 64] in the file but [10, 64]",
+        "--num-classes",
+    )
 
 
 def test_checkpoint_that_is_a_directory(tmp_path, capsys, no_compile):
-    assert_one_line_error(main(BASE + ["--checkpoint", str(tmp_path)]), capsys, f"--checkpoint {tmp_path}",
-                          "is a directory")
+    assert_one_line_error(
+        main(BASE + ["--checkpoint", str(tmp_path)]), capsys, f"--checkpoint {tmp_path}", "is a directory"
+    )
 
 
 # -------------------------------------------------------------------------- output paths
-@pytest.mark.parametrize("option, under_file", [
-    ("--save", True), ("--save", False), ("--report", True), ("--report", False), ("--html", True),
-    ("--html", False), ("--dump-dir", True), ("--dump-dir", False),
-])
+@pytest.mark.parametrize(
+    "option, under_file",
+    [
+        ("--save", True),
+        ("--save", False),
+        ("--report", True),
+        ("--report", False),
+        ("--html", True),
+        ("--html", False),
+        ("--dump-dir", True),
+        ("--dump-dir", False),
+    ],
+)
 def test_compile_outputs_are_checked_before_the_compile(tmp_path, capsys, no_compile, option, under_file):
     blocker = tmp_path / "somefile"
     blocker.write_text("a file")
@@ -228,13 +277,15 @@ def test_compile_outputs_are_checked_before_the_compile(tmp_path, capsys, no_com
 def test_html_statistics_path_that_is_a_directory(tmp_path, capsys, no_compile):
     (tmp_path / "page_stats.json").mkdir()
     page = tmp_path / "page.html"
-    assert_one_line_error(main(BASE + ["--html", str(page)]), capsys, f"--html {page}",
-                          "page_stats.json, which is a directory")
+    assert_one_line_error(
+        main(BASE + ["--html", str(page)]), capsys, f"--html {page}", "page_stats.json, which is a directory"
+    )
 
 
 def test_diff_json_and_report_out_paths(tmp_path, capsys, no_compile):
-    assert_one_line_error(main(["diff", "--model", MODEL, "--json", str(tmp_path)]), capsys,
-                          f"--json {tmp_path}", "is a directory")
+    assert_one_line_error(
+        main(["diff", "--model", MODEL, "--json", str(tmp_path)]), capsys, f"--json {tmp_path}", "is a directory"
+    )
     (tmp_path / "report.json").write_text("{}")
     (tmp_path / "blocker").write_text("a file")
     out = tmp_path / "blocker" / "page.html"
@@ -244,15 +295,16 @@ def test_diff_json_and_report_out_paths(tmp_path, capsys, no_compile):
 def test_export_onnx_path(tmp_path, capsys, saved):
     (tmp_path / "blocker").write_text("a file")
     under = tmp_path / "blocker" / "m.onnx"
-    assert_one_line_error(main(["export", str(saved[0]), "--onnx", str(under)]), capsys, f"--onnx {under}",
-                          "is a file")
-    assert_one_line_error(main(["export", str(saved[0]), "--onnx", str(tmp_path)]), capsys,
-                          f"--onnx {tmp_path}", "is a directory")
+    assert_one_line_error(main(["export", str(saved[0]), "--onnx", str(under)]), capsys, f"--onnx {under}", "is a file")
+    assert_one_line_error(
+        main(["export", str(saved[0]), "--onnx", str(tmp_path)]), capsys, f"--onnx {tmp_path}", "is a directory"
+    )
 
 
 def test_model_file_that_is_a_directory(tmp_path, capsys):
-    assert_one_line_error(main(["run", str(tmp_path), "--images", str(tmp_path)]), capsys, str(tmp_path),
-                          "is a directory", "--save")
+    assert_one_line_error(
+        main(["run", str(tmp_path), "--images", str(tmp_path)]), capsys, str(tmp_path), "is a directory", "--save"
+    )
 
 
 # ---------------------------------------------------------------- export / run: the model
@@ -284,8 +336,9 @@ def test_run_names_the_input_shape_a_model_refuses(tmp_path, capsys, monkeypatch
     _png(folder / "p.png")
     monkeypatch.setattr(fxquant, "load", lambda path: fx.symbolic_trace(_FlatLinear()))
     rc = main(["run", str(model_file), "--images", str(folder), "--img-size", "64", "--model", MODEL])
-    assert_one_line_error(rc, capsys, str(model_file), "failed on images of shape (3, 64, 64)",
-                          "--img-size it was compiled for")
+    assert_one_line_error(
+        rc, capsys, str(model_file), "failed on images of shape (3, 64, 64)", "--img-size it was compiled for"
+    )
 
 
 def test_run_on_a_file_saved_without_model_name(tmp_path, capsys, saved):
@@ -293,12 +346,22 @@ def test_run_on_a_file_saved_without_model_name(tmp_path, capsys, saved):
     folder.mkdir()
     _png(folder / "p.png")
     unnamed = saved[1]
-    assert_one_line_error(main(["run", str(unnamed), "--images", str(folder)]), capsys, str(unnamed),
-                          "'VisionTransformer', not a timm model", "pass --model NAME", "model_name=")
+    assert_one_line_error(
+        main(["run", str(unnamed), "--images", str(folder)]),
+        capsys,
+        str(unnamed),
+        "'VisionTransformer', not a timm model",
+        "pass --model NAME",
+        "model_name=",
+    )
     assert main(["run", str(unnamed), "--images", str(folder), "--model", MODEL]) == 0
     assert capsys.readouterr().out.startswith("p.png: class ")
-    assert_one_line_error(main(["run", str(unnamed), "--images", str(folder), "--model", "vit_nope"]), capsys,
-                          "--model vit_nope", "unknown timm model")
+    assert_one_line_error(
+        main(["run", str(unnamed), "--images", str(folder), "--model", "vit_nope"]),
+        capsys,
+        "--model vit_nope",
+        "unknown timm model",
+    )
 
 
 # ------------------------------------------------------------------------ ONNX failures
@@ -333,8 +396,14 @@ def test_no_traceback_from_the_command(tmp_path, extra):
         (tmp_path / "w.pth").write_bytes(np.random.default_rng(3).bytes(1000))
         extra = ["--checkpoint", str(tmp_path / "w.pth")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "fxquant", *BASE, *extra], capture_output=True, text=True,
-                            env=env, timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "fxquant", *BASE, *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()

@@ -1,4 +1,5 @@
 """fxquant.debug: isolated vs propagated error per point, sensitivity, keep_float, `fxquant diff`."""
+
 from __future__ import annotations
 
 import copy
@@ -9,12 +10,20 @@ import timm
 import torch
 
 import fxquant
-from tests.tiny import compiled_tiny_vit
+from fxquant.analysis.numeric_diff import output_qsnr
 from fxquant.api import default_diff_inputs
-from fxquant.debug import (choose_float_points, compile_keep_float, isolated_errors, keep_in_float, only_enabled,
-                           quant_point_nodes, rank_by_output, sensitivity)
-from fxquant.numeric_diff import output_qsnr
-from fxquant.modules import QuantLinear
+from fxquant.debug import (
+    choose_float_points,
+    compile_keep_float,
+    isolated_errors,
+    keep_in_float,
+    only_enabled,
+    quant_point_nodes,
+    rank_by_output,
+    sensitivity,
+)
+from fxquant.runtime.fake_quant import QuantLinear
+from tests.tiny import compiled_tiny_vit
 
 QKV = {"blocks_0_attn_qkv_q", "blocks_0_attn_qkv_k", "blocks_0_attn_qkv_v"}
 
@@ -177,28 +186,73 @@ def small_cli_models(monkeypatch):
 
 
 def test_cli_compile_keep_float(small_cli_models, capsys, tmp_path):
-    from fxquant.cli import main
+    from fxquant.cli.app import main
 
     out_json = tmp_path / "r.json"
-    code = main(["compile", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10",
-                 "--calib", "random:8", "--quiet", "--keep-float", "2", "--report", str(out_json)])
+    code = main(
+        [
+            "compile",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--num-classes",
+            "10",
+            "--calib",
+            "random:8",
+            "--quiet",
+            "--keep-float",
+            "2",
+            "--report",
+            str(out_json),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     kept = json.loads(out_json.read_text())["keep_float"]
     assert len(kept) == 2
     assert "points kept in float (--keep-float 2): 2" in out
     assert all(f"{name}: kept in float" in out for name in kept)
-    code = main(["compile", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10",
-                 "--calib", "random:8", "--quiet", "--keep-float", "-1"])
+    code = main(
+        [
+            "compile",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--num-classes",
+            "10",
+            "--calib",
+            "random:8",
+            "--quiet",
+            "--keep-float",
+            "-1",
+        ]
+    )
     assert code == 2 and "keep_float must be" in capsys.readouterr().err
 
 
 def test_cli_diff(small_cli_models, capsys, tmp_path):
-    from fxquant.cli import main
+    from fxquant.cli.app import main
 
     out_json = tmp_path / "d.json"
-    code = main(["diff", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10",
-                 "--calib", "random:8", "--top", "5", "--json", str(out_json)])
+    code = main(
+        [
+            "diff",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--num-classes",
+            "10",
+            "--calib",
+            "random:8",
+            "--top",
+            "5",
+            "--json",
+            str(out_json),
+        ]
+    )
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
     points = json.loads(out_json.read_text())["points"]
@@ -208,7 +262,7 @@ def test_cli_diff(small_cli_models, capsys, tmp_path):
 
 def test_compile_keep_float_with_the_integer_backend(setup):
     """backend='int': the point is chosen on the fake-quant graph, then lower_integer leaves it in float."""
-    from fxquant.int_modules import QuantizeCodes
+    from fxquant.runtime.int_modules import QuantizeCodes
 
     model, calib, qm, x = setup
     most = choose_float_points(qm, 1, (calib[:8],))[0]["node"]
@@ -223,8 +277,15 @@ def test_compile_keep_float_with_the_integer_backend(setup):
     with torch.no_grad():
         assert output_qsnr(q_fake(*x), q_int(*x)) > 25.0
     with pytest.raises(fxquant.FxqError, match="custom passes"):
-        fxquant.compile(model, "w8a8", calib_data=calib, progress=False, keep_float=1, backend="int",
-                        passes=fxquant.pipeline.default_passes("int"))
+        fxquant.compile(
+            model,
+            "w8a8",
+            calib_data=calib,
+            progress=False,
+            keep_float=1,
+            backend="int",
+            passes=fxquant.pipeline.default_passes("int"),
+        )
 
 
 def test_keep_float_with_the_integer_backend_when_every_point_stays_float():

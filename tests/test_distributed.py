@@ -1,9 +1,10 @@
 """Distributed calibration: 2 gloo processes on localhost give the single-process parameters.
 
 Min-max and OMSE points (and the smoothing and weights that depend on them) must be
-bit-exact; EMA and percentile points within the documented bound (fxquant.distributed): the
+bit-exact; EMA and percentile points within the documented bound (fxquant.quant.distributed): the
 merged range ends lie within the spread of the per-batch statistics.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,12 +14,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny import TINY_VIT, images
 
 import fxquant
-from fxquant import distributed
-from fxquant.modules import QUANTIZED_WEIGHT_TYPES, FakeQuantize
-from fxquant.observers import EmaObserver, PercentileObserver, tail_quantiles
-from tiny import TINY_VIT, images
+from fxquant.quant import distributed, tail_quantiles
+from fxquant.quant.observers import EmaObserver, PercentileObserver
+from fxquant.runtime.fake_quant import QUANTIZED_WEIGHT_TYPES, FakeQuantize
 
 WORLD = 2
 # w8a8 with its EMA/percentile counterparts on some points (batch-order dependent observers)
@@ -26,10 +27,20 @@ ORDERED = {
     "extends": "w8a8",
     "norm1": {"bits": 8, "signed": False, "calibration_mode": "layer_wise", "observer_type": "EmaObserver"},
     "attn_v_out": {"bits": 8, "signed": False, "calibration_mode": "layer_wise", "observer_type": "EmaObserver"},
-    "norm2": {"bits": 8, "signed": False, "calibration_mode": "layer_wise", "observer_type": "PercentileObserver",
-              "percentile_alpha": 0.99},
-    "mlp_gelu": {"bits": 8, "signed": False, "calibration_mode": "layer_wise",
-                 "observer_type": "PercentileObserver", "percentile_alpha": 0.99},
+    "norm2": {
+        "bits": 8,
+        "signed": False,
+        "calibration_mode": "layer_wise",
+        "observer_type": "PercentileObserver",
+        "percentile_alpha": 0.99,
+    },
+    "mlp_gelu": {
+        "bits": 8,
+        "signed": False,
+        "calibration_mode": "layer_wise",
+        "observer_type": "PercentileObserver",
+        "percentile_alpha": 0.99,
+    },
 }
 QCONFIGS = {"w8a8": "w8a8", "ordered": ORDERED}
 ORDER_DEPENDENT = ("ema", "percentile")
@@ -76,10 +87,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         x = images(7, 32, seed=9)
         mine = distributed.shard_range(len(x))
         with torch.no_grad():
-            outputs = distributed.gather_outputs(compiled["w8a8"](x[mine.start:mine.stop]))
+            outputs = distributed.gather_outputs(compiled["w8a8"](x[mine.start : mine.stop]))
         counts = distributed.reduce_sums({"images": len(mine), "ranks": 1})
-        save_file({"outputs": outputs, "counts": torch.tensor([counts["images"], counts["ranks"]])},
-                  os.path.join(out_dir, f"eval_rank{rank}.safetensors"))
+        save_file(
+            {"outputs": outputs, "counts": torch.tensor([counts["images"], counts["ranks"]])},
+            os.path.join(out_dir, f"eval_rank{rank}.safetensors"),
+        )
         _cli_compile(rank, os.path.join(out_dir, "cli"))
     finally:
         dist.destroy_process_group()
@@ -89,7 +102,7 @@ def _cli_compile(rank: int, out_dir: str) -> None:
     """``fxquant compile --save --report`` inside the torchrun-like group: rank 0 alone writes."""
     import timm
 
-    from fxquant.cli import main
+    from fxquant.cli.app import main
 
     timm.create_model = _tiny_create_model(timm.create_model)
     rc = main(CLI_ARGS + ["--save", os.path.join(out_dir, "m.fxq"), "--report", os.path.join(out_dir, "r.json")])
@@ -121,6 +134,7 @@ def _single_process(qconfig, monkeypatch):
         def observe(self, x, lo, hi):
             per_batch.setdefault(self.name, []).append(stat(self, x, lo, hi))
             return original(self, x, lo, hi)
+
         monkeypatch.setattr(cls, "_observe", observe)
 
     recording(EmaObserver, lambda self, x, lo, hi: (lo, hi))
@@ -191,7 +205,7 @@ def test_shard_helpers_without_a_process_group():
 
 
 def test_every_observer_type_has_a_merge():
-    from fxquant.observers import _OBSERVERS, MinMaxObserver, OmseObserver
+    from fxquant.quant.observers import _OBSERVERS, MinMaxObserver, OmseObserver
 
     for name, cls in _OBSERVERS.items():  # KLObserver and PtfObserver inherit OMSE's merge
         assert distributed.merge_for(cls) is not None, name
@@ -201,17 +215,31 @@ def test_every_observer_type_has_a_merge():
 def _tiny_create_model(real):
     def create_model(name, *args, **kwargs):  # the CLI's vit_tiny, shrunk as in tests/test_cli.py
         return real(name, *args, **{**dict(patch_size=8, depth=2, embed_dim=64, num_heads=2), **kwargs})
+
     return create_model
 
 
-CLI_ARGS = ["compile", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-classes", "10",
-            "--calib", "random:8", "--batch-size", "2", "--quiet", "--no-diff"]
+CLI_ARGS = [
+    "compile",
+    "--model",
+    "vit_tiny_patch16_224",
+    "--img-size",
+    "32",
+    "--num-classes",
+    "10",
+    "--calib",
+    "random:8",
+    "--batch-size",
+    "2",
+    "--quiet",
+    "--no-diff",
+]
 
 
 def test_cli_compile_under_torchrun_saves_the_single_process_model_once(ranks, tmp_path, monkeypatch):
     import timm
 
-    from fxquant.cli import main
+    from fxquant.cli.app import main
 
     cli_dir = ranks["dir"] / "cli"
     assert [(cli_dir / f"rc{r}").read_text() for r in range(WORLD)] == [f"0 {WORLD}"] * WORLD

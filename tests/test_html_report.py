@@ -1,4 +1,5 @@
-"""fxquant.html_report: one self-contained, well-formed HTML page."""
+"""fxquant.report.html_page: one self-contained, well-formed HTML page."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,8 @@ import timm
 import torch
 
 import fxquant
-from fxquant.html_report import write_html_report
-from fxquant.stats import layer_statistics
+from fxquant.analysis.stats import layer_statistics
+from fxquant.report.html_page import write_html_report
 
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=10)
 NS = "{http://www.w3.org/1999/xhtml}"
@@ -71,8 +72,10 @@ def test_page_with_stats_and_histograms(setup, tmp_path):
     root = ET.fromstring(text.split("\n", 1)[1])
     pass_rows = root.findall(f".//{NS}table[@id='passes']/{NS}tr[@class='pass']")
     assert [r.findall(f"{NS}td")[1].text for r in pass_rows] == [p.name for p in qm.report.passes]
-    worst = sorted({r["node"]: min(x["qsnr_db"] for x in rows if x["node"] == r["node"]) for r in rows}.items(),
-                   key=lambda kv: kv[1])[:5]
+    worst = sorted(
+        {r["node"]: min(x["qsnr_db"] for x in rows if x["node"] == r["node"]) for r in rows}.items(),
+        key=lambda kv: kv[1],
+    )[:5]
     for name, _ in worst:
         assert name in text
     assert "graph-text" in text or "id='graph'" in text
@@ -93,9 +96,11 @@ def test_graph_through_dot(setup, tmp_path, monkeypatch):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     fake = bindir / "dot"
-    fake.write_text("#!/bin/sh\ncat > \"$(dirname \"$0\")/seen.dot\"\n"
-                    "printf '<?xml version=\"1.0\"?>\\n<!-- a -- comment -->\\n"
-                    "<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"dotgraph\"><g/></svg>\\n'\n")
+    fake.write_text(
+        '#!/bin/sh\ncat > "$(dirname "$0")/seen.dot"\n'
+        'printf \'<?xml version="1.0"?>\\n<!-- a -- comment -->\\n'
+        '<svg xmlns="http://www.w3.org/2000/svg" id="dotgraph"><g/></svg>\\n\'\n'
+    )
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
     dot_file = tmp_path / "g.dot"
@@ -108,9 +113,18 @@ def test_graph_through_dot(setup, tmp_path, monkeypatch):
     assert f'"{first}" [style=filled, fillcolor="#' in seen and seen.rstrip().endswith("}")
 
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--enable-logging=stderr", "--v=0"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-logging=stderr",
+    "--v=0",
+]
 
 
 @pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="Debian chromium not installed")
@@ -120,13 +134,23 @@ def test_screenshot(setup, tmp_path):
     page = write_html_report(qm.report, tmp_path / "shot.html", qm=qm, stats=rows, inputs=calib)
     shot = tmp_path / "shot.png"
     flags = CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]
-    run = subprocess.run(["/usr/bin/chromium", *flags, f"--screenshot={shot}", "--window-size=1200,2400",
-                          f"file://{page}"], capture_output=True, text=True, timeout=120, check=False)
+    run = subprocess.run(
+        ["/usr/bin/chromium", *flags, f"--screenshot={shot}", "--window-size=1200,2400", f"file://{page}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "CONSOLE" not in run.stderr and "Uncaught" not in run.stderr, run.stderr[-2000:]
-    dom = subprocess.run(["/usr/bin/chromium", *flags, "--dump-dom", f"file://{page}"],
-                         capture_output=True, text=True, timeout=120, check=False).stdout
-    for marker in ("id=\"passes\"", "id=\"worst\"", "id=\"worst-propagated\"", "id=\"first-drop\"", "<svg"):
+    dom = subprocess.run(
+        ["/usr/bin/chromium", *flags, "--dump-dom", f"file://{page}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    ).stdout
+    for marker in ('id="passes"', 'id="worst"', 'id="worst-propagated"', 'id="first-drop"', "<svg"):
         assert marker in dom, marker
     assert dom.count("<svg") >= 1 + 5  # the QSNR plot and the histograms survive rendering
     if os.environ.get("FXQ_KEEP_SCREENSHOT"):

@@ -1,4 +1,4 @@
-"""NaN and inf through the integer graph (``fxquant.nonfinite``): NaN exactly where FP32 is NaN.
+"""NaN and inf through the integer graph (``fxquant.lowering.nonfinite``): NaN exactly where FP32 is NaN.
 
 For each preset (w8a8, fqvit_w8a8, int8_all) and kernel set (portable; oneDNN with the
 fused attention where it builds), on the tiny ViT and the tiny Swin: a batch of three
@@ -6,6 +6,7 @@ images with a NaN, a +inf or a -inf pixel in one sample gives NaN in exactly the
 the FP32 model gives NaN in (that one), and the other samples' outputs are bit-identical to
 the outputs of the same batch without the bad pixel, and to the graph without its guard.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,9 +17,9 @@ import torch
 import torch.fx as fx
 
 import fxquant
-from fxquant.int_modules import DequantizeCodes, QuantizeCodes
-from fxquant.nonfinite import GUARD, guard_nodes, guard_nonfinite, strip_nonfinite_guard
-from fxquant.onednn import onednn_available
+from fxquant.lowering.nonfinite import GUARD, guard_nodes, guard_nonfinite, strip_nonfinite_guard
+from fxquant.runtime.int_modules import DequantizeCodes, QuantizeCodes
+from fxquant.runtime.onednn import onednn_available
 
 PRESETS = ("w8a8", "fqvit_w8a8", "int8_all")
 KERNELS = ("portable", "onednn")
@@ -37,8 +38,15 @@ def _integer_graph(name: str, preset: str, kernels: str) -> fx.GraphModule:
     key = (name, preset, kernels)
     if key not in _GRAPHS:
         tiny = _tiny(name)
-        _GRAPHS[key] = fxquant.compile(tiny.model, preset, calib_data=tiny.calib(batches=1, batch_size=4),
-                                       backend="int", int_kernels=kernels, progress=False, numeric_diff=False)
+        _GRAPHS[key] = fxquant.compile(
+            tiny.model,
+            preset,
+            calib_data=tiny.calib(batches=1, batch_size=4),
+            backend="int",
+            int_kernels=kernels,
+            progress=False,
+            numeric_diff=False,
+        )
     return _GRAPHS[key]
 
 
@@ -104,10 +112,16 @@ def test_the_guard_checks_the_float_tensors_that_become_codes(kernels):
     is computed from codes)."""
     if kernels == "onednn" and not onednn_available():
         pytest.skip("oneDNN's int8 kernels are not available on this machine")
-    notes = {preset: next(n for n in _integer_graph("vit", preset, kernels).report.notes
-                          if n.startswith("non-finite guard:")) for preset in PRESETS}
-    assert "in 5 float tensor(s) before they become codes (blocks_0_norm1, blocks_0_norm2, blocks_1_norm1, " \
-           "blocks_1_norm2, norm)" in notes["w8a8"]
+    notes = {
+        preset: next(
+            n for n in _integer_graph("vit", preset, kernels).report.notes if n.startswith("non-finite guard:")
+        )
+        for preset in PRESETS
+    }
+    assert (
+        "in 5 float tensor(s) before they become codes (blocks_0_norm1, blocks_0_norm2, blocks_1_norm1, "
+        "blocks_1_norm2, norm)" in notes["w8a8"]
+    )
     for preset in ("fqvit_w8a8", "int8_all"):
         assert "in 1 float tensor(s) before they become codes (patch_embed_proj)" in notes[preset]
 

@@ -1,4 +1,5 @@
-"""fxquant.integer: dyadic multipliers, requantization, int8 GEMM, and the integer modules."""
+"""fxquant.runtime.integer: dyadic multipliers, requantization, int8 GEMM, and the integer modules."""
+
 from __future__ import annotations
 
 from fractions import Fraction
@@ -8,12 +9,23 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxquant.int_modules import IntLinear, IntMatmul
-from fxquant.integer import (MAX_SHIFT, MULTIPLIER_BITS, code_shift, dequantize_codes, dyadic_multiplier, dyadic_value,
-                             exact_float_matmul_bound, int8_linear, quantize_codes, requant_offset, requantize,
-                             shared_shift_multiplier)
-from fxquant.qparams import QParams
-from fxquant.quantizers import dequantize, quantize
+from fxquant.quant.qparams import QParams
+from fxquant.quant.quantizers import dequantize, quantize
+from fxquant.runtime.int_modules import IntLinear, IntMatmul
+from fxquant.runtime.integer import (
+    MAX_SHIFT,
+    MULTIPLIER_BITS,
+    code_shift,
+    dequantize_codes,
+    dyadic_multiplier,
+    dyadic_value,
+    exact_float_matmul_bound,
+    int8_linear,
+    quantize_codes,
+    requant_offset,
+    requantize,
+    shared_shift_multiplier,
+)
 
 multipliers = st.floats(min_value=1e-9, max_value=1e3, allow_nan=False, allow_infinity=False)
 
@@ -22,18 +34,19 @@ multipliers = st.floats(min_value=1e-9, max_value=1e3, allow_nan=False, allow_in
 @given(multipliers)
 def test_dyadic_multiplier_is_an_int32_with_31_bits_of_precision(real):
     m, k = dyadic_multiplier(real)
-    assert 1 <= int(k) <= MAX_SHIFT and 0 <= int(m) < 2 ** MULTIPLIER_BITS
+    assert 1 <= int(k) <= MAX_SHIFT and 0 <= int(m) < 2**MULTIPLIER_BITS
     error = abs(Fraction(int(m), 2 ** int(k)) - Fraction(real))
     if int(k) < MAX_SHIFT:
         assert 2 ** (MULTIPLIER_BITS - 1) <= int(m)
-        assert error <= Fraction(real) * Fraction(1, 2 ** MULTIPLIER_BITS)
+        assert error <= Fraction(real) * Fraction(1, 2**MULTIPLIER_BITS)
     else:  # a tiny multiplier: the shift is capped, the absolute error is half a unit of 2**-k
         assert error <= Fraction(1, 2 ** (MAX_SHIFT + 1))
 
 
 @settings(max_examples=300, deadline=None)
-@given(multipliers, st.integers(min_value=-(2 ** 31) + 1, max_value=2 ** 31 - 1),
-       st.integers(min_value=-128, max_value=127))
+@given(
+    multipliers, st.integers(min_value=-(2**31) + 1, max_value=2**31 - 1), st.integers(min_value=-128, max_value=127)
+)
 def test_requantize_is_round_half_up_of_the_dyadic_product(real, acc, zero_point):
     """Checked against exact rational arithmetic: floor(acc * m / 2**k + 1/2) + zp, clamped."""
     m, k = dyadic_multiplier(real)
@@ -44,7 +57,7 @@ def test_requantize_is_round_half_up_of_the_dyadic_product(real, acc, zero_point
 
 
 @settings(max_examples=200, deadline=None)
-@given(multipliers, st.integers(min_value=-(2 ** 24), max_value=2 ** 24))
+@given(multipliers, st.integers(min_value=-(2**24), max_value=2**24))
 def test_requantize_is_within_one_step_of_real_rounding(real, acc):
     """Against round(acc * real) in float64: equal except within 2**-31 of a tie, never more than 1 off."""
     m, k = dyadic_multiplier(real)
@@ -62,14 +75,16 @@ def test_requantize_folds_an_integer_correction_into_the_offset():
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.floats(min_value=1e-6, max_value=1e-2), min_size=2, max_size=8),
-       st.integers(min_value=-(2 ** 24), max_value=2 ** 24))
+@given(
+    st.lists(st.floats(min_value=1e-6, max_value=1e-2), min_size=2, max_size=8),
+    st.integers(min_value=-(2**24), max_value=2**24),
+)
 def test_a_shared_shift_keeps_24_bits_or_falls_back_to_per_channel_shifts(reals, acc):
     real = torch.tensor(reals, dtype=torch.float64)
     m, k = shared_shift_multiplier(real)
-    assert torch.all(m < 2 ** 31)
+    assert torch.all(m < 2**31)
     value = dyadic_value(m, k.expand_as(m))
-    assert torch.all((value - real).abs() <= real * 2.0 ** -23)
+    assert torch.all((value - real).abs() <= real * 2.0**-23)
     acc_t = torch.full((len(reals),), acc, dtype=torch.int32)
     got = requantize(acc_t, m, k, requant_offset(m, k)).to(torch.int64)
     want = torch.clamp(torch.round(acc * real), -128, 127).to(torch.int64)
@@ -80,7 +95,7 @@ def test_dyadic_multiplier_refuses_what_it_cannot_represent():
     with pytest.raises(ValueError, match="finite and positive"):
         dyadic_multiplier(0.0)
     with pytest.raises(ValueError, match="too large"):
-        dyadic_multiplier(2.0 ** 31)
+        dyadic_multiplier(2.0**31)
     m, k = dyadic_multiplier(1e-12)  # the shift is capped, m keeps 14 bits
     assert int(k) == MAX_SHIFT and float(dyadic_value(m, k)) == pytest.approx(1e-12, rel=1e-4)
 
@@ -155,8 +170,9 @@ def test_int_linear_under_torch_compile_with_one_strided_row():
     before the zero point exceeds int8 must come out the same compiled and eager."""
     generator = torch.Generator().manual_seed(5)
     weight = torch.randint(-127, 128, (10, 64), generator=generator, dtype=torch.int8)
-    layer = IntLinear(weight, torch.rand(10, generator=generator) * 0.01 + 1e-3, torch.randn(10, generator=generator),
-                      0.02, -100)
+    layer = IntLinear(
+        weight, torch.rand(10, generator=generator) * 0.01 + 1e-3, torch.randn(10, generator=generator), 0.02, -100
+    )
 
     def head(x):
         codes = quantize_codes(x, torch.tensor(0.02), torch.tensor(-100.0))
@@ -175,7 +191,10 @@ def test_int_matmul_eager_int8_path_equals_the_exact_float_path():
     generator = torch.Generator().manual_seed(6)
     a = torch.randint(-128, 128, (2, 3, 9, 16), generator=generator, dtype=torch.int8)
     k = torch.randint(-128, 128, (2, 3, 9, 16), generator=generator, dtype=torch.int8)
-    za, zb = torch.tensor([-100.0, 0.0, 90.0]).reshape(1, 3, 1, 1), torch.tensor([3.0, -128.0, 127.0]).reshape(1, 3, 1, 1)
+    za, zb = (
+        torch.tensor([-100.0, 0.0, 90.0]).reshape(1, 3, 1, 1),
+        torch.tensor([3.0, -128.0, 127.0]).reshape(1, 3, 1, 1),
+    )
     matmul = IntMatmul(za, zb, torch.ones(1, 3, 1, 1, dtype=torch.float64))
     eager = matmul(a, k.transpose(-2, -1))
     exact = (a.to(torch.int64) - za.to(torch.int64)) @ (k.to(torch.int64) - zb.to(torch.int64)).transpose(-2, -1)

@@ -1,9 +1,10 @@
 """KLObserver: KL divergence of a clipping range, and the range it picks."""
+
 import torch
 
-from fxquant.kl_observer import KLObserver, best_window, kl_divergence
-from fxquant.observers import make_observer
-from fxquant.spec import QuantSpec
+from fxquant.quant.observers import make_observer
+from fxquant.quant.observers.kl import KLObserver, best_window, kl_divergence
+from fxquant.quant.spec import QuantSpec
 
 KL8 = QuantSpec(bits=8, signed=True, observer="kl")  # kl_bins 2048
 

@@ -1,11 +1,12 @@
 """Log-Int-Softmax: integer exp, the log2 code rule and the codes on hand-made scores."""
+
 import math
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxquant.log_int_softmax import LogIntSoftmax, i_exp, lis_codes, lis_values, nearest_power_code
+from fxquant.runtime.log_int_softmax import LogIntSoftmax, i_exp, lis_codes, lis_values, nearest_power_code
 
 
 def test_i_exp_hand_made_integers():
@@ -41,8 +42,11 @@ def test_nearest_power_code_hand_made():
 @given(st.integers(1, 2**40), st.integers(1, 2**40))
 def test_nearest_power_code_is_rounded_log2(a, b):
     e, total = min(a, b), max(a, b)
-    m = int(nearest_power_code(torch.tensor([float(total)], dtype=torch.float64),
-                               torch.tensor([float(e)], dtype=torch.float64))[0])
+    m = int(
+        nearest_power_code(
+            torch.tensor([float(total)], dtype=torch.float64), torch.tensor([float(e)], dtype=torch.float64)
+        )[0]
+    )
     exact = math.log2(total / e)
     assert abs(m - exact) <= 0.5 + 1e-9
 

@@ -1,5 +1,6 @@
 """The OMSE and KL range searches: the same choice as the one-candidate-at-a-time definition,
 all channels at once, bounded options, and a progress bar for long searches."""
+
 from __future__ import annotations
 
 import time
@@ -8,15 +9,15 @@ import pytest
 import torch
 
 import fxquant
-import fxquant.observer_progress as progress
+import fxquant.quant.progress as progress
 from fxquant.errors import QConfigError
-from fxquant.kl_observer import best_window, best_windows, kl_divergence
-from fxquant.observer_progress import observer_progress
-from fxquant.observers import make_observer, range_to_scale_zero_point
-from fxquant.qconfig import load_qconfig
-from fxquant.qparams import QParams
-from fxquant.quantizers import fake_quantize
-from fxquant.spec import QuantSpec
+from fxquant.quant.observers import make_observer, range_to_scale_zero_point
+from fxquant.quant.observers.kl import best_window, best_windows, kl_divergence
+from fxquant.quant.progress import observer_progress
+from fxquant.quant.qconfig import load_qconfig
+from fxquant.quant.qparams import QParams
+from fxquant.quant.quantizers import fake_quantize
+from fxquant.quant.spec import QuantSpec
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -31,7 +32,7 @@ def omse_reference(obs):
     for i in range(obs.steps):
         f = 1.0 - i / obs.steps
         scale, zp = range_to_scale_zero_point(lo * f, hi * f, obs.spec)
-        err = (fake_quantize(s, QParams(scale, zp, obs.spec.qmin, obs.spec.qmax, axis=0), obs.spec.method) - s)
+        err = fake_quantize(s, QParams(scale, zp, obs.spec.qmin, obs.spec.qmax, axis=0), obs.spec.method) - s
         err = err.pow(2).sum(1)
         if best_err is None:
             best_err, best_f = err, torch.ones_like(err)
@@ -65,10 +66,17 @@ def kl_reference(values, lo, hi, bins, levels, steps):
 
 
 # ------------------------------------------------------------------------ OMSE
-@pytest.mark.parametrize("spec", [
-    dict(bits=8, signed=False), dict(bits=8, signed=True), dict(bits=4, signed=True, symmetric=False),
-    dict(bits=4, signed=False, method="log2"), dict(bits=6, signed=True, method="log2"),
-], ids=["u8", "s8", "s4-affine", "log2-u4", "log2-s6"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        dict(bits=8, signed=False),
+        dict(bits=8, signed=True),
+        dict(bits=4, signed=True, symmetric=False),
+        dict(bits=4, signed=False, method="log2"),
+        dict(bits=6, signed=True, method="log2"),
+    ],
+    ids=["u8", "s8", "s4-affine", "log2-u4", "log2-s6"],
+)
 @pytest.mark.parametrize("granularity", ["layer_wise", "channel_wise"])
 def test_omse_matches_the_one_factor_at_a_time_definition(spec, granularity):
     x = torch.randn(400, 6, generator=_gen(3)) ** 3
@@ -122,9 +130,16 @@ def test_channel_wise_kl_with_many_steps_is_fast():
 
 
 # --------------------------------------------------------------- qconfig bounds
-@pytest.mark.parametrize("key, value, allowed", [("omse_steps", 2001, "[1, 2000]"), ("omse_steps", 10_000, "[1, 2000]"),
-                                                 ("omse_steps", 0, "[1, 2000]"), ("kl_bins", 1 << 17, "[16, 65536]"),
-                                                 ("kl_bins", 8, "[16, 65536]")])
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("omse_steps", 2001, "[1, 2000]"),
+        ("omse_steps", 10_000, "[1, 2000]"),
+        ("omse_steps", 0, "[1, 2000]"),
+        ("kl_bins", 1 << 17, "[16, 65536]"),
+        ("kl_bins", 8, "[16, 65536]"),
+    ],
+)
 def test_search_options_are_bounded(key, value, allowed):
     with pytest.raises(QConfigError) as info:
         load_qconfig({"mlp_gelu": {"observer_type": "KLObserver", key: value}})
@@ -135,8 +150,9 @@ def test_search_options_are_bounded(key, value, allowed):
 
 
 def test_largest_allowed_search_options_parse():
-    spec = load_qconfig({"mlp_gelu": {"observer_type": "KLObserver", "omse_steps": 2000, "kl_bins": 65536}}) \
-        .spec_for("mlp_gelu", "act")
+    spec = load_qconfig({"mlp_gelu": {"observer_type": "KLObserver", "omse_steps": 2000, "kl_bins": 65536}}).spec_for(
+        "mlp_gelu", "act"
+    )
     assert spec.option("omse_steps", None) == 2000 and spec.option("kl_bins", None) == 65536
 
 

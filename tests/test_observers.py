@@ -1,4 +1,5 @@
-"""Tests for fxquant.observers: granularity, scale rule, each observer's statistic, errors."""
+"""Tests for fxquant.quant.observers.base: granularity, scale rule, each observer's statistic, errors."""
+
 from __future__ import annotations
 
 import time
@@ -8,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxquant.observers import (
+from fxquant.quant.observers import (
     EmaObserver,
     MinMaxObserver,
     ObserverError,
@@ -16,10 +17,10 @@ from fxquant.observers import (
     PercentileObserver,
     make_observer,
     range_to_scale_zero_point,
-    tail_quantiles,
 )
-from fxquant.quantizers import fake_quantize, quantize
-from fxquant.spec import QuantSpec
+from fxquant.quant.quantizers import fake_quantize, quantize
+from fxquant.quant.spec import QuantSpec
+from fxquant.quant.tail_quantiles import tail_quantiles
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -222,7 +223,7 @@ def test_tail_quantiles_match_torch_quantile(n, alpha):
 
 @pytest.mark.parametrize("groups", [1, 5])
 def test_chunked_topk_tail_is_exact(monkeypatch, groups):
-    import fxquant.tail_quantiles as quantiles
+    import fxquant.quant.tail_quantiles as quantiles
 
     monkeypatch.setattr(quantiles, "_CHUNK", 2000)  # force many chunks
     x = torch.randn(groups, 30_001, generator=_gen(groups))
@@ -295,7 +296,7 @@ def test_omse_never_worse_than_minmax(seed, bits, signed, heavy, gran):
     g = _gen(seed)
     x = torch.randn(6, 300, generator=g)
     if heavy:
-        x = x ** 3
+        x = x**3
     kw = {"axis": 0} if gran == "channel_wise" else {}
     spec = QuantSpec(bits=bits, signed=signed, granularity=gran)
     om = _observe(spec.with_(observer="omse"), x, **kw)

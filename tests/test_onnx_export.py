@@ -1,4 +1,5 @@
 """fxquant.export_onnx: QDQ ONNX that onnx.checker accepts and ONNX Runtime runs like the fake-quant graph."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,23 +9,41 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 timm = pytest.importorskip("timm")
 
-import fxquant  # noqa: E402
-from fxquant.onnx_export import OnnxExportError, export_onnx, qdq_summary, to_exportable  # noqa: E402
-from fxquant.quantizers import qsnr_db  # noqa: E402
 from tiny import TINY_VIT, images  # noqa: E402
 
+import fxquant  # noqa: E402
+from fxquant.io.onnx_export import OnnxExportError, export_onnx, qdq_summary, to_exportable  # noqa: E402
+from fxquant.quant.quantizers import qsnr_db  # noqa: E402
+
 MIN_QSNR_DB = 40.0  # the acceptance bar of issue 7 (ORT output against the fake-quant graph)
-INTEGER_KERNELS = {"QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "QGemm", "QLinearConv",
-                   "DynamicQuantizeMatMul", "QAttention"}
+INTEGER_KERNELS = {
+    "QLinearMatMul",
+    "MatMulIntegerToFloat",
+    "MatMulInteger",
+    "QGemm",
+    "QLinearConv",
+    "DynamicQuantizeMatMul",
+    "QAttention",
+}
 
 # w8a8 plus the point kinds w8a8 does not use: log2 softmax, a per-channel activation (last
 # dim), a 4-bit uniform grid in a uint8 container and a signed asymmetric (int8 zero point) one
 MIXED = {
     "extends": "w8a8",
-    "intSoft": {"bits": 4, "signed": False, "calibration_mode": "layer_wise", "observer_type": "MinmaxObserver",
-                "quantization_method": "log2"},
-    "residual": {"bits": 8, "signed": True, "symmetric": False, "calibration_mode": "layer_wise",
-                 "observer_type": "MinmaxObserver"},
+    "intSoft": {
+        "bits": 4,
+        "signed": False,
+        "calibration_mode": "layer_wise",
+        "observer_type": "MinmaxObserver",
+        "quantization_method": "log2",
+    },
+    "residual": {
+        "bits": 8,
+        "signed": True,
+        "symmetric": False,
+        "calibration_mode": "layer_wise",
+        "observer_type": "MinmaxObserver",
+    },
     "mlp_gelu": {"bits": 4, "signed": False, "calibration_mode": "layer_wise", "observer_type": "MinmaxObserver"},
     "final_norm": {"bits": 8, "signed": False, "calibration_mode": "channel_wise", "observer_type": "MinmaxObserver"},
 }
@@ -102,7 +121,7 @@ def test_weights_are_int8_initializers_with_per_axis_dequantize(vit):
 
 
 def _compile_modules(qm):
-    from fxquant.modules import QUANTIZED_WEIGHT_TYPES
+    from fxquant.runtime.fake_quant import QUANTIZED_WEIGHT_TYPES
 
     return [(name, m) for name, m in qm.named_modules() if isinstance(m, QUANTIZED_WEIGHT_TYPES)]
 
@@ -128,8 +147,13 @@ def test_log2_narrow_and_per_channel_points(tmp_path):
     model = onnx.load(str(path))
     zero_points = {inits[n.input[2]].dtype.name for n in model.graph.node if n.op_type == "QuantizeLinear"}
     assert zero_points == {"uint8", "int8"}  # the signed asymmetric residual uses int8
-    last_axis = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and inits[n.input[1]].ndim == 1
-                 and {a.name: a.i for a in n.attribute}["axis"] == 2]
+    last_axis = [
+        n
+        for n in model.graph.node
+        if n.op_type == "QuantizeLinear"
+        and inits[n.input[1]].ndim == 1
+        and {a.name: a.i for a in n.attribute}["axis"] == 2
+    ]
     assert last_axis, "final_norm is per channel on the last dimension of (B, N, C)"
     assert _ort_qsnr(qm, path, images(2, 32, seed=12)) >= MIN_QSNR_DB
     with torch.no_grad():  # the export twin computes the fake-quant values in torch too
@@ -160,8 +184,14 @@ def test_refuses_uncalibrated_observers(tmp_path):
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", **TINY_VIT).eval()
-    gm = fxquant.compile(model, "w8a8", calib_data=images(2, 32), progress=False, numeric_diff=False,
-                         passes=[DecomposeAttention(), Annotate(), SplitQkv(), InsertObservers()])
+    gm = fxquant.compile(
+        model,
+        "w8a8",
+        calib_data=images(2, 32),
+        progress=False,
+        numeric_diff=False,
+        passes=[DecomposeAttention(), Annotate(), SplitQkv(), InsertObservers()],
+    )
     with pytest.raises(OnnxExportError, match="still an observer"):
         export_onnx(gm, tmp_path / "m.onnx", images(1, 32))
 
@@ -171,18 +201,21 @@ class _LeafTracer(torch.fx.Tracer):
         return True
 
 
-@pytest.mark.parametrize("spec_kw, axis", [
-    (dict(bits=4, signed=False, method="log2"), None),  # softmax-like log2 probabilities
-    (dict(bits=5, signed=True, method="log2"), None),  # signed log2: the sign as Where
-    (dict(bits=4, signed=False, granularity="channel_wise"), -1),  # narrow grid, per channel: clipped first
-    (dict(bits=8, signed=True, symmetric=False, granularity="channel_wise"), -1),
-    (dict(bits=12, signed=False), None),  # wider than 8 bits: ordinary ops
-])
+@pytest.mark.parametrize(
+    "spec_kw, axis",
+    [
+        (dict(bits=4, signed=False, method="log2"), None),  # softmax-like log2 probabilities
+        (dict(bits=5, signed=True, method="log2"), None),  # signed log2: the sign as Where
+        (dict(bits=4, signed=False, granularity="channel_wise"), -1),  # narrow grid, per channel: clipped first
+        (dict(bits=8, signed=True, symmetric=False, granularity="channel_wise"), -1),
+        (dict(bits=12, signed=False), None),  # wider than 8 bits: ordinary ops
+    ],
+)
 def test_single_point_twin_matches_fake_quantize_in_torch_and_ort(spec_kw, axis, tmp_path):
-    from fxquant.modules import FakeQuantize
-    from fxquant.observers import make_observer
-    from fxquant.points import QuantPoint
-    from fxquant.spec import QuantSpec
+    from fxquant.quant.observers import make_observer
+    from fxquant.quant.points import QuantPoint
+    from fxquant.quant.spec import QuantSpec
+    from fxquant.runtime.fake_quant import FakeQuantize
 
     spec = QuantSpec(**spec_kw)
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0)) * 3

@@ -1,4 +1,5 @@
 """PassManager: runs passes in order, calls instruments, and turns failures into PassError."""
+
 from __future__ import annotations
 
 import copy
@@ -9,12 +10,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxquant.analysis.instruments import NumericDiff
 from fxquant.errors import FxqError, NodeError, PassError
-from fxquant.instruments import NumericDiff
-from fxquant.pass_manager import Instrument, Pass, PassContext, PassManager
-from fxquant.qconfig import load_qconfig
-from fxquant.report import Report
-from fxquant.trace import trace
+from fxquant.infra.pass_manager import Instrument, Pass, PassContext, PassManager
+from fxquant.infra.records import Report
+from fxquant.ir.trace import trace
+from fxquant.quant.qconfig import load_qconfig
 
 
 class Tiny(nn.Module):
@@ -32,8 +33,12 @@ def setup():
     torch.manual_seed(0)
     gm = trace(Tiny().eval())
     x = torch.randn(3, 4)
-    ctx = PassContext(qconfig=load_qconfig({}), reference=copy.deepcopy(gm), diff_inputs=(x,),
-                      report=Report(model="Tiny", qconfig="custom", backend="fake"))
+    ctx = PassContext(
+        qconfig=load_qconfig({}),
+        reference=copy.deepcopy(gm),
+        diff_inputs=(x,),
+        report=Report(model="Tiny", qconfig="custom", backend="fake"),
+    )
     return gm, ctx
 
 

@@ -5,6 +5,7 @@ GEMM or LayerNorm) or its output (for the residual adds and the GELU input) must
 or go into a quantization point; float ops may only sit between points where the preset
 says so.
 """
+
 from __future__ import annotations
 
 import operator
@@ -16,13 +17,12 @@ import torch.fx as fx
 from torch import nn
 
 import fxquant
-from fxquant.log_int_softmax import LogIntSoftmax
-from fxquant.modules import FakeQuantize, QuantConv2d, QuantLinear
-from fxquant.patterns import find_attention, is_matmul, is_scale_transparent, is_softmax
-from fxquant.qconfig import load_qconfig
-from tests.tiny import images
-
+from fxquant.ir.patterns import is_matmul, is_scale_transparent, is_softmax
+from fxquant.quant.qconfig import load_qconfig
+from fxquant.runtime.fake_quant import FakeQuantize, QuantConv2d, QuantLinear
+from fxquant.runtime.log_int_softmax import LogIntSoftmax
 from tests.passes.conftest import tiny_model
+from tests.tiny import images
 
 BLOCK_NORM = re.compile(r"(^|\.)norm[12]$")
 
@@ -114,8 +114,12 @@ def test_int8_all_also_quantizes_residuals_and_gelu_input(name):
     qm = compiled(name, "int8_all")
     for node in qm.graph.nodes:
         path = node.meta.get("fxq.module", "")
-        if node.op == "call_function" and node.target in (operator.add, torch.add) and re.search(
-                r"(^|\.)blocks\.\d+$", path) and all(isinstance(a, fx.Node) for a in node.args[:2]):
+        if (
+            node.op == "call_function"
+            and node.target in (operator.add, torch.add)
+            and re.search(r"(^|\.)blocks\.\d+$", path)
+            and all(isinstance(a, fx.Node) for a in node.args[:2])
+        ):
             assert _point_after(qm, node) is not None, f"{node.name}: residual add output"
         if isinstance(_module(qm, node), nn.GELU):
             assert _point_before(qm, node.args[0]) is not None, f"{node.name}: GELU input"
@@ -133,5 +137,6 @@ def test_a_point_left_float_is_caught_by_the_walk():
 def test_presets_name_what_they_keep_in_float():
     for preset in ("fqvit_w8a8", "int8_all"):
         from importlib import resources
+
         header = (resources.files("fxquant.qconfigs") / f"{preset}.yaml").read_text()
         assert "float" in header.split("name:")[0]

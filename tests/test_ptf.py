@@ -1,13 +1,15 @@
 """PTF: the observer's power-of-two factors and LayerNorm from PTF codes in integers."""
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxquant.observers import make_observer
-from fxquant.ptf import PtfObserver, isqrt, ptf_alphas, ptf_layernorm_integer
-from fxquant.qparams import QParams
-from fxquant.quantizers import fake_quantize, quantize
-from fxquant.spec import QuantSpec
+from fxquant.quant.observers import make_observer
+from fxquant.quant.observers.ptf import PtfObserver
+from fxquant.quant.ptf import isqrt, ptf_alphas, ptf_layernorm_integer
+from fxquant.quant.qparams import QParams
+from fxquant.quant.quantizers import fake_quantize, quantize
+from fxquant.quant.spec import QuantSpec
 
 PTF8 = QuantSpec(bits=8, signed=False, granularity="channel_wise", observer="ptf")
 
@@ -92,7 +94,7 @@ def test_alphas_refuse_non_ptf_params():
 def test_sigma_fraction_bits_shrink_so_int64_cannot_overflow():
     """Wide layers get fewer fractional bits for the standard deviation: C * z_max squared,
     shifted left by 2 * sigma_bits, stays below 2**62."""
-    from fxquant.ptf import ptf_layernorm_constants
+    from fxquant.quant.ptf import ptf_layernorm_constants
 
     for c, expected in ((64, 8), (4096, 8), (65536, 4)):
         scale = torch.full((c,), 0.01)

@@ -1,4 +1,5 @@
 """QConfig: the seed's YAML schema, its predecessor's keys, errors, extends/overrides/skip, presets."""
+
 from __future__ import annotations
 
 import textwrap
@@ -8,8 +9,8 @@ import pytest
 
 import fxquant
 from fxquant.errors import QConfigError
-from fxquant.qconfig import ACT, ALL_GROUPS, LINEAR_GROUPS, LINEAR_SECTIONS, QConfig, load_qconfig
-from fxquant.spec import QuantSpec
+from fxquant.quant.qconfig import ACT, ALL_GROUPS, LINEAR_GROUPS, LINEAR_SECTIONS, QConfig, load_qconfig
+from fxquant.quant.spec import QuantSpec
 
 # The seed document's attn_config.yaml, exactly its keys and values.
 SEED_DOCUMENT = """\
@@ -64,13 +65,22 @@ def test_seed_document_parses(tmp_path):
     assert config.spec_for("attn_qkv", "output") is None  # output_quant_enable: False
     for group in QKV_ACTIVATIONS:
         spec = config.spec_for(group, ACT)
-        assert (spec.bits, spec.signed, spec.symmetric, spec.granularity, spec.observer, spec.method) == \
-            (8, False, False, "layer_wise", "minmax", "uniform")
+        assert (spec.bits, spec.signed, spec.symmetric, spec.granularity, spec.observer, spec.method) == (
+            8,
+            False,
+            False,
+            "layer_wise",
+            "minmax",
+            "uniform",
+        )
         assert (spec.qmin, spec.qmax) == (0, 255)
 
 
 def test_seed_keys_percentile_and_method(tmp_path):
-    path = write(tmp_path, "pct.yaml", """\
+    path = write(
+        tmp_path,
+        "pct.yaml",
+        """\
         attn_qkv:
           weight:
             calibration_mode: channel_wise
@@ -91,7 +101,8 @@ def test_seed_keys_percentile_and_method(tmp_path):
           signed: False
           bits: 4
           quantization_method: log2
-        """)
+        """,
+    )
     config = load_qconfig(path)
     weight = config.spec_for("attn_qkv", "weight")
     assert weight.observer == "percentile" and weight.option("percentile_alpha", None) == 0.9995
@@ -103,7 +114,10 @@ def test_seed_keys_percentile_and_method(tmp_path):
 
 
 def test_predecessor_keys(tmp_path):
-    path = write(tmp_path, "old.yaml", """\
+    path = write(
+        tmp_path,
+        "old.yaml",
+        """\
         norm1:
           bit_type: {bits: 8, symmetric: False, name: uint8}
           observer_type: PercentileObserver
@@ -117,7 +131,8 @@ def test_predecessor_keys(tmp_path):
           kl_bins: 2048
           calibration_mode: head_wise
           quantization_method: Uniform
-        """)
+        """,
+    )
     config = load_qconfig(path)
     norm1 = config.spec_for("norm1", ACT)
     assert (norm1.bits, norm1.signed, norm1.symmetric) == (8, False, False)
@@ -146,12 +161,15 @@ def error_for(tmp_path, text: str, name: str = "bad.yaml") -> str:
 
 
 def test_unknown_key_names_file_path_and_allowed(tmp_path):
-    message = error_for(tmp_path, """\
+    message = error_for(
+        tmp_path,
+        """\
         attn_qkv:
           weight:
             bits: 8
             observr_type: MinmaxObserver
-        """)
+        """,
+    )
     assert "attn_qkv.weight.observr_type" in message
     assert "unknown key" in message
     for allowed in ("bits", "signed", "calibration_mode", "observer_type", "quantization_method"):
@@ -159,11 +177,14 @@ def test_unknown_key_names_file_path_and_allowed(tmp_path):
 
 
 def test_bad_observer_value(tmp_path):
-    message = error_for(tmp_path, """\
+    message = error_for(
+        tmp_path,
+        """\
         attn_q_out:
           observer_type: FooObserver
           bits: 8
-        """)
+        """,
+    )
     assert "attn_q_out.observer_type" in message and "FooObserver" in message
     for allowed in ("MinmaxObserver", "EmaObserver", "PercentileObserver", "OmseObserver"):
         assert allowed in message
@@ -176,18 +197,24 @@ def test_bad_calibration_mode_value(tmp_path):
         assert allowed in message
 
 
-@pytest.mark.parametrize("key, value, allowed", [
-    ("bits", '"8"', "2..16"),
-    ("signed", '"yes"', "true, false"),
-    ("bits", "8.5", "2..16"),
-    ("percentile_alpha", "high", "0.5"),
-])
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("bits", '"8"', "2..16"),
+        ("signed", '"yes"', "true, false"),
+        ("bits", "8.5", "2..16"),
+        ("percentile_alpha", "high", "0.5"),
+    ],
+)
 def test_bad_type_names_key_and_allowed(tmp_path, key, value, allowed):
-    message = error_for(tmp_path, f"""\
+    message = error_for(
+        tmp_path,
+        f"""\
         mlp_fc1:
           weight:
             {key}: {value}
-        """)
+        """,
+    )
     assert f"mlp_fc1.weight.{key}" in message
     assert allowed in message
 
@@ -210,8 +237,14 @@ def test_unknown_section_of_linear_group(tmp_path):
 
 
 def test_kl_and_ptf_observers_parse(tmp_path):
-    config = load_qconfig(write(tmp_path, "ok.yaml", "attn_kv_out: {observer_type: KLObserver, kl_bins: 512}\n"
-                                "norm1: {input: {observer_type: PtfObserver, calibration_mode: channel_wise}}\n"))
+    config = load_qconfig(
+        write(
+            tmp_path,
+            "ok.yaml",
+            "attn_kv_out: {observer_type: KLObserver, kl_bins: 512}\n"
+            "norm1: {input: {observer_type: PtfObserver, calibration_mode: channel_wise}}\n",
+        )
+    )
     assert config.spec_for("attn_kv_out", "act").observer == "kl"
     assert config.spec_for("attn_kv_out", "act").option("kl_bins", None) == 512
     assert config.spec_for("norm1", "input").observer == "ptf"
@@ -244,18 +277,24 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 
 
 def test_error_in_override_names_its_path(tmp_path):
-    message = error_for(tmp_path, """\
+    message = error_for(
+        tmp_path,
+        """\
         overrides:
           "blocks.1.*":
             mlp_fc2:
               weight: {observer_type: FooObserver}
-        """)
+        """,
+    )
     assert "overrides.blocks.1.*.mlp_fc2.weight.observer_type" in message
 
 
 # ------------------------------------------------------------ extends / overrides / skip
 def test_extends_merges_with_base(tmp_path):
-    path = write(tmp_path, "mine.yaml", """\
+    path = write(
+        tmp_path,
+        "mine.yaml",
+        """\
         extends: w8a8
         intSoft:
           bits: 8
@@ -265,7 +304,8 @@ def test_extends_merges_with_base(tmp_path):
           quantization_method: log2
         head:
           weight: {bits: 4, signed: True, calibration_mode: channel_wise, observer_type: MinmaxObserver}
-        """)
+        """,
+    )
     config = load_qconfig(path)
     base = load_qconfig("w8a8")
     assert config.name == "mine"
@@ -332,16 +372,22 @@ def test_extends_preset_by_name_and_absolute_path(tmp_path):
     mine = write(sub, "mine.yaml", f"extends: {base}\n")
     assert load_qconfig(mine).spec_for("head", "weight").bits == 5
     write(sub, "w8a8", "not: used")  # a file named like the preset: the preset still wins
-    assert load_qconfig(write(sub, "p.yaml", "extends: w8a8\n")).spec_for("head", "weight") == \
-        load_qconfig("w8a8").spec_for("head", "weight")
+    assert load_qconfig(write(sub, "p.yaml", "extends: w8a8\n")).spec_for("head", "weight") == load_qconfig(
+        "w8a8"
+    ).spec_for("head", "weight")
 
 
 def test_unmatched_globs_name_the_glob_and_close_matches():
-    from fxquant.qconfig_globs import check_globs, unmatched_globs
+    from fxquant.quant.qconfig_globs import check_globs, unmatched_globs
 
     paths = ["blocks", "blocks.0", "blocks.0.attn", "blocks.0.attn.qkv", "blocks.1", "blocks.1.mlp.fc1", "head"]
-    config = load_qconfig({"extends": "w8a8", "skip": ["head", "blcoks.*"],
-                           "overrides": {"blocks.1.*": {"norm1": {"bits": 6}}, "blocks.0.atn.*": {}}})
+    config = load_qconfig(
+        {
+            "extends": "w8a8",
+            "skip": ["head", "blcoks.*"],
+            "overrides": {"blocks.1.*": {"norm1": {"bits": 6}}, "blocks.0.atn.*": {}},
+        }
+    )
     assert unmatched_globs(config, paths) == [("skip[1]", "blcoks.*"), ("overrides.blocks.0.atn.*", "blocks.0.atn.*")]
     with pytest.raises(QConfigError) as info:
         check_globs(config, paths, "TinyViT")
@@ -356,14 +402,20 @@ def test_unmatched_globs_name_the_glob_and_close_matches():
 
 
 def test_overrides_by_glob_change_only_matching_modules(tmp_path):
-    config = load_qconfig(write(tmp_path, "ov.yaml", """\
+    config = load_qconfig(
+        write(
+            tmp_path,
+            "ov.yaml",
+            """\
         extends: w8a8
         overrides:
           "blocks.1.*":
             mlp_fc2:
               weight: {bits: 4}
             norm1: {observer_type: PercentileObserver}
-        """))
+        """,
+        )
+    )
     base = load_qconfig("w8a8")
     changed = config.spec_for("mlp_fc2", "weight", "blocks.1.mlp.fc2")
     assert changed == base.spec_for("mlp_fc2", "weight", "blocks.1.mlp.fc2").with_(bits=4)
@@ -375,21 +427,33 @@ def test_overrides_by_glob_change_only_matching_modules(tmp_path):
 
 
 def test_override_can_disable_a_point(tmp_path):
-    config = load_qconfig(write(tmp_path, "off.yaml", """\
+    config = load_qconfig(
+        write(
+            tmp_path,
+            "off.yaml",
+            """\
         extends: w8a8
         overrides:
           "blocks.0.*":
             attn_kv_out: {enable: False}
-        """))
+        """,
+        )
+    )
     assert config.spec_for("attn_kv_out", ACT, "blocks.0.attn") is None
     assert config.spec_for("attn_kv_out", ACT, "blocks.1.attn") is not None
 
 
 def test_skip_keeps_modules_in_float(tmp_path):
-    config = load_qconfig(write(tmp_path, "skip.yaml", """\
+    config = load_qconfig(
+        write(
+            tmp_path,
+            "skip.yaml",
+            """\
         extends: w8a8
         skip: [head, "blocks.0.*"]
-        """))
+        """,
+        )
+    )
     assert config.spec_for("head", "weight", "head") is None
     assert config.spec_for("mlp_fc1", "weight", "blocks.0.mlp.fc1") is None
     assert config.spec_for("attn_qkv", "weight", "blocks.0.attn.qkv_q") is None
@@ -417,12 +481,16 @@ def test_dict_qconfig_and_passthrough():
 # ----------------------------------------------------------------------- directories
 def test_directory_of_files_merges(tmp_path):
     write(tmp_path, "attn.yaml", SEED_DOCUMENT)
-    write(tmp_path, "mlp.yaml", """\
+    write(
+        tmp_path,
+        "mlp.yaml",
+        """\
         mlp_fc1:
           weight: {bits: 8, signed: True, calibration_mode: channel_wise, observer_type: MinmaxObserver}
         mlp_gelu: {bits: 8, signed: False, observer_type: MinmaxObserver}
         skip: [head]
-        """)
+        """,
+    )
     write(tmp_path, "notes.txt", "not a qconfig")
     config = load_qconfig(tmp_path)
     assert config.name == tmp_path.name
@@ -470,16 +538,31 @@ def test_w8a8_is_what_its_header_says():
     config = load_qconfig("w8a8")
     for group in ("patch_embed", "attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "head", "patch_merging"):
         spec = config.spec_for(group, "weight")
-        assert (spec.bits, spec.signed, spec.symmetric, spec.granularity, spec.observer) == \
-            (8, True, True, "channel_wise", "minmax"), group
+        assert (spec.bits, spec.signed, spec.symmetric, spec.granularity, spec.observer) == (
+            8,
+            True,
+            True,
+            "channel_wise",
+            "minmax",
+        ), group
         assert config.spec_for(group, "output") is None
-    observers = {"norm1": "minmax", "norm2": "minmax", "attn_v_out": "omse", "mlp_gelu": "omse",
-                 "final_norm": "omse", "patch_merging_norm": "omse"}
+    observers = {
+        "norm1": "minmax",
+        "norm2": "minmax",
+        "attn_v_out": "omse",
+        "mlp_gelu": "omse",
+        "final_norm": "omse",
+        "patch_merging_norm": "omse",
+    }
     for group, observer in observers.items():
         spec = config.spec_for(group, ACT)
         assert (spec.bits, spec.signed, spec.granularity, spec.observer) == (8, False, "layer_wise", observer), group
-    for group, observer in (("attn_q_out", "minmax"), ("attn_k_out", "minmax"), ("attn_v_input", "minmax"),
-                            ("attn_kv_out", "omse")):
+    for group, observer in (
+        ("attn_q_out", "minmax"),
+        ("attn_k_out", "minmax"),
+        ("attn_v_input", "minmax"),
+        ("attn_kv_out", "omse"),
+    ):
         spec = config.spec_for(group, ACT)
         assert (spec.granularity, spec.observer) == ("head_wise", observer), group
     assert config.smooth_alpha == 0.5
@@ -521,8 +604,9 @@ def test_directory_group_the_model_lacks_fails_naming_the_file(tmp_path):
     parts.mkdir()
     (parts / "attention.yaml").write_text("attn_q_out: {bits: 8, signed: false}\n")
     (parts / "merging.yaml").write_text("patch_merging: {weight: {bits: 8}}\n")  # Swin only
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32,
-                              num_heads=2, num_classes=4).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2, num_classes=4
+    ).eval()
     with pytest.raises(FxqError) as info:
         fxquant.compile(model, parts, calib_data=torch.randn(2, 3, 32, 32), progress=False)
     message = str(info.value)

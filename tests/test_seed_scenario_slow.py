@@ -3,6 +3,7 @@
 vit_base_patch16_224 (seed 0, random init), 32 seeded randn calibration images, diff input
 seed 123; propagated QSNR after lower_fake_quant (the figures of bench/seed_scenario.py).
 """
+
 import pytest
 import torch
 

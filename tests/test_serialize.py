@@ -1,4 +1,5 @@
-"""fxquant.serialize: save/load a compiled fake-quant model as safetensors + JSON, no pickle."""
+"""fxquant.io.serialize: save/load a compiled fake-quant model as safetensors + JSON, no pickle."""
+
 import json
 import pickle
 
@@ -9,20 +10,29 @@ from torch import nn
 
 import fxquant
 from fxquant.errors import FxqError
-from fxquant.serialize import DOC_KEY, FORMAT_VERSION, HASH_KEY, SerializeError, load, save
+from fxquant.io.serialize import DOC_KEY, FORMAT_VERSION, HASH_KEY, SerializeError, load, save
 
 timm = pytest.importorskip("timm")
 
 MODELS = {
-    "vit": ("vit_tiny_patch16_224",
-            dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=10), 32),
-    "swin": ("swin_tiny_patch4_window7_224",
-             dict(img_size=56, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=7, num_classes=10), 56),
+    "vit": (
+        "vit_tiny_patch16_224",
+        dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=10),
+        32,
+    ),
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        dict(img_size=56, embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=7, num_classes=10),
+        56,
+    ),
 }
 
 
-@pytest.fixture(scope="module", params=[(m, q, b) for m in sorted(MODELS) for q in ("w8a8", "fqvit_w8a8")
-                                        for b in ("fake", "int")], ids=lambda p: "-".join(p))
+@pytest.fixture(
+    scope="module",
+    params=[(m, q, b) for m in sorted(MODELS) for q in ("w8a8", "fqvit_w8a8") for b in ("fake", "int")],
+    ids=lambda p: "-".join(p),
+)
 def compiled(request):
     model_key, qconfig, backend = request.param
     name, kwargs, size = MODELS[model_key]
@@ -44,9 +54,10 @@ def vit_file(tmp_path_factory):
 
 def _rewrite(src, dst, edit):
     """Rewrite a saved file with its document edited and a consistent hash (a 'well-formed' foreign file)."""
+    import hashlib
+
     from safetensors import safe_open
     from safetensors.torch import save_file
-    import hashlib
 
     with safe_open(str(src), framework="pt") as fh:
         meta = fh.metadata()
@@ -74,8 +85,9 @@ def test_round_trip_is_bit_exact(compiled, tmp_path):
         assert torch.equal(value, original[key]), key
     assert [n.name for n in loaded.graph.nodes] == [n.name for n in qm.graph.nodes]
     for a, b in zip(qm.graph.nodes, loaded.graph.nodes):
-        assert {k: v for k, v in a.meta.items() if k.startswith("fxq.")} == \
-               {k: v for k, v in b.meta.items() if k.startswith("fxq.")}, a.name
+        assert {k: v for k, v in a.meta.items() if k.startswith("fxq.")} == {
+            k: v for k, v in b.meta.items() if k.startswith("fxq.")
+        }, a.name
     # a loaded model saves to the same document again
     again = load(save(loaded, tmp_path / "again.fxq"))
     assert torch.equal(again(x), qm(x))
@@ -83,7 +95,7 @@ def test_round_trip_is_bit_exact(compiled, tmp_path):
 
 def test_load_runs_no_pickle(vit_file, monkeypatch):
     def refuse(*args, **kwargs):
-        raise AssertionError("pickle or torch.load was called during fxquant.serialize.load")
+        raise AssertionError("pickle or torch.load was called during fxquant.io.serialize.load")
 
     class NoUnpickler:
         def __init__(self, *args, **kwargs):
@@ -109,10 +121,10 @@ def test_truncated_file_fails_clearly(vit_file, tmp_path):
 def test_altered_header_fails_clearly(vit_file, tmp_path):
     data = vit_file.read_bytes()
     header_len = int.from_bytes(data[:8], "little")
-    header = data[8:8 + header_len]
+    header = data[8 : 8 + header_len]
     assert b'\\"qmax\\":127' in header
     altered = tmp_path / "altered.fxq"
-    altered.write_bytes(data[:8] + header.replace(b'\\"qmax\\":127', b'\\"qmax\\":125', 1) + data[8 + header_len:])
+    altered.write_bytes(data[:8] + header.replace(b'\\"qmax\\":127', b'\\"qmax\\":125', 1) + data[8 + header_len :])
     with pytest.raises(SerializeError, match="SHA-256 does not match: the file was altered"):
         load(altered)
 
@@ -132,7 +144,10 @@ def test_other_format_version_fails_clearly(vit_file, tmp_path):
         doc["fxquant_version"] = "9.9.9"
 
     path = _rewrite(vit_file, tmp_path / "future.fxq", bump)
-    with pytest.raises(SerializeError, match=rf"format version {FORMAT_VERSION + 1} \(fxquant '9.9.9'\).*reads format version {FORMAT_VERSION}"):
+    with pytest.raises(
+        SerializeError,
+        match=rf"format version {FORMAT_VERSION + 1} \(fxquant '9.9.9'\).*reads format version {FORMAT_VERSION}",
+    ):
         load(path)
 
 
@@ -190,10 +205,11 @@ def test_unsupported_module_type_is_named_on_save(tmp_path):
 
 
 def test_file_from_another_fxquant_version_is_refused(tmp_path, monkeypatch):
-    import fxquant.serial_read as serial_read
+    import fxquant.io.serial_read as serial_read
 
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64,
-                              num_heads=2, num_classes=10).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=10
+    ).eval()
     qm = fxquant.compile(model, "seed_attn", calib_data=torch.randn(4, 3, 32, 32), progress=False)
     path = fxquant.save(qm, tmp_path / "m.fxq")
     monkeypatch.setattr(serial_read, "_fxquant_version", lambda: "9.9.9")

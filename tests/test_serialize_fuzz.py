@@ -1,40 +1,107 @@
 """Seeded mutations of a saved model's document and tensors (every digest recomputed): each
 load gives a model whose output equals the original's, or raises SerializeError; nothing else
 is raised, no canary file appears, and no process-wide torch state changes."""
+
 import copy
 import json
 import random
 
 import pytest
 import torch
+from serialize_craft import craft, process_state, read
 
 import fxquant
-from fxquant.serialize import SerializeError, load, save
-
-from serialize_craft import craft, process_state, read
+from fxquant.io.serialize import SerializeError, load, save
 
 timm = pytest.importorskip("timm")
 
 MUTATIONS_PER_FILE = 150
 CANARY = "fxq_fuzz_canary"
-HOSTILE_STRINGS = [f"__import__('os').system('touch {CANARY}')", f"x = open('{CANARY}', 'w'), y", "a b (",
-                   "lambda", "def", "__class__", "_private", "os.system", "self.__dict__", "", "1abc", "x" * 300,
-                   "é", "a.b", "getattr", "exec"]
-HOSTILE_TARGETS = ["os:system", "builtins:eval", "builtins:exec", "builtins:open", "torch:load", "torch:save",
-                   "torch:set_default_dtype", "torch:set_num_threads", "torch:manual_seed", "torch:from_file",
-                   "torch:zeros", "torch:empty", "torch:set_printoptions", "subprocess:run", "math:pow", "torch:",
-                   42, None, ["torch", "cat"]]
-HOSTILE_METHODS = ["numpy", "tofile", "untyped_storage", "copy_", "add_", "set_", "resize_", "storage",
-                   "data_ptr", "share_memory_", "__reduce__", "tolist", "item", "new_zeros", "repeat", "cuda"]
-JUNK = [None, True, -1, 0, 2**31, 10**12, -10**9, 1.5, float("inf"), "x", [], {}, [1, 2, 3], {"$": "node", "v": "zz"},
-        {"$": "dtype", "v": "float16"}, {"$": "device", "v": "cuda:0"}, {"$": "bogus"}, [[[[[]]]]]]
+HOSTILE_STRINGS = [
+    f"__import__('os').system('touch {CANARY}')",
+    f"x = open('{CANARY}', 'w'), y",
+    "a b (",
+    "lambda",
+    "def",
+    "__class__",
+    "_private",
+    "os.system",
+    "self.__dict__",
+    "",
+    "1abc",
+    "x" * 300,
+    "é",
+    "a.b",
+    "getattr",
+    "exec",
+]
+HOSTILE_TARGETS = [
+    "os:system",
+    "builtins:eval",
+    "builtins:exec",
+    "builtins:open",
+    "torch:load",
+    "torch:save",
+    "torch:set_default_dtype",
+    "torch:set_num_threads",
+    "torch:manual_seed",
+    "torch:from_file",
+    "torch:zeros",
+    "torch:empty",
+    "torch:set_printoptions",
+    "subprocess:run",
+    "math:pow",
+    "torch:",
+    42,
+    None,
+    ["torch", "cat"],
+]
+HOSTILE_METHODS = [
+    "numpy",
+    "tofile",
+    "untyped_storage",
+    "copy_",
+    "add_",
+    "set_",
+    "resize_",
+    "storage",
+    "data_ptr",
+    "share_memory_",
+    "__reduce__",
+    "tolist",
+    "item",
+    "new_zeros",
+    "repeat",
+    "cuda",
+]
+JUNK = [
+    None,
+    True,
+    -1,
+    0,
+    2**31,
+    10**12,
+    -(10**9),
+    1.5,
+    float("inf"),
+    "x",
+    [],
+    {},
+    [1, 2, 3],
+    {"$": "node", "v": "zz"},
+    {"$": "dtype", "v": "float16"},
+    {"$": "device", "v": "cuda:0"},
+    {"$": "bogus"},
+    [[[[[]]]]],
+]
 
 
 @pytest.fixture(scope="module", params=["fake", "int"])
 def saved(request, tmp_path_factory):
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64,
-                              num_heads=2, num_classes=10).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=10
+    ).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     qm = fxquant.compile(model, "w8a8", calib_data=x, progress=False, backend=request.param, numeric_diff=False)
     path = save(qm, tmp_path_factory.mktemp("fuzz") / "vit.fxq")
@@ -70,8 +137,14 @@ def _module_mutation(rng, doc):
     desc = doc["modules"][target]
     kind = rng.choice(["type", "config", "config_key", "tensor_kind", "training"])
     if kind == "type":
-        desc["type"] = rng.choice(["subprocess.Popen", "torch.nn.Module", "fxquant.ObserverModule",
-                                   *sorted({d["type"] for d in doc["modules"].values()})])
+        desc["type"] = rng.choice(
+            [
+                "subprocess.Popen",
+                "torch.nn.Module",
+                "fxquant.ObserverModule",
+                *sorted({d["type"] for d in doc["modules"].values()}),
+            ]
+        )
     elif kind in ("config", "config_key"):
         config = desc["config"].get("attrs", desc["config"]) if isinstance(desc["config"], dict) else {}
         keys = sorted(config) or ["x"]
@@ -89,8 +162,18 @@ def _tensor_mutation(rng, tensors):
     t = tensors[key]
     kind = rng.choice(["dtype", "unsqueeze", "grow", "flatten"])
     if kind == "dtype":
-        dtype = rng.choice([torch.float16, torch.float64, torch.int64, torch.int32, torch.int8, torch.uint8,
-                            torch.bool, torch.bfloat16])
+        dtype = rng.choice(
+            [
+                torch.float16,
+                torch.float64,
+                torch.int64,
+                torch.int32,
+                torch.int8,
+                torch.uint8,
+                torch.bool,
+                torch.bfloat16,
+            ]
+        )
         if dtype == t.dtype:
             dtype = torch.float16 if t.dtype != torch.float16 else torch.float32
         tensors[key] = t.to(dtype)
@@ -125,8 +208,9 @@ def test_fuzzed_files_load_equal_or_fail_cleanly(saved, tmp_path, monkeypatch):
             doc[key] = rng.choice(JUNK)
             if rng.random() < 0.2:
                 text = json.dumps(doc)[: rng.randrange(10, 2000)]
-        mutated = craft(path, tmp_path / f"m{seed}.fxq", lambda d, new=doc: (d.clear(), d.update(new)),
-                        edit_tensors, text=text)
+        mutated = craft(
+            path, tmp_path / f"m{seed}.fxq", lambda d, new=doc: (d.clear(), d.update(new)), edit_tensors, text=text
+        )
         try:
             qm = load(mutated)
         except SerializeError:

@@ -1,16 +1,16 @@
 """Crafted .fxq files (document and tensors edited, every digest recomputed) fail with a
 SerializeError, run nothing, write nothing, change no process-wide torch state."""
+
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from serialize_craft import craft, nodes_of, process_state, read
 
 import fxquant
-from fxquant.serialize import SerializeError, load, save
-
-from serialize_craft import craft, nodes_of, process_state, read
+from fxquant.io.serialize import SerializeError, load, save
 
 timm = pytest.importorskip("timm")
 
@@ -36,6 +36,7 @@ def _refused(path, match=None):
 def test_kwargs_key_cannot_inject_code(saved, tmp_path):
     canary = tmp_path / "canary"
     for key in (f"alpha = __import__('os').system('touch {canary}') + 1, other", "a b (", "lambda", "x=1"):
+
         def edit(doc):
             node = nodes_of(doc, "call_function")[0]
             node["kwargs"] = {"$": "dict", "v": [[key, 1]]}
@@ -44,8 +45,21 @@ def test_kwargs_key_cannot_inject_code(saved, tmp_path):
     assert not canary.exists()
 
 
-@pytest.mark.parametrize("method", ["numpy", "tofile", "untyped_storage", "copy_", "data_ptr", "__class__",
-                                    "share_memory_", "set_", "resize_", "tolist"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "numpy",
+        "tofile",
+        "untyped_storage",
+        "copy_",
+        "data_ptr",
+        "__class__",
+        "share_memory_",
+        "set_",
+        "resize_",
+        "tolist",
+    ],
+)
 def test_only_pure_tensor_methods(saved, tmp_path, method):
     def edit(doc):
         nodes_of(doc, "call_method")[0]["target"] = method
@@ -53,10 +67,24 @@ def test_only_pure_tensor_methods(saved, tmp_path, method):
     _refused(craft(saved[0], tmp_path / "m.fxq", edit), "tensor method")
 
 
-@pytest.mark.parametrize("target", ["torch:set_default_dtype", "torch:set_default_device", "torch:set_num_threads",
-                                    "torch:manual_seed", "torch:use_deterministic_algorithms",
-                                    "torch:set_flush_denormal", "torch:set_printoptions", "torch:from_file",
-                                    "torch:zeros", "builtins:eval", "builtins:exec", "os:system", "torch:load"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "torch:set_default_dtype",
+        "torch:set_default_device",
+        "torch:set_num_threads",
+        "torch:manual_seed",
+        "torch:use_deterministic_algorithms",
+        "torch:set_flush_denormal",
+        "torch:set_printoptions",
+        "torch:from_file",
+        "torch:zeros",
+        "builtins:eval",
+        "builtins:exec",
+        "os:system",
+        "torch:load",
+    ],
+)
 def test_no_global_state_io_or_allocation_functions(saved, tmp_path, target):
     def edit(doc):
         nodes_of(doc, "call_function")[0]["target"] = target
@@ -66,6 +94,7 @@ def test_no_global_state_io_or_allocation_functions(saved, tmp_path, target):
 
 def test_names_are_identifiers(saved, tmp_path):
     for field, value in (("name", "x; import os"), ("name", "def"), ("target", "os.system")):
+
         def edit(doc):
             node = nodes_of(doc, "placeholder")[0] if field == "name" else nodes_of(doc, "call_module")[0]
             node[field] = value
@@ -144,19 +173,24 @@ def test_memory_stays_small_on_hostile_files(saved, tmp_path):
     big = craft(saved[0], tmp_path / "huge.fxq", text="[" + ",".join(["[]"] * 1_900_000) + "]")
 
     def huge_linear(doc):
-        desc = next(d for d in doc["modules"].values() if d["type"] in ("fxquant.QuantLinear", "torch.nn.Linear",
-                                                                       "fxquant.IntLinear"))
+        desc = next(
+            d
+            for d in doc["modules"].values()
+            if d["type"] in ("fxquant.QuantLinear", "torch.nn.Linear", "fxquant.IntLinear")
+        )
         if "attrs" in desc["config"]:
             desc["config"]["attrs"]["out_features"] = 10**9
         else:
             desc["config"]["out_features"] = 10**9
 
     wide = craft(saved[0], tmp_path / "wide.fxq", huge_linear)
-    code = ("import resource, fxquant\n"
-            f"for p in [{str(big)!r}, {str(wide)!r}]:\n"
-            "    try: fxquant.load(p)\n"
-            "    except fxquant.SerializeError: pass\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    code = (
+        "import resource, fxquant\n"
+        f"for p in [{str(big)!r}, {str(wide)!r}]:\n"
+        "    try: fxquant.load(p)\n"
+        "    except fxquant.SerializeError: pass\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     peak_mb = int(out.stdout.split()[-1]) / 1024

@@ -1,4 +1,5 @@
-"""fxquant.stats: per-point layer statistics of a compiled fake-quant graph."""
+"""fxquant.analysis.stats: per-point layer statistics of a compiled fake-quant graph."""
+
 from __future__ import annotations
 
 import csv
@@ -7,9 +8,8 @@ import json
 import pytest
 import torch
 
+from fxquant.analysis.stats import COLUMNS, layer_statistics, outlier_ratio, write_statistics
 from tests.tiny import compiled_tiny_vit
-from fxquant.stats import COLUMNS, layer_statistics, outlier_ratio, write_statistics
-
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """fxquant.trace: explicit attention, provenance meta, exact outputs, the user's model untouched."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import timm
@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxquant
-from tests.tiny import state_hash
 from fxquant.errors import TraceError
-from fxquant.meta import MODULE, ORIGIN
-from fxquant.patterns import is_matmul, is_softmax
+from fxquant.ir.meta import MODULE, ORIGIN
+from fxquant.ir.patterns import is_matmul, is_softmax
+from tests.tiny import state_hash
 
 VIT_DEPTH = 2
 SWIN_BLOCKS = 4  # depths=(2, 2)
@@ -20,14 +20,22 @@ SWIN_BLOCKS = 4  # depths=(2, 2)
 
 def tiny_vit() -> nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=VIT_DEPTH, embed_dim=64,
-                             num_heads=2, num_classes=10).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=VIT_DEPTH, embed_dim=64, num_heads=2, num_classes=10
+    ).eval()
 
 
 def tiny_swin() -> nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("swin_tiny_patch4_window7_224", img_size=56, embed_dim=32, depths=(2, 2),
-                             num_heads=(2, 4), window_size=7, num_classes=10).eval()
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        img_size=56,
+        embed_dim=32,
+        depths=(2, 2),
+        num_heads=(2, 4),
+        window_size=7,
+        num_classes=10,
+    ).eval()
 
 
 MODELS = {"vit": (tiny_vit, 32, VIT_DEPTH), "swin": (tiny_swin, 56, SWIN_BLOCKS)}
@@ -50,7 +58,7 @@ def set_fused(model: nn.Module, value: bool) -> None:
 
 def attention_module(path: str) -> str:
     parts = path.split(".")
-    return ".".join(parts[:parts.index("attn") + 1])
+    return ".".join(parts[: parts.index("attn") + 1])
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
@@ -61,9 +69,13 @@ def test_attention_is_explicit(kind, fused):
     set_fused(model, fused)
     gm = fxquant.trace(model)
     nodes = list(gm.graph.nodes)
-    assert not [n for n in nodes if n.target is F.scaled_dot_product_attention
-                or getattr(n.target, "__name__", "") == "scaled_dot_product_attention"
-                or n.target == "scaled_dot_product_attention"]
+    assert not [
+        n
+        for n in nodes
+        if n.target is F.scaled_dot_product_attention
+        or getattr(n.target, "__name__", "") == "scaled_dot_product_attention"
+        or n.target == "scaled_dot_product_attention"
+    ]
     softmaxes = [n for n in nodes if is_softmax(gm, n)]
     matmuls = [n for n in nodes if is_matmul(n)]
     assert len(softmaxes) == blocks

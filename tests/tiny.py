@@ -1,4 +1,5 @@
 """Tiny models and helpers shared by the test files (not a test module)."""
+
 from __future__ import annotations
 
 import hashlib

@@ -5,6 +5,7 @@ of a tiny timm ViT or Swin, or a hand-made module), run the passes that must com
 run the pass under test through a ``PassManager`` with the ``NumericDiff`` instrument, then
 check the *Expected* structure (nodes, modules, ``fxq.*`` meta) and the numerics.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,10 +19,10 @@ import torch
 import torch.fx as fx
 
 import fxquant
-from fxquant.instruments import NumericDiff
-from fxquant.pass_manager import Pass, PassContext, PassManager
-from fxquant.qconfig import ACTIVATION_GROUPS, LINEAR_GROUPS, load_qconfig
-from fxquant.report import Report
+from fxquant.analysis.instruments import NumericDiff
+from fxquant.infra.pass_manager import Pass, PassContext, PassManager
+from fxquant.infra.records import Report
+from fxquant.quant.qconfig import ACTIVATION_GROUPS, LINEAR_GROUPS, load_qconfig
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 # A pass that only reorders float32 arithmetic (SDPA -> explicit ops, a GEMM on a column
@@ -54,15 +55,23 @@ class TinyModel:
 
 def _vit() -> TinyModel:
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64,
-                              num_heads=2, num_classes=10).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2, num_classes=10
+    ).eval()
     return TinyModel("vit", model, 32, 2, {f"blocks.{i}.attn": 2 for i in range(2)}, 32)
 
 
 def _swin() -> TinyModel:
     torch.manual_seed(0)
-    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=56, embed_dim=32, depths=(2, 2),
-                              num_heads=(2, 4), window_size=7, num_classes=10).eval()
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        img_size=56,
+        embed_dim=32,
+        depths=(2, 2),
+        num_heads=(2, 4),
+        window_size=7,
+        num_classes=10,
+    ).eval()
     heads = {f"layers.{s}.blocks.{b}.attn": h for s, h in enumerate((2, 4)) for b in range(2)}
     return TinyModel("swin", model, 56, 4, heads, 16)  # 32/2 and 64/4 channels per head
 
@@ -109,8 +118,13 @@ def act_spec(bits: int = 8, **extra) -> dict:
 
 
 def weight_spec(bits: int = 8, **extra) -> dict:
-    return {"bits": bits, "signed": True, "calibration_mode": "channel_wise", "observer_type": "MinmaxObserver",
-            **extra}
+    return {
+        "bits": bits,
+        "signed": True,
+        "calibration_mode": "channel_wise",
+        "observer_type": "MinmaxObserver",
+        **extra,
+    }
 
 
 def all_groups_qconfig(bits: int = 8) -> dict:
@@ -125,10 +139,15 @@ def gemm_inputs_qconfig(bits: int = 8) -> dict:
     affine per tensor, Q/K/V and the scores per head; intSoft, residuals, outputs in float."""
     act = {"bits": bits, "signed": False, "calibration_mode": "layer_wise", "observer_type": "MinmaxObserver"}
     config: dict = {group: {"weight": weight_spec(bits)} for group in LINEAR_GROUPS}
-    config.update({group: act for group in ("norm1", "norm2", "attn_v_out", "mlp_gelu", "final_norm",
-                                            "patch_merging_norm")})
-    config.update({group: {**act, "calibration_mode": "head_wise"}
-                   for group in ("attn_q_out", "attn_k_out", "attn_v_input", "attn_kv_out")})
+    config.update(
+        {group: act for group in ("norm1", "norm2", "attn_v_out", "mlp_gelu", "final_norm", "patch_merging_norm")}
+    )
+    config.update(
+        {
+            group: {**act, "calibration_mode": "head_wise"}
+            for group in ("attn_q_out", "attn_k_out", "attn_v_input", "attn_kv_out")
+        }
+    )
     return config
 
 
@@ -149,9 +168,14 @@ def qconfigs():
 def make_context(gm: fx.GraphModule, qconfig, inputs: tuple, calib_data: Optional[Iterable] = None) -> PassContext:
     """The context ``fxquant.compile`` builds: the reference is a deepcopy of the traced graph."""
     config = load_qconfig(qconfig)
-    return PassContext(qconfig=config, reference=copy.deepcopy(gm), diff_inputs=tuple(inputs),
-                       calib_data=calib_data, progress=False,
-                       report=Report(model=type(gm).__name__, qconfig=config.name, backend="fake"))
+    return PassContext(
+        qconfig=config,
+        reference=copy.deepcopy(gm),
+        diff_inputs=tuple(inputs),
+        calib_data=calib_data,
+        progress=False,
+        report=Report(model=type(gm).__name__, qconfig=config.name, backend="fake"),
+    )
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext, *passes: Pass) -> fx.GraphModule:
@@ -201,8 +225,11 @@ def nodes_with(gm: fx.GraphModule, key: str) -> list[fx.Node]:
 
 def scalar_muls(gm: fx.GraphModule) -> list[fx.Node]:
     """``x * c`` nodes with a Python float ``c`` (attention's 1/sqrt(d))."""
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.mul
-            and any(isinstance(a, float) for a in n.args)]
+    return [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target is operator.mul and any(isinstance(a, float) for a in n.args)
+    ]
 
 
 @pytest.fixture

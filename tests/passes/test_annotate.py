@@ -4,6 +4,7 @@ Before: the traced tiny ViT / Swin. Expected: ``fxq.point`` (activations, linear
 ``fxq.weight`` (Linear/Conv weights) on the nodes ARCHITECTURE.md names, ``fxq.role`` on the
 attention tensors, float points listed in the report, skip/override globs honoured.
 """
+
 from __future__ import annotations
 
 import operator
@@ -13,9 +14,9 @@ import pytest
 
 import fxquant
 from fxquant.errors import NodeError, PassError, QConfigError
-from fxquant.meta import MODULE, POINT, ROLE, WEIGHT
+from fxquant.ir.meta import MODULE, POINT, ROLE, WEIGHT
 from fxquant.passes import Annotate
-from fxquant.qconfig import ACTIVATION_GROUPS
+from fxquant.quant.qconfig import ACTIVATION_GROUPS
 
 
 def node_signature(gm):
@@ -42,21 +43,26 @@ def expected_vit_layout(gm, depth):
     for b in range(depth):
         scores, softmax, out = attention_nodes(gm, f"blocks.{b}.attn")
         v = out.args[1]
-        attention = {f"blocks_{b}_attn_q_norm": ("attn_q_out", "attn_q"),
-                     f"blocks_{b}_attn_k_norm": ("attn_k_out", "attn_k"),
-                     v.name: ("attn_v_input", "attn_v"),
-                     scores.name: ("attn_kv_out", "attn_scores"),
-                     softmax.name: ("intSoft", "attn_softmax"),
-                     out.name: ("attn_v_out", "attn_out")}
+        attention = {
+            f"blocks_{b}_attn_q_norm": ("attn_q_out", "attn_q"),
+            f"blocks_{b}_attn_k_norm": ("attn_k_out", "attn_k"),
+            v.name: ("attn_v_input", "attn_v"),
+            scores.name: ("attn_kv_out", "attn_scores"),
+            softmax.name: ("intSoft", "attn_softmax"),
+            out.name: ("attn_v_out", "attn_out"),
+        }
         acts.update({name: group for name, (group, _) in attention.items()})
         roles.update({name: role for name, (_, role) in attention.items()})
         acts.update({f"blocks_{b}_norm1": "norm1", f"blocks_{b}_norm2": "norm2", f"blocks_{b}_mlp_act": "mlp_gelu"})
-        for leaf, group in (("attn_qkv", "attn_qkv"), ("attn_proj", "attn_proj"), ("mlp_fc1", "mlp_fc1"),
-                            ("mlp_fc2", "mlp_fc2")):
+        for leaf, group in (
+            ("attn_qkv", "attn_qkv"),
+            ("attn_proj", "attn_proj"),
+            ("mlp_fc1", "mlp_fc1"),
+            ("mlp_fc2", "mlp_fc2"),
+        ):
             acts[f"blocks_{b}_{leaf}"] = f"{group}.output"
             weights[f"blocks_{b}_{leaf}"] = f"{group}.weight"
-        residuals = [n.name for n in gm.graph.nodes
-                     if n.target is operator.add and n.meta.get(MODULE) == f"blocks.{b}"]
+        residuals = [n.name for n in gm.graph.nodes if n.target is operator.add and n.meta.get(MODULE) == f"blocks.{b}"]
         assert len(residuals) == 2
         acts.update({name: "residual" for name in residuals})
     return acts, roles, weights
@@ -102,15 +108,30 @@ def test_swin_groups_include_patch_merging(swin, trace, make_ctx, run, qconfigs)
 
     gm = run(gm, ctx, Annotate())
 
-    per_block = ["norm1", "attn_qkv.output", "attn_q_out", "attn_k_out", "attn_v_input", "attn_kv_out",
-                 "intSoft", "attn_v_out", "attn_proj.output", "norm2", "mlp_fc1.output", "mlp_gelu",
-                 "mlp_fc2.output", "residual", "residual"]
+    per_block = [
+        "norm1",
+        "attn_qkv.output",
+        "attn_q_out",
+        "attn_k_out",
+        "attn_v_input",
+        "attn_kv_out",
+        "intSoft",
+        "attn_v_out",
+        "attn_proj.output",
+        "norm2",
+        "mlp_fc1.output",
+        "mlp_gelu",
+        "mlp_fc2.output",
+        "residual",
+        "residual",
+    ]
     once = ["patch_embed.output", "patch_merging_norm", "patch_merging.output", "final_norm", "head.output"]
     assert Counter(points(gm, POINT).values()) == Counter(per_block * swin.depth + once)
     weight_groups = ["attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2"]
     assert Counter(points(gm, WEIGHT).values()) == Counter(
-        [f"{g}.weight" for g in weight_groups] * swin.depth + ["patch_embed.weight", "patch_merging.weight",
-                                                               "head.weight"])
+        [f"{g}.weight" for g in weight_groups] * swin.depth
+        + ["patch_embed.weight", "patch_merging.weight", "head.weight"]
+    )
     by_group = {n.meta[POINT].group: n.meta[MODULE] for n in gm.graph.nodes if POINT in n.meta}
     assert by_group["patch_merging_norm"] == "layers.1.downsample.norm"
     assert by_group["patch_merging"] == "layers.1.downsample.reduction"
@@ -128,10 +149,12 @@ def test_groups_absent_from_the_qconfig_stay_float_and_are_listed(vit, trace, ma
     assert points(gm, POINT) == {f"blocks_{b}_norm1": "norm1" for b in range(vit.depth)}
     assert points(gm, WEIGHT) == {f"blocks_{b}_attn_qkv": "attn_qkv.weight" for b in range(vit.depth)}
     all_acts, _, all_weights = expected_vit_layout(gm, vit.depth)
-    expected_float = {f"{name} ({label}): float" for name, label in all_acts.items()
-                      if label in ACTIVATION_GROUPS and label != "norm1"}
-    expected_float |= {f"{name} ({label}): float" for name, label in all_weights.items()
-                       if label != "attn_qkv.weight"}
+    expected_float = {
+        f"{name} ({label}): float"
+        for name, label in all_acts.items()
+        if label in ACTIVATION_GROUPS and label != "norm1"
+    }
+    expected_float |= {f"{name} ({label}): float" for name, label in all_weights.items() if label != "attn_qkv.weight"}
     assert set(ctx.report.float_points) == expected_float
     assert len(ctx.report.float_points) == len(expected_float)
 
@@ -175,9 +198,14 @@ def test_glob_that_matches_no_module_fails(vit, trace, make_ctx, run, qconfigs, 
 
 
 def test_overrides_glob_changes_specs_per_module(vit, trace, make_ctx, run, qconfigs):
-    qconfig = {"norm1": qconfigs.act(8), "mlp_fc2": {"weight": qconfigs.weight(8)},
-               "overrides": {"blocks.1.*": {"norm1": {"bits": 4}, "mlp_fc2": {"weight": {"bits": 6}}},
-                             "blocks.0.*": {"norm2": qconfigs.act(5)}}}
+    qconfig = {
+        "norm1": qconfigs.act(8),
+        "mlp_fc2": {"weight": qconfigs.weight(8)},
+        "overrides": {
+            "blocks.1.*": {"norm1": {"bits": 4}, "mlp_fc2": {"weight": {"bits": 6}}},
+            "blocks.0.*": {"norm2": qconfigs.act(5)},
+        },
+    }
     gm = trace(vit.model)
     ctx = make_ctx(gm, qconfig, vit.inputs())
 
@@ -196,8 +224,11 @@ def test_overrides_glob_changes_specs_per_module(vit, trace, make_ctx, run, qcon
 
 def test_head_wise_attention_points_get_the_head_axis(tiny, trace, make_ctx, run, qconfigs):
     head_wise = qconfigs.act(calibration_mode="head_wise")
-    qconfig = {"attn_q_out": head_wise, "attn_kv_out": head_wise,
-               "attn_qkv": {"weight": qconfigs.weight(calibration_mode="head_wise")}}
+    qconfig = {
+        "attn_q_out": head_wise,
+        "attn_kv_out": head_wise,
+        "attn_qkv": {"weight": qconfigs.weight(calibration_mode="head_wise")},
+    }
     gm = trace(tiny.model)
     ctx = make_ctx(gm, qconfig, tiny.inputs())
 
@@ -224,16 +255,22 @@ def test_channel_wise_on_an_attention_tensor_is_a_clear_error(vit, trace, make_c
     scores, _, _ = attention_nodes(gm, "blocks.0.attn")
     ctx = make_ctx(gm, {"attn_kv_out": qconfigs.act(calibration_mode="channel_wise")}, vit.inputs())
 
-    with pytest.raises(PassError, match=r"pass 'annotate' failed.*attn_kv_out: channel_wise is not defined "
-                                        r"on per-head attention tensors.*use head_wise or layer_wise") as info:
+    with pytest.raises(
+        PassError,
+        match=r"pass 'annotate' failed.*attn_kv_out: channel_wise is not defined "
+        r"on per-head attention tensors.*use head_wise or layer_wise",
+    ) as info:
         run(gm, ctx, Annotate())
     assert (info.value.pass_name, info.value.node) == ("annotate", scores.name)
 
 
-@pytest.mark.parametrize("qconfig_of, message", [
-    (lambda q: {"norm1": q.act(calibration_mode="head_wise")}, "head_wise applies to attention tensors"),
-    (lambda q: {"mlp_fc1": {"weight": q.weight(calibration_mode="group_wise")}}, "group_wise needs a fused qkv"),
-])
+@pytest.mark.parametrize(
+    "qconfig_of, message",
+    [
+        (lambda q: {"norm1": q.act(calibration_mode="head_wise")}, "head_wise applies to attention tensors"),
+        (lambda q: {"mlp_fc1": {"weight": q.weight(calibration_mode="group_wise")}}, "group_wise needs a fused qkv"),
+    ],
+)
 def test_granularity_that_does_not_fit_the_op_is_refused(vit, trace, make_ctx, qconfigs, qconfig_of, message):
     gm = trace(vit.model)
     with pytest.raises(NodeError, match=message):

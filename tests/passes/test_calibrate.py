@@ -4,6 +4,7 @@ Before: the traced tiny ViT / Swin, annotated, split, with observers. Expected: 
 updated once per batch with exactly the values the FP32 graph computes there; observers
 switched off again; the graph and its output unchanged; bad data refused by name.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,14 +14,16 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxquant
-from fxquant.numeric_diff import capture_values
+from fxquant.analysis.numeric_diff import capture_values
 from fxquant.errors import FxqError, PassError
 from fxquant.passes import Annotate, Calibrate, DecomposeAttention, InsertObservers, SplitQkv
-from fxquant.passes.insert_observers import observer_nodes
+from fxquant.runtime.fake_quant import observer_nodes
 
-CALIB_QCONFIG = {"norm1": {"bits": 8, "observer_type": "MinmaxObserver"},
-                 "attn_kv_out": {"bits": 8, "observer_type": "MinmaxObserver", "calibration_mode": "head_wise"},
-                 "head": {"output": {"bits": 8, "observer_type": "MinmaxObserver"}}}
+CALIB_QCONFIG = {
+    "norm1": {"bits": 8, "observer_type": "MinmaxObserver"},
+    "attn_kv_out": {"bits": 8, "observer_type": "MinmaxObserver", "calibration_mode": "head_wise"},
+    "head": {"output": {"bits": 8, "observer_type": "MinmaxObserver"}},
+}
 
 
 def observed(tiny, trace, make_ctx, run, qconfig=CALIB_QCONFIG, calib_data=None):
@@ -41,8 +44,9 @@ def test_fp32_output_unchanged_bit_identical(tiny, trace, make_ctx, run, qconfig
 
     assert gm.code == code
     assert fp32.forward(gm, ctx.diff_inputs).equal(expected)
-    assert ctx.report.pass_record("calibrate").output_qsnr_db == \
-        ctx.report.pass_record("insert_observers").output_qsnr_db
+    assert (
+        ctx.report.pass_record("calibrate").output_qsnr_db == ctx.report.pass_record("insert_observers").output_qsnr_db
+    )
     assert all(count == 2 for count in updates(gm))
     assert not any(module.observing for _, module in observer_nodes(gm))  # diff inputs are not calibration
 
@@ -86,8 +90,10 @@ def _one_tensor(images):  # N images at once: split into batches of 8 as compile
     return images
 
 
-@pytest.mark.parametrize("make_data, batches", [(_tensors, 3), (_pairs, 2), (_loader, 3), (_image_dicts, 2),
-                                                (_one_tensor, math.ceil(10 / 8))])
+@pytest.mark.parametrize(
+    "make_data, batches",
+    [(_tensors, 3), (_pairs, 2), (_loader, 3), (_image_dicts, 2), (_one_tensor, math.ceil(10 / 8))],
+)
 def test_one_update_per_batch(vit, trace, make_ctx, run, make_data, batches):
     gm, ctx = observed(vit, trace, make_ctx, run, calib_data=make_data(vit.image(10, seed=3)))
 
@@ -107,9 +113,14 @@ def test_compile_accepts_a_tensor_and_calibrates_each_batch(vit):
     assert gm.report.pass_record("calibrate").output_qsnr_db == float("inf")
 
 
-@pytest.mark.parametrize("calib_data, message", [([], "calib_data yielded no batches"),
-                                                 (iter(()), "calib_data yielded no batches"),
-                                                 (None, "calibration needs calib_data")])
+@pytest.mark.parametrize(
+    "calib_data, message",
+    [
+        ([], "calib_data yielded no batches"),
+        (iter(()), "calib_data yielded no batches"),
+        (None, "calibration needs calib_data"),
+    ],
+)
 def test_missing_calibration_data_is_an_error(vit, trace, make_ctx, run, calib_data, message):
     gm, ctx = observed(vit, trace, make_ctx, run, calib_data=calib_data)
 
@@ -130,8 +141,11 @@ def test_nan_in_calibration_data_names_the_node(vit, trace, make_ctx, run):
     gm, ctx = observed(vit, trace, make_ctx, run, calib_data=[vit.image(2), images])
     first_observed = observer_nodes(gm)[0][0].args[0].name  # NaN spreads from the patch embedding on
 
-    with pytest.raises(PassError, match=rf"pass 'calibrate' failed: node '{first_observed}': "
-                                        rf"observer '{first_observed} \(norm1\)': calibration batch 1 .* non-finite") as info:
+    with pytest.raises(
+        PassError,
+        match=rf"pass 'calibrate' failed: node '{first_observed}': "
+        rf"observer '{first_observed} \(norm1\)': calibration batch 1 .* non-finite",
+    ) as info:
         run(gm, ctx, Calibrate())
     assert first_observed == "blocks_0_norm1" and info.value.pass_name == "calibrate"
     assert info.value.node == first_observed

@@ -5,6 +5,7 @@ module calling SDPA. Expected: no SDPA node; the scale multiply, q@kT, the mask,
 probs@v as separate nodes; the same output up to float32 rounding (SDPA sums in another
 order, so bit-identity is not expected; see REORDER_ULPS in conftest).
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxquant.errors import NodeError, PassError
-from fxquant.meta import MODULE, ORIGIN
+from fxquant.ir.meta import MODULE, ORIGIN
+from fxquant.ir.patterns import find_attention
 from fxquant.passes import DecomposeAttention
-from fxquant.patterns import find_attention
 
 SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
@@ -52,8 +53,7 @@ class SdpaAttention(nn.Module):
     def forward(self, x):
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.is_causal,
-                                             scale=self.scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.is_causal, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -90,7 +90,7 @@ def test_attention_becomes_explicit_nodes(vit, trace, make_ctx, run):
     for match, sdpa_name in zip(matches, sdpa_names):
         # q * s: the scale multiplies q, as in timm's own unfused code
         assert match.scale_mul is not None and match.scale_mul.target is operator.mul
-        assert match.scale == vit.head_dim ** -0.5
+        assert match.scale == vit.head_dim**-0.5
         # q @ kT with kT = k.transpose(-2, -1)
         assert match.scores.target is operator.matmul
         k_t = match.scores.args[1]
@@ -126,7 +126,7 @@ def test_float_mask_is_added_to_the_scores(trace, make_ctx, run, fp32):
 
     assert sdpa_nodes(gm) == []
     (match,) = find_attention(gm)
-    assert match.scale == 8 ** -0.5  # 16 channels / 2 heads
+    assert match.scale == 8**-0.5  # 16 channels / 2 heads
     add = match.softmax.args[0]
     assert add.target is operator.add and add.args[0] is match.scores
     assert add.args[1].op == "get_attr" and add.args[1].target == "mask"

@@ -11,6 +11,7 @@ shapes, strides and code types; without the kernel, nothing fused and the reason
 Under torch.compile: test_use_onednn_kernels compiles the same fused ViT graph, with and
 without inductor freezing.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -19,13 +20,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxquant
-from fxquant.int_attention import CONSTANTS, IntAttention, load_kernel, per_head
-from fxquant.int_modules import IntMatmul
-from fxquant.numeric_diff import output_qsnr
-from fxquant.onednn import onednn_available
+from fxquant.analysis.numeric_diff import output_qsnr
 from fxquant.passes import FuseIntAttention
 from fxquant.passes.lower_integer import code_agreement
 from fxquant.pipeline import default_passes
+from fxquant.runtime.int_attention import CONSTANTS, IntAttention, load_kernel, per_head
+from fxquant.runtime.int_modules import IntMatmul
+from fxquant.runtime.onednn import onednn_available
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="the oneDNN integer graph needs an x86 torch build")
 
@@ -34,7 +35,7 @@ MAX_OFF_BY_ONE_SHARE = 1e-3  # as for the other integer passes
 
 def _kernel_or_skip():
     if not load_kernel():
-        from fxquant.int_attention import kernel_error
+        from fxquant.runtime.int_attention import kernel_error
 
         pytest.skip(f"the fused attention kernel could not be built here: {kernel_error()}")
 
@@ -52,8 +53,7 @@ def graphs():
     tiny = tiny_model("vit")
     kwargs = dict(calib_data=tiny.calib(batches=2, batch_size=4), diff_inputs=tiny.inputs(), progress=False)
     fake = fxquant.compile(tiny.model, "w8a8", **kwargs)
-    unfused = fxquant.compile(tiny.model, "w8a8", backend="int", passes=default_passes("int", "onednn")[:-1],
-                              **kwargs)
+    unfused = fxquant.compile(tiny.model, "w8a8", backend="int", passes=default_passes("int", "onednn")[:-1], **kwargs)
     fused = fxquant.compile(tiny.model, "w8a8", backend="int", int_kernels="onednn", **kwargs)
     return tiny, fake, unfused, fused
 
@@ -105,7 +105,7 @@ def test_torch_fallback_computes_the_same(graphs, monkeypatch):
     x = tiny.image(2, seed=7)
     with torch.no_grad():
         kernel = fused(x)
-        monkeypatch.setattr("fxquant.int_attention._Kernel.ready", False)
+        monkeypatch.setattr("fxquant.runtime.int_attention._Kernel.ready", False)
         fallback = fused(x)
     assert output_qsnr(fallback, kernel) > 60.0
 
@@ -120,15 +120,24 @@ def test_saved_fused_graph_loads_and_runs(graphs, tmp_path):
         torch.testing.assert_close(loaded(x), fused(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name, qconfig, why", [("swin", "w8a8", "other than a softmax|not read by one multiply-add"),
-                                                ("vit", "fqvit_w8a8", None)])
+@pytest.mark.parametrize(
+    "name, qconfig, why",
+    [("swin", "w8a8", "other than a softmax|not read by one multiply-add"), ("vit", "fqvit_w8a8", None)],
+)
 def test_attention_with_a_bias_or_log2_probabilities_stays_unfused(name, qconfig, why):
     from tests.passes.conftest import tiny_model
 
     _kernel_or_skip()
     tiny = tiny_model(name)
-    qm = fxquant.compile(tiny.model, qconfig, calib_data=tiny.calib(), diff_inputs=tiny.inputs(), backend="int",
-                         int_kernels="onednn", progress=False)
+    qm = fxquant.compile(
+        tiny.model,
+        qconfig,
+        calib_data=tiny.calib(),
+        diff_inputs=tiny.inputs(),
+        backend="int",
+        int_kernels="onednn",
+        progress=False,
+    )
     assert not _modules(qm, IntAttention)
     skipped = [n for n in qm.report.notes if n.startswith("unfused attention")]
     if why is None:  # FQ-ViT: LisShiftMatmul already holds softmax and attn@V; q @ kT feeds it
@@ -142,19 +151,31 @@ def test_attention_with_a_bias_or_log2_probabilities_stays_unfused(name, qconfig
 def test_without_the_kernel_nothing_is_fused_and_the_report_says_why(monkeypatch):
     from tests.passes.conftest import tiny_model
 
-    monkeypatch.setattr("fxquant.int_attention._Kernel.tried", True)
-    monkeypatch.setattr("fxquant.int_attention._Kernel.ready", False)
-    monkeypatch.setattr("fxquant.int_attention._Kernel.error", "no C++ compiler (test)")
+    monkeypatch.setattr("fxquant.runtime.int_attention._Kernel.tried", True)
+    monkeypatch.setattr("fxquant.runtime.int_attention._Kernel.ready", False)
+    monkeypatch.setattr("fxquant.runtime.int_attention._Kernel.error", "no C++ compiler (test)")
     tiny = tiny_model("vit")
-    qm = fxquant.compile(tiny.model, "w8a8", calib_data=tiny.calib(), backend="int", int_kernels="onednn",
-                         progress=False)
+    qm = fxquant.compile(
+        tiny.model, "w8a8", calib_data=tiny.calib(), backend="int", int_kernels="onednn", progress=False
+    )
     assert not _modules(qm, IntAttention) and _modules(qm, IntMatmul)
     assert any("left unfused: no C++ compiler (test)" in n for n in qm.report.notes)
 
 
 # ----------------------------------------------------------------------------- the kernel itself
-def _random_case(seed: int, batch: int, heads: int, rows: int, cols: int, depth: int, vdim: int, q_u8: bool,
-                 k_u8: bool, v_u8: bool, layout: str):
+def _random_case(
+    seed: int,
+    batch: int,
+    heads: int,
+    rows: int,
+    cols: int,
+    depth: int,
+    vdim: int,
+    q_u8: bool,
+    k_u8: bool,
+    v_u8: bool,
+    layout: str,
+):
     g = torch.Generator().manual_seed(seed)
 
     def codes(shape, unsigned):
@@ -179,20 +200,41 @@ def _random_case(seed: int, batch: int, heads: int, rows: int, cols: int, depth:
 
     scale = torch.rand(heads, generator=g) * 0.1 + 0.01
     score_zero = torch.randint(-20, 20, (heads,), generator=g).float()
-    constants = torch.stack([zero_points(q_u8), zero_points(k_u8), torch.rand(heads, generator=g) * 2e-4 + 1e-5,
-                             score_zero, scale, -score_zero * scale, torch.rand(heads, generator=g) * 0.1,
-                             zero_points(v_u8)], dim=1)
+    constants = torch.stack(
+        [
+            zero_points(q_u8),
+            zero_points(k_u8),
+            torch.rand(heads, generator=g) * 2e-4 + 1e-5,
+            score_zero,
+            scale,
+            -score_zero * scale,
+            torch.rand(heads, generator=g) * 0.1,
+            zero_points(v_u8),
+        ],
+        dim=1,
+    )
     return q, kt, v, constants
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 10_000), batch=st.integers(1, 3), heads=st.integers(1, 4), rows=st.integers(1, 40),
-       cols=st.integers(1, 40), depth=st.sampled_from([1, 8, 16, 64]), vdim=st.sampled_from([1, 8, 32]),
-       q_u8=st.booleans(), k_u8=st.booleans(), v_u8=st.booleans(),
-       layout=st.sampled_from(["heads-inner", "dense", "columns"]),
-       score_range=st.sampled_from([(-128, 127), (-32, 31), (0, 255)]), threads=st.sampled_from([1, 2]))
-def test_kernel_equals_its_torch_definition(seed, batch, heads, rows, cols, depth, vdim, q_u8, k_u8, v_u8, layout,
-                                            score_range, threads):
+@given(
+    seed=st.integers(0, 10_000),
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 4),
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 40),
+    depth=st.sampled_from([1, 8, 16, 64]),
+    vdim=st.sampled_from([1, 8, 32]),
+    q_u8=st.booleans(),
+    k_u8=st.booleans(),
+    v_u8=st.booleans(),
+    layout=st.sampled_from(["heads-inner", "dense", "columns"]),
+    score_range=st.sampled_from([(-128, 127), (-32, 31), (0, 255)]),
+    threads=st.sampled_from([1, 2]),
+)
+def test_kernel_equals_its_torch_definition(
+    seed, batch, heads, rows, cols, depth, vdim, q_u8, k_u8, v_u8, layout, score_range, threads
+):
     _kernel_or_skip()
     q, kt, v, constants = _random_case(seed, batch, heads, rows, cols, depth, vdim, q_u8, k_u8, v_u8, layout)
     module = IntAttention(constants, *score_range)
@@ -276,21 +318,23 @@ def test_pass_needs_an_integer_graph():
         FuseIntAttention().requires(fake, None)
 
 
-
 def test_fused_module_equals_the_ops_it_replaced_on_their_own_inputs(graphs):
     """Each IntAttention against the unfused graph's q, kT, V codes and attn@V output (same
     calibration, same node names): only float32 rounding of softmax and attn@V differs."""
-    from fxquant.numeric_diff import capture_values
+    from fxquant.analysis.numeric_diff import capture_values
 
     tiny, _, unfused, fused = graphs
     x = tiny.image(2, seed=11)
     values = capture_values(unfused, (x,))
-    nodes = [n for n in fused.graph.nodes if isinstance(fused.get_submodule(str(n.target)) if n.op == "call_module"
-                                                        else None, IntAttention)]
+    nodes = [
+        n
+        for n in fused.graph.nodes
+        if isinstance(fused.get_submodule(str(n.target)) if n.op == "call_module" else None, IntAttention)
+    ]
     assert len(nodes) == tiny.depth
     for node in nodes:
         module = fused.get_submodule(str(node.target))
-        replaced = str(node.target)[len("fxq_"):-len("_attention")]  # the attn@V matmul it took the place of
+        replaced = str(node.target)[len("fxq_") : -len("_attention")]  # the attn@V matmul it took the place of
         q, kt, v = (values[arg.name] for arg in node.args)
         assert {q.dtype, kt.dtype, v.dtype} <= {torch.int8, torch.uint8}  # codes, as the oneDNN Linears emit them
         with torch.no_grad():
@@ -298,7 +342,7 @@ def test_fused_module_equals_the_ops_it_replaced_on_their_own_inputs(graphs):
 
 
 def _fuse_alone(gm, tiny):
-    from fxquant.pass_manager import PassContext
+    from fxquant.infra.pass_manager import PassContext
 
     ctx = PassContext(qconfig=None, reference=gm, diff_inputs=tiny.inputs())
     gm = FuseIntAttention().run(gm, ctx)
@@ -341,12 +385,14 @@ def test_a_module_from_elsewhere_loads_the_kernel_when_unpickled(tmp_path):
     module = IntAttention(constants, -128, 127)
     path = tmp_path / "case.pt"
     torch.save({"module": module, "args": (q, kt, v), "want": module(q, kt, v)}, path)
-    script = ("import torch, fxquant.int_attention as ia\n"
-              f"case = torch.load({str(path)!r}, weights_only=False)\n"
-              "assert ia.kernel_ready()\n"
-              "got = case['module'](*case['args'])\n"
-              "torch.testing.assert_close(got, case['want'], rtol=0, atol=0)\n"
-              "print('ready', ia.kernel_ready())\n")
+    script = (
+        "import torch, fxquant.runtime.int_attention as ia\n"
+        f"case = torch.load({str(path)!r}, weights_only=False)\n"
+        "assert ia.kernel_ready()\n"
+        "got = case['module'](*case['args'])\n"
+        "torch.testing.assert_close(got, case['want'], rtol=0, atol=0)\n"
+        "print('ready', ia.kernel_ready())\n"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ready True" in result.stdout
@@ -359,19 +405,27 @@ def test_needs_build_says_when_the_kernel_must_be_compiled(tmp_path):
     import subprocess
     import sys
 
-    from fxquant.int_attention import needs_build
+    from fxquant.runtime.int_attention import needs_build
 
     _kernel_or_skip()
     assert not needs_build()
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "empty")}
-    result = subprocess.run([sys.executable, "-c", "import fxquant.int_attention as ia; print(ia.needs_build())"],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", "import fxquant.runtime.int_attention as ia; print(ia.needs_build())"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("True")
 
 
-@pytest.mark.parametrize("shape", [(0, 2, 5, 8, 4), (1, 2, 0, 8, 4), (1, 2, 5, 0, 4), (1, 2, 5, 8, 0)],
-                         ids=["no-batch", "no-rows", "no-depth", "no-value-columns"])
+@pytest.mark.parametrize(
+    "shape",
+    [(0, 2, 5, 8, 4), (1, 2, 0, 8, 4), (1, 2, 5, 0, 4), (1, 2, 5, 8, 0)],
+    ids=["no-batch", "no-rows", "no-depth", "no-value-columns"],
+)
 def test_empty_dimensions_give_what_torch_gives(shape):
     _kernel_or_skip()
     batch, heads, rows, depth, vdim = shape

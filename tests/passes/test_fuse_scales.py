@@ -6,21 +6,22 @@ from the observer directly; an ``attn_qkv.output`` observer that reaches ``attn_
 ``attn_k_out`` / ``attn_v_input`` only through reshape/permute/Identity removed; a branching
 observer kept; the output bit-identical (observers still pass values through).
 """
+
 from __future__ import annotations
 
 import torch
 
-from fxquant.numeric_diff import capture_values
-from fxquant.meta import ORIGIN, POINT, ROLE
-from fxquant.modules import FakeQuantize
+from fxquant.analysis.numeric_diff import capture_values
+from fxquant.ir.meta import ORIGIN, POINT, ROLE
+from fxquant.ir.patterns import find_attention
 from fxquant.passes import Annotate, Calibrate, FuseScales, InsertObservers, LowerFakeQuant, SplitQkv
-from fxquant.passes.insert_observers import observer_nodes
-from fxquant.patterns import find_attention
+from fxquant.runtime.fake_quant import FakeQuantize, observer_nodes
 
 
 def attention_qconfig(qconfigs, qkv_output=True):
-    config = {group: qconfigs.act(calibration_mode="head_wise")
-              for group in ("attn_q_out", "attn_k_out", "attn_v_input")}
+    config = {
+        group: qconfigs.act(calibration_mode="head_wise") for group in ("attn_q_out", "attn_k_out", "attn_v_input")
+    }
     config["norm1"] = qconfigs.act()
     if qkv_output:
         config["attn_qkv"] = {"output": qconfigs.act()}
@@ -45,8 +46,7 @@ def test_fp32_output_unchanged_bit_identical(tiny, trace, make_ctx, run, qconfig
     gm = run(gm, ctx, FuseScales())
 
     assert fp32.forward(gm, ctx.diff_inputs).equal(expected)  # x * post_scale is the multiply it replaced
-    assert ctx.report.pass_record("fuse_scales").output_qsnr_db == \
-        ctx.report.pass_record("calibrate").output_qsnr_db
+    assert ctx.report.pass_record("fuse_scales").output_qsnr_db == ctx.report.pass_record("calibrate").output_qsnr_db
     assert len(graph.scalar_muls(gm)) == muls - tiny.depth
     assert len(observer_nodes(gm)) == observers - 3 * tiny.depth  # one qkv.output observer per Q, K, V
 
@@ -65,7 +65,7 @@ def test_attention_scale_is_folded_into_q(tiny, trace, make_ctx, run, qconfigs, 
         assert match.scale_mul is None  # q@kT reads the q observer directly
         module = gm.get_submodule(str(match.q.target))
         assert module.point.group == "attn_q_out" and match.q.meta[ROLE] == "attn_q"
-        assert module.post_scale == tiny.head_dim ** -0.5
+        assert module.post_scale == tiny.head_dim**-0.5
         assert match.q.meta[ORIGIN] in mul_origins  # the observer now computes what the multiply did
     assert sum("folded into the scale" in note for note in ctx.state["fuse_scales"]) == tiny.depth
 
@@ -98,7 +98,7 @@ def test_folded_scale_survives_lowering(vit, trace, make_ctx, run, qconfigs, fp3
     values = capture_values(gm, ctx.diff_inputs)
     for match in find_attention(gm):
         fq = gm.get_submodule(str(match.q.target))
-        assert isinstance(fq, FakeQuantize) and fq.post_scale == vit.head_dim ** -0.5
+        assert isinstance(fq, FakeQuantize) and fq.post_scale == vit.head_dim**-0.5
         assert match.q.meta[POINT].group == "attn_q_out"
         # q is rounded on its own (per-head) grid first, then scaled: q / post_scale sits on the grid
         qp = fq.qparams

@@ -4,15 +4,15 @@ Before: the traced tiny ViT / Swin, annotated and split. Expected: one ``fxq_*``
 per ``fxq.point``, right after its op, holding the point (moved off the op) with the op's
 provenance and role; every other user of the op reads the observer; weights get no observer.
 """
+
 from __future__ import annotations
 
 import pytest
 
 from fxquant.errors import PassError
-from fxquant.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE, WEIGHT
-from fxquant.modules import ObserverModule
+from fxquant.ir.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE, WEIGHT
 from fxquant.passes import Annotate, InsertObservers, SplitQkv
-from fxquant.passes.insert_observers import OBSERVER_PREFIX, observer_nodes
+from fxquant.runtime.fake_quant import OBSERVER_PREFIX, ObserverModule, observer_nodes
 
 
 def prepared(tiny, trace, make_ctx, run, qconfig):
@@ -31,8 +31,9 @@ def test_fp32_output_unchanged_bit_identical(tiny, trace, make_ctx, run, qconfig
     gm = run(gm, ctx, InsertObservers())
 
     assert fp32.forward(gm, ctx.diff_inputs).equal(expected)  # observers pass values through
-    assert ctx.report.pass_record("insert_observers").output_qsnr_db == \
-        ctx.report.pass_record("split_qkv").output_qsnr_db
+    assert (
+        ctx.report.pass_record("insert_observers").output_qsnr_db == ctx.report.pass_record("split_qkv").output_qsnr_db
+    )
 
 
 def test_one_observer_per_annotated_point(tiny, trace, make_ctx, run, qconfigs):

@@ -6,6 +6,7 @@ QuantConv2d whose float weight is exactly ``dequantize(weight_codes)``, codes wi
 [qmin, qmax], each weight within half a step of the FP32 one; lowering twice refused (the
 seed's double-quantization bug); the 8-bit output's QSNR what 8 bits should give.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,13 +16,12 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.numeric_diff import capture_values, output_qsnr
+from fxquant.analysis.numeric_diff import capture_values, output_qsnr
 from fxquant.errors import NodeError, PassError
-from fxquant.meta import POINT, WEIGHT
-from fxquant.modules import FakeQuantize, ObserverModule, QuantConv2d, QuantLinear
+from fxquant.ir.meta import POINT, WEIGHT
 from fxquant.passes import Annotate, Calibrate, FuseScales, InsertObservers, LowerFakeQuant, SplitQkv
-from fxquant.passes.insert_observers import observer_nodes
-from fxquant.quantizers import dequantize
+from fxquant.quant.quantizers import dequantize
+from fxquant.runtime.fake_quant import FakeQuantize, ObserverModule, QuantConv2d, QuantLinear, observer_nodes
 
 DB_PER_BIT = 20 * torch.log10(torch.tensor(2.0)).item()  # 6.02 dB: one bit halves the error amplitude
 
@@ -35,15 +35,20 @@ def ready_to_lower(tiny, trace, make_ctx, run, qconfig):
 
 def test_every_observer_becomes_a_frozen_fake_quantize(tiny, trace, make_ctx, run, qconfigs):
     gm, ctx = ready_to_lower(tiny, trace, make_ctx, run, qconfigs.gemm_inputs())
-    expected = {node.name: (module.point, module.observer.compute_qparams(), module.post_scale)
-                for node, module in observer_nodes(gm)}
+    expected = {
+        node.name: (module.point, module.observer.compute_qparams(), module.post_scale)
+        for node, module in observer_nodes(gm)
+    }
     assert expected
 
     gm = run(gm, ctx, LowerFakeQuant())
 
     assert not [m for m in gm.modules() if isinstance(m, ObserverModule)]
-    lowered = {n.name: gm.get_submodule(str(n.target)) for n in gm.graph.nodes
-               if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), FakeQuantize)}
+    lowered = {
+        n.name: gm.get_submodule(str(n.target))
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), FakeQuantize)
+    }
     assert set(lowered) == set(expected)
     for name, fq in lowered.items():
         point, qparams, post_scale = expected[name]
@@ -84,8 +89,11 @@ def test_lowering_quantized_weights_again_is_refused(vit, trace, make_ctx, run, 
     first = next(n for n in gm.graph.nodes if WEIGHT in n.meta)
     codes = gm.get_submodule(str(first.target)).weight_codes.clone()
 
-    with pytest.raises(PassError, match=r"pass 'lower_fake_quant' failed: node '.*': weight is already "
-                                        r"quantized.*double-quantization") as info:
+    with pytest.raises(
+        PassError,
+        match=r"pass 'lower_fake_quant' failed: node '.*': weight is already "
+        r"quantized.*double-quantization",
+    ) as info:
         run(gm, ctx, LowerFakeQuant())
     assert info.value.node == first.name
     assert gm.get_submodule(str(first.target)).weight_codes.equal(codes)  # nothing was re-quantized
@@ -119,8 +127,9 @@ def test_quantized_output_qsnr_is_what_8_bits_give(tiny, qconfigs):
     calib = tiny.image(16, seed=1)
     qsnr = {}
     for bits in (8, 4):
-        qm = fxquant.compile(tiny.model, qconfigs.gemm_inputs(bits), calib_data=calib, diff_inputs=tiny.inputs(),
-                             progress=False)
+        qm = fxquant.compile(
+            tiny.model, qconfigs.gemm_inputs(bits), calib_data=calib, diff_inputs=tiny.inputs(), progress=False
+        )
         held_out = tiny.image(4, seed=7)
         with torch.no_grad():
             qsnr[bits] = output_qsnr(tiny.model(held_out), qm(held_out))

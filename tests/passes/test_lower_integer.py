@@ -6,6 +6,7 @@ copy; q @ kT is an IntMatmul; Q/K/V and the scores are requantized straight to t
 head-wise points; the integer graph's codes at every point equal the fake-quant graph's or
 differ by 1 LSB on a small fraction; what cannot be lowered stays float and is listed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,13 +15,20 @@ import pytest
 import torch
 
 import fxquant
+from fxquant.analysis.numeric_diff import output_qsnr
 from fxquant.errors import FxqError
-from fxquant.int_modules import DequantizeCodes, IntLayerNorm, IntLinear, IntMatmul, LisShiftMatmul, QuantizeCodes
-from fxquant.log_int_softmax import LogIntSoftmax
-from fxquant.modules import FakeQuantize, QuantLinear
-from fxquant.numeric_diff import output_qsnr
+from fxquant.ir.patterns import submodule
 from fxquant.passes.lower_integer import CODES_OF, agreement_summary, code_agreement, lower_to_integer
-from fxquant.patterns import submodule
+from fxquant.runtime.fake_quant import FakeQuantize, QuantLinear
+from fxquant.runtime.int_modules import (
+    DequantizeCodes,
+    IntLayerNorm,
+    IntLinear,
+    IntMatmul,
+    LisShiftMatmul,
+    QuantizeCodes,
+)
+from fxquant.runtime.log_int_softmax import LogIntSoftmax
 
 # Codes may differ where the two graphs round a value sitting on a rounding boundary
 # differently (float32 sums in another order, bias rounded to int32, ties): rare.
@@ -35,8 +43,13 @@ def compiled():
     out = {}
     for name in ("vit", "swin"):
         tiny = tiny_model(name)
-        fake = fxquant.compile(tiny.model, "w8a8", calib_data=tiny.calib(batches=2, batch_size=4),
-                               diff_inputs=tiny.inputs(), progress=False)
+        fake = fxquant.compile(
+            tiny.model,
+            "w8a8",
+            calib_data=tiny.calib(batches=2, batch_size=4),
+            diff_inputs=tiny.inputs(),
+            progress=False,
+        )
         integer = copy.deepcopy(fake)
         lowering = lower_to_integer(integer, tiny.inputs())
         out[name] = (tiny, fake, integer, lowering)
@@ -95,7 +108,8 @@ def test_attention_scores_and_qkv_are_requantized_straight_to_their_points(compi
         assert groups.count(group) == tiny.depth
     # every codes-producing node is an int8 tensor in the graph
     with torch.no_grad():
-        from fxquant.numeric_diff import capture_values
+        from fxquant.analysis.numeric_diff import capture_values
+
         values = capture_values(integer, tiny.inputs())
     for node in integer.graph.nodes:
         if CODES_OF in node.meta:
@@ -105,24 +119,29 @@ def test_attention_scores_and_qkv_are_requantized_straight_to_their_points(compi
 def test_per_channel_linear_input_stays_float_and_is_listed(vit):
     """norm2 with one scale per channel cannot feed an int8 GEMM: fc1 stays a float Linear
     on its dequantized weight, between explicit codes -> float nodes; never a wrong answer."""
-    qconfig = {"extends": "w8a8", "norm2": {"bits": 8, "signed": False, "calibration_mode": "channel_wise",
-                                            "observer_type": "MinmaxObserver"}}
+    qconfig = {
+        "extends": "w8a8",
+        "norm2": {"bits": 8, "signed": False, "calibration_mode": "channel_wise", "observer_type": "MinmaxObserver"},
+    }
     fake = fxquant.compile(vit.model, qconfig, calib_data=vit.calib(), diff_inputs=vit.inputs(), progress=False)
     integer = copy.deepcopy(fake)
     lowering = lower_to_integer(integer, vit.inputs())
     for block in range(vit.depth):
         assert isinstance(integer.get_submodule(f"blocks.{block}.mlp.fc1"), QuantLinear)
         assert isinstance(integer.get_submodule(f"blocks.{block}.mlp.fc2"), IntLinear)
-        assert any(line.startswith(f"blocks_{block}_mlp_fc1") and "one scale per channel" in line
-                   for line in lowering.float_points)
+        assert any(
+            line.startswith(f"blocks_{block}_mlp_fc1") and "one scale per channel" in line
+            for line in lowering.float_points
+        )
     assert any(isinstance(m, DequantizeCodes) for m in integer.modules())
     rows = code_agreement(fake, integer, (vit.image(2, seed=3),))
     assert max(r.worst for r in rows) <= 1
 
 
 def test_compile_backend_int_runs_the_pass_and_reports_equivalence(vit):
-    qm = fxquant.compile(vit.model, "w8a8", calib_data=vit.calib(), diff_inputs=vit.inputs(), backend="int",
-                         progress=False)
+    qm = fxquant.compile(
+        vit.model, "w8a8", calib_data=vit.calib(), diff_inputs=vit.inputs(), backend="int", progress=False
+    )
     assert qm.report.backend == "int"
     names = [p.name for p in qm.report.passes]
     assert names[-1] == "lower_integer" and "lower_fake_quant" in names
@@ -130,7 +149,9 @@ def test_compile_backend_int_runs_the_pass_and_reports_equivalence(vit):
     assert not any(isinstance(m, FakeQuantize) for m in qm.modules())
     notes = "\n".join(qm.report.notes)
     assert "integer vs fake-quant codes at" in notes and "integer vs FP32" in notes
-    assert any("GELU, residual adds and LayerNorms without a PTF input point" in line for line in qm.report.float_points)
+    assert any(
+        "GELU, residual adds and LayerNorms without a PTF input point" in line for line in qm.report.float_points
+    )
     final = qm.report.final
     assert final.output_qsnr_db == pytest.approx(qm.report.pass_record("lower_fake_quant").output_qsnr_db, abs=0.5)
     with torch.no_grad():
@@ -141,14 +162,35 @@ def test_backend_int_keep_float_refuses_a_custom_pipeline(vit):
     """keep_float with backend='int' splits the default pipeline before lower_integer (tests/test_debug.py
     checks the result); with a custom passes= list there is no such split point."""
     with pytest.raises(FxqError, match="keep_float with backend='int'"):
-        fxquant.compile(vit.model, "w8a8", calib_data=vit.calib(), backend="int", keep_float=2, progress=False,
-                        passes=fxquant.pipeline.default_passes("int"))
+        fxquant.compile(
+            vit.model,
+            "w8a8",
+            calib_data=vit.calib(),
+            backend="int",
+            keep_float=2,
+            progress=False,
+            passes=fxquant.pipeline.default_passes("int"),
+        )
 
 
-@pytest.mark.parametrize("config", [
-    {"name": "weights_only", "attn_qkv": {"weight": {"bits": 8, "signed": True, "calibration_mode": "channel_wise",
-                                                     "observer_type": "MinmaxObserver"}}},
-    {"name": "nothing"}], ids=["weights only", "nothing quantized"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {
+            "name": "weights_only",
+            "attn_qkv": {
+                "weight": {
+                    "bits": 8,
+                    "signed": True,
+                    "calibration_mode": "channel_wise",
+                    "observer_type": "MinmaxObserver",
+                }
+            },
+        },
+        {"name": "nothing"},
+    ],
+    ids=["weights only", "nothing quantized"],
+)
 def test_backend_int_without_activation_points_says_so(vit, config):
     """Without an activation point there are no codes to compute on: the error says that and
     names the qconfig, instead of asking for a pass that did run."""
@@ -169,7 +211,7 @@ def test_lower_integer_before_lower_fake_quant_asks_for_it(vit):
 
 
 def test_cli_accepts_backend_int():
-    from fxquant.cli import _parser
+    from fxquant.cli.app import _parser
 
     args = _parser().parse_args(["compile", "--model", "vit_tiny_patch16_224", "--backend", "int"])
     assert args.backend == "int"
@@ -183,22 +225,36 @@ def test_fqvit_preset_lowers_and_agrees(name):
     from tests.passes.conftest import tiny_model
 
     tiny = tiny_model(name)
-    fake = fxquant.compile(tiny.model, "fqvit_w8a8", calib_data=tiny.calib(batches=2, batch_size=4),
-                           diff_inputs=tiny.inputs(), progress=False)
+    fake = fxquant.compile(
+        tiny.model,
+        "fqvit_w8a8",
+        calib_data=tiny.calib(batches=2, batch_size=4),
+        diff_inputs=tiny.inputs(),
+        progress=False,
+    )
     integer = copy.deepcopy(fake)
     lowering = lower_to_integer(integer, tiny.inputs())
     assert len(lowering.int_matmuls) == tiny.depth
     assert len(lowering.shift_matmuls) == tiny.depth  # Log-Int-Softmax + attn@V by shifts
     assert not any("float matmul" in line for line in lowering.float_points)
     assert not any(isinstance(m, LogIntSoftmax) for m in integer.modules())
-    ptf_inputs = [n for n in fake.graph.nodes if n.op == "call_module" and n.target.endswith("_in")
-                  and isinstance(fake.get_submodule(n.target), FakeQuantize)]
+    ptf_inputs = [
+        n
+        for n in fake.graph.nodes
+        if n.op == "call_module" and n.target.endswith("_in") and isinstance(fake.get_submodule(n.target), FakeQuantize)
+    ]
     assert ptf_inputs and len(lowering.int_layernorms) == len(ptf_inputs)
     int_norms = [m for m in integer.modules() if isinstance(m, IntLayerNorm)]
     assert len(int_norms) == len(ptf_inputs) and all(m.sigma_bits == 8 for m in int_norms)
     float_norms = [n for n in integer.graph.nodes if isinstance(submodule(integer, n), torch.nn.LayerNorm)]
-    assert all(not (n.args[0].op == "call_module" and isinstance(submodule(integer, n.args[0]), DequantizeCodes)
-                    and "_in_" in n.args[0].target) for n in float_norms)
+    assert all(
+        not (
+            n.args[0].op == "call_module"
+            and isinstance(submodule(integer, n.args[0]), DequantizeCodes)
+            and "_in_" in n.args[0].target
+        )
+        for n in float_norms
+    )
     rows = code_agreement(fake, integer, (tiny.image(2, seed=4),), isolated=True)
     assert max(r.worst for r in rows) <= 1
     assert sum(r.off_by_one for r in rows) / sum(r.codes for r in rows) <= MAX_OFF_BY_ONE_SHARE

@@ -8,16 +8,24 @@ the softmax input exactly, each row divided by its sum (``lis_renormalize``, def
 not divided with ``lis_renormalize: false``; without quantized scores the float softmax + log2 point stays
 and the report says why.
 """
+
 from __future__ import annotations
 
 import torch
 
-from fxquant.log_int_softmax import LogIntSoftmax, lis_codes, lis_values
-from fxquant.modules import FakeQuantize
-from fxquant.numeric_diff import capture_values
-from fxquant.passes import (Annotate, Calibrate, FuseScales, InsertObservers, LowerFakeQuant, LowerLogIntSoftmax,
-                            SplitQkv)
-from fxquant.patterns import is_softmax
+from fxquant.analysis.numeric_diff import capture_values
+from fxquant.ir.patterns import is_softmax
+from fxquant.passes import (
+    Annotate,
+    Calibrate,
+    FuseScales,
+    InsertObservers,
+    LowerFakeQuant,
+    LowerLogIntSoftmax,
+    SplitQkv,
+)
+from fxquant.runtime.fake_quant import FakeQuantize
+from fxquant.runtime.log_int_softmax import LogIntSoftmax, lis_codes, lis_values
 
 LOG2 = {"bits": 8, "signed": False, "quantization_method": "log2", "observer_type": "MinmaxObserver"}
 
@@ -30,8 +38,11 @@ def lowered(tiny, trace, make_ctx, run, qconfig):
 
 
 def modules_of(gm, kind):
-    return [(n, gm.get_submodule(str(n.target))) for n in gm.graph.nodes
-            if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), kind)]
+    return [
+        (n, gm.get_submodule(str(n.target)))
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), kind)
+    ]
 
 
 def test_softmax_and_log2_point_become_lis(tiny, trace, make_ctx, run, qconfigs):
@@ -43,7 +54,7 @@ def test_softmax_and_log2_point_become_lis(tiny, trace, make_ctx, run, qconfigs)
     assert len(lis) == len(tiny.heads)
     assert not [n for n in gm.graph.nodes if is_softmax(gm, n)]
     assert not [m for _, m in modules_of(gm, FakeQuantize) if m.point.group == "intSoft"]
-    for node, module in lis:
+    for _node, module in lis:
         assert module.bits == 8 and module.point.group == "intSoft"
         assert any(torch.equal(module.scale.flatten(), s.qparams.scale.flatten()) for s in scores.values())
     values = capture_values(gm, tiny.inputs())
@@ -58,8 +69,9 @@ def test_softmax_and_log2_point_become_lis(tiny, trace, make_ctx, run, qconfigs)
 
 
 def test_fqvit_exact_lis_without_renormalization(vit, trace, make_ctx, run, qconfigs):
-    gm, ctx = lowered(vit, trace, make_ctx, run, {**qconfigs.gemm_inputs(),
-                                                  "intSoft": {**LOG2, "lis_renormalize": False}})
+    gm, ctx = lowered(
+        vit, trace, make_ctx, run, {**qconfigs.gemm_inputs(), "intSoft": {**LOG2, "lis_renormalize": False}}
+    )
     gm = run(gm, ctx, LowerLogIntSoftmax())
     values = capture_values(gm, vit.inputs())
     for node, module in modules_of(gm, LogIntSoftmax):

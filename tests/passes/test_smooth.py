@@ -10,6 +10,7 @@ graph's structure and FP32 output unchanged up to float rounding; the rescaled n
 ``<name>@smooth`` origins that the diff pairs with themselves; and on a model with
 outliers the quantized output is closer to FP32 than without smoothing.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,9 +22,9 @@ import pytest
 import torch
 
 import fxquant
-from fxquant.numeric_diff import output_qsnr
+from fxquant.analysis.numeric_diff import output_qsnr
 from fxquant.errors import PassError
-from fxquant.meta import ORIGIN, ORIGIN_SLICE
+from fxquant.ir.meta import ORIGIN, ORIGIN_SLICE
 from fxquant.passes import Annotate, Calibrate, InsertObservers, Smooth, SplitQkv
 
 ALPHA = 0.5
@@ -110,10 +111,14 @@ def reference_absmax(tiny, calib):
     for i, block in enumerate(model.blocks):
         block.attn.fused_attn = False
         for part in ("norm1", "norm2"):
-            handles.append(getattr(block, part).register_forward_hook(
-                lambda m, args, out, key=f"blocks.{i}.{part}": record(key, out)))
-        handles.append(block.attn.proj.register_forward_pre_hook(
-            lambda m, args, key=f"blocks.{i}.attn.proj": record(key, args[0])))
+            handles.append(
+                getattr(block, part).register_forward_hook(
+                    lambda m, args, out, key=f"blocks.{i}.{part}": record(key, out)
+                )
+            )
+        handles.append(
+            block.attn.proj.register_forward_pre_hook(lambda m, args, key=f"blocks.{i}.attn.proj": record(key, args[0]))
+        )
     for batch in calib:
         model(batch)
     for handle in handles:
@@ -123,7 +128,7 @@ def reference_absmax(tiny, calib):
 
 def smoothing_scale(act_absmax, weights, alpha):
     w_absmax = torch.stack([w.detach().abs().amax(dim=0) for w in weights]).amax(dim=0)
-    return act_absmax ** alpha / w_absmax ** (1.0 - alpha)
+    return act_absmax**alpha / w_absmax ** (1.0 - alpha)
 
 
 def assert_folded(actual, expected):
@@ -225,8 +230,8 @@ def test_fold_is_the_smoothquant_scale(vit, trace, make_ctx, run, qconfigs, mode
         proj = block.attn.proj
         s_v = smoothing_scale(absmax[f"{prefix}.attn.proj"], [proj.weight], alpha)
         v = gm.get_submodule(f"{prefix}.attn.qkv_v")
-        assert_folded(v.weight, qkv.weight[2 * width:] * s1[None, :] / s_v[:, None])
-        assert_folded(v.bias, qkv.bias[2 * width:] / s_v)
+        assert_folded(v.weight, qkv.weight[2 * width :] * s1[None, :] / s_v[:, None])
+        assert_folded(v.bias, qkv.bias[2 * width :] / s_v)
         assert_folded(gm.get_submodule(f"{prefix}.attn.proj").weight, proj.weight * s_v[None, :])
         assert gm.get_submodule(f"{prefix}.attn.proj").bias.equal(proj.bias)
         # norm2 -> fc1
@@ -267,9 +272,11 @@ def test_outlier_channels_are_flattened(vit_outliers, trace, make_ctx, run, qcon
 @pytest.mark.parametrize("norm2", ["channel_wise", "log2", "absent"])
 def test_only_per_tensor_points_are_smoothed(vit_outliers, trace, make_ctx, run, qconfigs, norm2):
     per_tensor = qconfigs.gemm_inputs()["norm2"]
-    spec = {"channel_wise": {**per_tensor, "calibration_mode": "channel_wise"},
-            "log2": {**per_tensor, "quantization_method": "log2"},
-            "absent": None}[norm2]
+    spec = {
+        "channel_wise": {**per_tensor, "calibration_mode": "channel_wise"},
+        "log2": {**per_tensor, "quantization_method": "log2"},
+        "absent": None,
+    }[norm2]
     gm, ctx = split(vit_outliers, trace, make_ctx, run, smooth_qconfig(qconfigs, norm2=spec))
     params = parameters(gm)
 
@@ -309,13 +316,18 @@ def test_notes_name_each_smoothed_pair(vit_outliers, trace, make_ctx, run, qconf
     expected = {}
     for i, block in enumerate(vit_outliers.model.blocks):
         b = f"blocks_{i}"
-        expected[f"{b}_norm1"] = ([f"{b}_attn_qkv_q", f"{b}_attn_qkv_k", f"{b}_attn_qkv_v"],
-                                  smoothing_scale(absmax[f"blocks.{i}.norm1"], [block.attn.qkv.weight], ALPHA))
-        expected[f"{b}_norm2"] = ([f"{b}_mlp_fc1"],
-                                  smoothing_scale(absmax[f"blocks.{i}.norm2"], [block.mlp.fc1.weight], ALPHA))
-        expected[f"{b}_attn_norm"] = ([f"{b}_attn_proj"],  # timm's Identity right before proj
-                                      smoothing_scale(absmax[f"blocks.{i}.attn.proj"], [block.attn.proj.weight],
-                                                      ALPHA))
+        expected[f"{b}_norm1"] = (
+            [f"{b}_attn_qkv_q", f"{b}_attn_qkv_k", f"{b}_attn_qkv_v"],
+            smoothing_scale(absmax[f"blocks.{i}.norm1"], [block.attn.qkv.weight], ALPHA),
+        )
+        expected[f"{b}_norm2"] = (
+            [f"{b}_mlp_fc1"],
+            smoothing_scale(absmax[f"blocks.{i}.norm2"], [block.mlp.fc1.weight], ALPHA),
+        )
+        expected[f"{b}_attn_norm"] = (
+            [f"{b}_attn_proj"],  # timm's Identity right before proj
+            smoothing_scale(absmax[f"blocks.{i}.attn.proj"], [block.attn.proj.weight], ALPHA),
+        )
     seen = set()
     for note in notes:
         match = re.fullmatch(r"(\w+): smoothed into \[(.*)\] \(max channel factor ([0-9.e+-]+)\)", note)

@@ -6,12 +6,13 @@ Before: the traced tiny ViT / Swin (timm's ``qkv(x).reshape(B, N, 3, H, D).permu
 and permute(0, 2, 1, 3); the fused module and its reshape/permute/unbind gone; provenance
 (``fxq.origin`` + ``fxq.origin_slice``) pairing each with its slice of the fused output.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from fxquant.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE, WEIGHT
+from fxquant.ir.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE, WEIGHT
 from fxquant.passes import Annotate, SplitQkv
 
 
@@ -73,8 +74,9 @@ def test_three_linears_hold_the_slices_of_the_fused_weight(tiny, trace, make_ctx
 def test_swin_reshape_with_minus_one_is_kept(swin, trace, make_ctx, run):
     gm, ctx, _ = split(swin, trace, make_ctx, run, {})
 
-    linears = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).endswith(("qkv_q", "qkv_k",
-                                                                                            "qkv_v"))]
+    linears = [
+        n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).endswith(("qkv_q", "qkv_k", "qkv_v"))
+    ]
     assert len(linears) == 3 * swin.depth
     for node in linears:
         (shaped,) = node.users
@@ -83,8 +85,11 @@ def test_swin_reshape_with_minus_one_is_kept(swin, trace, make_ctx, run):
 
 
 def test_quant_points_follow_the_matrices(vit, trace, make_ctx, run, qconfigs):
-    qconfig = {"attn_qkv": {"weight": qconfigs.weight(calibration_mode="group_wise"), "output": qconfigs.act()},
-               "attn_q_out": qconfigs.act(), "attn_v_input": qconfigs.act()}
+    qconfig = {
+        "attn_qkv": {"weight": qconfigs.weight(calibration_mode="group_wise"), "output": qconfigs.act()},
+        "attn_q_out": qconfigs.act(),
+        "attn_v_input": qconfigs.act(),
+    }
     gm, _, annotated = split(vit, trace, make_ctx, run, qconfig)
 
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -100,8 +105,7 @@ def test_quant_points_follow_the_matrices(vit, trace, make_ctx, run, qconfigs):
             assert weight.module == f"blocks.{b}.attn.qkv_{letter}"
             assert node.meta[POINT].label == "attn_qkv.output"
         # v's point (on the getitem that unbind produced) moved to v's new permute
-        (v_node,) = [n for n in gm.graph.nodes if n.meta.get(ROLE) == "attn_v" and
-                     n.meta[MODULE] == f"blocks.{b}.attn"]
+        (v_node,) = [n for n in gm.graph.nodes if n.meta.get(ROLE) == "attn_v" and n.meta[MODULE] == f"blocks.{b}.attn"]
         assert v_node.target == "permute" and v_node.meta[POINT].label == "attn_v_input"
         v_linear = v_node.args[0].args[0]
         assert v_linear.target == f"blocks.{b}.attn.qkv_v"

@@ -8,6 +8,7 @@ portable integer graph; a Linear whose input codes another integer op reads as i
 portable and the report says why; under torch.compile (inductor freezing) the result equals
 eager. Skipped where oneDNN's int8 ops are not available (non-x86 builds).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -15,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 import fxquant
+from fxquant.analysis.numeric_diff import output_qsnr
 from fxquant.errors import FxqError
-from fxquant.int_attention import IntAttention, load_kernel
-from fxquant.int_modules import IntLayerNorm, IntLinear, IntMatmul, LisShiftMatmul, QuantizeCodes
-from fxquant.numeric_diff import output_qsnr
-from fxquant.onednn import OnednnLinear, onednn_available
 from fxquant.passes.lower_integer import CODES_OF, code_agreement
+from fxquant.runtime.int_attention import IntAttention, load_kernel
+from fxquant.runtime.int_modules import IntLayerNorm, IntLinear, IntMatmul, LisShiftMatmul, QuantizeCodes
+from fxquant.runtime.onednn import OnednnLinear, onednn_available
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="oneDNN int8 ops need an x86 torch build")
 
@@ -71,8 +72,7 @@ def test_every_linear_runs_on_onednn_under_w8a8(graphs, key):
     assert f"{len(linears)} of {len(linears)} Linears" in note
 
 
-@pytest.mark.parametrize("key", [("vit", "w8a8"), ("swin", "w8a8"), ("vit", "fqvit_w8a8")],
-                         ids=lambda k: "-".join(k))
+@pytest.mark.parametrize("key", [("vit", "w8a8"), ("swin", "w8a8"), ("vit", "fqvit_w8a8")], ids=lambda k: "-".join(k))
 def test_codes_match_the_fake_quant_graph(graphs, key):
     tiny, fake, portable, onednn = graphs[key]
     rows = code_agreement(fake, onednn, tiny.inputs(), isolated=True)
@@ -85,8 +85,7 @@ def test_codes_match_the_fake_quant_graph(graphs, key):
     assert shifts <= {0, 128, -128}
 
 
-@pytest.mark.parametrize("key", [("vit", "w8a8"), ("swin", "w8a8"), ("vit", "fqvit_w8a8")],
-                         ids=lambda k: "-".join(k))
+@pytest.mark.parametrize("key", [("vit", "w8a8"), ("swin", "w8a8"), ("vit", "fqvit_w8a8")], ids=lambda k: "-".join(k))
 def test_output_matches_the_portable_integer_graph(graphs, key):
     tiny, fake, portable, onednn = graphs[key]
     x = tiny.image(2, seed=5)
@@ -128,8 +127,17 @@ def test_kernel_matches_its_definition_on_hand_made_tensors():
     real = acc * 0.02 * w_scale.double() + bias.double()
     for output, post_op in (("float32", "none"), ("uint8", "none"), ("uint8", "gelu"), ("int8", "none")):
         codes_out = output != "float32"
-        layer = OnednnLinear(weight, w_scale, bias, 0.02, 131, output=output, output_scale=0.05 if codes_out else 1.0,
-                             output_zero_point=(7 if output == "uint8" else -3) if codes_out else 0, post_op=post_op)
+        layer = OnednnLinear(
+            weight,
+            w_scale,
+            bias,
+            0.02,
+            131,
+            output=output,
+            output_scale=0.05 if codes_out else 1.0,
+            output_zero_point=(7 if output == "uint8" else -3) if codes_out else 0,
+            post_op=post_op,
+        )
         y = real if post_op == "none" else F.gelu(real)
         got = layer(codes)
         assert got.shape == (3, 5, 24)
@@ -188,8 +196,7 @@ def test_bad_int_kernels_arguments_are_refused():
     with pytest.raises(FxqError, match="needs backend='int'"):
         fxquant.compile(tiny.model, "w8a8", calib_data=tiny.calib(), int_kernels="onednn", progress=False)
     with pytest.raises(FxqError, match="int_kernels 'fast'"):
-        fxquant.compile(tiny.model, "w8a8", calib_data=tiny.calib(), backend="int", int_kernels="fast",
-                        progress=False)
+        fxquant.compile(tiny.model, "w8a8", calib_data=tiny.calib(), backend="int", int_kernels="fast", progress=False)
 
 
 def test_preset_without_linear_points_passes_through():
@@ -241,8 +248,15 @@ def test_int_kernels_with_a_custom_pipeline_is_refused():
 
     tiny = tiny_model("vit")
     with pytest.raises(FxqError, match="custom passes"):
-        fxquant.compile(tiny.model, "w8a8", calib_data=tiny.calib(), backend="int", int_kernels="onednn",
-                        passes=fxquant.pipeline.default_passes("int"), progress=False)
+        fxquant.compile(
+            tiny.model,
+            "w8a8",
+            calib_data=tiny.calib(),
+            backend="int",
+            int_kernels="onednn",
+            passes=fxquant.pipeline.default_passes("int"),
+            progress=False,
+        )
 
 
 def test_graph_lowered_without_release_still_saves(tmp_path):

@@ -1,0 +1,106 @@
+"""Instruments run after every pass: Timing, NumericDiff (QSNR vs FP32) and GraphDump."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import networkx as nx
+import torch.fx as fx
+
+from fxquant.analysis.numeric_diff import capture_values, compare_graph
+from fxquant.infra.pass_manager import Instrument, Pass, PassContext
+from fxquant.infra.records import PassRecord, db_for_json
+from fxquant.ir.meta import MODULE, ORIGIN, POINT, WEIGHT
+
+
+class Timing(Instrument):
+    def run_before_pass(self, p, gm, ctx):
+        self._start = time.perf_counter()
+
+    def run_after_pass(self, p, gm, ctx, record):
+        record.seconds = time.perf_counter() - self._start
+
+
+class NumericDiff(Instrument):
+    """Runs the graph on the diff inputs and records per-node QSNR against the reference."""
+
+    def __init__(self) -> None:
+        self._ref_values = None
+        self._ref_output = None
+
+    def _reference(self, ctx: PassContext):
+        if self._ref_values is None:
+            self._ref_values = capture_values(ctx.reference, ctx.diff_inputs)
+            out_node = next(n for n in ctx.reference.graph.nodes if n.op == "output")
+            self._ref_output = self._ref_values[out_node.name]
+        return self._ref_values, self._ref_output
+
+    def run_after_pass(self, p, gm, ctx, record: PassRecord):
+        ref_values, ref_output = self._reference(ctx)
+        nodes, out_db, drop = compare_graph(gm, ctx.diff_inputs, ref_values, ref_output, adopt_new=p.neutral)
+        record.nodes, record.output_qsnr_db, record.first_drop = nodes, out_db, drop
+
+
+def graph_to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        point = node.meta.get(POINT) or node.meta.get(WEIGHT)
+        g.add_node(
+            node.name,
+            op=node.op,
+            target=_target_name(node),
+            module=node.meta.get(MODULE, ""),
+            origin=node.meta.get(ORIGIN, ""),
+            group=point.label if point else "",
+        )
+        for arg in node.all_input_nodes:
+            g.add_edge(arg.name, node.name)
+    return g
+
+
+def _target_name(node: fx.Node) -> str:
+    target = node.target
+    return getattr(target, "__name__", str(target)) if callable(target) else str(target)
+
+
+def _dot(g: nx.DiGraph, qsnr: dict[str, float]) -> str:
+    lines = ["digraph fxquant {", "  rankdir=TB; node [shape=box, fontsize=10];"]
+    for name, data in g.nodes(data=True):
+        label = f"{name}\\n{data['target']}" + (f"\\n[{data['group']}]" if data["group"] else "")
+        if name in qsnr:
+            label += f"\\n{qsnr[name]:.1f} dB"
+        style = ', style=filled, fillcolor="#ffe9a8"' if data["group"] else ""
+        lines.append(f'  "{name}" [label="{label}"{style}];')
+    lines += [f'  "{a}" -> "{b}";' for a, b in g.edges()]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+class GraphDump(Instrument):
+    """Writes ``NN_<pass>.py`` (readable code), ``.dot`` and ``.json`` into the dump dir."""
+
+    def __init__(self, dump_dir: str | Path):
+        self.dump_dir = Path(dump_dir)
+        self.count = 0
+
+    def dump(self, name: str, gm: fx.GraphModule, record: PassRecord | None = None) -> Path:
+        self.dump_dir.mkdir(parents=True, exist_ok=True)
+        stem = self.dump_dir / f"{self.count:02d}_{name}"
+        self.count += 1
+        qsnr = {n["node"]: n["qsnr_db"] for n in record.nodes} if record else {}
+        header = f"# fxquant graph after pass '{name}'\n"
+        if record is not None and record.output_qsnr_db is not None:
+            header += f"# output QSNR vs FP32: {db_for_json(record.output_qsnr_db)} dB\n"
+        stem.with_suffix(".py").write_text(header + gm.code)
+        g = graph_to_networkx(gm)
+        for node_name, db in qsnr.items():
+            g.nodes[node_name]["qsnr_db"] = db_for_json(db)
+        stem.with_suffix(".dot").write_text(_dot(g, qsnr))
+        data = nx.node_link_data(g, edges="edges")
+        stem.with_suffix(".json").write_text(json.dumps({"pass": name, **data}, indent=1, allow_nan=False))
+        return stem
+
+    def run_after_pass(self, p: Pass, gm, ctx, record):
+        self.dump(p.name, gm, record)

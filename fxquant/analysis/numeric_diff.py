@@ -1,0 +1,107 @@
+"""Node-by-node numeric comparison of a graph against the FP32 reference graph."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from fxquant.ir.capture import capture_values, flatten_tensors  # noqa: F401  (re-exported)
+from fxquant.ir.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE, WEIGHT
+from fxquant.quant.quantizers import qsnr_db
+
+# A healthy 8-bit point keeps about this much QSNR: inputs above it count as this much
+# when deciding whether a node "drops" precision, so ordinary quantization is not flagged.
+DROP_CEILING_DB = 40.0
+DROP_THRESHOLD_DB = 10.0
+
+
+def output_qsnr(ref: Any, out: Any) -> float:
+    refs, outs = flatten_tensors(ref), flatten_tensors(out)
+    if len(refs) != len(outs) or any(r.shape != o.shape for r, o in zip(refs, outs)):
+        raise ValueError("the graph's output no longer has the reference output's structure")
+    ref_cat = torch.cat([r.reshape(-1).double() for r in refs])
+    out_cat = torch.cat([o.reshape(-1).double() for o in outs])
+    return qsnr_db(ref_cat, out_cat)
+
+
+def _reference_for(node: fx.Node, ref_values: dict[str, Any]) -> Optional[torch.Tensor]:
+    ref = ref_values.get(node.meta.get(ORIGIN, ""))
+    if not isinstance(ref, torch.Tensor) or not ref.is_floating_point():
+        return None
+    cut = node.meta.get(ORIGIN_SLICE)
+    if cut is not None:
+        dim, start, length = cut
+        ref = ref.narrow(dim, start, length)
+    return ref
+
+
+@torch.no_grad()
+def compare_graph(
+    gm: fx.GraphModule, inputs: tuple, ref_values: dict[str, Any], ref_output: Any, *, adopt_new: bool = False
+) -> tuple[list[dict], float, Optional[dict]]:
+    """Per-node QSNR of ``gm`` vs the reference values; returns (nodes, output QSNR, first drop).
+
+    With ``adopt_new`` (after a numerically neutral pass) a node whose origin the reference
+    lacks, a node that pass created, becomes part of the reference with its current value.
+    """
+    values = capture_values(gm, inputs)
+    if adopt_new:
+        for node in gm.graph.nodes:
+            name = node.meta.get(ORIGIN)
+            if name and name not in ref_values and node.op != "output" and ORIGIN_SLICE not in node.meta:
+                ref_values[name] = values.get(node.name)
+    records: list[dict] = []
+    by_name: dict[str, float] = {}
+    output_value = None
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            output_value = values.get(node.name)
+            continue
+        value = values.get(node.name)
+        ref = _reference_for(node, ref_values)
+        inputs_db = [by_name[a.name] for a in node.all_input_nodes if a.name in by_name]
+        if ref is None or not isinstance(value, torch.Tensor) or value.shape != ref.shape:
+            if inputs_db:  # an unpaired node passes its inputs' precision on, so drops stay visible
+                by_name[node.name] = min(inputs_db)
+            continue
+        db = qsnr_db(ref, value)
+        by_name[node.name] = db
+        point = node.meta.get(POINT) or node.meta.get(WEIGHT)
+        records.append(
+            {
+                "node": node.name,
+                "origin": node.meta.get(ORIGIN, ""),
+                "module": point.module if point is not None else node.meta.get(MODULE, ""),
+                "group": point.label if point is not None else "",
+                "role": node.meta.get(ROLE, ""),
+                "op": node.op if node.op != "call_function" else getattr(node.target, "__name__", str(node.target)),
+                "qsnr_db": db,
+                "input_qsnr_db": min(inputs_db) if inputs_db else None,
+            }
+        )
+    return records, output_qsnr(ref_output, output_value), first_drop(records)
+
+
+def first_drop(
+    records: list[dict], threshold_db: float = DROP_THRESHOLD_DB, ceiling_db: float = DROP_CEILING_DB
+) -> Optional[dict]:
+    """The first node (topological order) whose QSNR falls more than ``threshold_db`` below
+    its inputs' (inputs above ``ceiling_db`` count as ``ceiling_db``)."""
+    for rec in records:
+        if rec["input_qsnr_db"] is None:
+            continue
+        before = min(rec["input_qsnr_db"], ceiling_db)
+        if math.isfinite(rec["qsnr_db"]) or rec["qsnr_db"] < 0:
+            drop = before - rec["qsnr_db"]
+            if drop > threshold_db:
+                return {
+                    "node": rec["node"],
+                    "module": rec["module"],
+                    "group": rec["group"],
+                    "qsnr_db": rec["qsnr_db"],
+                    "drop_db": drop,
+                }
+    return None

@@ -1,0 +1,446 @@
+"""QConfig: the seed's YAML schema (and its predecessor's keys) parsed into QuantSpecs.
+
+A qconfig maps group names (``attn_qkv``, ``norm1``...) to specs. A linear group has
+``weight:`` and ``output:`` sections; an activation group is a spec itself. Top-level keys
+besides groups: ``name``, ``description``, ``extends`` (a preset by name, or a file or directory to start
+from: a relative path is read from the directory of the file that says ``extends``),
+``overrides`` (module glob -> partial groups) and ``skip`` (module globs kept in float).
+Every error names the source, the key path and the allowed values.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import yaml
+
+from fxquant.errors import QConfigError
+from fxquant.quant.qconfig_globs import module_matches
+from fxquant.quant.spec import QuantSpec
+
+LINEAR_GROUPS = ("patch_embed", "attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "head", "patch_merging")
+ACTIVATION_GROUPS = (
+    "norm1",
+    "norm2",
+    "attn_q_out",
+    "attn_k_out",
+    "attn_v_input",
+    "attn_kv_out",
+    "intSoft",
+    "attn_v_out",
+    "mlp_gelu",
+    "residual",
+    "final_norm",
+    "patch_merging_norm",
+)
+ALL_GROUPS = LINEAR_GROUPS + ACTIVATION_GROUPS
+NORM_GROUPS = ("norm1", "norm2", "final_norm", "patch_merging_norm")  # may also quantize their input
+NORM_INPUT = "input"  # the section of a norm group that quantizes the norm's input (PTF)
+LINEAR_SECTIONS = ("weight", "output")
+ACT = "act"  # the section name under which an activation group's spec is stored
+TOP_LEVEL_KEYS = ("name", "description", "extends", "overrides", "skip", "smooth_alpha")
+
+_OBSERVER_NAMES = {
+    "minmaxobserver": "minmax",
+    "minmax": "minmax",
+    "emaobserver": "ema",
+    "ema": "ema",
+    "percentileobserver": "percentile",
+    "percentile": "percentile",
+    "omseobserver": "omse",
+    "omse": "omse",
+    "ptfobserver": "ptf",
+    "ptf": "ptf",
+    "klobserver": "kl",
+    "kl": "kl",
+}
+_OBSERVERS_ALLOWED = "MinmaxObserver, EmaObserver, PercentileObserver, OmseObserver, PtfObserver, KLObserver"
+_METHODS = {"uniform": "uniform", "log2": "log2"}
+_GRANULARITY_KEYS = ("calibration_mode", "granularity")
+_OBSERVER_KEYS = ("observer_type", "observer")
+_METHOD_KEYS = ("quantization_method", "method")
+_ENABLE_KEYS = ("enable", "quant_enable", "output_quant_enable", "weight_quant_enable")
+_FLOAT_OPTIONS = {
+    "percentile_alpha": (0.5, 1.0),
+    "percentile_sigma": (0.0, 1.0),
+    "ema_momentum": (0.0, 1.0),
+}
+# omse_steps <= 2000: a shrink step of 0.05% of the range (an 8-bit grid step is 0.4%); the search
+# costs steps x samples (up to 2**20): ~1.5 s per observer at the maximum. kl_bins: a histogram row
+# per group; a KL candidate costs O(levels) whatever the bins (fxquant.quant.observers.kl).
+_INT_OPTIONS = {"kl_bins": (16, 1 << 16), "omse_steps": (1, 2000), "ptf_factors": (1, 8)}
+_OPTION_HINTS = {"omse_steps": "finer shrink factors no longer change the chosen range but cost time"}
+SPEC_KEYS = (
+    ("bits", "signed", "symmetric", "bit_type", "enable_profiler", "lis_renormalize")
+    + _GRANULARITY_KEYS
+    + _OBSERVER_KEYS
+    + _METHOD_KEYS
+    + _ENABLE_KEYS
+    + tuple(_FLOAT_OPTIONS)
+    + tuple(_INT_OPTIONS)
+)
+
+
+def _fail(source: str, path: str, message: str) -> QConfigError:
+    return QConfigError(f"{source}: {path}: {message}")
+
+
+_KIND_ALLOWED = {bool: "true, false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _expect(value: Any, kind: type, source: str, path: str, allowed: Optional[str] = None) -> Any:
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise _fail(
+            source,
+            path,
+            f"expected {kind.__name__}, got {type(value).__name__} {value!r}; "
+            f"allowed: {allowed or _KIND_ALLOWED.get(kind, kind.__name__)}",
+        )
+    return value
+
+
+def _bits(value: Any, source: str, path: str) -> int:
+    bits = _expect(value, int, source, path, _BITS_ALLOWED)
+    if not 2 <= bits <= 16:
+        raise _fail(source, path, f"{bits} is not allowed; allowed: {_BITS_ALLOWED}")
+    return bits
+
+
+_BITS_ALLOWED = "an integer in 2..16"
+
+
+def _choice(value: Any, table: Mapping[str, str], source: str, path: str, allowed: str) -> str:
+    key = str(value).lower()
+    if not isinstance(value, str) or key not in table:
+        raise _fail(source, path, f"{value!r} is not allowed; allowed: {allowed}")
+    return table[key]
+
+
+def parse_spec(raw: Mapping[str, Any], source: str, path: str) -> QuantSpec:
+    """One spec section in the seed's (or its predecessor's) keys -> QuantSpec."""
+    if not isinstance(raw, Mapping):
+        raise _fail(source, path, f"expected a mapping of spec keys, got {type(raw).__name__}")
+    fields: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = f"{path}.{key}"
+        if key == "bits":
+            fields["bits"] = _bits(value, source, where)
+        elif key in ("signed", "symmetric", "enable_profiler", "lis_renormalize") or key in _ENABLE_KEYS:
+            flag = _expect(value, bool, source, where)
+            if key in _ENABLE_KEYS:
+                fields["enabled"] = flag
+            elif key in ("enable_profiler", "lis_renormalize"):
+                options[key] = flag
+            else:
+                fields[key] = flag
+        elif key == "bit_type":
+            fields.update(_parse_bit_type(value, source, where))
+        elif key in _GRANULARITY_KEYS:
+            allowed = ("layer_wise", "channel_wise", "head_wise", "group_wise")
+            fields["granularity"] = _choice(value, {a: a for a in allowed}, source, where, ", ".join(allowed))
+        elif key in _OBSERVER_KEYS:
+            fields["observer"] = _choice(value, _OBSERVER_NAMES, source, where, _OBSERVERS_ALLOWED)
+        elif key in _METHOD_KEYS:
+            fields["method"] = _choice(value, _METHODS, source, where, "uniform, log2")
+        elif key in _FLOAT_OPTIONS:
+            lo, hi = _FLOAT_OPTIONS[key]
+            number = _expect(value, float, source, where, f"a number in [{lo}, {hi}]")
+            if not lo <= number <= hi:
+                raise _fail(source, where, f"{number} is outside [{lo}, {hi}]")
+            options[key] = number
+        elif key in _INT_OPTIONS:
+            lo, hi = _INT_OPTIONS[key]
+            number = _expect(value, int, source, where, f"an integer in [{lo}, {hi}]")
+            if not lo <= number <= hi:
+                hint = f" ({_OPTION_HINTS[key]})" if key in _OPTION_HINTS and number > hi else ""
+                raise _fail(source, where, f"{number} is outside [{lo}, {hi}]{hint}")
+            options[key] = number
+        else:
+            raise _fail(source, where, f"unknown key; allowed keys: {', '.join(SPEC_KEYS)}")
+    try:
+        return QuantSpec(options=options, **fields)
+    except ValueError as exc:
+        raise _fail(source, path, str(exc)) from None
+
+
+def _parse_bit_type(value: Any, source: str, path: str) -> dict:
+    if not isinstance(value, Mapping):
+        raise _fail(source, path, "expected a mapping with keys bits, symmetric, name")
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        where = f"{path}.{key}"
+        if key == "bits":
+            out["bits"] = _bits(item, source, where)
+        elif key == "symmetric":
+            out["symmetric"] = _expect(item, bool, source, where)
+        elif key == "name":
+            name = _expect(item, str, source, where).lower()
+            if not (name.startswith("int") or name.startswith("uint")):
+                raise _fail(source, where, f"{item!r} is not allowed; allowed: intN or uintN (e.g. int8, uint8)")
+            out["signed"] = not name.startswith("uint")
+            digits = name.lstrip("uint")
+            if digits.isdigit() and "bits" not in out:
+                out["bits"] = int(digits)
+        else:
+            raise _fail(source, where, "unknown key; allowed keys: bits, symmetric, name")
+    return out
+
+
+@dataclass
+class QConfig:
+    """Parsed qconfig: group -> section -> raw spec dict, validated, plus overrides and skip."""
+
+    name: str
+    groups: dict[str, dict[str, dict]]
+    overrides: list[tuple[str, dict[str, dict[str, dict]]]] = field(default_factory=list)
+    skip: list[str] = field(default_factory=list)
+    source: str = "<dict>"
+    description: str = ""
+    smooth_alpha: Optional[float] = None  # SmoothQuant migration strength; None = no smoothing
+    # group -> file that defined it, for configs that must match the model group by group
+    # (a directory of per-part files): annotate fails on a group the model does not have
+    strict_groups: dict[str, str] = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def is_skipped(self, module_path: str) -> bool:
+        return any(module_matches(module_path, pattern) for pattern in self.skip)
+
+    def spec_for(self, group: str, section: str, module_path: str = "") -> Optional[QuantSpec]:
+        """The spec of ``group``'s ``section`` (``weight``/``output``/``act``) at ``module_path``,
+        after overrides; None when that point stays in float."""
+        key = (group, section, module_path)
+        if key not in self._cache:
+            self._cache[key] = self._resolve(group, section, module_path)
+        return self._cache[key]
+
+    def _resolve(self, group: str, section: str, module_path: str) -> Optional[QuantSpec]:
+        if module_path and self.is_skipped(module_path):
+            return None
+        raw = copy.deepcopy(self.groups.get(group, {}).get(section))
+        path = f"{group}.{section}" if section != ACT else group
+        for pattern, groups in self.overrides:
+            if module_path and module_matches(module_path, pattern):
+                extra = groups.get(group, {}).get(section)
+                if extra is not None:
+                    raw = {**(raw or {}), **extra}
+                    path = f"overrides.{pattern}.{path}"
+        if raw is None:
+            return None
+        spec = parse_spec(raw, self.source, path)
+        return spec if spec.enabled else None
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"name": self.name}
+        if self.description:
+            out["description"] = self.description
+        if self.smooth_alpha is not None:
+            out["smooth_alpha"] = self.smooth_alpha
+        out.update(_flatten_groups(self.groups))
+        if self.overrides:
+            out["overrides"] = {pattern: _flatten_groups(g) for pattern, g in self.overrides}
+        if self.skip:
+            out["skip"] = list(self.skip)
+        return out
+
+
+def _flatten_groups(groups: dict[str, dict[str, dict]]) -> dict:
+    out = {}
+    for group, sections in groups.items():
+        if group in LINEAR_GROUPS:
+            out[group] = {k: dict(v) for k, v in sections.items()}
+        else:  # an activation group is its spec, plus a norm's ``input`` section
+            out[group] = {
+                **sections.get(ACT, {}),
+                **({NORM_INPUT: dict(sections[NORM_INPUT])} if NORM_INPUT in sections else {}),
+            }
+    return out
+
+
+def _parse_groups(raw: Mapping[str, Any], source: str, prefix: str = "") -> dict[str, dict[str, dict]]:
+    groups: dict[str, dict[str, dict]] = {}
+    for group, body in raw.items():
+        path = f"{prefix}{group}"
+        if group in LINEAR_GROUPS:
+            if not isinstance(body, Mapping):
+                raise _fail(source, path, "a linear group is a mapping with sections weight and output")
+            sections = {}
+            for section, spec_raw in body.items():
+                if section not in LINEAR_SECTIONS:
+                    raise _fail(
+                        source,
+                        f"{path}.{section}",
+                        f"unknown section; a linear group has: {', '.join(LINEAR_SECTIONS)}",
+                    )
+                parse_spec(spec_raw, source, f"{path}.{section}")  # validate now, not at first use
+                sections[section] = dict(spec_raw)
+            groups[group] = sections
+        elif group in ACTIVATION_GROUPS:
+            if not isinstance(body, Mapping):
+                raise _fail(source, path, f"expected a mapping of spec keys, got {type(body).__name__}")
+            body = dict(body)
+            sections = {}
+            if NORM_INPUT in body:
+                if group not in NORM_GROUPS:
+                    raise _fail(
+                        source,
+                        f"{path}.{NORM_INPUT}",
+                        f"only LayerNorm groups ({', '.join(NORM_GROUPS)}) quantize their input",
+                    )
+                parse_spec(body[NORM_INPUT], source, f"{path}.{NORM_INPUT}")
+                sections[NORM_INPUT] = dict(body.pop(NORM_INPUT))
+            if body or not sections:  # ``norm1: {input: {...}}`` alone leaves the norm's output float
+                parse_spec(body, source, path)
+                sections[ACT] = body
+            groups[group] = sections
+        else:
+            raise _fail(source, path, f"unknown group; allowed: {', '.join(ALL_GROUPS + TOP_LEVEL_KEYS)}")
+    return groups
+
+
+def _extends_target(value: str, base_dir: Optional[Path]) -> Union[str, Path]:
+    """A preset by name; a relative path from the directory of the file holding ``extends``
+    (``base_dir``; the working directory for a dict); an absolute path as it is."""
+    if value in preset_names() or base_dir is None or Path(value).is_absolute():
+        return value
+    return base_dir / value
+
+
+def qconfig_from_dict(
+    raw: Mapping[str, Any], source: str = "<dict>", _depth: int = 0, *, base_dir: Optional[Path] = None
+) -> QConfig:
+    """``base_dir``: the directory of the file ``raw`` was read from; a relative ``extends``
+    path resolves against it (None: against the working directory)."""
+    if not isinstance(raw, Mapping):
+        raise _fail(source, "<top>", f"expected a mapping of groups, got {type(raw).__name__}")
+    raw = dict(raw)
+    raw_keys = set(raw)
+    base: Optional[QConfig] = None
+    if "extends" in raw:
+        if _depth > 8:
+            raise _fail(source, "extends", "chain of 'extends' is too deep (a cycle?)")
+        value = _expect(raw.pop("extends"), str, source, "extends")
+        target = _extends_target(value, base_dir)
+        if isinstance(target, Path) and not target.exists():
+            raise _fail(
+                source,
+                "extends",
+                f"{value!r} is neither a preset ({', '.join(preset_names())}) nor an "
+                f"existing file: looked for {target} (relative to the directory of {source})",
+            )
+        base = load_qconfig(target, _depth=_depth + 1)
+    name = raw.pop("name", Path(source).stem if source != "<dict>" else "custom")
+    description = raw.pop("description", "")
+    smooth_alpha = raw.pop("smooth_alpha", None)
+    if smooth_alpha is not None and smooth_alpha is not False:
+        smooth_alpha = _expect(smooth_alpha, float, source, "smooth_alpha", "a number in [0, 1], or null")
+        if not 0.0 <= smooth_alpha <= 1.0:
+            raise _fail(source, "smooth_alpha", f"{smooth_alpha} is outside [0, 1]")
+    else:
+        smooth_alpha = None
+    overrides_raw = raw.pop("overrides", {}) or {}
+    skip = raw.pop("skip", []) or []
+    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+        raise _fail(source, "skip", "expected a list of module globs, e.g. [head, 'blocks.0.*']")
+    if not isinstance(overrides_raw, Mapping):
+        raise _fail(source, "overrides", "expected a mapping from module glob to groups")
+    groups = _parse_groups(raw, source)
+    overrides = []
+    for pattern, body in overrides_raw.items():
+        if not isinstance(body, Mapping):
+            raise _fail(source, f"overrides.{pattern}", "expected a mapping of groups")
+        overrides.append((str(pattern), _parse_groups(body, source, prefix=f"overrides.{pattern}.")))
+    if base is not None:
+        merged = copy.deepcopy(base.groups)
+        for group, sections in groups.items():  # key by key, as overrides merge
+            for section, raw_spec in sections.items():
+                merged.setdefault(group, {})[section] = {**merged.get(group, {}).get(section, {}), **raw_spec}
+        groups = merged
+        overrides = base.overrides + overrides
+        if smooth_alpha is None and "smooth_alpha" not in raw_keys:
+            smooth_alpha = base.smooth_alpha
+        skip = base.skip + skip
+    config = QConfig(
+        name=str(name),
+        groups=groups,
+        overrides=overrides,
+        skip=list(skip),
+        smooth_alpha=smooth_alpha,
+        source=source,
+        description=str(description),
+    )
+    for _pattern, body in overrides:  # each override must parse when merged over its base
+        for group, sections in body.items():
+            for section in sections:
+                config._resolve(group, section, "")
+    return config
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("fxquant.qconfigs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise QConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+def _load_directory(path: Path, depth: int) -> QConfig:
+    """The predecessor kept one YAML per model part; merge them, refusing a group defined twice."""
+    files = sorted(list(path.glob("*.yaml")) + list(path.glob("*.yml")))
+    if not files:
+        raise QConfigError(f"{path}: directory holds no .yaml files")
+    merged: dict[str, Any] = {}
+    owner: dict[str, Path] = {}
+    for file in files:
+        data = _read_yaml(file)
+        if not isinstance(data, Mapping):
+            raise QConfigError(f"{file}: expected a mapping of groups")
+        qconfig_from_dict(data, str(file), depth, base_dir=file.parent)  # validate each file, errors name it
+        for key, value in data.items():
+            if key in ("name", "description"):
+                continue
+            if key in merged and key not in ("skip",):
+                raise QConfigError(f"{file}: {key}: already defined in {owner[key]}")
+            merged[key] = merged.get(key, []) + value if key == "skip" else value
+            owner[key] = file
+    merged["name"] = path.name
+    config = qconfig_from_dict(merged, str(path), depth, base_dir=path)
+    config.strict_groups = {key: str(owner[key]) for key in merged if key in ALL_GROUPS}
+    return config
+
+
+QConfigLike = Union[str, Path, Mapping[str, Any], QConfig]
+
+
+def load_qconfig(qconfig: QConfigLike, *, _depth: int = 0) -> QConfig:
+    """A preset name (``"w8a8"``), a YAML file, a directory of YAML files, a dict or a QConfig."""
+    if isinstance(qconfig, QConfig):
+        return qconfig
+    if isinstance(qconfig, Mapping):
+        return qconfig_from_dict(qconfig, "<dict>", _depth)
+    if not isinstance(qconfig, (str, Path)):
+        raise QConfigError(f"qconfig must be a preset name, a path, a dict or a QConfig, got {type(qconfig).__name__}")
+    text = str(qconfig)
+    if text in preset_names():
+        preset = resources.files("fxquant.qconfigs") / f"{text}.yaml"
+        data = yaml.safe_load(preset.read_text(encoding="utf-8")) or {}
+        return qconfig_from_dict(data, f"{text}.yaml", _depth)
+    path = Path(text)
+    if path.is_dir():
+        return _load_directory(path, _depth)
+    if path.is_file():
+        return qconfig_from_dict(_read_yaml(path), str(path), _depth, base_dir=path.parent)
+    raise QConfigError(
+        f"qconfig '{text}' is neither a preset ({', '.join(preset_names())}) nor an existing file or directory"
+    )

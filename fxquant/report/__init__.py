@@ -1,0 +1,1 @@
+"""Layer 8, pages for people: the HTML debug page."""

@@ -1,0 +1,132 @@
+"""nn.Modules that passes insert into the graph: observers, fake-quant and quantized layers."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from fxquant.errors import NodeError
+from fxquant.quant.observers import make_observer
+from fxquant.quant.points import QuantPoint
+from fxquant.quant.qparams import QParams
+from fxquant.quant.quantizers import dequantize, fake_quantize, quantize
+
+
+class ObserverModule(nn.Module):
+    """Passes its input through (times ``post_scale``) and, while observing, records statistics."""
+
+    def __init__(self, point: QuantPoint, name: str):
+        super().__init__()
+        self.point = point
+        self.point_name = name
+        self.observer = make_observer(point.spec, name=name, **point.observer_kwargs())
+        self.observing = False
+        self.post_scale = 1.0  # a constant multiply folded in by fuse_scales
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            try:
+                self.observer.update(x.detach())
+            except ValueError as exc:  # name the graph node, so the pass error can too
+                raise NodeError(self.point_name.split(" ", 1)[0], str(exc)) from None
+        return x * self.post_scale if self.post_scale != 1.0 else x
+
+    def extra_repr(self) -> str:
+        return f"{self.point.label} {self.point.spec.describe()} post_scale={self.post_scale:g}"
+
+
+class FakeQuantize(nn.Module):
+    """Quantize-dequantize with frozen QParams, then the folded constant ``post_scale``."""
+
+    def __init__(self, point: QuantPoint, qparams: QParams, post_scale: float = 1.0):
+        super().__init__()
+        self.point = point
+        self.qparams = qparams
+        self.method = point.spec.method
+        self.post_scale = post_scale
+        self.register_buffer("scale", qparams.scale.clone())
+        self.register_buffer("zero_point", qparams.zero_point.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fake_quantize(x, self.qparams, self.method)
+        return y * self.post_scale if self.post_scale != 1.0 else y
+
+    def extra_repr(self) -> str:
+        scale = self.qparams.scale
+        shown = f"{scale.item():.4g}" if scale.dim() == 0 else f"per-axis{self.qparams.axis}[{scale.numel()}]"
+        return f"{self.point.label} {self.point.spec.describe()} scale={shown} post_scale={self.post_scale:g}"
+
+
+def _codes_dtype(qparams: QParams) -> torch.dtype:
+    if qparams.qmin >= -128 and qparams.qmax <= 127:
+        return torch.int8
+    if qparams.qmin >= 0 and qparams.qmax <= 255:
+        return torch.uint8
+    return torch.int32
+
+
+class _QuantWeightMixin:
+    """Holds the weight as integer codes plus QParams; the float weight is derived once."""
+
+    weight_codes: torch.Tensor
+
+    def _set_quantized_weight(self, weight: torch.Tensor, point: QuantPoint, qparams: QParams) -> None:
+        codes = quantize(weight.detach(), qparams)
+        self.point = point
+        self.weight_qparams = qparams
+        self.register_buffer("weight_codes", codes.to(_codes_dtype(qparams)))
+        self.register_buffer("weight", dequantize(codes, qparams).to(weight.dtype))
+        # the float weight it was quantized from (after smoothing): fxquant.debug swaps it in
+        # to turn this point off; not persistent, so state_dicts are unchanged
+        self.register_buffer("float_weight", weight.detach().clone(), persistent=False)
+
+
+class QuantLinear(_QuantWeightMixin, nn.Module):
+    def __init__(self, linear: nn.Linear, point: QuantPoint, qparams: QParams):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._set_quantized_weight(linear.weight, point, qparams)
+        self.bias: Optional[nn.Parameter] = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}->{self.out_features} weight={self.point.spec.describe()}"
+
+
+class QuantConv2d(_QuantWeightMixin, nn.Module):
+    def __init__(self, conv: nn.Conv2d, point: QuantPoint, qparams: QParams):
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported; only 'zeros'")
+        self._set_quantized_weight(conv.weight, point, qparams)
+        self.bias: Optional[nn.Parameter] = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"weight={self.point.spec.describe()} stride={self.stride}"
+
+
+QUANTIZED_WEIGHT_TYPES = (QuantLinear, QuantConv2d)
+
+
+OBSERVER_PREFIX = "fxq_"  # the attribute prefix of the observer submodules insert_observers adds
+
+
+def observer_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, ObserverModule]]:
+    """The observer nodes insert_observers added, in graph order, with their modules."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and str(node.target).startswith(OBSERVER_PREFIX):
+            module = gm.get_submodule(str(node.target))
+            if isinstance(module, ObserverModule):
+                out.append((node, module))
+    return out

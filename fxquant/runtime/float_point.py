@@ -1,0 +1,47 @@
+"""A quantization point left in float: the stand-in modules that ``keep_float`` and the
+sensitivity tools swap in for a FakeQuantize, a Log-Int-Softmax or a quantized weight."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fxquant.runtime.fake_quant import FakeQuantize, QuantConv2d
+from fxquant.runtime.log_int_softmax import LogIntSoftmax
+
+
+class FloatPoint(nn.Module):
+    """A FakeQuantize left in float: identity times the folded constant ``post_scale``."""
+
+    def __init__(self, fq: FakeQuantize):
+        super().__init__()
+        self.point, self.post_scale = fq.point, fq.post_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.post_scale if self.post_scale != 1.0 else x
+
+
+def float_stand_in(module: nn.Module) -> nn.Module:
+    """The float module that computes what ``module`` computes without quantization."""
+    if isinstance(module, FakeQuantize):
+        return FloatPoint(module)
+    if isinstance(module, LogIntSoftmax):
+        return nn.Softmax(module.dim)
+    if isinstance(module, QuantConv2d):
+        conv = nn.Conv2d(
+            module.float_weight.shape[1] * module.groups,
+            module.float_weight.shape[0],
+            tuple(module.float_weight.shape[2:]),
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            bias=module.bias is not None,
+        )
+    else:
+        conv = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    with torch.no_grad():
+        conv.weight.copy_(module.float_weight)
+        if module.bias is not None:
+            conv.bias.copy_(module.bias)
+    return conv
