@@ -17,8 +17,9 @@ import torch.multiprocessing as mp
 from tiny import TINY_VIT, images
 
 import fxquant
-from fxquant.quant import distributed, tail_quantiles
+from fxquant.quant import distributed
 from fxquant.quant.observers import EmaObserver, PercentileObserver
+from fxquant.quant.tail_quantiles import tail_quantiles
 from fxquant.runtime.fake_quant import QUANTIZED_WEIGHT_TYPES, FakeQuantize
 
 WORLD = 2
