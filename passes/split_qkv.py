@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import skip_init
 
+from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import install_submodule, new_node, unique_attr
 from fxquant.ir.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE, WEIGHT, copy_provenance
@@ -80,6 +81,7 @@ def _split_point(point, index: int):
 class SplitQkv(Pass):
     name = "split_qkv"
     neutral = True
+    contract = Contract(requires={Prop.ANNOTATED}, provides={Prop.QKV_SPLIT}, excludes={Prop.OBSERVED})
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         for node in list(gm.graph.nodes):
