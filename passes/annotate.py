@@ -76,7 +76,8 @@ def _is_residual_add(node: fx.Node) -> bool:
 class Annotate(Pass):
     name = "annotate"
     neutral = True
-    contract = Contract(provides={Prop.ANNOTATED})
+    # its rules name the fused qkv Linear, which split_qkv replaces by three
+    contract = Contract(provides={Prop.ANNOTATED}, excludes={Prop.QKV_SPLIT})
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         # a skip/overrides glob that covers no module would be ignored silently: refuse it first

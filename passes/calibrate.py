@@ -61,5 +61,4 @@ class Calibrate(Pass):
             batches = distributed.merge_calibration([m.observer for _, m in observers], batches)
         if batches == 0:
             raise FxqError("calib_data yielded no batches")
-        ctx.note(f"calibrate: {batches} batch(es) through {len(observers)} observer(s)")
         return gm

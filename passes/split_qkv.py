@@ -81,7 +81,8 @@ def _split_point(point, index: int):
 class SplitQkv(Pass):
     name = "split_qkv"
     neutral = True
-    contract = Contract(requires={Prop.ANNOTATED}, provides={Prop.QKV_SPLIT}, excludes={Prop.OBSERVED})
+    # it carries the fused Linear's points over to Q, K and V: after annotate, before the observers
+    contract = Contract(provides={Prop.QKV_SPLIT}, excludes={Prop.OBSERVED})
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         for node in list(gm.graph.nodes):

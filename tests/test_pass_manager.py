@@ -27,6 +27,7 @@ from fxquant.passes import (
     LowerFakeQuant,
     LowerInteger,
     Smooth,
+    SplitQkv,
     UseOnednnKernels,
 )
 from fxquant.pipeline import default_passes, stages
@@ -290,6 +291,10 @@ def test_pass_that_must_come_first_is_refused_after():
     )
     with pytest.raises(PipelineOrderError, match="'decompose_attention' must run before the graph is 'annotated'"):
         PassManager([Annotate(), DecomposeAttention()])
+    with pytest.raises(
+        PipelineOrderError, match="'annotate' must run before the graph is 'qkv_split', but 'split_qkv'"
+    ):
+        PassManager([SplitQkv(), Annotate()])
 
 
 def test_holds_resumes_a_pipeline():
@@ -395,7 +400,7 @@ def test_smooth_notes_reach_the_report_under_w8a8():
     smooth = qm.report.pass_record("smooth").notes
     assert smooth and all("smoothed into" in note for note in smooth)
     assert all(note in qm.report.notes for note in smooth)
-    for name in ("fuse_scales", "calibrate"):  # every pass's notes, in pipeline order
+    for name in ("insert_observers", "fuse_scales"):  # every pass's notes, in pipeline order
         assert all(note in qm.report.notes for note in qm.report.pass_record(name).notes)
     order = [n for r in qm.report.passes for n in r.notes]
     assert qm.report.notes == order
