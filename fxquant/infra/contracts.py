@@ -50,7 +50,9 @@ class Contract:
     removes: frozenset
     excludes: frozenset
 
-    def __init__(self, requires: Iterable = (), provides: Iterable = (), removes: Iterable = (), excludes=()):
+    def __init__(
+        self, requires: Iterable = (), provides: Iterable = (), removes: Iterable = (), excludes: Iterable = ()
+    ):
         object.__setattr__(self, "requires", _props(requires))
         object.__setattr__(self, "provides", _props(provides))
         object.__setattr__(self, "removes", _props(removes))
@@ -91,14 +93,18 @@ def check_order(passes: Sequence, holds: Iterable = ()) -> frozenset:
     for index, p in enumerate(passes):
         contract = contract_of(p)
         done = tuple(q.name for q in passes[:index])
-        for prop in sorted(contract.requires - current):
+        missing = sorted(contract.requires - current)
+        if missing:
+            prop = missing[0]
             raise PipelineOrderError(
                 _missing(p.name, prop, passes[index + 1 :], removed_by.get(prop)),
                 pass_name=p.name,
                 prop=prop,
                 before=done,
             )
-        for prop in sorted(contract.excludes & current):
+        too_late = sorted(contract.excludes & current)
+        if too_late:
+            prop = too_late[0]
             who = provided_by.get(prop)
             source = f"'{who}' provides it earlier in this pipeline" if who else "it held when the pipeline started"
             raise PipelineOrderError(
