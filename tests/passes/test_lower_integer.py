@@ -15,10 +15,12 @@ import pytest
 import torch
 
 import fxquant
+from fxquant.analysis.code_agreement import agreement_summary, code_agreement
 from fxquant.analysis.numeric_diff import output_qsnr
 from fxquant.errors import FxqError
+from fxquant.ir.meta import CODES_OF
 from fxquant.ir.patterns import submodule
-from fxquant.passes.lower_integer import CODES_OF, agreement_summary, code_agreement, lower_to_integer
+from fxquant.passes.lower_integer import lower_to_integer
 from fxquant.runtime.fake_quant import FakeQuantize, QuantLinear
 from fxquant.runtime.int_modules import (
     DequantizeCodes,
@@ -206,7 +208,7 @@ def test_lower_integer_before_lower_fake_quant_asks_for_it(vit):
     from fxquant.passes import Annotate, Calibrate, InsertObservers, LowerInteger
 
     passes = [Annotate(), InsertObservers(), Calibrate(), LowerInteger()]
-    with pytest.raises(FxqError, match="still holds observers; run calibrate and lower_fake_quant first"):
+    with pytest.raises(FxqError, match="'lower_integer' requires 'fake_quant', which 'lower_fake_quant' provides"):
         fxquant.compile(vit.model, "w8a8", calib_data=vit.calib(), backend="int", passes=passes, progress=False)
 
 
