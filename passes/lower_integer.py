@@ -105,7 +105,7 @@ class _Lowering:
                 self._lower_matmul(node)
         for node in self.int_nodes:
             self._fuse_requantization(node)
-        read_shapes_from_codes(self.result.points.values())
+        read_shapes_from_codes(self.result.points.values(), self.copies)
         self.result.fused_dequantize = fuse_softmax_dequantize(self.gm, self.result.points.values())
         self.graph.eliminate_dead_code()
         self.gm.delete_all_unused_submodules()
