@@ -30,7 +30,6 @@ records how many codes differ at each point (``fxquant.analysis.code_agreement``
 from __future__ import annotations
 
 import copy
-import math
 from typing import Optional
 
 import torch
@@ -76,7 +75,7 @@ from fxquant.runtime.int_modules import (
     LisShiftMatmul,
     QuantizeCodes,
 )
-from fxquant.runtime.integer import code_shift, exact_float_matmul_bound
+from fxquant.runtime.integer import code_shift, exact_float_matmul_bound, exact_shift_matmul_bound
 from fxquant.runtime.log_int_softmax import LogIntSoftmax
 
 
@@ -286,8 +285,8 @@ class _Lowering:
             return
         lis: LogIntSoftmax = submodule(self.gm, lis_node)
         tokens = self.values[lis_node.name].shape[-1]  # the probabilities' last axis is the summed one
-        # every partial sum |v - zv| * 2**T * tokens must stay an exact float64 integer (< 2**53)
-        max_shift = min(2**lis.bits - 2, 52 - 8 - math.ceil(math.log2(max(tokens, 2))))
+        # every partial sum |v - zv| * 2**T * tokens must stay an exact float64 integer
+        max_shift = exact_shift_matmul_bound(tokens, point.magnitude(), 2**lis.bits - 2)
         module = LisShiftMatmul(
             lis.scale,
             lis.bits,

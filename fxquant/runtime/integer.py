@@ -24,6 +24,7 @@ import torch
 MULTIPLIER_BITS = 31  # m < 2**31: an int32, and acc * m fits int64 for any int32 acc
 MAX_SHIFT = 54  # zero_point * 2**k (|zp| <= 128) stays below 2**62, so acc * m + offset fits int64
 FLOAT32_EXACT = 2**24  # every integer of magnitude <= 2**24 is exact in float32
+FLOAT64_EXACT = 2**53  # every integer of magnitude <= 2**53 is exact in float64
 INT8_MIN, INT8_MAX = -128, 127
 UINT8_OFFSET = 128  # uint8 code = int8 code + 128 (oneDNN's activations, fxquant.runtime.onednn)
 
@@ -229,3 +230,21 @@ def exact_float_matmul_bound(depth: int, left_magnitude: int, right_magnitude: i
     """True when a float32 matmul of integers |a| <= left, |b| <= right over ``depth`` terms
     is exact: every partial sum is an integer below 2**24, so no rounding ever happens."""
     return depth * left_magnitude * right_magnitude < FLOAT32_EXACT
+
+
+def exact_shift_matmul_bound(terms: int, magnitude: int, cap: int) -> int:
+    """The largest shift T <= ``cap`` for which a float64 matmul of powers of two
+    ``2**(T - m)`` (m >= 0) against integers |v| <= ``magnitude`` over ``terms`` terms is
+    exact: every partial sum is an integer of magnitude <= terms * magnitude * 2**T, which
+    must stay within float64's exact integers (2**53). Log-Int-Softmax's attn@V
+    (``LisShiftMatmul``): terms are the summed tokens, ``magnitude`` the V point's largest
+    |code - zero point|; a smaller V range leaves room for a larger T (finer probabilities).
+    ValueError when not even T = 0 is exact."""
+    if terms < 1 or magnitude < 0:
+        raise ValueError(f"a shift matmul needs terms >= 1 and magnitude >= 0, got {terms} and {magnitude}")
+    if magnitude == 0:  # V holds its zero point only: every product is 0
+        return cap
+    room = FLOAT64_EXACT // (terms * magnitude)
+    if room < 1:
+        raise ValueError(f"{terms} terms of magnitude {magnitude} exceed float64's exact integers (2**53)")
+    return min(cap, room.bit_length() - 1)
