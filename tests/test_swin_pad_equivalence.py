@@ -29,6 +29,7 @@ from fxquant.analysis.code_agreement import code_agreement
 from fxquant.ir.meta import CODES_OF
 from fxquant.ir.patterns import is_scale_transparent, is_zero_pad, rearranges_elements
 from fxquant.lowering.code_chains import moves_elements
+from fxquant.runtime.onednn import onednn_available
 from tests.tiny import images
 
 TIE_SHARE = 2e-4  # 1-LSB ties: at most this share of a graph's codes (measured: 3-5 in about 1.1 million)
@@ -65,10 +66,11 @@ def padded_swin(img_size: int = 64, padded_heads: bool = False, **kwargs) -> tor
     return model
 
 
-def compile_both(model, qconfig, size: int, calib: int = 8):
+def compile_both(model, qconfig, size: int, calib: int = 8, int_kernels: str = "portable"):
     calib_data, diff = images(calib, size, seed=1), images(1, size, seed=2)
     common = dict(calib_data=calib_data, diff_inputs=(diff,), progress=False, numeric_diff=False)
-    return fxquant.compile(model, qconfig, **common), fxquant.compile(model, qconfig, backend="int", **common)
+    fake = fxquant.compile(model, qconfig, **common)
+    return fake, fxquant.compile(model, qconfig, backend="int", int_kernels=int_kernels, **common)
 
 
 def code_pads(gm: fx.GraphModule) -> list[fx.Node]:
@@ -110,8 +112,19 @@ def test_zero_pad_is_scale_transparent_but_moves_codes_only_when_allowed():
     ids=["w8a8", "fqvit_w8a8", "int8_all", "signed_asym_norm1"],
 )
 def test_padded_windows_codes_equal_fake_quant(qconfig):
-    model = padded_swin()
-    fake, integer = compile_both(model, qconfig, 64)
+    fake, integer = compile_both(padded_swin(), qconfig, 64)
+    check_padded_windows(fake, integer)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="oneDNN's int8 Linear kernels are not available here")
+@pytest.mark.parametrize("preset", ["w8a8", "fqvit_w8a8"])
+def test_padded_windows_on_onednn_uint8_codes(preset):
+    """``use_onednn_kernels`` moves the codes to uint8 (+128), the pads' fill with them."""
+    fake, integer = compile_both(padded_swin(), preset, 64, int_kernels="onednn")
+    check_padded_windows(fake, integer)
+
+
+def check_padded_windows(fake, integer) -> None:
     pads = code_pads(integer)
     assert len(pads) == 4, "every block pads its norm1 codes"  # 2 stages x 2 blocks
     nonzero = [n for n in pads if _fill(n) != 0]
