@@ -27,7 +27,6 @@ them at the end of the pipeline and measures the integer graph against the fake-
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -67,7 +66,7 @@ from fxquant.runtime.int_modules import (
     LisShiftMatmul,
     QuantizeCodes,
 )
-from fxquant.runtime.integer import code_shift, exact_float_matmul_bound
+from fxquant.runtime.integer import code_shift, exact_float_matmul_bound, exact_shift_matmul_bound
 from fxquant.runtime.log_int_softmax import LogIntSoftmax
 
 FLOAT_OPS = (
@@ -97,7 +96,7 @@ class _Lowering:
                 self._lower_matmul(node)
         for node in self.int_nodes:
             self._fuse_requantization(node)
-        read_shapes_from_codes(self.result.points.values())
+        read_shapes_from_codes(self.result.points.values(), self.copies)
         self.result.fused_dequantize = fuse_softmax_dequantize(self.gm, self.result.points.values())
         self.graph.eliminate_dead_code()
         self.gm.delete_all_unused_submodules()
@@ -273,8 +272,8 @@ class _Lowering:
             return
         lis: LogIntSoftmax = submodule(self.gm, lis_node)
         tokens = self.values[lis_node.name].shape[-1]  # the probabilities' last axis is the summed one
-        # every partial sum |v - zv| * 2**T * tokens must stay an exact float64 integer (< 2**53)
-        max_shift = min(2**lis.bits - 2, 52 - 8 - math.ceil(math.log2(max(tokens, 2))))
+        # every partial sum |v - zv| * 2**T * tokens must stay an exact float64 integer
+        max_shift = exact_shift_matmul_bound(tokens, point.magnitude(), 2**lis.bits - 2)
         module = LisShiftMatmul(
             lis.scale,
             lis.bits,

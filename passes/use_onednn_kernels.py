@@ -51,10 +51,10 @@ from fxquant.runtime.int_modules import (
     LisShiftMatmul,
     QuantizeCodes,
 )
-from fxquant.runtime.integer import UINT8_OFFSET
+from fxquant.runtime.integer import INT8_RANGE, UINT8_OFFSET
 from fxquant.runtime.onednn import OnednnLinear, onednn_available
 
-_INT8 = (-128, 127)  # a full 8-bit point's (shifted) code range: what oneDNN's uint8 codes hold
+_INT8 = INT8_RANGE  # a full 8-bit point's (shifted) code range: what oneDNN's uint8 codes hold
 
 
 def _is_pad(node: fx.Node) -> bool:

@@ -40,6 +40,7 @@ from fxquant.io.onnx_checks import OnnxExportError, check_file, check_opset, exp
 from fxquant.ir.patterns import is_scale_transparent, submodule
 from fxquant.quant.qparams import QParams
 from fxquant.runtime.fake_quant import FakeQuantize, ObserverModule, QuantConv2d, QuantLinear
+from fxquant.runtime.integer import code_dtype_for
 
 __all__ = ["export_onnx", "OnnxExportError", "to_exportable", "ONNX_OPSET"]
 
@@ -50,11 +51,7 @@ INPUT_NAME, OUTPUT_NAME = "images", "output"
 # ------------------------------------------------------------------------------ Q/DQ ops
 def _container(qmin: int, qmax: int) -> torch.dtype | None:
     """The 8-bit ONNX integer type that holds every code of [qmin, qmax], or None."""
-    if 0 <= qmin and qmax <= 255:
-        return torch.uint8
-    if -128 <= qmin and qmax <= 127:
-        return torch.int8
-    return None
+    return code_dtype_for(qmin, qmax, prefer=torch.uint8)
 
 
 class _QuantizeDequantize(torch.autograd.Function):

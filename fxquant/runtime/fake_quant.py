@@ -14,6 +14,7 @@ from fxquant.quant.observers import make_observer
 from fxquant.quant.points import QuantPoint
 from fxquant.quant.qparams import QParams
 from fxquant.quant.quantizers import dequantize, fake_quantize, quantize
+from fxquant.runtime.integer import code_dtype_for
 
 
 class ObserverModule(nn.Module):
@@ -62,11 +63,7 @@ class FakeQuantize(nn.Module):
 
 
 def _codes_dtype(qparams: QParams) -> torch.dtype:
-    if qparams.qmin >= -128 and qparams.qmax <= 127:
-        return torch.int8
-    if qparams.qmin >= 0 and qparams.qmax <= 255:
-        return torch.uint8
-    return torch.int32
+    return code_dtype_for(qparams.qmin, qparams.qmax) or torch.int32
 
 
 class _QuantWeightMixin:

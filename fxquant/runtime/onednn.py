@@ -32,12 +32,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fxquant.runtime.integer import UINT8_OFFSET, int8_linear, uint8_to_int8_codes
+from fxquant.runtime.integer import CODE_RANGES, UINT8_OFFSET, fits_uint8, int8_linear, uint8_to_int8_codes
 
 __all__ = ["onednn_available", "OnednnLinear", "OUTPUT_DTYPES"]
 
 OUTPUT_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "float32": torch.float32}
-_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+_RANGES = {name: CODE_RANGES[OUTPUT_DTYPES[name]] for name in ("uint8", "int8")}
 
 
 def _probe_onednn() -> bool:
@@ -99,7 +99,7 @@ class OnednnLinear(nn.Module):
             raise ValueError(f"post_op must be 'none' or 'gelu', got {post_op!r}")
         if output == "float32" and (float(output_scale) != 1.0 or int(output_zero_point) != 0):
             raise ValueError("a float output has no output scale or zero point (oneDNN needs 1.0 and 0)")
-        if not 0 <= int(input_zero_point) <= 255:
+        if not fits_uint8(int(input_zero_point), int(input_zero_point)):
             raise ValueError(f"uint8 input zero point {input_zero_point} is outside 0..255")
         self.label, self.out_label = label, out_label
         self.out_features, self.in_features = weight_codes.shape
