@@ -241,14 +241,25 @@ def assert_same_structure(actual: fx.GraphModule, expected: fx.GraphModule, *, m
 
 
 def trace_expected(module: torch.nn.Module) -> fx.GraphModule:
-    """A hand-written Expected module, traced as the Before was (fxquant's leaf modules);
-    the runtime modules passes insert (observers, fake-quant, integer modules) stay leaves."""
+    """A hand-written Expected module, traced with fxquant's leaf modules plus the runtime
+    modules passes insert (observers, fake-quant, integer modules), which stay one node each.
+    Buffers read in ``forward`` are graph attributes (``self.mask.logical_not()`` is a node,
+    not a constant computed while tracing)."""
+    from fxquant.ir.trace import LEAF_TYPES
     from fxquant.runtime import fake_quant, int_attention, int_modules, log_int_softmax, onednn
 
-    leaves: list[type] = []
+    leaves = list(LEAF_TYPES)
     for namespace in (fake_quant, int_modules, int_attention, log_int_softmax, onednn):
         leaves += [v for v in vars(namespace).values() if isinstance(v, type) and issubclass(v, torch.nn.Module)]
-    return fxquant.trace(module, leaf_modules=tuple(leaves))
+
+    class _Tracer(fx.Tracer):
+        proxy_buffer_attributes = True
+
+        def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+            return isinstance(m, tuple(leaves)) or super().is_leaf_module(m, qualified_name)
+
+    module = copy.deepcopy(module).eval()
+    return fx.GraphModule(module, _Tracer().trace(module), class_name=type(module).__name__ + "Expected")
 
 
 # -------------------------------------------------------------------------------- numerics
