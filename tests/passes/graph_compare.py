@@ -233,7 +233,9 @@ def assert_same_structure(actual: fx.GraphModule, expected: fx.GraphModule, *, m
             )
     if len(got) != len(want):
         longer, name = (got, "actual") if len(got) > len(want) else (want, "expected")
-        extra = "\n".join(f"    {row.render(j)}" for j, row in enumerate(longer[len(got) if name == 'expected' else len(want) :]))
+        extra = "\n".join(
+            f"    {row.render(j)}" for j, row in enumerate(longer[len(got) if name == "expected" else len(want) :])
+        )
         raise AssertionError(
             f"graphs differ in length: actual has {len(got)} nodes, expected {len(want)}; the {name} graph "
             f"goes on with:\n{extra}\nactual graph:\n{render(actual, modules)}"
@@ -260,6 +262,19 @@ def trace_expected(module: torch.nn.Module) -> fx.GraphModule:
 
     module = copy.deepcopy(module).eval()
     return fx.GraphModule(module, _Tracer().trace(module), class_name=type(module).__name__ + "Expected")
+
+
+def copy_submodules(holder: nn.Module, source: nn.Module, *paths: str) -> None:
+    """Give ``holder`` (an Expected being built) deep copies of ``source``'s submodules at the
+    same dotted ``paths``: the parts that the pass under test must leave as they are."""
+    for path in paths:
+        parent = holder
+        *owners, leaf = path.split(".")
+        for owner in owners:
+            if not hasattr(parent, owner):
+                parent.add_module(owner, nn.Module())
+            parent = getattr(parent, owner)
+        parent.add_module(leaf, copy.deepcopy(source.get_submodule(path)))
 
 
 # -------------------------------------------------------------------------------- numerics
@@ -356,6 +371,20 @@ def w8a8_minmax(**extra) -> dict:
     config: dict = {"name": "w8a8_minmax"}
     config.update({g: {"weight": weight()} for g in ("attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2")})
     config.update({g: act() for g in ("norm1", "norm2", "attn_v_out", "mlp_gelu")})
-    config.update({g: act(granularity="head_wise") for g in ("attn_q_out", "attn_k_out", "attn_v_input", "attn_kv_out")})
+    config.update(
+        {g: act(granularity="head_wise") for g in ("attn_q_out", "attn_k_out", "attn_v_input", "attn_kv_out")}
+    )
     config.update(extra)
     return config
+
+
+def nonfinite_guard(out, *checked):
+    """What ``lower_integer``'s non-finite guard adds (``fxquant.lowering.nonfinite``), written
+    for an Expected ``forward`` on (B, N, C) tensors: each ``checked`` tensor's per-sample max
+    and min, ``-|sum(max * 0 + min * 0)|`` (-0.0, or NaN for a sample holding a NaN or an inf)
+    added to ``out``."""
+    highs = [torch.amax(t, dim=(1, 2)) for t in checked]
+    lows = [torch.amin(t, dim=(1, 2)) for t in checked]
+    zeros = torch.add(torch.mul(torch.stack(highs), 0), torch.mul(torch.stack(lows), 0))
+    flags = torch.neg(torch.abs(torch.sum(zeros, dim=0)))
+    return torch.add(out, torch.reshape(flags, (-1, 1, 1)))

@@ -13,7 +13,16 @@ import copy
 import torch
 
 from fxquant.runtime.fake_quant import ObserverModule
-from tests.passes.graph_compare import Mlp, apply, assert_same_structure, calib_batches, outputs, stage, tokens, w8a8_minmax
+from tests.passes.graph_compare import (
+    Mlp,
+    apply,
+    assert_same_structure,
+    calib_batches,
+    outputs,
+    stage,
+    tokens,
+    w8a8_minmax,
+)
 
 
 def _affine_u8(values: list) -> tuple[torch.Tensor, torch.Tensor]:
