@@ -29,11 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxquant
-from fxquant.analysis.instruments import NumericDiff
-from fxquant.infra.pass_manager import Pass, PassContext, PassManager
-from fxquant.infra.records import Report
+from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.pipeline import default_passes
-from fxquant.quant.qconfig import load_qconfig
+from tests.passes.conftest import make_context, run_passes
 
 # ------------------------------------------------------------------------- running passes
 
@@ -47,25 +45,18 @@ class Staged:
     done: list[str] = field(default_factory=list)
 
 
-def make_context(gm: fx.GraphModule, qconfig, inputs: tuple, calib_data: Optional[Iterable] = None) -> PassContext:
-    """The context ``fxquant.compile`` builds: the reference is a deepcopy of the traced graph."""
-    config = load_qconfig(qconfig)
-    return PassContext(
-        qconfig=config,
-        reference=copy.deepcopy(gm),
-        diff_inputs=tuple(inputs),
-        calib_data=calib_data,
-        progress=False,
-        report=Report(model=type(gm).__name__, qconfig=config.name, backend="fake"),
-    )
-
-
 def run_pass(staged: Staged, p: Pass) -> fx.GraphModule:
     """Run the one pass ``p`` on ``staged`` (in place: its graph, context and list of applied
-    passes move on) through a PassManager with the NumericDiff instrument; returns the graph."""
-    staged.gm = PassManager([p], [NumericDiff()]).run(staged.gm, staged.ctx, after=tuple(staged.done))
+    passes move on) through the conftest's ``run_passes`` (contracts checked from what the
+    earlier passes established, NumericDiff after the pass); returns the graph."""
+    staged.gm = run_passes(staged.gm, staged.ctx, p)
     staged.done.append(p.name)
     return staged.gm
+
+
+def notes_of(staged: Staged, *pass_names: str) -> list[str]:
+    """The notes the passes ``pass_names`` wrote into their records (all passes when none is named)."""
+    return [n for r in staged.ctx.report.passes if not pass_names or r.name in pass_names for n in r.notes]
 
 
 def pipeline_pass(name: str, int_kernels: str = "portable") -> Pass:

@@ -51,5 +51,4 @@ def test_observers_hold_the_ranges_of_the_calibration_data():
         scale, zero = _affine_u8(values)
         torch.testing.assert_close(qparams.scale, scale.float(), rtol=1e-6, atol=0)
         assert torch.equal(qparams.zero_point, zero.float())
-    assert staged.ctx.state["calibration_batches"] == len(calib)
     torch.testing.assert_close(outputs(gm, (x,)), outputs(model, (x,)), rtol=0, atol=0)

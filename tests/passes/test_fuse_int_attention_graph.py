@@ -33,6 +33,7 @@ from tests.passes.graph_compare import (
     calib_batches,
     copy_submodules,
     nonfinite_guard,
+    notes_of,
     outputs,
     stage,
     tokens,
@@ -99,4 +100,4 @@ def test_attention_core_becomes_one_kernel():
     got = outputs(gm, (x,))
     torch.testing.assert_close(got, outputs(expected, (x,)), rtol=0, atol=0)
     assert qsnr_db(outputs(unfused, (x,)), got) > 40.0
-    assert any(n.startswith("fuse_int_attention: 1 attention cores") for n in staged.ctx.state["lower_integer"])
+    assert any(n.startswith("fuse_int_attention: 1 attention cores") for n in notes_of(staged, "fuse_int_attention"))

@@ -25,6 +25,7 @@ from tests.passes.graph_compare import (
     apply,
     assert_same_structure,
     calib_batches,
+    notes_of,
     outputs,
     stage,
     tokens,
@@ -81,7 +82,7 @@ def test_the_query_scale_folds_into_the_q_observer():
 
     assert_same_structure(gm, trace_expected(ObservedAttention(gm)))
     assert gm.fxq_permute_1.post_scale == HEAD_DIM**-0.5
-    assert staged.ctx.state["fuse_scales"] == ["mul (x 0.353553) folded into the scale of fxq_permute_1 (attn_q_out)"]
+    assert notes_of(staged, "fuse_scales") == ["mul (x 0.353553) folded into the scale of fxq_permute_1 (attn_q_out)"]
     torch.testing.assert_close(outputs(gm, (x,)), before, rtol=0, atol=0)
 
 
@@ -93,6 +94,6 @@ def test_a_linear_output_point_before_a_head_point_is_dropped():
     gm = apply(staged, "fuse_scales")
 
     assert_same_structure(gm, trace_expected(ObservedAttention(gm)))  # the same graph as without those points
-    shared = [n for n in staged.ctx.state["fuse_scales"] if "shares the scale" in n]
+    shared = [n for n in notes_of(staged, "fuse_scales") if "shares the scale" in n]
     assert len(shared) == 3 and all("attn_qkv.output" in n for n in shared)
     torch.testing.assert_close(outputs(gm, (x,)), before, rtol=0, atol=0)

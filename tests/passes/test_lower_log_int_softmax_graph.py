@@ -24,6 +24,7 @@ from tests.passes.graph_compare import (
     assert_same_structure,
     calib_batches,
     copy_submodules,
+    notes_of,
     outputs,
     stage,
     tokens,
@@ -85,5 +86,5 @@ def test_unquantized_scores_keep_the_float_softmax_and_say_why():
 
     assert_same_structure(gm, before)
     assert not any(isinstance(m, LogIntSoftmax) for m in gm.modules())
-    assert any("fxq_softmax (intSoft)" in n and "quantize attn_kv_out" in n for n in staged.ctx.state["notes"])
+    assert any("fxq_softmax (intSoft)" in n and "quantize attn_kv_out" in n for n in notes_of(staged))
     torch.testing.assert_close(outputs(gm, (x,)), outputs(before, (x,)), rtol=0, atol=0)

@@ -26,6 +26,7 @@ from tests.passes.graph_compare import (
     apply,
     assert_same_structure,
     calib_batches,
+    notes_of,
     outputs,
     stage,
     tokens,
@@ -105,7 +106,7 @@ def test_norm_and_v_outliers_fold_into_the_next_linears():
     for name, value in expected.named_parameters():
         torch.testing.assert_close(params[name], value, rtol=1e-6, atol=1e-7, msg=name)
     assert float(gm.norm1.weight.detach()[3]) < 20.0 / 2  # the outlier channel was flattened
-    assert len(staged.ctx.state["smooth"]) == 2  # norm1 -> q, k, v and v -> proj
+    assert len(notes_of(staged, "smooth")) == 2  # norm1 -> q, k, v and v -> proj
     got = outputs(gm, (x,))
     torch.testing.assert_close(got, outputs(expected, (x,)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, before, rtol=0, atol=256 * FLOAT32_EPS * float(before.abs().max()))

@@ -30,6 +30,7 @@ from tests.passes.graph_compare import (
     assert_same_structure,
     calib_batches,
     nonfinite_guard,
+    notes_of,
     outputs,
     stage,
     tokens,
@@ -91,5 +92,5 @@ def test_fc1_gelu_and_its_point_become_one_onednn_kernel():
     torch.testing.assert_close(got, outputs(expected, (x,)), rtol=0, atol=0)
     assert qsnr_db(outputs(portable, (x,)), got) > 35.0
     assert qsnr_db(outputs(fake, (x,)), got) > 35.0
-    note = next(n for n in staged.ctx.state["lower_integer"] if n.startswith("use_onednn_kernels"))
+    note = next(n for n in notes_of(staged, "use_onednn_kernels") if n.startswith("use_onednn_kernels"))
     assert "2 of 2 Linears" in note and "1 with GELU" in note
