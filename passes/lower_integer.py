@@ -58,16 +58,15 @@ from fxquant.lowering.nonfinite import guard_nonfinite
 from fxquant.quant.ptf import ptf_layernorm_constants
 from fxquant.runtime.fake_quant import QUANTIZED_WEIGHT_TYPES, FakeQuantize, ObserverModule, QuantLinear
 from fxquant.runtime.float_point import FloatPoint
+from fxquant.runtime.int_layernorm import IntLayerNorm
 from fxquant.runtime.int_modules import (
     DequantizeCodes,
-    IntLayerNorm,
     IntLinear,
     IntMatmul,
-    LisShiftMatmul,
     QuantizeCodes,
 )
 from fxquant.runtime.integer import code_shift, exact_float_matmul_bound, exact_shift_matmul_bound
-from fxquant.runtime.log_int_softmax import LogIntSoftmax
+from fxquant.runtime.log_int_softmax import LisShiftMatmul, LogIntSoftmax
 
 FLOAT_OPS = (
     "softmax without a log2 point, GELU, residual adds and LayerNorms without a PTF input point "

@@ -43,15 +43,15 @@ from fxquant.ir.graph_utils import install_submodule
 from fxquant.ir.meta import CODES_OF
 from fxquant.ir.patterns import single_user, submodule
 from fxquant.lowering.code_chains import drop_origin, moves_elements, reads_shape
+from fxquant.runtime.int_layernorm import IntLayerNorm
 from fxquant.runtime.int_modules import (
     DequantizeCodes,
-    IntLayerNorm,
     IntLinear,
     IntMatmul,
-    LisShiftMatmul,
     QuantizeCodes,
 )
 from fxquant.runtime.integer import INT8_RANGE, UINT8_OFFSET
+from fxquant.runtime.log_int_softmax import LisShiftMatmul
 from fxquant.runtime.onednn import OnednnLinear, onednn_available
 
 _INT8 = INT8_RANGE  # a full 8-bit point's (shifted) code range: what oneDNN's uint8 codes hold

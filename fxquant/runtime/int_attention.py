@@ -44,6 +44,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fxquant.runtime.savable import Schema, TensorRule, savable
+
 __all__ = [
     "IntAttention",
     "load_kernel",
@@ -254,6 +256,12 @@ def check_head_constants(head_constants: torch.Tensor) -> None:
         )
 
 
+@savable(
+    Schema(
+        {"label": str, "qmin": int, "qmax": int},
+        {"head_constants": TensorRule((torch.float32,), ndims=(2,), required=True)},
+    )
+)
 class IntAttention(nn.Module):
     """``softmax(dequantize(requantize(q @ kT))) @ dequantize(v)`` on codes, one kernel.
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fxquant.runtime.integer import CODE_RANGES, UINT8_OFFSET, fits_uint8, int8_linear, uint8_to_int8_codes
+from fxquant.runtime.savable import Schema, TensorRule, savable
 
 __all__ = ["onednn_available", "OnednnLinear", "OUTPUT_DTYPES"]
 
@@ -69,6 +70,34 @@ def _inductor_freezes() -> bool:
     return config is not None and bool(config.freezing) and not torch.is_grad_enabled()
 
 
+def _per_output(dtype: torch.dtype) -> TensorRule:
+    return TensorRule((dtype,), ndims=(1,), rows="out_features")
+
+
+@savable(
+    Schema(
+        {
+            "label": str,
+            "out_label": str,
+            "in_features": int,
+            "out_features": int,
+            "input_scale": float,
+            "input_zero_point": int,
+            "output": ("float32", "int8", "uint8"),
+            "output_scale": float,
+            "output_zero_point": int,
+            "post_op": ("none", "gelu"),
+        },
+        {
+            "weight_codes": TensorRule(
+                (torch.int8,), ndims=(2,), rows="out_features", cols="in_features", required=True
+            ),
+            "weight_scale": _per_output(torch.float32),
+            "weight_zero_point": _per_output(torch.int64),
+            "bias": _per_output(torch.float32),
+        },
+    )
+)
 class OnednnLinear(nn.Module):
     """A lowered Linear on uint8 codes with oneDNN's fused epilogue.
 

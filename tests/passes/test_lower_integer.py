@@ -22,15 +22,14 @@ from fxquant.ir.meta import CODES_OF
 from fxquant.ir.patterns import submodule
 from fxquant.passes.lower_integer import lower_to_integer
 from fxquant.runtime.fake_quant import FakeQuantize, QuantLinear
+from fxquant.runtime.int_layernorm import IntLayerNorm
 from fxquant.runtime.int_modules import (
     DequantizeCodes,
-    IntLayerNorm,
     IntLinear,
     IntMatmul,
-    LisShiftMatmul,
     QuantizeCodes,
 )
-from fxquant.runtime.log_int_softmax import LogIntSoftmax
+from fxquant.runtime.log_int_softmax import LisShiftMatmul, LogIntSoftmax
 
 # Codes may differ where the two graphs round a value sitting on a rounding boundary
 # differently (float32 sums in another order, bias rounded to int32, ties): rare.

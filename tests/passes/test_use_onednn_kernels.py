@@ -23,7 +23,9 @@ from fxquant.infra.contracts import Prop
 from fxquant.infra.pass_manager import PassContext, PassManager
 from fxquant.ir.meta import CODES_OF
 from fxquant.runtime.int_attention import IntAttention, load_kernel
-from fxquant.runtime.int_modules import IntLayerNorm, IntLinear, IntMatmul, LisShiftMatmul, QuantizeCodes
+from fxquant.runtime.int_layernorm import IntLayerNorm
+from fxquant.runtime.int_modules import IntLinear, IntMatmul, QuantizeCodes
+from fxquant.runtime.log_int_softmax import LisShiftMatmul
 from fxquant.runtime.onednn import OnednnLinear, onednn_available
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="oneDNN int8 ops need an x86 torch build")
