@@ -8,6 +8,20 @@ import torch.fx as fx
 
 from fxquant.infra.contracts import Prop, contract_of
 from fxquant.infra.pass_manager import Pass
+from fxquant.passes import (
+    Annotate,
+    Calibrate,
+    DecomposeAttention,
+    FuseIntAttention,
+    FuseScales,
+    InsertObservers,
+    LowerFakeQuant,
+    LowerInteger,
+    LowerLogIntSoftmax,
+    Smooth,
+    SplitQkv,
+    UseOnednnKernels,
+)
 from fxquant.runtime.int_modules import IntLinear
 
 BACKENDS = ("fake", "int")
@@ -23,21 +37,6 @@ def default_passes(backend: str = "fake", int_kernels: str = "portable") -> list
     ``int_kernels="onednn"`` (x86 CPUs) then moves the Linears onto oneDNN's fused int8
     kernel (``use_onednn_kernels``) and each attention core (q @ kT, score requantization,
     softmax, attn@V) into one C++ kernel (``fuse_int_attention``)."""
-    from fxquant.passes import (
-        Annotate,
-        Calibrate,
-        DecomposeAttention,
-        FuseIntAttention,
-        FuseScales,
-        InsertObservers,
-        LowerFakeQuant,
-        LowerInteger,
-        LowerLogIntSoftmax,
-        Smooth,
-        SplitQkv,
-        UseOnednnKernels,
-    )
-
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not available in this version; choose one of {BACKENDS}")
     if int_kernels not in INT_KERNELS:

@@ -39,6 +39,7 @@ from fxquant.io.fd_capture import captured_output
 from fxquant.io.onnx_checks import OnnxExportError, check_file, check_opset, export_failure, writable_path
 from fxquant.ir.patterns import is_scale_transparent, submodule
 from fxquant.quant.qparams import QParams
+from fxquant.quant.quantizers import fake_quantize
 from fxquant.runtime.fake_quant import FakeQuantize, ObserverModule, QuantConv2d, QuantLinear
 from fxquant.runtime.integer import code_dtype_for
 
@@ -59,8 +60,6 @@ class _QuantizeDequantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, axis: int, qmin: int, qmax: int):  # noqa: ARG004
-        from fxquant.quant.quantizers import fake_quantize
-
         qp = QParams(scale, zero_point.float(), qmin, qmax, axis if scale.dim() else None)
         return fake_quantize(x, qp)
 
