@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional, Union
 import yaml
 
 from fxquant.errors import QConfigError
+from fxquant.quant.observers import observer_class, registered_observers
 from fxquant.quant.qconfig_globs import module_matches
 from fxquant.quant.spec import QuantSpec
 
@@ -44,21 +45,6 @@ LINEAR_SECTIONS = ("weight", "output")
 ACT = "act"  # the section name under which an activation group's spec is stored
 TOP_LEVEL_KEYS = ("name", "description", "extends", "overrides", "skip", "smooth_alpha")
 
-_OBSERVER_NAMES = {
-    "minmaxobserver": "minmax",
-    "minmax": "minmax",
-    "emaobserver": "ema",
-    "ema": "ema",
-    "percentileobserver": "percentile",
-    "percentile": "percentile",
-    "omseobserver": "omse",
-    "omse": "omse",
-    "ptfobserver": "ptf",
-    "ptf": "ptf",
-    "klobserver": "kl",
-    "kl": "kl",
-}
-_OBSERVERS_ALLOWED = "MinmaxObserver, EmaObserver, PercentileObserver, OmseObserver, PtfObserver, KLObserver"
 _METHODS = {"uniform": "uniform", "log2": "log2"}
 _GRANULARITY_KEYS = ("calibration_mode", "granularity")
 _OBSERVER_KEYS = ("observer_type", "observer")
@@ -116,6 +102,23 @@ def _bits(value: Any, source: str, path: str) -> int:
 _BITS_ALLOWED = "an integer in 2..16"
 
 
+def _observer(value: Any, source: str, path: str) -> str:
+    """A registered observer's name, given as ``minmax``, ``MinmaxObserver``... in any case."""
+    names = registered_observers()
+    key = value.lower() if isinstance(value, str) else ""
+    if key.endswith("observer"):
+        key = key[: -len("observer")]
+    if key not in names:
+        allowed = ", ".join(f"{name.capitalize()}Observer" for name in names)
+        raise _fail(
+            source,
+            path,
+            f"{value!r} is not allowed; allowed: {allowed} (case-insensitive; the bare names "
+            f"{', '.join(names)} also work; an observer of your own needs @register_observer)",
+        )
+    return key
+
+
 def _choice(value: Any, table: Mapping[str, str], source: str, path: str, allowed: str) -> str:
     key = str(value).lower()
     if not isinstance(value, str) or key not in table:
@@ -147,7 +150,7 @@ def parse_spec(raw: Mapping[str, Any], source: str, path: str) -> QuantSpec:
             allowed = ("layer_wise", "channel_wise", "head_wise", "group_wise")
             fields["granularity"] = _choice(value, {a: a for a in allowed}, source, where, ", ".join(allowed))
         elif key in _OBSERVER_KEYS:
-            fields["observer"] = _choice(value, _OBSERVER_NAMES, source, where, _OBSERVERS_ALLOWED)
+            fields["observer"] = _observer(value, source, where)
         elif key in _METHOD_KEYS:
             fields["method"] = _choice(value, _METHODS, source, where, "uniform, log2")
         elif key in _FLOAT_OPTIONS:
@@ -166,7 +169,9 @@ def parse_spec(raw: Mapping[str, Any], source: str, path: str) -> QuantSpec:
         else:
             raise _fail(source, where, f"unknown key; allowed keys: {', '.join(SPEC_KEYS)}")
     try:
-        return QuantSpec(options=options, **fields)
+        spec = QuantSpec(options=options, **fields)
+        observer_class(spec.observer).check_spec(spec)
+        return spec
     except ValueError as exc:
         raise _fail(source, path, str(exc)) from None
 
