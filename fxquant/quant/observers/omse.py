@@ -23,7 +23,7 @@ class OmseObserver(MinMaxObserver):
     values (at most ``omse_group_samples`` = 2**16 per group and ``omse_total_samples`` =
     2**20 in all; seeded by ``omse_seed`` = 0). At compute time it tries ``omse_steps`` =
     100 shrink factors 1, 0.99, ..., 0.01 of the min/max range (at most 2000, see
-    ``fxquant.quant.qconfig``) and keeps, per group, the one whose fake-quantized sample has the
+    ``fxquant.quant.qconfig_spec``) and keeps, per group, the one whose fake-quantized sample has the
     smallest squared error; each factor is scored for all groups at once, in one reused
     buffer. Factor 1.0 is tried first and ties keep the earlier factor, so the result is
     never worse than min-max on the sample.
