@@ -206,11 +206,22 @@ def test_shard_helpers_without_a_process_group():
 
 
 def test_every_observer_type_has_a_merge():
-    from fxquant.quant.observers import _OBSERVERS, MinMaxObserver, OmseObserver
+    from fxquant.quant.observers import MinMaxObserver, OmseObserver, observer_class, registered_observers
 
-    for name, cls in _OBSERVERS.items():  # KLObserver and PtfObserver inherit OMSE's merge
-        assert distributed.merge_for(cls) is not None, name
+    assert len(registered_observers()) >= 6
+    for name in registered_observers():  # KLObserver and PtfObserver inherit OMSE's merge
+        assert distributed.merge_for(observer_class(name)) is not None, name
     assert distributed.merge_for(OmseObserver) is not distributed.merge_for(MinMaxObserver)
+
+
+def test_register_merge_refuses_a_second_merge_and_a_non_observer():
+    from fxquant.quant.observers import MinMaxObserver
+
+    with pytest.raises(ValueError, match="merge for MinMaxObserver is already registered"):
+        distributed.register_merge(MinMaxObserver)(lambda observer, counts, metas: None)
+    with pytest.raises(TypeError, match="not a subclass of fxquant.quant.observers.Observer"):
+        distributed.register_merge(dict)
+    assert distributed.merge_for(MinMaxObserver).__name__ == "_merge_minmax"  # the first one stays
 
 
 def _tiny_create_model(real):

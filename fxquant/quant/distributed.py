@@ -47,7 +47,11 @@ import torch.distributed as dist
 
 from fxquant.errors import FxqError
 from fxquant.quant.calib_data import as_batches
-from fxquant.quant.observers import EmaObserver, MinMaxObserver, Observer, OmseObserver, PercentileObserver
+from fxquant.quant.observers.base import Observer
+from fxquant.quant.observers.ema import EmaObserver
+from fxquant.quant.observers.minmax import MinMaxObserver
+from fxquant.quant.observers.omse import OmseObserver
+from fxquant.quant.observers.percentile import PercentileObserver
 
 __all__ = [
     "is_distributed",
@@ -148,10 +152,21 @@ def register_merge(observer_type: type) -> Callable[[MergeFn], MergeFn]:
 
     ``counts[r]`` is rank r's number of updates; ``meta`` holds the ``_describe`` entries of
     every rank for this observer (shapes, for ranks that saw nothing). Every rank calls it
-    with the same observers in the same order, so collectives inside line up.
+    with the same observers in the same order, so collectives inside line up. Like
+    ``register_observer``, it refuses a type that is not an Observer and a second merge for
+    one type. This module imports the observer modules it merges one by one (not the
+    ``fxquant.quant.observers`` package), so a new observer's module may register its merge
+    beside itself without an import cycle.
     """
+    if not (isinstance(observer_type, type) and issubclass(observer_type, Observer)):
+        raise TypeError(f"register_merge({observer_type!r}): not a subclass of fxquant.quant.observers.Observer")
 
     def decorate(fn: MergeFn) -> MergeFn:
+        if observer_type in _MERGES:
+            raise ValueError(
+                f"a distributed merge for {observer_type.__name__} is already registered "
+                f"({_MERGES[observer_type].__qualname__}); cannot register {fn.__qualname__} too"
+            )
         _MERGES[observer_type] = fn
         return fn
 

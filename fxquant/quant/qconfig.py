@@ -6,6 +6,11 @@ besides groups: ``name``, ``description``, ``extends`` (a preset by name, or a f
 from: a relative path is read from the directory of the file that says ``extends``),
 ``overrides`` (module glob -> partial groups) and ``skip`` (module globs kept in float).
 Every error names the source, the key path and the allowed values.
+
+This module holds the QConfig and the loader (presets, files, directories, ``extends``);
+the group and section names are in :mod:`fxquant.quant.qconfig_groups`, one spec section's
+keys and their parsing in :mod:`fxquant.quant.qconfig_spec`, the module globs in
+:mod:`fxquant.quant.qconfig_globs`. The names of the first two are importable from here too.
 """
 
 from __future__ import annotations
@@ -20,178 +25,36 @@ import yaml
 
 from fxquant.errors import QConfigError
 from fxquant.quant.qconfig_globs import module_matches
+from fxquant.quant.qconfig_groups import (
+    ACT,
+    ACTIVATION_GROUPS,
+    ALL_GROUPS,
+    LINEAR_GROUPS,
+    LINEAR_SECTIONS,
+    NORM_GROUPS,
+    NORM_INPUT,
+    TOP_LEVEL_KEYS,
+)
+from fxquant.quant.qconfig_spec import SPEC_KEYS, expect_kind, parse_spec, qconfig_error
 from fxquant.quant.spec import QuantSpec
 
-LINEAR_GROUPS = ("patch_embed", "attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "head", "patch_merging")
-ACTIVATION_GROUPS = (
-    "norm1",
-    "norm2",
-    "attn_q_out",
-    "attn_k_out",
-    "attn_v_input",
-    "attn_kv_out",
-    "intSoft",
-    "attn_v_out",
-    "mlp_gelu",
-    "residual",
-    "final_norm",
-    "patch_merging_norm",
-)
-ALL_GROUPS = LINEAR_GROUPS + ACTIVATION_GROUPS
-NORM_GROUPS = ("norm1", "norm2", "final_norm", "patch_merging_norm")  # may also quantize their input
-NORM_INPUT = "input"  # the section of a norm group that quantizes the norm's input (PTF)
-LINEAR_SECTIONS = ("weight", "output")
-ACT = "act"  # the section name under which an activation group's spec is stored
-TOP_LEVEL_KEYS = ("name", "description", "extends", "overrides", "skip", "smooth_alpha")
-
-_OBSERVER_NAMES = {
-    "minmaxobserver": "minmax",
-    "minmax": "minmax",
-    "emaobserver": "ema",
-    "ema": "ema",
-    "percentileobserver": "percentile",
-    "percentile": "percentile",
-    "omseobserver": "omse",
-    "omse": "omse",
-    "ptfobserver": "ptf",
-    "ptf": "ptf",
-    "klobserver": "kl",
-    "kl": "kl",
-}
-_OBSERVERS_ALLOWED = "MinmaxObserver, EmaObserver, PercentileObserver, OmseObserver, PtfObserver, KLObserver"
-_METHODS = {"uniform": "uniform", "log2": "log2"}
-_GRANULARITY_KEYS = ("calibration_mode", "granularity")
-_OBSERVER_KEYS = ("observer_type", "observer")
-_METHOD_KEYS = ("quantization_method", "method")
-_ENABLE_KEYS = ("enable", "quant_enable", "output_quant_enable", "weight_quant_enable")
-_FLOAT_OPTIONS = {
-    "percentile_alpha": (0.5, 1.0),
-    "percentile_sigma": (0.0, 1.0),
-    "ema_momentum": (0.0, 1.0),
-}
-# omse_steps <= 2000: a shrink step of 0.05% of the range (an 8-bit grid step is 0.4%); the search
-# costs steps x samples (up to 2**20): ~1.5 s per observer at the maximum. kl_bins: a histogram row
-# per group; a KL candidate costs O(levels) whatever the bins (fxquant.quant.observers.kl).
-_INT_OPTIONS = {"kl_bins": (16, 1 << 16), "omse_steps": (1, 2000), "ptf_factors": (1, 8)}
-_OPTION_HINTS = {"omse_steps": "finer shrink factors no longer change the chosen range but cost time"}
-SPEC_KEYS = (
-    ("bits", "signed", "symmetric", "bit_type", "enable_profiler", "lis_renormalize")
-    + _GRANULARITY_KEYS
-    + _OBSERVER_KEYS
-    + _METHOD_KEYS
-    + _ENABLE_KEYS
-    + tuple(_FLOAT_OPTIONS)
-    + tuple(_INT_OPTIONS)
-)
-
-
-def _fail(source: str, path: str, message: str) -> QConfigError:
-    return QConfigError(f"{source}: {path}: {message}")
-
-
-_KIND_ALLOWED = {bool: "true, false", int: "an integer", float: "a number", str: "a string"}
-
-
-def _expect(value: Any, kind: type, source: str, path: str, allowed: Optional[str] = None) -> Any:
-    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        ok, value = True, float(value)
-    if not ok:
-        raise _fail(
-            source,
-            path,
-            f"expected {kind.__name__}, got {type(value).__name__} {value!r}; "
-            f"allowed: {allowed or _KIND_ALLOWED.get(kind, kind.__name__)}",
-        )
-    return value
-
-
-def _bits(value: Any, source: str, path: str) -> int:
-    bits = _expect(value, int, source, path, _BITS_ALLOWED)
-    if not 2 <= bits <= 16:
-        raise _fail(source, path, f"{bits} is not allowed; allowed: {_BITS_ALLOWED}")
-    return bits
-
-
-_BITS_ALLOWED = "an integer in 2..16"
-
-
-def _choice(value: Any, table: Mapping[str, str], source: str, path: str, allowed: str) -> str:
-    key = str(value).lower()
-    if not isinstance(value, str) or key not in table:
-        raise _fail(source, path, f"{value!r} is not allowed; allowed: {allowed}")
-    return table[key]
-
-
-def parse_spec(raw: Mapping[str, Any], source: str, path: str) -> QuantSpec:
-    """One spec section in the seed's (or its predecessor's) keys -> QuantSpec."""
-    if not isinstance(raw, Mapping):
-        raise _fail(source, path, f"expected a mapping of spec keys, got {type(raw).__name__}")
-    fields: dict[str, Any] = {}
-    options: dict[str, Any] = {}
-    for key, value in raw.items():
-        where = f"{path}.{key}"
-        if key == "bits":
-            fields["bits"] = _bits(value, source, where)
-        elif key in ("signed", "symmetric", "enable_profiler", "lis_renormalize") or key in _ENABLE_KEYS:
-            flag = _expect(value, bool, source, where)
-            if key in _ENABLE_KEYS:
-                fields["enabled"] = flag
-            elif key in ("enable_profiler", "lis_renormalize"):
-                options[key] = flag
-            else:
-                fields[key] = flag
-        elif key == "bit_type":
-            fields.update(_parse_bit_type(value, source, where))
-        elif key in _GRANULARITY_KEYS:
-            allowed = ("layer_wise", "channel_wise", "head_wise", "group_wise")
-            fields["granularity"] = _choice(value, {a: a for a in allowed}, source, where, ", ".join(allowed))
-        elif key in _OBSERVER_KEYS:
-            fields["observer"] = _choice(value, _OBSERVER_NAMES, source, where, _OBSERVERS_ALLOWED)
-        elif key in _METHOD_KEYS:
-            fields["method"] = _choice(value, _METHODS, source, where, "uniform, log2")
-        elif key in _FLOAT_OPTIONS:
-            lo, hi = _FLOAT_OPTIONS[key]
-            number = _expect(value, float, source, where, f"a number in [{lo}, {hi}]")
-            if not lo <= number <= hi:
-                raise _fail(source, where, f"{number} is outside [{lo}, {hi}]")
-            options[key] = number
-        elif key in _INT_OPTIONS:
-            lo, hi = _INT_OPTIONS[key]
-            number = _expect(value, int, source, where, f"an integer in [{lo}, {hi}]")
-            if not lo <= number <= hi:
-                hint = f" ({_OPTION_HINTS[key]})" if key in _OPTION_HINTS and number > hi else ""
-                raise _fail(source, where, f"{number} is outside [{lo}, {hi}]{hint}")
-            options[key] = number
-        else:
-            raise _fail(source, where, f"unknown key; allowed keys: {', '.join(SPEC_KEYS)}")
-    try:
-        return QuantSpec(options=options, **fields)
-    except ValueError as exc:
-        raise _fail(source, path, str(exc)) from None
-
-
-def _parse_bit_type(value: Any, source: str, path: str) -> dict:
-    if not isinstance(value, Mapping):
-        raise _fail(source, path, "expected a mapping with keys bits, symmetric, name")
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        where = f"{path}.{key}"
-        if key == "bits":
-            out["bits"] = _bits(item, source, where)
-        elif key == "symmetric":
-            out["symmetric"] = _expect(item, bool, source, where)
-        elif key == "name":
-            name = _expect(item, str, source, where).lower()
-            if not (name.startswith("int") or name.startswith("uint")):
-                raise _fail(source, where, f"{item!r} is not allowed; allowed: intN or uintN (e.g. int8, uint8)")
-            out["signed"] = not name.startswith("uint")
-            digits = name.lstrip("uint")
-            if digits.isdigit() and "bits" not in out:
-                out["bits"] = int(digits)
-        else:
-            raise _fail(source, where, "unknown key; allowed keys: bits, symmetric, name")
-    return out
+__all__ = [
+    "QConfig",
+    "QConfigLike",
+    "load_qconfig",
+    "qconfig_from_dict",
+    "preset_names",
+    "parse_spec",
+    "SPEC_KEYS",
+    "LINEAR_GROUPS",
+    "ACTIVATION_GROUPS",
+    "ALL_GROUPS",
+    "NORM_GROUPS",
+    "NORM_INPUT",
+    "LINEAR_SECTIONS",
+    "ACT",
+    "TOP_LEVEL_KEYS",
+]
 
 
 @dataclass
@@ -270,11 +133,11 @@ def _parse_groups(raw: Mapping[str, Any], source: str, prefix: str = "") -> dict
         path = f"{prefix}{group}"
         if group in LINEAR_GROUPS:
             if not isinstance(body, Mapping):
-                raise _fail(source, path, "a linear group is a mapping with sections weight and output")
+                raise qconfig_error(source, path, "a linear group is a mapping with sections weight and output")
             sections = {}
             for section, spec_raw in body.items():
                 if section not in LINEAR_SECTIONS:
-                    raise _fail(
+                    raise qconfig_error(
                         source,
                         f"{path}.{section}",
                         f"unknown section; a linear group has: {', '.join(LINEAR_SECTIONS)}",
@@ -284,12 +147,12 @@ def _parse_groups(raw: Mapping[str, Any], source: str, prefix: str = "") -> dict
             groups[group] = sections
         elif group in ACTIVATION_GROUPS:
             if not isinstance(body, Mapping):
-                raise _fail(source, path, f"expected a mapping of spec keys, got {type(body).__name__}")
+                raise qconfig_error(source, path, f"expected a mapping of spec keys, got {type(body).__name__}")
             body = dict(body)
             sections = {}
             if NORM_INPUT in body:
                 if group not in NORM_GROUPS:
-                    raise _fail(
+                    raise qconfig_error(
                         source,
                         f"{path}.{NORM_INPUT}",
                         f"only LayerNorm groups ({', '.join(NORM_GROUPS)}) quantize their input",
@@ -301,7 +164,7 @@ def _parse_groups(raw: Mapping[str, Any], source: str, prefix: str = "") -> dict
                 sections[ACT] = body
             groups[group] = sections
         else:
-            raise _fail(source, path, f"unknown group; allowed: {', '.join(ALL_GROUPS + TOP_LEVEL_KEYS)}")
+            raise qconfig_error(source, path, f"unknown group; allowed: {', '.join(ALL_GROUPS + TOP_LEVEL_KEYS)}")
     return groups
 
 
@@ -319,17 +182,17 @@ def qconfig_from_dict(
     """``base_dir``: the directory of the file ``raw`` was read from; a relative ``extends``
     path resolves against it (None: against the working directory)."""
     if not isinstance(raw, Mapping):
-        raise _fail(source, "<top>", f"expected a mapping of groups, got {type(raw).__name__}")
+        raise qconfig_error(source, "<top>", f"expected a mapping of groups, got {type(raw).__name__}")
     raw = dict(raw)
     raw_keys = set(raw)
     base: Optional[QConfig] = None
     if "extends" in raw:
         if _depth > 8:
-            raise _fail(source, "extends", "chain of 'extends' is too deep (a cycle?)")
-        value = _expect(raw.pop("extends"), str, source, "extends")
+            raise qconfig_error(source, "extends", "chain of 'extends' is too deep (a cycle?)")
+        value = expect_kind(raw.pop("extends"), str, source, "extends")
         target = _extends_target(value, base_dir)
         if isinstance(target, Path) and not target.exists():
-            raise _fail(
+            raise qconfig_error(
                 source,
                 "extends",
                 f"{value!r} is neither a preset ({', '.join(preset_names())}) nor an "
@@ -340,22 +203,22 @@ def qconfig_from_dict(
     description = raw.pop("description", "")
     smooth_alpha = raw.pop("smooth_alpha", None)
     if smooth_alpha is not None and smooth_alpha is not False:
-        smooth_alpha = _expect(smooth_alpha, float, source, "smooth_alpha", "a number in [0, 1], or null")
+        smooth_alpha = expect_kind(smooth_alpha, float, source, "smooth_alpha", "a number in [0, 1], or null")
         if not 0.0 <= smooth_alpha <= 1.0:
-            raise _fail(source, "smooth_alpha", f"{smooth_alpha} is outside [0, 1]")
+            raise qconfig_error(source, "smooth_alpha", f"{smooth_alpha} is outside [0, 1]")
     else:
         smooth_alpha = None
     overrides_raw = raw.pop("overrides", {}) or {}
     skip = raw.pop("skip", []) or []
     if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
-        raise _fail(source, "skip", "expected a list of module globs, e.g. [head, 'blocks.0.*']")
+        raise qconfig_error(source, "skip", "expected a list of module globs, e.g. [head, 'blocks.0.*']")
     if not isinstance(overrides_raw, Mapping):
-        raise _fail(source, "overrides", "expected a mapping from module glob to groups")
+        raise qconfig_error(source, "overrides", "expected a mapping from module glob to groups")
     groups = _parse_groups(raw, source)
     overrides = []
     for pattern, body in overrides_raw.items():
         if not isinstance(body, Mapping):
-            raise _fail(source, f"overrides.{pattern}", "expected a mapping of groups")
+            raise qconfig_error(source, f"overrides.{pattern}", "expected a mapping of groups")
         overrides.append((str(pattern), _parse_groups(body, source, prefix=f"overrides.{pattern}.")))
     if base is not None:
         merged = copy.deepcopy(base.groups)

@@ -1,37 +1,26 @@
-"""Observers: one calibration method each; ``make_observer`` builds the one a spec names."""
+"""Observers: one calibration method per module, each registered by name; ``make_observer``
+builds the one a spec names (:mod:`fxquant.quant.observers.registry`).
+
+Importing this package imports every built-in observer module (``minmax``, ``ema``,
+``percentile``, ``omse``, ``kl``, ``ptf``), which registers it.
+"""
 
 from __future__ import annotations
 
-from fxquant.quant.observers.base import (
-    EmaObserver,
-    MinMaxObserver,
-    Observer,
-    ObserverError,
-    OmseObserver,
-    PercentileObserver,
-    range_to_scale_zero_point,
-    shrink_factors,
-)
+from fxquant.quant.observers.base import Observer, ObserverError, range_to_scale_zero_point, shrink_factors
+from fxquant.quant.observers.ema import EmaObserver
 from fxquant.quant.observers.kl import KLObserver
+from fxquant.quant.observers.minmax import MinMaxObserver
+from fxquant.quant.observers.omse import OmseObserver
+from fxquant.quant.observers.percentile import PercentileObserver
 from fxquant.quant.observers.ptf import PtfObserver
-from fxquant.quant.spec import QuantSpec
-
-_OBSERVERS = {
-    "minmax": MinMaxObserver,
-    "ema": EmaObserver,
-    "percentile": PercentileObserver,
-    "omse": OmseObserver,
-    "kl": KLObserver,
-    "ptf": PtfObserver,
-}
-
-
-def make_observer(
-    spec: QuantSpec, *, axis: int | None = None, num_groups: int | None = None, name: str = "?"
-) -> Observer:
-    """The observer class named by ``spec.observer``."""
-    return _OBSERVERS[spec.observer](spec, axis=axis, num_groups=num_groups, name=name)
-
+from fxquant.quant.observers.registry import (
+    make_observer,
+    observer_class,
+    register_observer,
+    registered_observers,
+    unregister_observer,
+)
 
 __all__ = [
     "EmaObserver",
@@ -43,6 +32,10 @@ __all__ = [
     "PercentileObserver",
     "PtfObserver",
     "make_observer",
+    "observer_class",
     "range_to_scale_zero_point",
+    "register_observer",
+    "registered_observers",
     "shrink_factors",
+    "unregister_observer",
 ]

@@ -1,4 +1,6 @@
-"""Calibration observers: collect statistics of a tensor, then turn them into QParams.
+"""The observers' base class and shared rules: collect statistics of a tensor, then turn them
+into QParams. Each observer lives in its own module (``minmax``, ``ema``, ...) and registers
+itself by name (:mod:`fxquant.quant.observers.registry`).
 
 Every observer reduces a batch to one statistic per *group*:
 
@@ -10,7 +12,8 @@ Every observer reduces a batch to one statistic per *group*:
 
 All observers share the grouping helper (``_Grouping``) and one range -> (scale, zero
 point) rule (``range_to_scale_zero_point``); they differ only in how the per-group range
-is estimated. Statistics are kept in float32 on the device the data came from.
+is estimated (OMSE, KL and PTF also share ``shrink_factors``). Statistics are kept in
+float32 on the device the data came from.
 """
 
 from __future__ import annotations
@@ -18,28 +21,18 @@ from __future__ import annotations
 import torch
 
 from fxquant.errors import FxqError
-from fxquant.quant.progress import work_bar
 from fxquant.quant.qparams import QParams
-from fxquant.quant.quantizers import fake_quantize
 from fxquant.quant.spec import QuantSpec
-from fxquant.quant.tail_quantiles import tail_quantiles
 
-__all__ = [
-    "ObserverError",
-    "Observer",
-    "MinMaxObserver",
-    "EmaObserver",
-    "PercentileObserver",
-    "OmseObserver",
-    "range_to_scale_zero_point",
-]
+__all__ = ["ObserverError", "Observer", "range_to_scale_zero_point", "shrink_factors", "SCALE_EPS"]
 
 #: Smallest scale ever produced; keeps ``x / scale`` finite for any representable range.
 SCALE_EPS = torch.finfo(torch.float32).tiny * 1e3
 
 
 class ObserverError(FxqError, ValueError):
-    """Bad calibration input (non-finite values, wrong shape, no data) for a named point."""
+    """Bad calibration input (non-finite values, wrong shape, no data) for a named point, or an
+    observer name that nobody registered."""
 
 
 # ------------------------------------------------------------------------ scale rule
@@ -147,10 +140,21 @@ class Observer:
 
     Subclasses implement ``_observe(x, lo, hi)`` (``lo``/``hi`` are this batch's per-group
     min/max, already checked finite), ``_range()`` (the per-group range to quantize to)
-    and ``state()``.
+    and ``state()``; one that accepts only some specs overrides ``check_spec``. A subclass
+    becomes usable by name (qconfig ``observer_type``, ``make_observer``) once decorated with
+    ``@register_observer("name")`` (:mod:`fxquant.quant.observers.registry`), which also sets
+    ``registered_name``.
     """
 
+    registered_name: str | None = None
+
+    @classmethod
+    def check_spec(cls, spec: QuantSpec) -> None:
+        """Raise ValueError when this observer cannot serve ``spec`` (the qconfig loader calls
+        it, so the error names the file and key); every spec is fine by default."""
+
     def __init__(self, spec: QuantSpec, *, axis: int | None = None, num_groups: int | None = None, name: str = "?"):
+        type(self).check_spec(spec)
         self.spec, self.name = spec, name
         self._grouping = _Grouping(spec.granularity, axis, num_groups, name)
         self._n = 0
@@ -200,143 +204,6 @@ class Observer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.spec.describe()}, updates={self._n})"
-
-
-class MinMaxObserver(Observer):
-    """Running per-group min and max over all batches (merge: elementwise min/max)."""
-
-    def __init__(self, spec: QuantSpec, **kw):
-        super().__init__(spec, **kw)
-        self.min: torch.Tensor | None = None
-        self.max: torch.Tensor | None = None
-
-    def _observe(self, x, lo, hi):
-        self.min = lo if self.min is None else torch.minimum(self.min, lo)
-        self.max = hi if self.max is None else torch.maximum(self.max, hi)
-
-    def _range(self):
-        return self.min, self.max
-
-    def state(self):
-        return {"min": self.min, "max": self.max, "num_updates": self._count()}
-
-
-class EmaObserver(MinMaxObserver):
-    """EMA of per-batch min/max: ``new = m * old + (1 - m) * batch``; the first batch initialises.
-
-    Damps the influence of a single extreme batch. ``m`` = ``spec.option("ema_momentum", 0.9)``.
-    """
-
-    def __init__(self, spec: QuantSpec, **kw):
-        super().__init__(spec, **kw)
-        self.momentum = float(spec.option("ema_momentum", 0.9))
-
-    def _observe(self, x, lo, hi):
-        if self.min is None:
-            self.min, self.max = lo, hi
-            return
-        m = self.momentum
-        self.min = m * self.min + (1.0 - m) * lo
-        self.max = m * self.max + (1.0 - m) * hi
-
-
-class PercentileObserver(Observer):
-    """Per-batch (1-alpha, alpha) percentiles per group, smoothed across batches like FQ-ViT.
-
-    ``new = sigma * old + (1 - sigma) * batch``; ``alpha`` = ``percentile_alpha`` (0.99999),
-    ``sigma`` = ``percentile_sigma`` (0.1). Percentiles use torch.quantile's linear
-    interpolation but are computed from the tails only (see ``tail_quantiles``), so a
-    10M+ element tensor never gets sorted and torch.quantile's 16M-element limit is avoided.
-    """
-
-    def __init__(self, spec: QuantSpec, **kw):
-        super().__init__(spec, **kw)
-        self.alpha = float(spec.option("percentile_alpha", 0.99999))
-        self.sigma = float(spec.option("percentile_sigma", 0.1))
-        if not 0.5 <= self.alpha <= 1.0:
-            raise ValueError(f"observer {self.name!r}: percentile_alpha must be in [0.5, 1], got {self.alpha}")
-        self.lower: torch.Tensor | None = None
-        self.upper: torch.Tensor | None = None
-
-    def _observe(self, x, lo, hi):
-        low, up = tail_quantiles(self._grouping.matrix(x), self.alpha)
-        if self.lower is None:
-            self.lower, self.upper = low, up
-            return
-        s = self.sigma
-        self.lower = s * self.lower + (1.0 - s) * low
-        self.upper = s * self.upper + (1.0 - s) * up
-
-    def _range(self):
-        return self.lower, self.upper
-
-    def state(self):
-        return {"lower": self.lower, "upper": self.upper, "num_updates": self._count()}
-
-
-class OmseObserver(MinMaxObserver):
-    """FQ-ViT's OMSE: pick per group the clipping range minimising the quantization MSE.
-
-    Keeps the running min/max plus a bounded, deterministic subsample of the calibration
-    values (at most ``omse_group_samples`` = 2**16 per group and ``omse_total_samples`` =
-    2**20 in all; seeded by ``omse_seed`` = 0). At compute time it tries ``omse_steps`` =
-    100 shrink factors 1, 0.99, ..., 0.01 of the min/max range (at most 2000, see
-    ``fxquant.quant.qconfig``) and keeps, per group, the one whose fake-quantized sample has the
-    smallest squared error; each factor is scored for all groups at once, in one reused
-    buffer. Factor 1.0 is tried first and ties keep the earlier factor, so the result is
-    never worse than min-max on the sample.
-    """
-
-    def __init__(self, spec: QuantSpec, **kw):
-        super().__init__(spec, **kw)
-        self.steps = int(spec.option("omse_steps", 100))
-        self.group_cap = int(spec.option("omse_group_samples", 2**16))
-        self.total_cap = int(spec.option("omse_total_samples", 2**20))
-        self._gen = torch.Generator().manual_seed(int(spec.option("omse_seed", 0)))
-        self.sample: torch.Tensor | None = None  # (G, S) on the data's device
-        self.keys: torch.Tensor | None = None  # (S,) float64 on CPU, larger = kept
-
-    def _observe(self, x, lo, hi):
-        super()._observe(x, lo, hi)
-        xg = self._grouping.matrix(x)
-        g, m = xg.shape
-        cap = max(1, min(self.group_cap, self.total_cap // g))
-        if m <= cap:
-            cols, weight = xg.to(torch.float32, copy=True), 1.0
-        else:  # uniform columns, with replacement: cheap for any m
-            idx = torch.randint(m, (cap,), generator=self._gen)
-            cols, weight = xg[:, idx.to(xg.device)].float(), m / cap
-        # Weighted reservoir (Efraimidis-Spirakis, log keys): each kept column stands for
-        # ``weight`` values, so batches of different sizes are represented fairly.
-        keys = torch.rand(cols.shape[1], generator=self._gen, dtype=torch.float64).log_().div_(weight)
-        if self.sample is not None:
-            cols, keys = torch.cat([self.sample, cols], 1), torch.cat([self.keys, keys])
-        if keys.numel() > cap:
-            keep = keys.topk(cap).indices
-            cols, keys = cols[:, keep.to(cols.device)], keys[keep]
-        self.sample, self.keys = cols, keys
-
-    def _range(self):
-        lo, hi, s = self.min, self.max, self.sample
-        factors = shrink_factors(self.steps).to(lo.device)
-        errors = torch.empty(self.steps, lo.numel(), dtype=s.dtype, device=s.device)
-        buf = torch.empty_like(s)  # one scratch buffer for every factor: no allocation per step
-        qmin, qmax = self.spec.qmin, self.spec.qmax
-        with work_bar(self.steps, self.steps * s.numel(), f"OMSE {self.name}") as bar:
-            for i, f in enumerate(factors):
-                scale, zp = range_to_scale_zero_point(lo * f, hi * f, self.spec)
-                if self.spec.method == "uniform":  # fake_quantize's ops, in place on buf
-                    scale, zp = scale[:, None], zp[:, None]
-                    torch.div(s, scale, out=buf).round_().add_(zp).clamp_(qmin, qmax).sub_(zp).mul_(scale)
-                else:
-                    buf.copy_(fake_quantize(s, QParams(scale, zp, qmin, qmax, axis=0), self.spec.method))
-                torch.sum(buf.sub_(s).pow_(2), 1, out=errors[i])
-                bar.update(1)
-        best = errors.argmin(0)  # the first minimum: factor 1.0 first, ties keep the earlier
-        return lo * factors[best], hi * factors[best]
-
-    def state(self):
-        return {**super().state(), "sample": self.sample, "sample_keys": self.keys}
 
 
 def shrink_factors(steps: int) -> torch.Tensor:

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.quant.observers.base import OmseObserver
+from fxquant.quant.observers.omse import OmseObserver
+from fxquant.quant.observers.registry import register_observer
 from fxquant.quant.progress import work_bar
 
 __all__ = ["KLObserver", "kl_divergence", "best_window", "best_windows"]
@@ -161,6 +162,7 @@ def best_window(values: torch.Tensor, lo: float, hi: float, bins: int, levels: i
     )
 
 
+@register_observer("kl")
 class KLObserver(OmseObserver):
     """Clipping range by minimum KL divergence between data and quantized histograms."""
 

@@ -6,13 +6,27 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.quant.observers.base import OmseObserver, range_to_scale_zero_point
+from fxquant.quant.observers.base import range_to_scale_zero_point
+from fxquant.quant.observers.omse import OmseObserver
+from fxquant.quant.observers.registry import register_observer
 from fxquant.quant.qparams import QParams
 from fxquant.quant.quantizers import fake_quantize
+from fxquant.quant.spec import QuantSpec
+
+__all__ = ["PtfObserver"]
 
 
+@register_observer("ptf")
 class PtfObserver(OmseObserver):
     """Per-channel power-of-two factors over one layer-wise scale (channel_wise only)."""
+
+    @classmethod
+    def check_spec(cls, spec: QuantSpec) -> None:
+        if spec.granularity != "channel_wise" or spec.method != "uniform":
+            raise ValueError(
+                "PtfObserver gives each channel a power-of-two multiple of one scale: it needs "
+                "calibration_mode channel_wise and quantization_method uniform"
+            )
 
     def __init__(self, spec, **kw):
         super().__init__(spec, **kw)
