@@ -20,6 +20,7 @@ import yaml
 
 from fxquant.errors import QConfigError
 from fxquant.quant.qconfig_globs import module_matches
+from fxquant.quant.recovery_config import RECOVERY_KEYS, pop_recovery, recovery_to_dict
 from fxquant.quant.spec import QuantSpec
 
 LINEAR_GROUPS = ("patch_embed", "attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "head", "patch_merging")
@@ -42,7 +43,7 @@ NORM_GROUPS = ("norm1", "norm2", "final_norm", "patch_merging_norm")  # may also
 NORM_INPUT = "input"  # the section of a norm group that quantizes the norm's input (PTF)
 LINEAR_SECTIONS = ("weight", "output")
 ACT = "act"  # the section name under which an activation group's spec is stored
-TOP_LEVEL_KEYS = ("name", "description", "extends", "overrides", "skip", "smooth_alpha")
+TOP_LEVEL_KEYS = ("name", "description", "extends", "overrides", "skip", "smooth_alpha") + RECOVERY_KEYS
 
 _OBSERVER_NAMES = {
     "minmaxobserver": "minmax",
@@ -208,6 +209,7 @@ class QConfig:
     # group -> file that defined it, for configs that must match the model group by group
     # (a directory of per-part files): annotate fails on a group the model does not have
     strict_groups: dict[str, str] = field(default_factory=dict)
+    recovery: dict[str, Any] = field(default_factory=dict)  # accuracy-recovery passes: recovery_config
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def is_skipped(self, module_path: str) -> bool:
@@ -243,6 +245,7 @@ class QConfig:
             out["description"] = self.description
         if self.smooth_alpha is not None:
             out["smooth_alpha"] = self.smooth_alpha
+        out.update(recovery_to_dict(self.recovery))
         out.update(_flatten_groups(self.groups))
         if self.overrides:
             out["overrides"] = {pattern: _flatten_groups(g) for pattern, g in self.overrides}
@@ -345,6 +348,7 @@ def qconfig_from_dict(
             raise _fail(source, "smooth_alpha", f"{smooth_alpha} is outside [0, 1]")
     else:
         smooth_alpha = None
+    recovery = pop_recovery(raw, source, base.recovery if base is not None else None)
     overrides_raw = raw.pop("overrides", {}) or {}
     skip = raw.pop("skip", []) or []
     if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
@@ -373,6 +377,7 @@ def qconfig_from_dict(
         overrides=overrides,
         skip=list(skip),
         smooth_alpha=smooth_alpha,
+        recovery=recovery,
         source=source,
         description=str(description),
     )
