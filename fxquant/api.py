@@ -137,9 +137,9 @@ def compile(  # noqa: A001 - the public name the design card asks for
         dumper = GraphDump(dump_dir)
         dumper.dump("trace", gm, report.passes[0])
         instruments.append(dumper)
-    pipeline = list(passes) if passes is not None else default_passes(backend, int_kernels)
+    pipeline = list(passes) if passes is not None else default_passes(backend, int_kernels, config)
     # backend="int" with keep_float: the points are chosen on the fake-quant graph, then it is lowered
-    lower_after = pipeline[len(default_passes("fake")) :] if keep_float and backend == "int" else []
+    lower_after = pipeline[len(default_passes("fake", qconfig=config)) :] if keep_float and backend == "int" else []
     with observer_progress(progress):  # the OMSE/KL range searches show a bar when they take long
         gm = PassManager(pipeline[: len(pipeline) - len(lower_after)], instruments).run(gm, ctx)
     gm.report = report
