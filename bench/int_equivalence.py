@@ -43,8 +43,8 @@ import torch
 
 import fxquant
 from bench.markdown import publish
+from fxquant.analysis.code_agreement import code_agreement
 from fxquant.analysis.numeric_diff import output_qsnr
-from fxquant.passes.lower_integer import code_agreement
 
 MODELS = ("vit_tiny_patch16_224", "deit_small_patch16_224", "swin_tiny_patch4_window7_224")
 DINOV2 = "vit_small_patch14_dinov2 (real weights)"

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxquant.analysis.equivalence import measure_equivalence
 from fxquant.analysis.fallback import keep_most_sensitive
 from fxquant.analysis.instruments import GraphDump, NumericDiff, Timing
 from fxquant.analysis.numeric_diff import output_qsnr
@@ -17,7 +18,7 @@ from fxquant.errors import FxqError
 from fxquant.infra.pass_manager import Pass, PassContext, PassManager
 from fxquant.infra.records import PassRecord, Report
 from fxquant.ir.trace import check_image_input, trace
-from fxquant.pipeline import BACKENDS, INT_KERNELS, default_passes
+from fxquant.pipeline import BACKENDS, INT_KERNELS, default_passes, release_setup_tensors, stages
 from fxquant.quant.calib_data import DIFF_SEED, check_batch, default_diff_inputs, reusable_batches  # noqa: F401
 from fxquant.quant.progress import observer_progress
 from fxquant.quant.qconfig import QConfigLike, load_qconfig
@@ -94,8 +95,7 @@ def compile(  # noqa: A001 - the public name the design card asks for
     if int_kernels != "portable" and passes is not None:
         raise FxqError(
             f"int_kernels={int_kernels!r} chooses passes of the default pipeline; with a custom passes= "
-            "list add them yourself (LowerInteger(release_setup=False), UseOnednnKernels(measure=False), "
-            "FuseIntAttention())"
+            "list add them yourself (LowerInteger(), UseOnednnKernels(), FuseIntAttention())"
         )
     if int_kernels == "onednn" and not onednn_available():
         raise FxqError(
@@ -138,23 +138,29 @@ def compile(  # noqa: A001 - the public name the design card asks for
         dumper.dump("trace", gm, report.passes[0])
         instruments.append(dumper)
     pipeline = list(passes) if passes is not None else default_passes(backend, int_kernels, config)
-    # backend="int" with keep_float: the points are chosen on the fake-quant graph, then it is lowered
-    lower_after = pipeline[len(default_passes("fake", qconfig=config)) :] if keep_float and backend == "int" else []
+    # two stages: up to the fake-quant graph (keep_float chooses its points there), then the integer
+    # passes (from the one that provides Prop.INTEGER). Both orders are checked before anything runs.
+    fake_stage, int_stage = stages(pipeline)
+    fake_manager = PassManager(fake_stage, instruments)
+    int_manager = PassManager(int_stage, instruments, holds=fake_manager.holds_after) if int_stage else None
     with observer_progress(progress):  # the OMSE/KL range searches show a bar when they take long
-        gm = PassManager(pipeline[: len(pipeline) - len(lower_after)], instruments).run(gm, ctx)
+        gm = fake_manager.run(gm, ctx)
     gm.report = report
     gm.keep_float = []
+    kept_notes = []
     if keep_float:
         # fxquant.debug builds the float stand-in modules with nn.Linear/nn.Conv2d, whose random
         # init would advance the user's global RNG: keep it as it was
         with torch.random.fork_rng(devices=[]):
-            _keep_float(gm, keep_float, example, diff_inputs, reference)
-    kept_notes = list(report.notes)
-    if lower_after:
-        gm = PassManager(lower_after, instruments).run(gm, ctx, after=[r.name for r in report.passes[1:]])
-    report.notes = list(ctx.state.get("notes", [])) + list(ctx.state.get("fuse_scales", []))
-    report.notes += list(ctx.state.get("lower_integer", []))  # backend="int": what lowering did, equivalence
-    report.notes += kept_notes
+            kept_notes.append(_keep_float(gm, keep_float, example, diff_inputs, reference))
+    equivalence_notes = []
+    if int_manager is not None:
+        fake = copy.deepcopy(gm)  # the equivalence measurement's yardstick
+        gm = int_manager.run(gm, ctx, after=[r.name for r in report.passes[1:]])
+        release_setup_tensors(gm)  # once, at the end: every integer pass has had the IntLinears' scales
+        fp32 = reference if numeric_diff else None  # without the diff, ``reference`` is the graph itself
+        equivalence_notes = measure_equivalence(fake, gm, diff_inputs, fp32).notes()
+    report.notes = [note for record in report.passes for note in record.notes] + kept_notes + equivalence_notes
     gm.qconfig = config
     gm.meta["fxq.model_name"], gm.meta["fxq.qconfig_name"] = report.model, config.name  # survive a deepcopy
     return gm
@@ -175,12 +181,12 @@ def _check_inputs(model: nn.Module, example: torch.Tensor, diff_inputs: tuple) -
 @torch.no_grad()
 def _keep_float(
     gm: fx.GraphModule, k: int, example: torch.Tensor, diff_inputs: tuple, reference: fx.GraphModule
-) -> None:
+) -> str:
 
     before = output_qsnr(reference(*diff_inputs), gm(*diff_inputs))
     kept = keep_most_sensitive(gm, k, (example,))
     after = output_qsnr(reference(*diff_inputs), gm(*diff_inputs))
-    gm.report.notes.append(
+    return (
         f"keep_float {k}: {len(kept)} point(s) left in float, ranked on the first calibration "
         f"batch ({example.shape[0]} image(s)); output QSNR on the diff inputs "
         f"{before:.2f} -> {after:.2f} dB"

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxquant.errors import NodeError, QConfigError
+from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import propagate_shapes, shape_of
 from fxquant.ir.meta import INPUT_POINT, MODULE, POINT, ROLE, WEIGHT
@@ -75,6 +76,8 @@ def _is_residual_add(node: fx.Node) -> bool:
 class Annotate(Pass):
     name = "annotate"
     neutral = True
+    # its rules name the fused qkv Linear, which split_qkv replaces by three
+    contract = Contract(provides={Prop.ANNOTATED}, excludes={Prop.QKV_SPLIT})
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         # a skip/overrides glob that covers no module would be ignored silently: refuse it first

@@ -9,6 +9,7 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from fxquant.errors import FxqError
+from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.quant import distributed
 from fxquant.quant.calib_data import as_batches, iter_batches
@@ -25,6 +26,7 @@ def _length(calib_data: Iterable):
 class Calibrate(Pass):
     name = "calibrate"
     neutral = True
+    contract = Contract(requires={Prop.OBSERVED}, provides={Prop.CALIBRATED})
 
     def requires(self, gm, ctx):
         if ctx.calib_data is None:
@@ -59,5 +61,4 @@ class Calibrate(Pass):
             batches = distributed.merge_calibration([m.observer for _, m in observers], batches)
         if batches == 0:
             raise FxqError("calib_data yielded no batches")
-        ctx.state["calibration_batches"] = batches
         return gm

@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxquant.errors import NodeError
+from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import new_node, propagate_shapes, shape_of
 from fxquant.ir.meta import MODULE, copy_provenance
@@ -36,6 +37,7 @@ def _bound_args(node: fx.Node) -> dict:
 class DecomposeAttention(Pass):
     name = "decompose_attention"
     neutral = True
+    contract = Contract(provides={Prop.ATTENTION_EXPLICIT}, excludes={Prop.ANNOTATED})  # new nodes need points
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         nodes = _sdpa_nodes(gm)

@@ -20,8 +20,8 @@ says why.
 Not bit-exact: the softmax and attn@V round differently in float32 (the score codes are
 computed with the same arithmetic), so the next point's codes can differ by one step where
 a value lies within float32 rounding of a step boundary. The score point's codes stay
-inside the kernel: the code comparison with the fake-quant graph, made on the graph this
-pass returns, covers every other point, and a score's rare 1-LSB flip shows at the next
+inside the kernel: the code comparison with the fake-quant graph, which ``fxquant.compile``
+makes on the final graph, covers every other point, and a score's rare 1-LSB flip shows at the next
 point (``attn_v_out``), where it can move a code by more than one step.
 """
 
@@ -33,11 +33,11 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from fxquant.analysis.code_agreement import CODES_OF, FAKE_GRAPH_STATE, equivalence_notes
 from fxquant.errors import NodeError
+from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import install_submodule, propagate_shapes, shape_of, unique_attr
-from fxquant.ir.meta import POINT, ROLE, copy_provenance
+from fxquant.ir.meta import CODES_OF, POINT, ROLE, copy_provenance
 from fxquant.ir.patterns import is_matmul, is_pass_through_module, is_softmax, single_user, softmax_dim, submodule
 from fxquant.runtime.int_attention import (
     IntAttention,
@@ -184,13 +184,14 @@ def _head_constants(match: _Match, gm: fx.GraphModule) -> torch.Tensor:
 
 class FuseIntAttention(Pass):
     name = "fuse_int_attention"
+    # its pattern is the float32 score requantization use_onednn_kernels sets up
+    contract = Contract(requires={Prop.ONEDNN_KERNELS}, provides={Prop.ATTENTION_FUSED})
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         if not any(isinstance(m, (IntMatmul, DequantizeCodes)) for m in gm.modules()):
             raise NodeError("output", "no integer modules in the graph; run lower_integer first")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        notes = ctx.state.setdefault("lower_integer", [])
         if ctx.diff_inputs:  # ranks of the attention operands (the kernel takes 4-d ones)
             propagate_shapes(gm, tuple(ctx.diff_inputs))
         candidates = [n for n in gm.graph.nodes if isinstance(submodule(gm, n), IntMatmul)]
@@ -215,7 +216,7 @@ class FuseIntAttention(Pass):
                 flush=True,
             )
         if matches and not load_kernel():
-            notes.append(f"fuse_int_attention: {len(matches)} attention cores left unfused: {kernel_error()}")
+            ctx.note(f"fuse_int_attention: {len(matches)} attention cores left unfused: {kernel_error()}")
             matches = []
         for match, constants in matches:
             self._fuse(gm, match, constants)
@@ -223,15 +224,12 @@ class FuseIntAttention(Pass):
             gm.graph.eliminate_dead_code()
             gm.delete_all_unused_submodules()
             gm.recompile()
-            notes.append(
+            ctx.note(
                 f"fuse_int_attention: {len(matches)} attention cores (q @ kT, score requantization, "
                 f"softmax, attn@V) as one kernel each ({len(candidates)} integer matmuls examined); their "
                 "score codes stay inside the kernel and are not in the code comparison"
             )
-        notes.extend(f"unfused attention {name}: {why}" for name, why in sorted(skipped.items()))
-        fake = ctx.state.pop(FAKE_GRAPH_STATE, None)
-        if fake is not None:  # the earlier integer passes left the equivalence check to the last one
-            notes.extend(equivalence_notes(fake, gm, ctx))
+        ctx.note(*(f"unfused attention {name}: {why}" for name, why in sorted(skipped.items())))
         return gm
 
     @staticmethod

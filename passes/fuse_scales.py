@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch.fx as fx
 
+from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.meta import POINT, copy_provenance
 from fxquant.ir.patterns import is_scale_transparent, scalar_mul
@@ -43,30 +44,30 @@ def _is_observer(gm: fx.GraphModule, node: Optional[fx.Node]) -> bool:
 class FuseScales(Pass):
     name = "fuse_scales"
     neutral = True
+    contract = Contract(requires={Prop.OBSERVED}, provides={Prop.SCALES_FUSED})
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        notes = ctx.state.setdefault("fuse_scales", [])
         for node, module in observer_nodes(gm):
             ctx.current_node = node.name
             downstream = _follow_transparent(gm, node)
             if _is_observer(gm, downstream):
                 kept = downstream.meta[POINT].label
-                notes.append(f"{node.name} ({module.point.label}) shares the scale of {downstream.name} ({kept})")
+                ctx.note(f"{node.name} ({module.point.label}) shares the scale of {downstream.name} ({kept})")
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
                 continue
             found = scalar_mul(downstream) if downstream is not None else None
             if found is not None and found[0] is node:  # only a direct multiply: views keep their origins
-                self._fold_multiply(gm, node, module, downstream, found[1], notes)
+                self._fold_multiply(gm, node, module, downstream, found[1], ctx)
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         return gm
 
     @staticmethod
-    def _fold_multiply(gm, node, module: ObserverModule, mul: fx.Node, factor: float, notes: list) -> None:
+    def _fold_multiply(gm, node, module: ObserverModule, mul: fx.Node, factor: float, ctx: PassContext) -> None:
         tensor_arg = node
         module.post_scale *= factor
         copy_provenance(mul, node)  # the observer now computes what the multiply did
         mul.replace_all_uses_with(tensor_arg)
         gm.graph.erase_node(mul)
-        notes.append(f"{mul.name} (x {factor:g}) folded into the scale of {node.name} ({module.point.label})")
+        ctx.note(f"{mul.name} (x {factor:g}) folded into the scale of {node.name} ({module.point.label})")

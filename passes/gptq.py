@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fxquant.errors import FxqError, NodeError
+from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.sequential import run_sequential
 from fxquant.quant import distributed
@@ -61,6 +62,9 @@ def _install(module, result: GptqResult) -> None:
 
 class Gptq(Pass):
     name = "gptq"
+    # after the fake-quant graph is final (every upstream error is in the inputs it sees), before
+    # integer lowering (which reads the weights' codes and QParams)
+    contract = Contract(requires={Prop.FAKE_QUANT}, provides={Prop.GPTQ_ROUNDED}, excludes={Prop.INTEGER})
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         config = ctx.qconfig.recovery.get("gptq")
@@ -92,16 +96,13 @@ class Gptq(Pass):
         batches = [(batch,) for batch in iter_batches(as_batches(ctx.calib_data))]
         if not batches:
             raise FxqError("calib_data yielded no batches")
-        records = ctx.state.setdefault("gptq", [])
-        notes = ctx.state.setdefault("notes", [])
         bar = tqdm(total=len(targets), desc="gptq", unit="layer", disable=not ctx.progress, leave=False)
 
         def hook(node: fx.Node, per_batch: list) -> None:
             ctx.current_node = node.name
             bar.set_postfix_str(node.name)
             record = self._layer(gm, node, [args[0] for args, _ in per_batch], config)
-            records.append(record)
-            notes.append(
+            ctx.note(
                 f"gptq {node.name}: H-weighted weight error {record['error_before']:.4g} -> "
                 f"{record['error_after']:.4g} ({record['tokens']} tokens, {record['seconds']:.2f} s)"
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import install_submodule, safe_name, unique_attr
 from fxquant.ir.meta import INPUT_POINT, POINT, ROLE, copy_provenance
@@ -18,6 +19,7 @@ from fxquant.runtime.fake_quant import OBSERVER_PREFIX, ObserverModule, observer
 class InsertObservers(Pass):
     name = "insert_observers"
     neutral = True
+    contract = Contract(requires={Prop.ANNOTATED}, provides={Prop.OBSERVED}, excludes={Prop.FAKE_QUANT})
 
     def requires(self, gm, ctx):
         if observer_nodes(gm):
@@ -25,11 +27,10 @@ class InsertObservers(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         graph = gm.graph
-        notes = ctx.state.setdefault("notes", [])
         for node in list(graph.nodes):
             ctx.current_node = node.name
             if INPUT_POINT in node.meta:
-                self._observe_input(gm, node, notes)
+                self._observe_input(gm, node, ctx)
             point = node.meta.get(POINT)
             if point is None:
                 continue
@@ -52,14 +53,14 @@ class InsertObservers(Pass):
         observed.meta[POINT] = point
         return observed
 
-    def _observe_input(self, gm: fx.GraphModule, node: fx.Node, notes: list) -> None:
+    def _observe_input(self, gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
         """A point on the edge into ``node`` (a LayerNorm's input): only ``node`` reads it."""
         point = node.meta.pop(INPUT_POINT)
         source = node.args[0]
         if not isinstance(source, fx.Node):
             return
         if POINT in source.meta:
-            notes.append(
+            ctx.note(
                 f"{node.name} ({point.label}): its input {source.name} is already the quantization point "
                 f"{source.meta[POINT].label}; that point's grid is used"
             )

@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxquant.errors import NodeError
+from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.meta import WEIGHT
 from fxquant.quant.observers import make_observer
@@ -55,6 +56,7 @@ def quantize_weight_module(module: nn.Module, point: QuantPoint, name: str) -> n
 
 class LowerFakeQuant(Pass):
     name = "lower_fake_quant"
+    contract = Contract(requires={Prop.CALIBRATED}, provides={Prop.FAKE_QUANT}, removes={Prop.OBSERVED})
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         for node, module in observer_nodes(gm):

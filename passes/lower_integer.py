@@ -9,46 +9,35 @@ followed by ``DequantizeCodes`` (the explicit way back to float). Then:
 2. A matmul whose two inputs are such points (attention's q @ kT; probs @ v when the
    probabilities are quantized uniformly) becomes an exact ``IntMatmul``.
 3. An integer op whose result reaches a point through element-moving ops only requantizes
-   to that point's codes directly (dyadic multiplier, bias and zero-point terms folded in)
-   instead of going through float: Q/K/V linears -> their head-wise points, q @ kT -> the
-   score point.
+   to that point's codes directly (dyadic multiplier, bias and zero-point terms folded in):
+   Q/K/V linears -> their head-wise points, q @ kT -> the score point.
 4. A LayerNorm between a PTF input point (FQ-ViT's power-of-two factors) and one per-tensor
-   output point becomes an ``IntLayerNorm``: codes in, codes out, integer mean, variance
-   and square root (``fxquant.quant.ptf``).
-5. Log-Int-Softmax followed by attn@V on a point's codes becomes one ``LisShiftMatmul``:
-   the log2 probability codes from the integer exp, then attn@V as shifts of the V codes.
+   output point becomes an ``IntLayerNorm``: codes in and out (``fxquant.quant.ptf``).
+5. Log-Int-Softmax followed by attn@V on a point's codes becomes one ``LisShiftMatmul``.
 6. A ``DequantizeCodes`` that no float op reads any more is dropped.
 7. A per-sample guard makes a sample whose input holds a NaN or an inf NaN in every output,
-   as in FP32 (``fxquant.lowering.nonfinite``: the float tensors that become codes are checked).
+   as in FP32 (``fxquant.lowering.nonfinite``).
 
 What is not lowered stays float between explicit dequantize/quantize nodes and is listed
-in ``report.float_points`` with the reason; nothing is lowered on a guess. After the
-rewrite the pass runs the fake-quant graph and the integer graph on the diff inputs and
-records how many codes differ at each point (``fxquant.analysis.code_agreement``) and the output QSNRs.
+in ``report.float_points`` with the reason; nothing is lowered on a guess. The IntLinears keep
+their scales and bias (``use_onednn_kernels`` reads them) until ``fxquant.compile`` releases
+them at the end of the pipeline and measures the integer graph against the fake-quant one
+(``fxquant.analysis.equivalence``).
 """
 
 from __future__ import annotations
 
-import copy
-import math
 from typing import Optional
 
 import torch
 import torch.fx as fx
 
-from fxquant.analysis.code_agreement import (
-    CODES_OF,
-    FAKE_GRAPH_STATE,
-    PointAgreement,
-    agreement_summary,  # noqa: F401
-    code_agreement,
-    equivalence_notes,
-)  # re-exported: tests, bench
 from fxquant.errors import NodeError
+from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.capture import capture_values
 from fxquant.ir.graph_utils import install_submodule, unique_attr
-from fxquant.ir.meta import MODULE, ROLE
+from fxquant.ir.meta import CODES_OF, MODULE, ROLE
 from fxquant.ir.patterns import is_matmul, is_pass_through_module, submodule
 from fxquant.lowering.code_chains import (
     IntegerLowering,
@@ -68,19 +57,23 @@ from fxquant.lowering.code_chains import (
 from fxquant.lowering.nonfinite import guard_nonfinite
 from fxquant.quant.ptf import ptf_layernorm_constants
 from fxquant.runtime.fake_quant import QUANTIZED_WEIGHT_TYPES, FakeQuantize, ObserverModule, QuantLinear
+from fxquant.runtime.float_point import FloatPoint
+from fxquant.runtime.int_layernorm import IntLayerNorm
 from fxquant.runtime.int_modules import (
     DequantizeCodes,
-    IntLayerNorm,
     IntLinear,
     IntMatmul,
-    LisShiftMatmul,
     QuantizeCodes,
 )
-from fxquant.runtime.integer import code_shift, exact_float_matmul_bound
-from fxquant.runtime.log_int_softmax import LogIntSoftmax
+from fxquant.runtime.integer import code_shift, exact_float_matmul_bound, exact_shift_matmul_bound
+from fxquant.runtime.log_int_softmax import LisShiftMatmul, LogIntSoftmax
+
+FLOAT_OPS = (
+    "softmax without a log2 point, GELU, residual adds and LayerNorms without a PTF input point "
+    "run in float between DequantizeCodes and QuantizeCodes nodes"
+)
 
 
-# ------------------------------------------------------------------------- the lowering
 class _Lowering:
     def __init__(self, gm: fx.GraphModule, values: dict):
         self.gm, self.graph, self.values = gm, gm.graph, values
@@ -91,13 +84,10 @@ class _Lowering:
         self.int_nodes: list[fx.Node] = []
 
     def run(self) -> IntegerLowering:
-        for node in list(self.graph.nodes):
-            module = submodule(self.gm, node)
-            if isinstance(module, FakeQuantize):
-                self._split_point(node, module)
-        for node in list(self.graph.nodes):
-            if isinstance(submodule(self.gm, node), torch.nn.LayerNorm):
-                self._lower_layernorm(node)
+        for node in [n for n in self.graph.nodes if isinstance(submodule(self.gm, n), FakeQuantize)]:
+            self._split_point(node, submodule(self.gm, node))
+        for node in [n for n in self.graph.nodes if isinstance(submodule(self.gm, n), torch.nn.LayerNorm)]:
+            self._lower_layernorm(node)
         for node in list(self.graph.nodes):
             if isinstance(submodule(self.gm, node), QuantLinear):
                 self._lower_linear(node)
@@ -105,14 +95,13 @@ class _Lowering:
                 self._lower_matmul(node)
         for node in self.int_nodes:
             self._fuse_requantization(node)
-        read_shapes_from_codes(self.result.points.values())
+        read_shapes_from_codes(self.result.points.values(), self.copies)
         self.result.fused_dequantize = fuse_softmax_dequantize(self.gm, self.result.points.values())
         self.graph.eliminate_dead_code()
         self.gm.delete_all_unused_submodules()
         self.result.float_boundaries = float_boundaries(self.graph, self.result.points.values())
         return self.result
 
-    # -- points
     def _split_point(self, node: fx.Node, fq: FakeQuantize) -> None:
         qp, label = fq.qparams, fq.point.label
         reason = None
@@ -127,9 +116,7 @@ class _Lowering:
             self.result.float_points.append(f"{node.name} ({label}): stays fake-quant in float: {reason}")
             return
         shape = tuple(self.values[node.name].shape)
-        ndim = len(shape)
-        scale = qp.broadcast_scale(ndim)
-        zero = qp.broadcast_zero_point(ndim) - shift
+        scale, zero = qp.broadcast_scale(len(shape)), qp.broadcast_zero_point(len(shape)) - shift
         codes_path = unique_attr(self.gm, f"{node.target}_codes")
         dequant_path = unique_attr(self.gm, f"{node.target}_dequant")
         install_submodule(self.gm, codes_path, QuantizeCodes(label, scale, zero, qp.qmin - shift, qp.qmax - shift))
@@ -137,8 +124,7 @@ class _Lowering:
         with self.graph.inserting_before(node):
             codes = self.graph.call_module(codes_path, (node.args[0],))
             dequant = self.graph.call_module(dequant_path, (codes,))
-        codes.meta[MODULE] = node.meta.get(MODULE, "")
-        codes.meta[CODES_OF] = (node.name, shift)
+        codes.meta[MODULE], codes.meta[CODES_OF] = node.meta.get(MODULE, ""), (node.name, shift)
         dequant.meta.update(node.meta)  # the dequantized value IS the fake-quant value: same origin
         node.replace_all_uses_with(dequant)
         self.graph.erase_node(node)
@@ -183,8 +169,7 @@ class _Lowering:
         )
         with self.graph.inserting_before(node):
             int_node = self.graph.call_module(path, (point_in.codes,))
-        int_node.meta[MODULE] = node.meta.get(MODULE, "")
-        int_node.meta[CODES_OF] = (point_out.name, point_out.shift)
+        int_node.meta[MODULE], int_node.meta[CODES_OF] = node.meta.get(MODULE, ""), (point_out.name, point_out.shift)
         codes_node.replace_all_uses_with(int_node)
         self.graph.erase_node(codes_node)
         self.graph.erase_node(node)
@@ -286,8 +271,8 @@ class _Lowering:
             return
         lis: LogIntSoftmax = submodule(self.gm, lis_node)
         tokens = self.values[lis_node.name].shape[-1]  # the probabilities' last axis is the summed one
-        # every partial sum |v - zv| * 2**T * tokens must stay an exact float64 integer (< 2**53)
-        max_shift = min(2**lis.bits - 2, 52 - 8 - math.ceil(math.log2(max(tokens, 2))))
+        # every partial sum |v - zv| * 2**T * tokens must stay an exact float64 integer
+        max_shift = exact_shift_matmul_bound(tokens, point.magnitude(), 2**lis.bits - 2)
         module = LisShiftMatmul(
             lis.scale,
             lis.bits,
@@ -349,38 +334,23 @@ class _Lowering:
         self.result.requantized.append(f"{node.name} -> {point.name} ({point.label})")
 
 
-def lower_to_integer(gm: fx.GraphModule, example_inputs: tuple, release_setup: bool = True) -> IntegerLowering:
-    """Rewrite a lowered fake-quant GraphModule into an integer one, in place.
-
-    ``example_inputs`` are run once to learn tensor shapes (how scales map through reshapes).
-    ``release_setup=False`` keeps the IntLinears' scales and bias (see ``LowerInteger``).
-    """
+def lower_to_integer(gm: fx.GraphModule, example_inputs: tuple) -> IntegerLowering:
+    """Rewrite a lowered fake-quant GraphModule into an integer one, in place. ``example_inputs``
+    are run once to learn tensor shapes (how scales map through reshapes). The IntLinears
+    keep their setup tensors (``IntLinear.release_setup_tensors`` drops them)."""
     values = capture_values(gm, tuple(example_inputs))
     result = _Lowering(gm, values).run()
     result.nonfinite_checks = guard_nonfinite(gm, tuple(example_inputs))  # NaN/inf samples stay NaN
-    if release_setup:
-        for module in gm.modules():
-            if isinstance(module, IntLinear):
-                module.release_setup_tensors()
     gm.graph.lint()
     gm.recompile()
     return result
 
 
-# ------------------------------------------------------------------------------ pass
 class LowerInteger(Pass):
-    """``release_setup=False`` keeps each IntLinear's scales and bias (and the fake-quant
-    graph, in ``ctx.state``) for a pass that re-targets the Linears (``use_onednn_kernels``),
-    which then releases them."""
-
     name = "lower_integer"
-
-    def __init__(self, release_setup: bool = True):
-        self.release_setup = release_setup
+    contract = Contract(requires={Prop.FAKE_QUANT}, provides={Prop.INTEGER}, removes={Prop.FAKE_QUANT})
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
-        from fxquant.runtime.float_point import FloatPoint
-
         modules = list(gm.modules())
         if any(isinstance(m, ObserverModule) for m in modules):
             raise NodeError("output", "the graph still holds observers; run calibrate and lower_fake_quant first")
@@ -396,35 +366,27 @@ class LowerInteger(Pass):
             )
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        fake = copy.deepcopy(gm)
-        result = lower_to_integer(gm, ctx.diff_inputs, release_setup=self.release_setup)
-        notes = ctx.state.setdefault("lower_integer", [])
+        result = lower_to_integer(gm, ctx.diff_inputs)
         if ctx.report is not None:
-            ctx.report.float_points.extend(result.float_points)
-            ctx.report.float_points.append(
-                "softmax without a log2 point, GELU, residual adds and LayerNorms without a PTF input point "
-                "run in float between DequantizeCodes and QuantizeCodes nodes"
-            )
-        notes.append(
+            ctx.report.float_points += [*result.float_points, FLOAT_OPS]
+        ctx.note(
             f"lower_integer: {len(result.points)} points as int8 codes, {len(result.int_linears)} "
             f"IntLinear, {len(result.int_matmuls)} IntMatmul, {len(result.int_layernorms)} IntLayerNorm, "
-            f"{len(result.shift_matmuls)} LisShiftMatmul, "
-            f"{len(result.requantized)} dyadic requantizations straight to the next point"
+            f"{len(result.shift_matmuls)} LisShiftMatmul, {len(result.requantized)} dyadic requantizations "
+            "straight to the next point"
         )
         checks = result.nonfinite_checks
-        notes.append(
+        ctx.note(
             f"non-finite guard: NaN/inf checked per sample in {len(checks)} float tensor(s) before they "
             f"become codes ({', '.join(checks) or 'none is computed from the inputs in float'}); a sample "
             "holding one gets NaN outputs, as in FP32 (fxquant.lowering.nonfinite)"
         )
-        notes.extend(f"integer LayerNorm: {r}" for r in result.int_layernorms)
-        notes.extend(f"attn@V by shifts: {r}" for r in result.shift_matmuls)
-        notes.extend(f"requantized: {r}" for r in result.requantized)
-        notes.extend(result.float_boundaries)
-        if self.release_setup:
-            notes.extend(equivalence_notes(fake, gm, ctx))
-        else:  # the pass that re-targets the Linears measures the graph it returns
-            ctx.state[FAKE_GRAPH_STATE] = fake
+        ctx.note(
+            *(f"integer LayerNorm: {r}" for r in result.int_layernorms),
+            *(f"attn@V by shifts: {r}" for r in result.shift_matmuls),
+            *(f"requantized: {r}" for r in result.requantized),
+            *result.float_boundaries,
+        )
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -433,14 +395,4 @@ class LowerInteger(Pass):
                 raise NodeError(name, "IntLinear weight is not stored as int8")
 
 
-__all__ = [
-    "LowerInteger",
-    "lower_to_integer",
-    "code_agreement",
-    "agreement_summary",
-    "equivalence_notes",
-    "IntegerLowering",
-    "PointAgreement",
-    "CODES_OF",
-    "FAKE_GRAPH_STATE",
-]
+__all__ = ["LowerInteger", "lower_to_integer", "IntegerLowering", "CODES_OF"]

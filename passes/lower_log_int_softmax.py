@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.meta import POINT, ROLE, copy_provenance
 from fxquant.ir.patterns import is_scale_transparent, is_softmax, softmax_dim, submodule
@@ -49,9 +50,9 @@ def _scores_point(gm: fx.GraphModule, node: fx.Node) -> Optional[FakeQuantize]:
 
 class LowerLogIntSoftmax(Pass):
     name = "lower_log_int_softmax"
+    contract = Contract(requires={Prop.FAKE_QUANT}, provides={Prop.LIS_LOWERED})
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        notes = ctx.state.setdefault("notes", [])
         for node in list(gm.graph.nodes):
             fq = submodule(gm, node)
             if not (isinstance(fq, FakeQuantize) and fq.point.group == "intSoft" and fq.method == "log2"):
@@ -59,12 +60,12 @@ class LowerLogIntSoftmax(Pass):
             ctx.current_node = node.name
             softmax = node.args[0]
             if not (isinstance(softmax, fx.Node) and is_softmax(gm, softmax) and len(softmax.users) == 1):
-                notes.append(f"{node.name} (intSoft): not right after a softmax; plain log2 quantizer kept")
+                ctx.note(f"{node.name} (intSoft): not right after a softmax; plain log2 quantizer kept")
                 continue
             scores = _scores_point(gm, softmax.args[0])
             dim = softmax_dim(gm, softmax)
             if scores is None or dim is None or fq.post_scale != 1.0:
-                notes.append(
+                ctx.note(
                     f"{node.name} (intSoft): the softmax input is not the quantized scores; float softmax "
                     "with a log2 quantizer kept (quantize attn_kv_out to get the integer LIS)"
                 )

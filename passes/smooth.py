@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxquant.errors import FxqError
+from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.meta import ORIGIN, ORIGIN_SLICE, POINT
 from fxquant.ir.patterns import find_attention, is_scale_transparent, submodule
@@ -117,6 +118,8 @@ class _AbsMaxRecorder(fx.Interpreter):
 class Smooth(Pass):
     name = "smooth"
     neutral = True
+    # it smooths the points annotate put on ops, which insert_observers moves onto observers
+    contract = Contract(requires={Prop.ANNOTATED}, provides={Prop.SMOOTHED}, excludes={Prop.OBSERVED})
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         data = ctx.calib_data
@@ -140,13 +143,12 @@ class Smooth(Pass):
                 recorder.run(batch)
         # under torchrun each rank saw its shard: the maxima over the whole set, on every rank
         absmax = {name: distributed.all_reduce_max(value) for name, value in sorted(recorder.absmax.items())}
-        notes = ctx.state.setdefault("smooth", [])
         for pair in pairs:
             ctx.current_node = pair.act.name
             scale = self._scale(gm, pair, absmax[pair.act.name], alpha)
             self._fold(gm, pair, scale)
             self._reorigin(gm, pair)
-            notes.append(
+            ctx.note(
                 f"{pair.act.name}: smoothed into {[c.name for c in pair.consumers]} "
                 f"(max channel factor {scale.max().item():.3g})"
             )

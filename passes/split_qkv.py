@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import skip_init
 
+from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import install_submodule, new_node, unique_attr
 from fxquant.ir.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE, WEIGHT, copy_provenance
@@ -80,6 +81,8 @@ def _split_point(point, index: int):
 class SplitQkv(Pass):
     name = "split_qkv"
     neutral = True
+    # it carries the fused Linear's points over to Q, K and V: after annotate, before the observers
+    contract = Contract(provides={Prop.QKV_SPLIT}, excludes={Prop.OBSERVED})
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         for node in list(gm.graph.nodes):

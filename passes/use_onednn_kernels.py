@@ -23,8 +23,9 @@ under torch.compile.
 
 Neutral in intent, not bit-exact: oneDNN applies the scales in float32 where the portable
 kernel uses dyadic integer multipliers, so a code may differ by one step where a value is
-within float32 rounding of a step boundary. The pass measures the codes against the
-fake-quant graph, as ``lower_integer`` does, and writes that into the report.
+within float32 rounding of a step boundary. ``fxquant.compile`` measures the final graph's
+codes against the fake-quant graph (``fxquant.analysis.equivalence``) and writes that into
+the report.
 """
 
 from __future__ import annotations
@@ -35,24 +36,25 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fxquant.analysis.code_agreement import CODES_OF, FAKE_GRAPH_STATE, equivalence_notes
 from fxquant.errors import NodeError
+from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import install_submodule
+from fxquant.ir.meta import CODES_OF
 from fxquant.ir.patterns import single_user, submodule
 from fxquant.lowering.code_chains import drop_origin, moves_elements, reads_shape
+from fxquant.runtime.int_layernorm import IntLayerNorm
 from fxquant.runtime.int_modules import (
     DequantizeCodes,
-    IntLayerNorm,
     IntLinear,
     IntMatmul,
-    LisShiftMatmul,
     QuantizeCodes,
 )
-from fxquant.runtime.integer import UINT8_OFFSET
+from fxquant.runtime.integer import INT8_RANGE, UINT8_OFFSET
+from fxquant.runtime.log_int_softmax import LisShiftMatmul
 from fxquant.runtime.onednn import OnednnLinear, onednn_available
 
-_INT8 = (-128, 127)  # a full 8-bit point's (shifted) code range: what oneDNN's uint8 codes hold
+_INT8 = INT8_RANGE  # a full 8-bit point's (shifted) code range: what oneDNN's uint8 codes hold
 
 
 def _is_pad(node: fx.Node) -> bool:
@@ -272,14 +274,8 @@ class _Conversion:
 
 
 class UseOnednnKernels(Pass):
-    """``measure=False``: leave the equivalence check (and the fake-quant graph, in
-    ``ctx.state``) to a later integer pass (``fuse_int_attention``), so that it is made on
-    the graph that pass returns."""
-
     name = "use_onednn_kernels"
-
-    def __init__(self, measure: bool = True):
-        self.measure = measure
+    contract = Contract(requires={Prop.INTEGER}, provides={Prop.ONEDNN_KERNELS})
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         if not any(isinstance(m, (QuantizeCodes, IntLinear, IntMatmul)) for m in gm.modules()):
@@ -288,8 +284,8 @@ class UseOnednnKernels(Pass):
         if any(m.weight_scale is None for m in linears):
             raise NodeError(
                 "output",
-                "lower_integer already released the IntLinears' scales; build it with "
-                "LowerInteger(release_setup=False) before use_onednn_kernels",
+                "the IntLinears' scales were already released (fxquant.compile releases them at the end "
+                "of its pipeline): run use_onednn_kernels in the same pipeline as lower_integer",
             )
         if not onednn_available():
             raise NodeError(
@@ -315,23 +311,16 @@ class UseOnednnKernels(Pass):
             if isinstance(module, IntMatmul) and module.requantizes:
                 module.use_float_requantization()
                 float_requant += 1
-        for module in gm.modules():
-            if isinstance(module, IntLinear):
-                module.release_setup_tensors()
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         gm.recompile()
-        notes = ctx.state.setdefault("lower_integer", [])
         gelu = sum("GELU" in k for k in kinds.values())
-        notes.append(
+        ctx.note(
             f"use_onednn_kernels: {len(kinds)} of {len(conversion.linears)} Linears on oneDNN's int8 "
             f"kernel ({gelu} with GELU and the next point's quantization in the epilogue); "
             f"{float_requant} integer matmuls requantize with float32 scales"
         )
-        notes.extend(f"portable Linear {name}: {why}" for name, why in sorted(conversion.kept.items()))
-        fake = ctx.state.pop(FAKE_GRAPH_STATE, None) if self.measure else None
-        if fake is not None:  # lower_integer left the equivalence check to this pass: the graph returned
-            notes.extend(equivalence_notes(fake, gm, ctx))
+        ctx.note(*(f"portable Linear {name}: {why}" for name, why in sorted(conversion.kept.items())))
         return gm
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> None:

@@ -148,6 +148,17 @@ def test_no_pass_imports_another_pass():
     assert not bad, "passes share code through the core, not through each other:\n" + "\n".join(bad)
 
 
+def test_no_function_level_import_of_fxquant():
+    """Every fxquant import is at the top of its module, where the reader (and the cycle check)
+    sees it; a function-level import is how a cycle hides."""
+    hidden = [
+        f"{MODULES[a].relative_to(ROOT)}:{data['line']} imports {b} inside a function"
+        for a, b, data in GRAPH.edges(data=True)
+        if data["in_function"]
+    ]
+    assert not hidden, "function-level imports:\n  " + "\n  ".join(sorted(hidden))
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_module_is_small(module):
     lines = len(MODULES[module].read_text(encoding="utf-8").splitlines())

@@ -15,11 +15,15 @@ from fxquant.runtime.int_modules import IntLinear, IntMatmul
 from fxquant.runtime.integer import (
     MAX_SHIFT,
     MULTIPLIER_BITS,
+    UINT8_OFFSET,
+    code_dtype_for,
     code_shift,
     dequantize_codes,
     dyadic_multiplier,
     dyadic_value,
     exact_float_matmul_bound,
+    fits_int8,
+    fits_uint8,
     int8_linear,
     quantize_codes,
     requant_offset,
@@ -214,3 +218,28 @@ def test_int8_bmm_sums_op_gives_the_product_and_the_zero_point_sums():
     assert torch.equal(col_sums, b.sum(-2, keepdim=True, dtype=torch.int32))
     with pytest.raises(TypeError, match="int8 operands"):
         torch.ops.fxquant.int8_bmm_sums(a.to(torch.uint8), b)
+
+
+# -- which 8-bit dtype holds a code range: one rule for lowering, fake-quant weights, oneDNN and ONNX
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-300, 300), st.integers(-300, 300), st.sampled_from([torch.int8, torch.uint8]))
+def test_code_dtype_holds_every_code_of_the_range(qmin, qmax, prefer):
+    dtype = code_dtype_for(qmin, qmax, prefer)
+    codes = torch.arange(qmin, max(qmin, qmax + 1))  # empty when qmin > qmax
+    held = {d for d in (torch.int8, torch.uint8) if codes.numel() and torch.equal(codes.to(d).long(), codes)}
+    assert fits_int8(qmin, qmax) == (torch.int8 in held) and fits_uint8(qmin, qmax) == (torch.uint8 in held)
+    if not held:
+        assert dtype is None
+        with pytest.raises(ValueError, match="do not fit 8 bits"):
+            code_shift(qmin, qmax)
+        return
+    assert dtype == (prefer if prefer in held else next(iter(held)))
+    shift = code_shift(qmin, qmax)  # int8 storage: a uint8-only range is shifted by 128
+    assert shift == (0 if torch.int8 in held else UINT8_OFFSET)
+    assert fits_int8(qmin - shift, qmax - shift)
+
+
+def test_code_dtype_at_the_edges():
+    assert code_dtype_for(-128, 127) == torch.int8 and code_dtype_for(0, 255) == torch.uint8
+    assert code_dtype_for(0, 127) == torch.int8 and code_dtype_for(0, 127, prefer=torch.uint8) == torch.uint8
+    assert code_dtype_for(-129, 0) is None and code_dtype_for(0, 256) is None and code_dtype_for(-1, 128) is None

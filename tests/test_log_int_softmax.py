@@ -2,10 +2,12 @@
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fxquant.runtime.integer import exact_shift_matmul_bound
 from fxquant.runtime.log_int_softmax import LogIntSoftmax, i_exp, lis_codes, lis_values, nearest_power_code
 
 
@@ -81,3 +83,45 @@ def test_lis_close_to_float_softmax_log2_and_per_head_scales():
     rows = LogIntSoftmax(scale, bits=8)(scores)  # renormalized: each row sums to 1
     torch.testing.assert_close(rows.sum(-1), torch.ones(2, 2, 30))
     assert torch.equal(rows, (lis_values(codes, 8) / lis_values(codes, 8).sum(-1, keepdim=True)).float())
+
+
+# -- attn@V by shifts: the largest shift T whose float64 matmul stays exact (LisShiftMatmul)
+def _worst_row(tokens: int, magnitude: int, shift: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A row of powers 2**(T - m) with m = 0 for all but the last token (m = T, value 1),
+    against V codes all at +magnitude: the partial sums grow to the bound and the last,
+    odd term tests that no low bit was rounded away. Returns (powers, v, the exact sum)."""
+    powers = torch.full((1, tokens), 2.0**shift, dtype=torch.float64)
+    powers[0, -1] = 1.0
+    v = torch.full((tokens, 1), float(magnitude), dtype=torch.float64)
+    return powers, v, (tokens - 1) * magnitude * 2**shift + magnitude
+
+
+def _exact(tokens: int, magnitude: int, shift: int) -> bool:
+    powers, v, want = _worst_row(tokens, magnitude, shift)
+    return int(torch.matmul(powers, v).item()) == want
+
+
+def test_shift_bound_derived_from_the_v_range_just_fits():
+    # 64 tokens, V codes within +-127 of the zero point: 64 * 127 = 8128 < 2**13, so
+    # 8128 * 2**40 <= 2**53 < 8128 * 2**41: T = 40 is exact, T = 41 is not
+    assert exact_shift_matmul_bound(64, 127, cap=254) == 40
+    assert _exact(64, 127, 40) and not _exact(64, 127, 41)
+    # a narrower V range (|v - zv| <= 15) leaves room for three more bits
+    assert exact_shift_matmul_bound(64, 15, cap=254) == 43
+    assert _exact(64, 15, 43) and not _exact(64, 15, 44)
+    # the probabilities' own cap (2**bits - 2) wins when the range leaves more room
+    assert exact_shift_matmul_bound(4, 1, cap=14) == 14
+    assert exact_shift_matmul_bound(4, 0, cap=14) == 14  # V at its zero point: all products 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 4096), st.integers(1, 255))
+def test_shift_bound_is_the_largest_exact_shift(tokens, magnitude):
+    shift = exact_shift_matmul_bound(tokens, magnitude, cap=10_000)
+    assert tokens * magnitude * 2**shift <= 2**53 < tokens * magnitude * 2 ** (shift + 1)
+    assert _exact(tokens, magnitude, shift)
+
+
+def test_shift_bound_refuses_what_float64_cannot_hold():
+    with pytest.raises(ValueError, match="2\\*\\*53"):
+        exact_shift_matmul_bound(2**50, 255, cap=254)

@@ -1,7 +1,7 @@
 """Integer graph against fake-quant graph: the codes of every lowered point compared.
 
-``lower_integer``, ``use_onednn_kernels`` and ``fuse_int_attention`` write these numbers into
-the report (``equivalence_notes``); tests and ``bench/int_equivalence.py`` call
+``fxquant.compile`` writes these numbers into the report after an integer pipeline
+(``fxquant.analysis.equivalence``); tests and ``bench/int_equivalence.py`` call
 ``code_agreement`` directly. A node of the integer graph that holds a point's codes carries
 ``node.meta[CODES_OF]`` = (the FakeQuantize node's name in the fake graph, the code shift).
 """
@@ -13,14 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from fxquant.analysis.numeric_diff import capture_values, output_qsnr
-from fxquant.infra.pass_manager import PassContext
+from fxquant.ir.capture import capture_values
 from fxquant.ir.meta import CODES_OF
 from fxquant.quant.quantizers import quantize
 
-FAKE_GRAPH_STATE = "lower_integer_fake_graph"  # ctx.state: the fake-quant graph, for a pass after lower_integer
-
-__all__ = ["CODES_OF", "FAKE_GRAPH_STATE", "PointAgreement", "code_agreement", "agreement_summary", "equivalence_notes"]
+__all__ = ["PointAgreement", "code_agreement", "agreement_summary"]
 
 
 @dataclass
@@ -95,26 +92,3 @@ def agreement_summary(rows: list[PointAgreement]) -> str:
         f"integer vs fake-quant codes at {len(rows)} points: {off} of {codes} ({100 * share:.3f}%) differ "
         f"by 1 LSB, largest difference {worst} LSB"
     )
-
-
-def equivalence_notes(fake: fx.GraphModule, gm: fx.GraphModule, ctx: PassContext) -> list[str]:
-    """The report's equivalence lines: codes at every point (isolated and propagated) and the
-    output QSNRs of the integer graph ``gm`` against the fake-quant graph and FP32."""
-    isolated = code_agreement(fake, gm, ctx.diff_inputs, isolated=True)
-    propagated = code_agreement(fake, gm, ctx.diff_inputs)
-    ctx.state["lower_integer_agreement"] = {"isolated": isolated, "propagated": propagated}
-    notes = [
-        agreement_summary(isolated) + " (diff inputs; isolated: each point from the fake-quant codes of "
-        "the points before it)",
-        agreement_summary(propagated) + " (diff inputs; propagated: flips carried downstream)",
-    ]
-    with torch.no_grad():
-        fake_out, int_out = fake(*ctx.diff_inputs), gm(*ctx.diff_inputs)
-        line = f"output QSNR on the diff inputs: integer vs fake-quant {output_qsnr(fake_out, int_out):.2f} dB"
-        if ctx.reference is not gm:  # compile(numeric_diff=False) passes the graph itself as reference
-            reference = ctx.reference(*ctx.diff_inputs)
-            line += (
-                f", integer vs FP32 {output_qsnr(reference, int_out):.2f} dB, fake-quant vs FP32 "
-                f"{output_qsnr(reference, fake_out):.2f} dB"
-            )
-    return notes + [line]

@@ -39,7 +39,13 @@ class NumericDiff(Instrument):
 
     def run_after_pass(self, p, gm, ctx, record: PassRecord):
         ref_values, ref_output = self._reference(ctx)
-        nodes, out_db, drop = compare_graph(gm, ctx.diff_inputs, ref_values, ref_output, adopt_new=p.neutral)
+        values = capture_values(gm, ctx.diff_inputs)
+        out_node = next(n for n in gm.graph.nodes if n.op == "output")
+        ctx.graph_output = values[out_node.name]  # a neutral pass next compares its output with this one
+        # the manager ran this hook only after checking a neutral pass's output: its new nodes may be adopted
+        nodes, out_db, drop = compare_graph(
+            gm, ctx.diff_inputs, ref_values, ref_output, adopt_new=p.neutral, values=values
+        )
         record.nodes, record.output_qsnr_db, record.first_drop = nodes, out_db, drop
 
 

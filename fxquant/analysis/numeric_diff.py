@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
+from fxquant.infra.neutrality import output_qsnr  # noqa: F401  (re-exported: analysis, api and tests use it)
 from fxquant.ir.capture import capture_values, flatten_tensors  # noqa: F401  (re-exported)
 from fxquant.ir.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE, WEIGHT
 from fxquant.quant.quantizers import qsnr_db
@@ -16,15 +17,6 @@ from fxquant.quant.quantizers import qsnr_db
 # when deciding whether a node "drops" precision, so ordinary quantization is not flagged.
 DROP_CEILING_DB = 40.0
 DROP_THRESHOLD_DB = 10.0
-
-
-def output_qsnr(ref: Any, out: Any) -> float:
-    refs, outs = flatten_tensors(ref), flatten_tensors(out)
-    if len(refs) != len(outs) or any(r.shape != o.shape for r, o in zip(refs, outs)):
-        raise ValueError("the graph's output no longer has the reference output's structure")
-    ref_cat = torch.cat([r.reshape(-1).double() for r in refs])
-    out_cat = torch.cat([o.reshape(-1).double() for o in outs])
-    return qsnr_db(ref_cat, out_cat)
 
 
 def _reference_for(node: fx.Node, ref_values: dict[str, Any]) -> Optional[torch.Tensor]:
@@ -40,14 +32,23 @@ def _reference_for(node: fx.Node, ref_values: dict[str, Any]) -> Optional[torch.
 
 @torch.no_grad()
 def compare_graph(
-    gm: fx.GraphModule, inputs: tuple, ref_values: dict[str, Any], ref_output: Any, *, adopt_new: bool = False
+    gm: fx.GraphModule,
+    inputs: tuple,
+    ref_values: dict[str, Any],
+    ref_output: Any,
+    *,
+    adopt_new: bool = False,
+    values: Optional[dict[str, Any]] = None,
 ) -> tuple[list[dict], float, Optional[dict]]:
     """Per-node QSNR of ``gm`` vs the reference values; returns (nodes, output QSNR, first drop).
 
     With ``adopt_new`` (after a numerically neutral pass) a node whose origin the reference
-    lacks, a node that pass created, becomes part of the reference with its current value.
+    lacks, a node that pass created, becomes part of the reference with its current value
+    (the pass manager has checked the pass's output first). ``values``: ``gm``'s values on
+    ``inputs`` when already captured.
     """
-    values = capture_values(gm, inputs)
+    if values is None:
+        values = capture_values(gm, inputs)
     if adopt_new:
         for node in gm.graph.nodes:
             name = node.meta.get(ORIGIN)

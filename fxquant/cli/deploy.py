@@ -19,6 +19,7 @@ import torch.fx as fx
 import fxquant
 from fxquant.cli.inputs import check_output_file, image_files, positive_int, read_images, report_skipped
 from fxquant.errors import FxqError
+from fxquant.io.onnx_export import export_onnx, qdq_summary
 
 TOP_K = 5
 
@@ -107,8 +108,6 @@ def input_shape(gm: fx.GraphModule, img_size: Optional[int], path: str) -> tuple
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from fxquant.io.onnx_export import export_onnx, qdq_summary
-
     check_output_file(args.onnx, "--onnx", "model.onnx")
     gm = load_graph(args.model_file)
     shape = input_shape(gm, args.img_size, args.model_file)

@@ -39,7 +39,9 @@ from fxquant.io.fd_capture import captured_output
 from fxquant.io.onnx_checks import OnnxExportError, check_file, check_opset, export_failure, writable_path
 from fxquant.ir.patterns import is_scale_transparent, submodule
 from fxquant.quant.qparams import QParams
+from fxquant.quant.quantizers import fake_quantize
 from fxquant.runtime.fake_quant import FakeQuantize, ObserverModule, QuantConv2d, QuantLinear
+from fxquant.runtime.integer import code_dtype_for
 
 __all__ = ["export_onnx", "OnnxExportError", "to_exportable", "ONNX_OPSET"]
 
@@ -50,11 +52,7 @@ INPUT_NAME, OUTPUT_NAME = "images", "output"
 # ------------------------------------------------------------------------------ Q/DQ ops
 def _container(qmin: int, qmax: int) -> torch.dtype | None:
     """The 8-bit ONNX integer type that holds every code of [qmin, qmax], or None."""
-    if 0 <= qmin and qmax <= 255:
-        return torch.uint8
-    if -128 <= qmin and qmax <= 127:
-        return torch.int8
-    return None
+    return code_dtype_for(qmin, qmax, prefer=torch.uint8)
 
 
 class _QuantizeDequantize(torch.autograd.Function):
@@ -62,8 +60,6 @@ class _QuantizeDequantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, axis: int, qmin: int, qmax: int):  # noqa: ARG004
-        from fxquant.quant.quantizers import fake_quantize
-
         qp = QParams(scale, zero_point.float(), qmin, qmax, axis if scale.dim() else None)
         return fake_quantize(x, qp)
 

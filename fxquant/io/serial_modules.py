@@ -3,206 +3,35 @@
 Nothing is allocated from a file's configuration: torch's float modules are built on the
 ``meta`` device (no memory) and then must receive, from the file, exactly the parameters and
 buffers that construction declares, with the same shapes and dtypes; fxquant's own modules
-are plain state (typed attributes plus tensors), checked against :data:`SCHEMAS` (each
-attribute's type or choices, each tensor's dtypes and shape relations).
+are checked against the schema each class declares next to itself (``fxquant.runtime.savable``:
+each attribute's type or choices, each tensor's dtypes and shape relations).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from fxquant.io.serial_values import MAX_INT, SerializeError, decode
+from fxquant.runtime.savable import Schema, TensorRule, schema_of
 
 f32, f64, i8, u8, i32, i64 = torch.float32, torch.float64, torch.int8, torch.uint8, torch.int32, torch.int64
 
 
-@dataclass(frozen=True)
-class TensorRule:
-    """What one tensor of a module must be: its dtypes, number of dimensions, and shape relations."""
-
-    dtypes: tuple[torch.dtype, ...]
-    ndims: tuple[int, ...] = (0, 1, 2, 3, 4)
-    like: Optional[str] = None  # the same shape as this other tensor of the module
-    fits: Optional[str] = None  # the same number of dimensions as this tensor, and broadcastable with it
-    rows: Optional[str] = None  # dim 0 equals this integer attribute
-    cols: Optional[str] = None  # dim 1 equals this integer attribute
-    required: bool = False
-
-
-@dataclass(frozen=True)
-class Schema:
-    """A plain-state module's attributes (name -> type or tuple of allowed values) and tensors."""
-
-    attrs: dict[str, Any]
-    tensors: dict[str, TensorRule] = field(default_factory=dict)
-
-
-def _out(dtype: torch.dtype) -> TensorRule:
-    return TensorRule((dtype,), ndims=(1,), rows="out_features")
-
-
-_SCALE = TensorRule((f32,), required=True)
-_LIKE_SCALE = TensorRule((f32,), fits="scale")
-_NAMED = {"label": str, "out_label": str, "qmin": int, "qmax": int}
-SCHEMAS: dict[str, Schema] = {
-    "QuantizeCodes": Schema(
-        {**_NAMED, "codes_dtype": ("int8", "uint8")},
-        {"scale": _SCALE, "zero_point": TensorRule((f32,), fits="scale", required=True)},
-    ),
-    "DequantizeCodes": Schema(
-        {"label": str, "post_scale": float, "fused_affine": bool},
-        {
-            "scale": _SCALE,
-            "zero_point": TensorRule((f32,), fits="scale", required=True),
-            "affine_scale": _LIKE_SCALE,
-            "affine_bias": _LIKE_SCALE,
-        },
-    ),
-    "IntLinear": Schema(
-        {
-            **_NAMED,
-            "in_features": int,
-            "out_features": int,
-            "input_scale": float,
-            "input_zero_point": int,
-            "requantizes": bool,
-            "float_requant": bool,
-            "bias": None,
-            "weight_scale": None,
-            "zero_point_term": None,
-            "out_point_scale": None,
-            "out_point_zero": None,
-        },
-        {
-            "weight_codes": TensorRule((i8,), ndims=(2,), rows="out_features", cols="in_features", required=True),
-            "out_multiplier": _out(i32),
-            "out_shift": TensorRule((i64,), ndims=(0,)),
-            "out_offset": _out(i64),
-            "out_scale": _out(f32),
-            "out_bias": _out(f32),
-            # kept when lowered with release_setup=False
-            "bias": _out(f32),
-            "weight_scale": _out(f32),
-            "zero_point_term": _out(i32),
-            "out_point_scale": TensorRule((f64,), ndims=(0, 1)),
-            "out_point_zero": TensorRule((f64,), fits="out_point_scale"),
-        },
-    ),
-    "IntMatmul": Schema(
-        {**_NAMED, "requantizes": bool, "a_uint8": bool, "b_uint8": bool, "float_requant": bool},
-        {
-            "a_zero_point": TensorRule((f32,), required=True),
-            "b_zero_point": TensorRule((f32,), fits="a_zero_point", required=True),
-            "acc_scale": TensorRule((f64,), fits="a_zero_point", required=True),
-            "out_point_scale": TensorRule((f64,), fits="a_zero_point"),
-            "out_point_zero": TensorRule((f64,), fits="a_zero_point"),
-            "out_multiplier": TensorRule((i32,), fits="a_zero_point"),
-            "out_shift": TensorRule((i64,), ndims=(0,)),
-            "out_offset": TensorRule((i64,), fits="a_zero_point"),
-            "out_scale": TensorRule((f32,), fits="a_zero_point"),
-            "float_multiplier": TensorRule((f32,), fits="a_zero_point"),
-            "float_zero_point": TensorRule((f32,), fits="a_zero_point"),
-        },
-    ),
-    "IntLayerNorm": Schema(
-        {
-            "in_label": str,
-            "out_label": str,
-            "in_zero_point": int,
-            "eps_int": int,
-            "sigma_bits": int,
-            "out_zero_point": int,
-            "qmin": int,
-            "qmax": int,
-            "codes_dtype": ("int8", "uint8"),
-        },
-        {
-            "alpha": TensorRule((i64,), ndims=(1,), required=True),
-            "weight_units": TensorRule((f64,), like="alpha", required=True),
-            "offset": TensorRule((i64,), like="alpha", required=True),
-        },
-    ),
-    "LisShiftMatmul": Schema(
-        {"bits": int, "renormalize": bool, "max_shift": int, "label": str, "v_uint8": bool},
-        {
-            "lis_scale": TensorRule((f32,), required=True),
-            "v_scale": TensorRule((f64,), fits="lis_scale", required=True),
-            "v_zero_point": TensorRule((f64,), fits="lis_scale", required=True),
-        },
-    ),
-    "OnednnLinear": Schema(
-        {
-            "label": str,
-            "out_label": str,
-            "in_features": int,
-            "out_features": int,
-            "input_scale": float,
-            "input_zero_point": int,
-            "output": ("float32", "int8", "uint8"),
-            "output_scale": float,
-            "output_zero_point": int,
-            "post_op": ("none", "gelu"),
-        },
-        {
-            "weight_codes": TensorRule((i8,), ndims=(2,), rows="out_features", cols="in_features", required=True),
-            "weight_scale": _out(f32),
-            "weight_zero_point": _out(i64),
-            "bias": _out(f32),
-        },
-    ),
-    "IntAttention": Schema(
-        {"label": str, "qmin": int, "qmax": int}, {"head_constants": TensorRule((f32,), ndims=(2,), required=True)}
-    ),
-    # fake-quant modules: their configs have builders of their own; these are their tensors
-    "FakeQuantize": Schema(
-        {},
-        {
-            "scale": TensorRule((f32,), ndims=(0, 1), required=True),
-            "zero_point": TensorRule((f32,), like="scale", required=True),
-            "#qparams.scale": TensorRule((f32,), like="scale", required=True),
-            "#qparams.zero_point": TensorRule((f32,), like="scale", required=True),
-        },
-    ),
-    "QuantLinear": Schema(
-        {},
-        {
-            "weight_codes": TensorRule(
-                (i8, u8, i32), ndims=(2,), rows="out_features", cols="in_features", required=True
-            ),
-            "weight": TensorRule((f32,), like="weight_codes", required=True),
-            "float_weight": TensorRule((f32,), like="weight_codes"),
-            "bias": _out(f32),
-            "#weight_qparams.scale": TensorRule((f32,), ndims=(0, 1), required=True),
-            "#weight_qparams.zero_point": TensorRule((f32,), like="#weight_qparams.scale", required=True),
-        },
-    ),
-    "QuantConv2d": Schema(
-        {},
-        {
-            "weight_codes": TensorRule((i8, u8, i32), ndims=(4,), required=True),
-            "weight": TensorRule((f32,), like="weight_codes", required=True),
-            "float_weight": TensorRule((f32,), like="weight_codes"),
-            "bias": TensorRule((f32,), ndims=(1,)),
-            "#weight_qparams.scale": TensorRule((f32,), ndims=(0, 1), required=True),
-            "#weight_qparams.zero_point": TensorRule((f32,), like="#weight_qparams.scale", required=True),
-        },
-    ),
-    "LogIntSoftmax": Schema({}, {"scale": TensorRule((f32,))}),
-    "FloatPoint": Schema({}, {}),
-}
+def _schema(kind: str, where: str) -> Schema:
+    try:
+        return schema_of(f"fxquant.{kind}")
+    except KeyError:
+        raise SerializeError(f"{where}: module type fxquant.{kind} is not a savable fxquant module") from None
 
 
 def check_plain_state(
     kind: str, attrs: Any, none_buffers: Any, tensors: dict[str, torch.Tensor], where: str
 ) -> tuple[dict, list[str]]:
     """Validate a plain-state module's attributes and tensors against its schema."""
-    schema = SCHEMAS.get(kind)
-    if schema is None:
-        raise SerializeError(f"{where}: module type fxquant.{kind} has no schema")
+    schema = _schema(kind, where)
     if not isinstance(attrs, dict) or not isinstance(none_buffers, list):
         raise SerializeError(f"{where}: malformed fxquant.{kind} description (attrs, none_buffers)")
     out = {}
@@ -219,7 +48,7 @@ def check_plain_state(
 
 def check_tensors(kind: str, tensors: dict[str, torch.Tensor], attrs: dict, where: str) -> None:
     """The file's tensors of an fxquant module against the schema of ``kind`` (a class name)."""
-    schema = SCHEMAS[kind]
+    schema = _schema(kind, where)
     for name, tensor in tensors.items():
         rule = schema.tensors.get(name)
         if rule is None:

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from fxquant.io.serial_values import SerializeError
+from fxquant.version import __version__
 
 FORMAT = "fxquant.graph"
 FORMAT_VERSION = 2
@@ -22,8 +23,6 @@ HASH_KEY = "fxquant.sha256"
 
 
 def _fxquant_version() -> str:
-    from fxquant.version import __version__
-
     return __version__
 
 

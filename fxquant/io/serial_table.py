@@ -13,8 +13,9 @@ from torch import nn
 from fxquant.io.serial_modules import FLOAT_BUILDERS, check_float_tensors, check_plain_state, check_tensors
 from fxquant.io.serial_values import SerializeError, decode, encode, point_dict, point_from
 from fxquant.quant.qparams import QParams
+from fxquant.runtime.catalog import registered
 from fxquant.runtime.fake_quant import FakeQuantize, QuantConv2d, QuantLinear, _codes_dtype
-from fxquant.runtime.log_int_softmax import LogIntSoftmax
+from fxquant.runtime.savable import type_key
 
 
 def _cfg_linear(m: nn.Linear) -> dict:
@@ -84,9 +85,15 @@ def _cfg_plain_state(m: nn.Module) -> dict:
     """The int backend's modules: tensors are buffers (saved as tensors); the rest is plain
     attributes (labels, ranges, flags), saved as JSON values; anything else is refused."""
     attrs = {}
+    declared = type(m).serial_schema.attrs
     for name, value in vars(m).items():
         if name.startswith("_") or name == "training":
             continue
+        if name not in declared:
+            raise SerializeError(
+                f"attribute {name!r} of {type(m).__name__} is not in its @savable schema "
+                f"(fxquant.runtime.savable), so a saved file could not be loaded; declare it there"
+            )
         if not isinstance(value, _PLAIN):
             raise SerializeError(
                 f"attribute {name!r} of {type(m).__name__} is a {type(value).__name__}; only plain values can be saved"
@@ -95,15 +102,35 @@ def _cfg_plain_state(m: nn.Module) -> dict:
     return {"attrs": attrs, "none_buffers": [k for k, v in m._buffers.items() if v is None]}
 
 
-def _float_point_type() -> type:
-    from fxquant.runtime.float_point import FloatPoint
+#: describe functions of the config-layout modules (their schemas name the keys)
+_CONFIG_CODECS: dict[str, Callable[[nn.Module], dict]] = {
+    "fxquant.FakeQuantize": _cfg_fake,
+    "fxquant.QuantLinear": _cfg_quant_weight,
+    "fxquant.QuantConv2d": _cfg_quant_weight,
+    "fxquant.FloatPoint": lambda m: {"point": point_dict(m.point), "post_scale": _post_scale(m)},
+    "fxquant.LogIntSoftmax": lambda m: {
+        "point": point_dict(m.point),
+        "bits": m.bits,
+        "dim": m.dim,
+        "renormalize": m.renormalize,
+    },
+}
 
-    return FloatPoint
+
+def _describe_config(m: nn.Module) -> dict:
+    key = type_key(type(m))
+    if key not in _CONFIG_CODECS:
+        raise SerializeError(
+            f"{key} declares the 'config' layout, but fxquant.io.serial_table has no codec for it; "
+            "declare it 'plain_state' (plain attributes and tensors) or add its codec there"
+        )
+    return _CONFIG_CODECS[key](m)
 
 
-@lru_cache(maxsize=1)  # the table is fixed: built once, on first save or load
+@lru_cache(maxsize=1)  # the registry is complete once fxquant.runtime.catalog is imported
 def _module_types() -> dict[str, tuple[type, Callable[[nn.Module], dict]]]:
-    """type key -> (class, config of an instance). Restoring is in ``_build_module``."""
+    """type key -> (class, config of an instance): torch's float modules, then every savable
+    runtime module (``fxquant.runtime.catalog``). Restoring is in ``_build_module``."""
     table: dict[str, tuple[type, Callable]] = {
         "torch.nn.Linear": (nn.Linear, _cfg_linear),
         "torch.nn.Conv2d": (nn.Conv2d, _cfg_conv),
@@ -112,22 +139,10 @@ def _module_types() -> dict[str, tuple[type, Callable[[nn.Module], dict]]]:
         "torch.nn.Dropout": (nn.Dropout, lambda m: {"p": m.p, "inplace": m.inplace}),
         "torch.nn.Identity": (nn.Identity, lambda m: {}),
         "torch.nn.Softmax": (nn.Softmax, lambda m: {"dim": m.dim}),
-        "fxquant.FakeQuantize": (FakeQuantize, _cfg_fake),
-        "fxquant.QuantLinear": (QuantLinear, _cfg_quant_weight),
-        "fxquant.QuantConv2d": (QuantConv2d, _cfg_quant_weight),
-        "fxquant.FloatPoint": (
-            _float_point_type(),
-            lambda m: {"point": point_dict(m.point), "post_scale": _post_scale(m)},
-        ),
-        "fxquant.LogIntSoftmax": (
-            LogIntSoftmax,
-            lambda m: {"point": point_dict(m.point), "bits": m.bits, "dim": m.dim, "renormalize": m.renormalize},
-        ),
     }
-    from fxquant.runtime.int_modules import INTEGER_MODULE_TYPES
-
-    for cls in INTEGER_MODULE_TYPES:  # the int backend's modules
-        table[f"fxquant.{cls.__name__}"] = (cls, _cfg_plain_state)
+    for key, cls in registered().items():
+        plain = cls.serial_schema.layout == "plain_state"
+        table[key] = (cls, _cfg_plain_state if plain else _describe_config)
     try:
         from timm.layers.norm import LayerNorm as TimmLayerNorm
 
@@ -187,13 +202,7 @@ def _post_scale_from(value: Any, where: str) -> float:
 def _fake_module(key: str, cls: type, c: Any, tensors: dict[str, torch.Tensor], where: str) -> nn.Module:
     """FakeQuantize, QuantLinear, QuantConv2d, LogIntSoftmax and FloatPoint from their configs."""
     kind = cls.__name__
-    keys = {
-        "fxquant.FakeQuantize": {"point", "qparams", "method", "post_scale"},
-        "fxquant.QuantLinear": {"point", "weight_qparams", "in_features", "out_features"},
-        "fxquant.QuantConv2d": {"point", "weight_qparams", "stride", "padding", "dilation", "groups"},
-        "fxquant.LogIntSoftmax": {"point", "bits", "dim", "renormalize"},
-        "fxquant.FloatPoint": {"point", "post_scale"},
-    }[key]
+    keys = set(cls.serial_schema.attrs)
     if not isinstance(c, dict) or set(c) != keys:
         raise SerializeError(f"{where}: a {key} description has exactly the keys {sorted(keys)}")
     sizes = {k: c[k] for k in ("in_features", "out_features") if k in c}

@@ -55,6 +55,8 @@ from fxquant.io.serial_read import (
 )
 from fxquant.io.serial_table import _attach, _build_module, _module_tensors, _module_types, _type_key
 from fxquant.io.serial_values import SerializeError, decode, encode
+from fxquant.quant.qconfig import qconfig_from_dict
+from fxquant.runtime.int_attention import IntAttention, kernel_error, load_kernel
 
 __all__ = ["save", "load", "SerializeError", "FORMAT_VERSION"]
 
@@ -290,8 +292,6 @@ def _strings(value: Any, where: str) -> list[str]:
 
 def _qconfig_from(path: Path, raw: Any):
     """The embedded qconfig; it is complete, so it may not point at other files."""
-    from fxquant.quant.qconfig import qconfig_from_dict
-
     raw = _dict(raw, f"{path}: qconfig")
     config = decode(raw.get("dict"), None, f"{path}: qconfig")
     if not isinstance(config, dict) or "extends" in config:
@@ -304,8 +304,6 @@ def _qconfig_from(path: Path, raw: Any):
 
 
 def _warn_without_kernel(path: Path, root: dict) -> None:
-    from fxquant.runtime.int_attention import IntAttention, kernel_error, load_kernel
-
     if any(isinstance(m, IntAttention) for m in root.values()) and not load_kernel():
         warnings.warn(
             f"{path}: the fused attention kernel is not available ({kernel_error()}); its IntAttention "

@@ -13,7 +13,8 @@ from torch import nn
 
 from fxquant.ir.meta import module_path
 
-# Ops that move or select elements without changing values: a per-tensor scale passes through.
+# Ops that move or select elements without changing values or adding any: a per-tensor
+# scale passes through, and so do integer codes.
 _TRANSPARENT_METHODS = {
     "reshape",
     "view",
@@ -52,19 +53,29 @@ def is_pass_through_module(gm: fx.GraphModule, node: fx.Node) -> bool:
     return isinstance(submodule(gm, node), _PASS_THROUGH_MODULES)
 
 
-def is_scale_transparent(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """True when ``node`` only rearranges its first input (values unchanged)."""
+def rearranges_elements(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True when ``node`` only moves or selects elements of its first input (reshape,
+    permute, getitem, roll, Dropout, ...): every output element is an input element, so
+    integer codes flow through it unchanged."""
     if node.op == "call_method":
         return node.target in _TRANSPARENT_METHODS
     if node.op == "call_function":
-        return node.target in _TRANSPARENT_FUNCTIONS or _is_zero_pad(node)
+        return node.target in _TRANSPARENT_FUNCTIONS
     return is_pass_through_module(gm, node)
 
 
-def _is_zero_pad(node: fx.Node) -> bool:
-    """``F.pad`` with zeros (Swin's window padding): every grid holds 0 exactly, so the
-    padded tensor is still on its input's grid."""
-    if node.target is not F.pad:
+def is_scale_transparent(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True when ``node``'s output lies on its first input's grid: it rearranges elements
+    (``rearranges_elements``) or pads with zeros (``is_zero_pad``: 0 is on every grid, the
+    observers widen each range to include it). Fake-quant passes may treat such a chain as
+    one value; the integer lowering may not, since a padded 0 is the zero point's code,
+    not code 0 (``fxquant.lowering.code_chains.moves_elements``)."""
+    return rearranges_elements(gm, node) or is_zero_pad(node)
+
+
+def is_zero_pad(node: fx.Node) -> bool:
+    """``F.pad`` with zeros in constant mode (Swin's window padding)."""
+    if node.op != "call_function" or node.target is not F.pad:
         return False
     mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
     value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)

@@ -11,10 +11,9 @@ from typing import Iterable, Optional
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from fxquant.ir.meta import ORIGIN, ORIGIN_SLICE, POINT
-from fxquant.ir.patterns import is_scale_transparent, is_softmax, submodule
+from fxquant.ir.patterns import is_softmax, is_zero_pad, rearranges_elements, submodule
 from fxquant.runtime.fake_quant import FakeQuantize
 
 _SHAPE_READS = {"size", "dim"}
@@ -75,14 +74,6 @@ class IntegerLowering:
     nonfinite_checks: list[str] = field(default_factory=list)  # tensors checked per sample (fxquant.lowering.nonfinite)
 
 
-def is_constant_pad(node: fx.Node) -> bool:
-    if node.op != "call_function" or node.target is not F.pad:
-        return False
-    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
-    value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
-    return mode == "constant" and value in (None, 0, 0.0)
-
-
 def reads_shape(node: fx.Node) -> bool:
     """``x.shape`` / ``x.size()`` / ``x.dim()``: reads no values, so codes serve as well as floats."""
     return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
@@ -91,12 +82,18 @@ def reads_shape(node: fx.Node) -> bool:
 
 
 def moves_elements(gm: fx.GraphModule, node: fx.Node, allow_pad: bool) -> bool:
-    """True when ``node`` only rearranges its first input, so codes can flow through it."""
+    """True when ``node`` only rearranges its first input, so codes can flow through it.
+
+    ``allow_pad``: a zero pad counts too. Only for a chain that ``codes_through`` copies
+    onto codes (it rewrites the fill to the point's zero-point code, one zero point per
+    tensor: ``trace_back`` refuses a per-channel point). A chain that an integer op's
+    requantized codes travel along as they are (``lower_integer``'s fused requantization)
+    passes ``allow_pad=False``: its pad would fill with code 0, which is the value
+    ``-zero_point * scale`` and not 0 for an asymmetric point.
+    """
     if not node.args or not isinstance(node.args[0], fx.Node):
         return False
-    if is_scale_transparent(gm, node) or (node.op == "call_function" and node.target is torch.roll):
-        return True
-    return allow_pad and is_constant_pad(node)
+    return rearranges_elements(gm, node) or (allow_pad and is_zero_pad(node))
 
 
 def trace_back(gm: fx.GraphModule, node, by_dequant: dict) -> Optional[tuple[LoweredPoint, list[fx.Node]]]:
@@ -110,7 +107,7 @@ def trace_back(gm: fx.GraphModule, node, by_dequant: dict) -> Optional[tuple[Low
     if not isinstance(node, fx.Node):
         return None
     point = by_dequant[node]
-    if not point.per_tensor and any(is_constant_pad(n) for n in chain):
+    if not point.per_tensor and any(is_zero_pad(n) for n in chain):
         return None  # padding with one zero code needs one zero point
     return point, chain[::-1]
 
@@ -197,7 +194,7 @@ def codes_through(graph: fx.Graph, point: LoweredPoint, chain: list[fx.Node], co
         prev = node.args[0]
         with graph.inserting_after(node):
             moved = graph.node_copy(node, lambda a: current if a is prev else a)
-        if is_constant_pad(node):  # zero is the zero point's code, not code 0
+        if is_zero_pad(node):  # zero is the zero point's code, not code 0
             zero = int(point.zero_point(0))
             if len(moved.args) > 3:
                 moved.args = (*moved.args[:3], zero, *moved.args[4:])
@@ -208,13 +205,17 @@ def codes_through(graph: fx.Graph, point: LoweredPoint, chain: list[fx.Node], co
     return current
 
 
-def read_shapes_from_codes(points: Iterable[LoweredPoint]) -> None:
-    """``x.shape`` / ``x.size()`` of a dequantized value: read it from the codes instead,
-    so that a dequantize no float op needs is not kept alive by a shape read."""
-    for point in points:
-        for user in list(point.dequant.users):
+def read_shapes_from_codes(points: Iterable[LoweredPoint], copies: Optional[dict] = None) -> None:
+    """``x.shape`` / ``x.size()`` of a dequantized value, or of a float chain node that
+    ``codes_through`` copied onto codes (``copies``: original -> copy): read it from the
+    codes instead, so that a dequantize and a float chain no float op needs are not kept
+    alive by shape reads (Swin reads the padded windows' shape)."""
+    moved = {point.dequant: point.codes for point in points}
+    moved.update(copies or {})
+    for original, codes in moved.items():
+        for user in list(original.users):
             if reads_shape(user):
-                user.replace_input_with(point.dequant, point.codes)
+                user.replace_input_with(original, codes)
 
 
 def only_softmax_reads(gm: fx.GraphModule, node: fx.Node, depth: int = 3) -> bool:

@@ -54,6 +54,7 @@ import torch.fx as fx
 
 from fxquant.ir.graph_utils import propagate_shapes, shape_of
 from fxquant.ir.patterns import submodule
+from fxquant.runtime.catalog import integer_module_types
 from fxquant.runtime.fake_quant import FakeQuantize
 from fxquant.runtime.log_int_softmax import LogIntSoftmax
 
@@ -63,9 +64,7 @@ __all__ = ["guard_nonfinite", "strip_nonfinite_guard", "guard_nodes", "GUARD"]
 
 
 def _integer_types() -> tuple:
-    from fxquant.runtime.int_modules import INTEGER_MODULE_TYPES
-
-    return INTEGER_MODULE_TYPES
+    return integer_module_types()
 
 
 def _dtype(node: fx.Node) -> Optional[torch.dtype]:

@@ -19,8 +19,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from fxquant.analysis.stats import point_inputs
 from fxquant.infra.records import Report
 from fxquant.infra.records import format_db as _db
+from fxquant.quant.quantizers import fake_quantize
+from fxquant.runtime.fake_quant import FakeQuantize
 
 WORST = 5
 PLOT_MIN_DB, PLOT_MAX_DB = -10.0, 80.0
@@ -160,10 +163,6 @@ def svg_histogram(
 
 
 def _histograms(qm, inputs, worst: list[dict]) -> str:
-    from fxquant.analysis.stats import point_inputs
-    from fxquant.quant.quantizers import fake_quantize
-    from fxquant.runtime.fake_quant import FakeQuantize
-
     if qm is None or inputs is None:
         return "<p>no histograms: pass qm and inputs to write_html_report</p>"
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)

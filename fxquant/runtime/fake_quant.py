@@ -14,6 +14,8 @@ from fxquant.quant.observers import make_observer
 from fxquant.quant.points import QuantPoint
 from fxquant.quant.qparams import QParams
 from fxquant.quant.quantizers import dequantize, fake_quantize, quantize
+from fxquant.runtime.integer import code_dtype_for
+from fxquant.runtime.savable import NUMBER, POINT, QPARAMS, Schema, TensorRule, savable
 
 
 class ObserverModule(nn.Module):
@@ -39,6 +41,18 @@ class ObserverModule(nn.Module):
         return f"{self.point.label} {self.point.spec.describe()} post_scale={self.post_scale:g}"
 
 
+@savable(
+    Schema(
+        {"point": POINT, "qparams": QPARAMS, "method": ("uniform", "log2"), "post_scale": NUMBER},
+        {
+            "scale": TensorRule((torch.float32,), ndims=(0, 1), required=True),
+            "zero_point": TensorRule((torch.float32,), like="scale", required=True),
+            "#qparams.scale": TensorRule((torch.float32,), like="scale", required=True),
+            "#qparams.zero_point": TensorRule((torch.float32,), like="scale", required=True),
+        },
+        layout="config",
+    )
+)
 class FakeQuantize(nn.Module):
     """Quantize-dequantize with frozen QParams, then the folded constant ``post_scale``."""
 
@@ -62,11 +76,7 @@ class FakeQuantize(nn.Module):
 
 
 def _codes_dtype(qparams: QParams) -> torch.dtype:
-    if qparams.qmin >= -128 and qparams.qmax <= 127:
-        return torch.int8
-    if qparams.qmin >= 0 and qparams.qmax <= 255:
-        return torch.uint8
-    return torch.int32
+    return code_dtype_for(qparams.qmin, qparams.qmax) or torch.int32
 
 
 class _QuantWeightMixin:
@@ -85,6 +95,31 @@ class _QuantWeightMixin:
         self.register_buffer("float_weight", weight.detach().clone(), persistent=False)
 
 
+def _weight_tensors(codes: TensorRule, bias: TensorRule) -> dict[str, TensorRule]:
+    """The tensors of a quantized-weight module: codes, the float weight they stand for, bias, QParams."""
+    return {
+        "weight_codes": codes,
+        "weight": TensorRule((torch.float32,), like="weight_codes", required=True),
+        "float_weight": TensorRule((torch.float32,), like="weight_codes"),
+        "bias": bias,
+        "#weight_qparams.scale": TensorRule((torch.float32,), ndims=(0, 1), required=True),
+        "#weight_qparams.zero_point": TensorRule((torch.float32,), like="#weight_qparams.scale", required=True),
+    }
+
+
+_WEIGHT_CODES = (torch.int8, torch.uint8, torch.int32)
+
+
+@savable(
+    Schema(
+        {"point": POINT, "weight_qparams": QPARAMS, "in_features": int, "out_features": int},
+        _weight_tensors(
+            TensorRule(_WEIGHT_CODES, ndims=(2,), rows="out_features", cols="in_features", required=True),
+            TensorRule((torch.float32,), ndims=(1,), rows="out_features"),
+        ),
+        layout="config",
+    )
+)
 class QuantLinear(_QuantWeightMixin, nn.Module):
     def __init__(self, linear: nn.Linear, point: QuantPoint, qparams: QParams):
         super().__init__()
@@ -99,6 +134,13 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
         return f"{self.in_features}->{self.out_features} weight={self.point.spec.describe()}"
 
 
+@savable(
+    Schema(
+        {"point": POINT, "weight_qparams": QPARAMS, "stride": list, "padding": list, "dilation": list, "groups": int},
+        _weight_tensors(TensorRule(_WEIGHT_CODES, ndims=(4,), required=True), TensorRule((torch.float32,), ndims=(1,))),
+        layout="config",
+    )
+)
 class QuantConv2d(_QuantWeightMixin, nn.Module):
     def __init__(self, conv: nn.Conv2d, point: QuantPoint, qparams: QParams):
         super().__init__()

@@ -8,8 +8,10 @@ from torch import nn
 
 from fxquant.runtime.fake_quant import FakeQuantize, QuantConv2d
 from fxquant.runtime.log_int_softmax import LogIntSoftmax
+from fxquant.runtime.savable import NUMBER, POINT, Schema, savable
 
 
+@savable(Schema({"point": POINT, "post_scale": NUMBER}, layout="config"))
 class FloatPoint(nn.Module):
     """A FakeQuantize left in float: identity times the folded constant ``post_scale``."""
 

@@ -33,13 +33,18 @@ in torch, and ``fuse_int_attention`` leaves the graph unfused and says why.
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
+import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
+
+from fxquant.runtime.savable import Schema, TensorRule, savable
 
 __all__ = [
     "IntAttention",
@@ -71,10 +76,50 @@ CONSTANTS = (
 
 
 class _Kernel:
+    """The kernel's state in this process. A failed build is remembered with its cause, the
+    attempt count, when it failed and the build environment it failed in; ``load_kernel``
+    tries again when asked (``retry=True``), when that environment changed (a compiler or
+    ninja installed, PATH/CC/CXX set) or after a back-off (``retry_delay``: a transient
+    failure, such as a lock held by another process's build, does not disable fusion until
+    a restart). A failure that no retry can fix (not an x86-64 CPU) is ``permanent``."""
+
     lock = threading.Lock()
-    tried = False
+    tried = False  # an attempt was made (and, unless ready, failed)
     ready = False
     error: Optional[str] = None
+    attempts = 0  # failed attempts so far
+    failed_at: Optional[float] = None  # time.monotonic() of the last failure
+    failed_env: Optional[tuple] = None  # build_environment() at the last failure
+    permanent = False
+
+
+RETRY_DELAY_S = 60.0  # first back-off after a failed build; doubles per failure, up to RETRY_DELAY_MAX_S
+RETRY_DELAY_MAX_S = 3600.0
+
+
+def build_environment() -> tuple:
+    """What a build depends on outside fxquant: the compilers and ninja found, and the
+    variables that choose them. A failure is retried once this changes."""
+    return (
+        os.environ.get("PATH", ""),
+        os.environ.get("CXX", ""),
+        os.environ.get("CC", ""),
+        shutil.which(os.environ.get("CXX") or "c++"),
+        shutil.which("ninja"),
+    )
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds after the ``attempts``-th failure before ``load_kernel`` builds again unasked."""
+    return min(RETRY_DELAY_MAX_S, RETRY_DELAY_S * 2.0 ** max(attempts - 1, 0))
+
+
+def _retry_due() -> bool:
+    if _Kernel.permanent:
+        return False
+    if _Kernel.failed_env is not None and _Kernel.failed_env != build_environment():
+        return True
+    return _Kernel.failed_at is not None and time.monotonic() - _Kernel.failed_at >= retry_delay(_Kernel.attempts)
 
 
 def _cpu_tag() -> str:
@@ -93,7 +138,7 @@ def _extension_name() -> str:
 def needs_build() -> bool:
     """True when ``load_kernel`` would have to compile (no built library in torch's extension
     cache yet): callers use it to tell the user why the next step takes 10-30 s."""
-    if _Kernel.tried or _registered():
+    if _Kernel.ready or (_Kernel.tried and not _retry_due()) or _registered():
         return False
     try:
         from torch.utils.cpp_extension import _get_build_directory
@@ -104,39 +149,54 @@ def needs_build() -> bool:
         return False
 
 
-def load_kernel() -> bool:
+def load_kernel(retry: bool = False) -> bool:
     """Build (first call on a machine, about 10-30 s) or load the kernel; True when
-    ``torch.ops.fxquant_kernels.int_attention`` is ready. Tried once per process: a failure
-    is remembered (``kernel_error()``), and ``IntAttention`` then runs its torch fallback."""
+    ``torch.ops.fxquant_kernels.int_attention`` is ready. A failure is remembered
+    (``kernel_error()``: the cause and the attempt count), ``IntAttention`` then runs its
+    torch fallback, and later calls return False at once until ``retry=True``, a changed
+    build environment or the back-off (see ``_Kernel``) allows another build."""
     with _Kernel.lock:
-        if _Kernel.tried:
-            return _Kernel.ready
+        if _Kernel.ready:
+            return True
+        if _Kernel.tried and not (retry and not _Kernel.permanent) and not _retry_due():
+            return False
         _Kernel.tried = True
         if _registered():  # built and loaded earlier in this process
-            _Kernel.ready = True
+            _Kernel.ready, _Kernel.error = True, None
             return True
         if platform.machine().lower() not in ("x86_64", "amd64"):
             _Kernel.error = f"the fused attention kernel is built for x86-64 CPUs, this is {platform.machine()}"
+            _Kernel.permanent = True
             return False
+        environment = build_environment()
         try:
-            from torch.utils.cpp_extension import load
-
-            load(
-                name=_extension_name(),
-                sources=[str(_SOURCE)],
-                extra_cflags=_CFLAGS + ["-march=native"],
-                extra_ldflags=_LDFLAGS,
-                is_python_module=False,
-                verbose=False,
-            )
-            torch.library.register_fake("fxquant_kernels::int_attention")(_int_attention_shape)
-        except Exception as exc:  # no compiler, no ninja, a build error: the fallback still works
+            _build()
+        except Exception as exc:  # no compiler, no ninja, a build error, a lock: the fallback still works
+            _Kernel.attempts += 1
+            _Kernel.failed_at, _Kernel.failed_env = time.monotonic(), environment
             _Kernel.error = (
-                f"building fxquant/runtime/csrc/int_attention.cpp failed: {type(exc).__name__}: {_cause(exc)}"
+                f"building fxquant/runtime/csrc/int_attention.cpp failed (attempt {_Kernel.attempts}; retried "
+                f"when the compiler setup changes, after {retry_delay(_Kernel.attempts):.0f} s, or by "
+                f"load_kernel(retry=True)): {type(exc).__name__}: {_cause(exc)}"
             )
             return False
-        _Kernel.ready = True
+        _Kernel.ready, _Kernel.error = True, None
         return True
+
+
+def _build() -> None:
+    """Compile (or load from torch's extension cache) and register the kernel; raises on failure."""
+    from torch.utils.cpp_extension import load
+
+    load(
+        name=_extension_name(),
+        sources=[str(_SOURCE)],
+        extra_cflags=_CFLAGS + ["-march=native"],
+        extra_ldflags=_LDFLAGS,
+        is_python_module=False,
+        verbose=False,
+    )
+    torch.library.register_fake("fxquant_kernels::int_attention")(_int_attention_shape)
 
 
 def _registered() -> bool:
@@ -196,6 +256,12 @@ def check_head_constants(head_constants: torch.Tensor) -> None:
         )
 
 
+@savable(
+    Schema(
+        {"label": str, "qmin": int, "qmax": int},
+        {"head_constants": TensorRule((torch.float32,), ndims=(2,), required=True)},
+    )
+)
 class IntAttention(nn.Module):
     """``softmax(dequantize(requantize(q @ kT))) @ dequantize(v)`` on codes, one kernel.
 

@@ -23,10 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fxquant.quant.ptf import ptf_layernorm_codes
 from fxquant.runtime.integer import (
-    INT8_MAX,
-    INT8_MIN,
     UINT8_OFFSET,
     dequantize_codes,
     int8_linear,
@@ -37,9 +34,21 @@ from fxquant.runtime.integer import (
     shared_shift_multiplier,
     uint8_to_int8_codes,
 )
-from fxquant.runtime.log_int_softmax import lis_codes
+from fxquant.runtime.savable import Schema, TensorRule, savable
+
+_f32, _f64 = torch.float32, torch.float64
+_SCALE = TensorRule((_f32,), required=True)
+_ZERO_POINT = TensorRule((_f32,), fits="scale", required=True)
+_NAMED = {"label": str, "out_label": str, "qmin": int, "qmax": int}
 
 
+def _per_output(dtype: torch.dtype) -> TensorRule:
+    return TensorRule((dtype,), ndims=(1,), rows="out_features")
+
+
+@savable(
+    Schema({**_NAMED, "codes_dtype": ("int8", "uint8")}, {"scale": _SCALE, "zero_point": _ZERO_POINT}),
+)
 class QuantizeCodes(nn.Module):
     """float -> int8 codes of one quantization point (shifted codes, see fxquant.runtime.integer).
     A NaN or inf input gives some code; the graph's non-finite guard flags its sample."""
@@ -65,6 +74,17 @@ class QuantizeCodes(nn.Module):
         return f"{self.label} -> {self.codes_dtype} codes [{self.qmin}, {self.qmax}]"
 
 
+@savable(
+    Schema(
+        {"label": str, "post_scale": float, "fused_affine": bool},
+        {
+            "scale": _SCALE,
+            "zero_point": _ZERO_POINT,
+            "affine_scale": TensorRule((_f32,), fits="scale"),
+            "affine_bias": TensorRule((_f32,), fits="scale"),
+        },
+    )
+)
 class DequantizeCodes(nn.Module):
     """int8 codes -> float: the explicit boundary before an op that stays in float."""
 
@@ -144,6 +164,40 @@ class _Requantizing(nn.Module):
         return acc.to(torch.float32).mul_(self.out_scale)
 
 
+@savable(
+    Schema(
+        {
+            **_NAMED,
+            "in_features": int,
+            "out_features": int,
+            "input_scale": float,
+            "input_zero_point": int,
+            "requantizes": bool,
+            "float_requant": bool,
+            "bias": None,
+            "weight_scale": None,
+            "zero_point_term": None,
+            "out_point_scale": None,
+            "out_point_zero": None,
+        },
+        {
+            "weight_codes": TensorRule(
+                (torch.int8,), ndims=(2,), rows="out_features", cols="in_features", required=True
+            ),
+            "out_multiplier": _per_output(torch.int32),
+            "out_shift": TensorRule((torch.int64,), ndims=(0,)),
+            "out_offset": _per_output(torch.int64),
+            "out_scale": _per_output(_f32),
+            "out_bias": _per_output(_f32),
+            # the setup tensors, kept until the pipeline's end releases them
+            "bias": _per_output(_f32),
+            "weight_scale": _per_output(_f32),
+            "zero_point_term": _per_output(torch.int32),
+            "out_point_scale": TensorRule((_f64,), ndims=(0, 1)),
+            "out_point_zero": TensorRule((_f64,), fits="out_point_scale"),
+        },
+    )
+)
 class IntLinear(_Requantizing):
     """A Linear on int8 codes: ``torch._int_mm`` (int8 x int8 -> int32), zero-point term
     precomputed, then float output or the next point's codes.
@@ -223,6 +277,28 @@ class IntLinear(_Requantizing):
         return f"{self.in_features}->{self.out_features} int8 x int8 -> int32 -> {out}"
 
 
+def _like_a(dtype: torch.dtype) -> TensorRule:
+    return TensorRule((dtype,), fits="a_zero_point")
+
+
+@savable(
+    Schema(
+        {**_NAMED, "requantizes": bool, "a_uint8": bool, "b_uint8": bool, "float_requant": bool},
+        {
+            "a_zero_point": TensorRule((_f32,), required=True),
+            "b_zero_point": TensorRule((_f32,), fits="a_zero_point", required=True),
+            "acc_scale": TensorRule((_f64,), fits="a_zero_point", required=True),
+            "out_point_scale": _like_a(_f64),
+            "out_point_zero": _like_a(_f64),
+            "out_multiplier": _like_a(torch.int32),
+            "out_shift": TensorRule((torch.int64,), ndims=(0,)),
+            "out_offset": _like_a(torch.int64),
+            "out_scale": _like_a(_f32),
+            "float_multiplier": _like_a(_f32),
+            "float_zero_point": _like_a(_f32),
+        },
+    )
+)
 class IntMatmul(_Requantizing):
     """``a @ b`` of two code tensors (attention's q @ kT, probs @ v), exact.
 
@@ -309,127 +385,3 @@ class IntMatmul(_Requantizing):
     def extra_repr(self) -> str:
         out = f"codes of {self.out_label}" if self.requantizes else "float"
         return f"{self.label} exact integer matmul -> {out}"
-
-
-class IntLayerNorm(nn.Module):
-    """LayerNorm from the codes of a PTF input point to the codes of its output point, in
-    integer arithmetic (FQ-ViT's integer LayerNorm; the kernel is ``fxquant.quant.ptf``'s):
-    shift by alpha, exact int64 mean and variance, integer square root, one dyadic
-    multiplier per row and channel. Input and output codes are int8 (shifted codes)."""
-
-    def __init__(self, constants, in_shift: int, out_shift: int, in_label: str = "", out_label: str = ""):
-        super().__init__()
-        self.in_label, self.out_label = in_label, out_label
-        self.in_zero_point = constants.in_zero_point - in_shift  # on the shifted int8 codes
-        self.eps_int, self.sigma_bits = constants.eps_int, constants.sigma_bits
-        self.out_zero_point = constants.out_zero_point - out_shift
-        self.qmin, self.qmax = constants.qmin - out_shift, constants.qmax - out_shift
-        self.register_buffer("alpha", constants.alpha.to(torch.int64).clone())
-        self.register_buffer("weight_units", constants.weight_units.to(torch.float64).clone())
-        self.register_buffer("offset", constants.offset.to(torch.int64).clone())
-
-    codes_dtype = "int8"  # "uint8" after to_uint8()
-
-    def to_uint8(self) -> None:
-        """Emit ``int8 code + 128`` as uint8 (oneDNN's activation type); same values."""
-        self.out_zero_point += UINT8_OFFSET
-        self.qmin, self.qmax, self.codes_dtype = self.qmin + UINT8_OFFSET, self.qmax + UINT8_OFFSET, "uint8"
-
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        out = ptf_layernorm_codes(
-            codes,
-            self.alpha,
-            self.in_zero_point,
-            self.eps_int,
-            self.sigma_bits,
-            self.weight_units,
-            self.offset,
-            self.out_zero_point,
-            self.qmin,
-            self.qmax,
-        )
-        return out.to(torch.uint8 if self.codes_dtype == "uint8" else torch.int8)
-
-    def extra_repr(self) -> str:
-        return f"{self.alpha.numel()} channels, codes of {self.in_label} (PTF) -> codes of {self.out_label}"
-
-
-class LisShiftMatmul(nn.Module):
-    """Log-Int-Softmax and attn@V as shifts: ``softmax(scores) @ v`` where the probabilities
-    are FQ-ViT's log2 codes ``m`` (value ``2**-m``) and ``v`` is a point's int8 codes.
-
-    The log2 codes come from the scores by ``fxquant.runtime.log_int_softmax`` (integer exp, integer
-    comparisons: what the fake-quant graph's LogIntSoftmax computes). Then
-    ``acc_i = sum_j (v_j - zv) << (T - m_ij)``: a shift and an add per term, computed as one
-    float64 matmul of the powers of two ``2**(T - m)`` with the integer codes, which is exact
-    (``T`` is chosen so that every partial sum stays below 2**53; terms below ``2**-T`` of
-    the largest are dropped, far below float32's rounding of the fake-quant graph). With
-    ``renormalize`` each row is divided by its integer sum of powers of two; the result is
-    ``acc_i * s_v / R_i`` in float (the attn@V point after it quantizes it).
-    """
-
-    def __init__(
-        self,
-        lis_scale: torch.Tensor,
-        bits: int,
-        renormalize: bool,
-        v_scale: torch.Tensor,
-        v_zero_point: torch.Tensor,
-        max_shift: int,
-        label: str = "",
-    ):
-        super().__init__()
-        self.bits, self.renormalize, self.max_shift, self.label = int(bits), bool(renormalize), int(max_shift), label
-        self.register_buffer("lis_scale", lis_scale.to(torch.float32).clone())
-        self.register_buffer("v_scale", v_scale.to(torch.float64).clone())
-        self.register_buffer("v_zero_point", v_zero_point.to(torch.float64).clone())
-
-    v_uint8 = False  # V read as uint8 codes (int8 code + 128): oneDNN graphs
-
-    def input_to_uint8(self, index: int) -> None:
-        """Operand ``index`` arrives as uint8 codes; only V (1) holds codes."""
-        if index != 1:
-            raise ValueError("LisShiftMatmul reads codes only as its second operand (V)")
-        self.v_uint8 = True
-
-    def forward(self, scores: torch.Tensor, v_codes: torch.Tensor) -> torch.Tensor:
-        m = lis_codes(scores, self.lis_scale, self.bits, -1)
-        qmax = 2**self.bits - 1
-        powers = torch.where(
-            (m <= self.max_shift) & (m < qmax), torch.pow(2.0, self.max_shift - m), torch.zeros_like(m)
-        )
-        v_zero_point = self.v_zero_point + (UINT8_OFFSET if self.v_uint8 else 0)
-        acc = torch.matmul(powers, v_codes.to(torch.float64) - v_zero_point)
-        if self.renormalize:
-            out = acc * self.v_scale / powers.sum(-1, keepdim=True)
-        else:
-            out = acc * (self.v_scale * 2.0**-self.max_shift)
-        return out.to(scores.dtype)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.label}: log2 {self.bits}-bit probabilities (integer exp) @ v codes by shifts up to "
-            f"{self.max_shift}" + (", rows renormalized" if self.renormalize else "")
-        )
-
-
-INT8_RANGE = (INT8_MIN, INT8_MAX)
-
-
-def _integer_module_types() -> tuple:
-    from fxquant.runtime.int_attention import IntAttention  # imports torch only
-    from fxquant.runtime.onednn import OnednnLinear  # imports fxquant.runtime.integer only: no cycle at call time
-
-    return (
-        QuantizeCodes,
-        DequantizeCodes,
-        IntLinear,
-        IntMatmul,
-        IntLayerNorm,
-        LisShiftMatmul,
-        OnednnLinear,
-        IntAttention,
-    )
-
-
-INTEGER_MODULE_TYPES = _integer_module_types()

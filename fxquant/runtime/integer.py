@@ -19,22 +19,49 @@ Conventions (what ``fxquant.runtime.int_modules`` and ``passes/lower_integer.py`
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 MULTIPLIER_BITS = 31  # m < 2**31: an int32, and acc * m fits int64 for any int32 acc
 MAX_SHIFT = 54  # zero_point * 2**k (|zp| <= 128) stays below 2**62, so acc * m + offset fits int64
 FLOAT32_EXACT = 2**24  # every integer of magnitude <= 2**24 is exact in float32
+FLOAT64_EXACT = 2**53  # every integer of magnitude <= 2**53 is exact in float64
 INT8_MIN, INT8_MAX = -128, 127
+UINT8_MIN, UINT8_MAX = 0, 255
+INT8_RANGE, UINT8_RANGE = (INT8_MIN, INT8_MAX), (UINT8_MIN, UINT8_MAX)
+CODE_RANGES = {torch.int8: INT8_RANGE, torch.uint8: UINT8_RANGE}  # every code each 8-bit dtype holds
 UINT8_OFFSET = 128  # uint8 code = int8 code + 128 (oneDNN's activations, fxquant.runtime.onednn)
+
+
+def fits(qmin: int, qmax: int, dtype: torch.dtype) -> bool:
+    """True when every code of [qmin, qmax] is a value of the 8-bit ``dtype`` (int8 or uint8)."""
+    low, high = CODE_RANGES[dtype]
+    return low <= qmin <= qmax <= high
+
+
+def fits_int8(qmin: int, qmax: int) -> bool:
+    return fits(qmin, qmax, torch.int8)
+
+
+def fits_uint8(qmin: int, qmax: int) -> bool:
+    return fits(qmin, qmax, torch.uint8)
+
+
+def code_dtype_for(qmin: int, qmax: int, prefer: torch.dtype = torch.int8) -> Optional[torch.dtype]:
+    """The 8-bit dtype that holds every code of [qmin, qmax]: ``prefer`` when both do
+    (0..127), the other when only it does, None when neither does (wider than 8 bits, or
+    an empty range)."""
+    other = torch.uint8 if prefer == torch.int8 else torch.int8
+    return next((dtype for dtype in (prefer, other) if fits(qmin, qmax, dtype)), None)
 
 
 def code_shift(qmin: int, qmax: int) -> int:
     """How much a point's codes are shifted to fit int8: 128 for 0..255, 0 for int8 ranges."""
-    if INT8_MIN <= qmin and qmax <= INT8_MAX:
-        return 0
-    if 0 <= qmin and qmax <= 255:
-        return 128
-    raise ValueError(f"codes in [{qmin}, {qmax}] do not fit 8 bits")
+    dtype = code_dtype_for(qmin, qmax)
+    if dtype is None:
+        raise ValueError(f"codes in [{qmin}, {qmax}] do not fit 8 bits")
+    return 0 if dtype == torch.int8 else UINT8_OFFSET
 
 
 def dyadic_multiplier(real: torch.Tensor | float, bits: int = MULTIPLIER_BITS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,3 +256,21 @@ def exact_float_matmul_bound(depth: int, left_magnitude: int, right_magnitude: i
     """True when a float32 matmul of integers |a| <= left, |b| <= right over ``depth`` terms
     is exact: every partial sum is an integer below 2**24, so no rounding ever happens."""
     return depth * left_magnitude * right_magnitude < FLOAT32_EXACT
+
+
+def exact_shift_matmul_bound(terms: int, magnitude: int, cap: int) -> int:
+    """The largest shift T <= ``cap`` for which a float64 matmul of powers of two
+    ``2**(T - m)`` (m >= 0) against integers |v| <= ``magnitude`` over ``terms`` terms is
+    exact: every partial sum is an integer of magnitude <= terms * magnitude * 2**T, which
+    must stay within float64's exact integers (2**53). Log-Int-Softmax's attn@V
+    (``LisShiftMatmul``): terms are the summed tokens, ``magnitude`` the V point's largest
+    |code - zero point|; a smaller V range leaves room for a larger T (finer probabilities).
+    ValueError when not even T = 0 is exact."""
+    if terms < 1 or magnitude < 0:
+        raise ValueError(f"a shift matmul needs terms >= 1 and magnitude >= 0, got {terms} and {magnitude}")
+    if magnitude == 0:  # V holds its zero point only: every product is 0
+        return cap
+    room = FLOAT64_EXACT // (terms * magnitude)
+    if room < 1:
+        raise ValueError(f"{terms} terms of magnitude {magnitude} exceed float64's exact integers (2**53)")
+    return min(cap, room.bit_length() - 1)

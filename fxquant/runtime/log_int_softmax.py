@@ -31,6 +31,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fxquant.runtime.integer import UINT8_OFFSET
+from fxquant.runtime.savable import POINT, Schema, TensorRule, savable
+
 __all__ = ["i_exp", "nearest_power_code", "refine_shift", "lis_codes", "lis_values", "LogIntSoftmax"]
 
 _COEF = (0.35815147, 0.96963238, 1.0)  # I-BERT's second-order fit of exp on (-ln2, 0]
@@ -110,6 +113,13 @@ def lis_values(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return values.masked_fill_(codes >= qmax, 0.0)
 
 
+@savable(
+    Schema(
+        {"point": POINT, "bits": int, "dim": int, "renormalize": bool},
+        {"scale": TensorRule((torch.float32,))},
+        layout="config",
+    )
+)
 class LogIntSoftmax(nn.Module):
     """Replaces ``softmax(x, dim)`` and the log2 point after it (see the module docstring).
 
@@ -133,3 +143,72 @@ class LogIntSoftmax(nn.Module):
     def extra_repr(self) -> str:
         shown = f"{self.scale.item():.4g}" if self.scale.numel() == 1 else f"per-head[{self.scale.numel()}]"
         return f"log2 {self.bits}-bit probabilities, integer exp, scores scale={shown}"
+
+
+@savable(
+    Schema(
+        {"bits": int, "renormalize": bool, "max_shift": int, "label": str, "v_uint8": bool},
+        {
+            "lis_scale": TensorRule((torch.float32,), required=True),
+            "v_scale": TensorRule((torch.float64,), fits="lis_scale", required=True),
+            "v_zero_point": TensorRule((torch.float64,), fits="lis_scale", required=True),
+        },
+    )
+)
+class LisShiftMatmul(nn.Module):
+    """Log-Int-Softmax and attn@V as shifts: ``softmax(scores) @ v`` where the probabilities
+    are FQ-ViT's log2 codes ``m`` (value ``2**-m``) and ``v`` is a point's int8 codes.
+
+    The log2 codes come from the scores by ``fxquant.runtime.log_int_softmax`` (integer exp, integer
+    comparisons: what the fake-quant graph's LogIntSoftmax computes). Then
+    ``acc_i = sum_j (v_j - zv) << (T - m_ij)``: a shift and an add per term, computed as one
+    float64 matmul of the powers of two ``2**(T - m)`` with the integer codes, which is exact
+    (``T`` is chosen so that every partial sum stays below 2**53; terms below ``2**-T`` of
+    the largest are dropped, far below float32's rounding of the fake-quant graph). With
+    ``renormalize`` each row is divided by its integer sum of powers of two; the result is
+    ``acc_i * s_v / R_i`` in float (the attn@V point after it quantizes it).
+    """
+
+    def __init__(
+        self,
+        lis_scale: torch.Tensor,
+        bits: int,
+        renormalize: bool,
+        v_scale: torch.Tensor,
+        v_zero_point: torch.Tensor,
+        max_shift: int,
+        label: str = "",
+    ):
+        super().__init__()
+        self.bits, self.renormalize, self.max_shift, self.label = int(bits), bool(renormalize), int(max_shift), label
+        self.register_buffer("lis_scale", lis_scale.to(torch.float32).clone())
+        self.register_buffer("v_scale", v_scale.to(torch.float64).clone())
+        self.register_buffer("v_zero_point", v_zero_point.to(torch.float64).clone())
+
+    v_uint8 = False  # V read as uint8 codes (int8 code + 128): oneDNN graphs
+
+    def input_to_uint8(self, index: int) -> None:
+        """Operand ``index`` arrives as uint8 codes; only V (1) holds codes."""
+        if index != 1:
+            raise ValueError("LisShiftMatmul reads codes only as its second operand (V)")
+        self.v_uint8 = True
+
+    def forward(self, scores: torch.Tensor, v_codes: torch.Tensor) -> torch.Tensor:
+        m = lis_codes(scores, self.lis_scale, self.bits, -1)
+        qmax = 2**self.bits - 1
+        powers = torch.where(
+            (m <= self.max_shift) & (m < qmax), torch.pow(2.0, self.max_shift - m), torch.zeros_like(m)
+        )
+        v_zero_point = self.v_zero_point + (UINT8_OFFSET if self.v_uint8 else 0)
+        acc = torch.matmul(powers, v_codes.to(torch.float64) - v_zero_point)
+        if self.renormalize:
+            out = acc * self.v_scale / powers.sum(-1, keepdim=True)
+        else:
+            out = acc * (self.v_scale * 2.0**-self.max_shift)
+        return out.to(scores.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.label}: log2 {self.bits}-bit probabilities (integer exp) @ v codes by shifts up to "
+            f"{self.max_shift}" + (", rows renormalized" if self.renormalize else "")
+        )

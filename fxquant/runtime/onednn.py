@@ -32,12 +32,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fxquant.runtime.integer import UINT8_OFFSET, int8_linear, uint8_to_int8_codes
+from fxquant.runtime.integer import CODE_RANGES, UINT8_OFFSET, fits_uint8, int8_linear, uint8_to_int8_codes
+from fxquant.runtime.savable import Schema, TensorRule, savable
 
 __all__ = ["onednn_available", "OnednnLinear", "OUTPUT_DTYPES"]
 
 OUTPUT_DTYPES = {"uint8": torch.uint8, "int8": torch.int8, "float32": torch.float32}
-_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+_RANGES = {name: CODE_RANGES[OUTPUT_DTYPES[name]] for name in ("uint8", "int8")}
 
 
 def _probe_onednn() -> bool:
@@ -69,6 +70,34 @@ def _inductor_freezes() -> bool:
     return config is not None and bool(config.freezing) and not torch.is_grad_enabled()
 
 
+def _per_output(dtype: torch.dtype) -> TensorRule:
+    return TensorRule((dtype,), ndims=(1,), rows="out_features")
+
+
+@savable(
+    Schema(
+        {
+            "label": str,
+            "out_label": str,
+            "in_features": int,
+            "out_features": int,
+            "input_scale": float,
+            "input_zero_point": int,
+            "output": ("float32", "int8", "uint8"),
+            "output_scale": float,
+            "output_zero_point": int,
+            "post_op": ("none", "gelu"),
+        },
+        {
+            "weight_codes": TensorRule(
+                (torch.int8,), ndims=(2,), rows="out_features", cols="in_features", required=True
+            ),
+            "weight_scale": _per_output(torch.float32),
+            "weight_zero_point": _per_output(torch.int64),
+            "bias": _per_output(torch.float32),
+        },
+    )
+)
 class OnednnLinear(nn.Module):
     """A lowered Linear on uint8 codes with oneDNN's fused epilogue.
 
@@ -99,7 +128,7 @@ class OnednnLinear(nn.Module):
             raise ValueError(f"post_op must be 'none' or 'gelu', got {post_op!r}")
         if output == "float32" and (float(output_scale) != 1.0 or int(output_zero_point) != 0):
             raise ValueError("a float output has no output scale or zero point (oneDNN needs 1.0 and 0)")
-        if not 0 <= int(input_zero_point) <= 255:
+        if not fits_uint8(int(input_zero_point), int(input_zero_point)):
             raise ValueError(f"uint8 input zero point {input_zero_point} is outside 0..255")
         self.label, self.out_label = label, out_label
         self.out_features, self.in_features = weight_codes.shape

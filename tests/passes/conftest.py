@@ -180,8 +180,10 @@ def make_context(gm: fx.GraphModule, qconfig, inputs: tuple, calib_data: Optiona
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext, *passes: Pass) -> fx.GraphModule:
     """Run ``passes`` in order with the NumericDiff instrument; each one's record lands in
-    ``ctx.report.passes`` (output QSNR vs the reference, per-node QSNR)."""
-    return PassManager(list(passes), [NumericDiff()]).run(gm, ctx)
+    ``ctx.report.passes`` (output QSNR vs the reference, per-node QSNR, the pass's notes).
+    Their order is checked against their contracts starting from ``ctx.properties``: what
+    earlier ``run`` calls on this context established (a fresh context: a traced graph)."""
+    return PassManager(list(passes), [NumericDiff()], holds=ctx.properties).run(gm, ctx)
 
 
 @pytest.fixture

@@ -20,9 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxquant
+from fxquant.analysis.code_agreement import code_agreement
 from fxquant.analysis.numeric_diff import output_qsnr
 from fxquant.passes import FuseIntAttention
-from fxquant.passes.lower_integer import code_agreement
 from fxquant.pipeline import default_passes
 from fxquant.runtime.int_attention import CONSTANTS, IntAttention, load_kernel, per_head
 from fxquant.runtime.int_modules import IntMatmul
@@ -345,8 +345,8 @@ def _fuse_alone(gm, tiny):
     from fxquant.infra.pass_manager import PassContext
 
     ctx = PassContext(qconfig=None, reference=gm, diff_inputs=tiny.inputs())
-    gm = FuseIntAttention().run(gm, ctx)
-    return gm, ctx.state["lower_integer"]
+    gm = FuseIntAttention().run(gm, ctx)  # run by hand: its notes go to ctx.record
+    return gm, ctx.record.notes
 
 
 def test_dropout_on_the_probabilities_keeps_that_attention_unfused(graphs):

@@ -67,7 +67,7 @@ def test_attention_scale_is_folded_into_q(tiny, trace, make_ctx, run, qconfigs, 
         assert module.point.group == "attn_q_out" and match.q.meta[ROLE] == "attn_q"
         assert module.post_scale == tiny.head_dim**-0.5
         assert match.q.meta[ORIGIN] in mul_origins  # the observer now computes what the multiply did
-    assert sum("folded into the scale" in note for note in ctx.state["fuse_scales"]) == tiny.depth
+    assert sum("folded into the scale" in note for note in ctx.report.pass_record("fuse_scales").notes) == tiny.depth
 
 
 def test_upstream_observer_through_views_is_removed(tiny, trace, make_ctx, run, qconfigs):
@@ -85,7 +85,7 @@ def test_upstream_observer_through_views_is_removed(tiny, trace, make_ctx, run, 
             if node.op == "call_module" and str(node.target).endswith(f"qkv_{letter}"):
                 (user,) = node.users
                 assert user.target == "reshape"
-    shared = [note for note in ctx.state["fuse_scales"] if "shares the scale" in note]
+    shared = [note for note in ctx.report.pass_record("fuse_scales").notes if "shares the scale" in note]
     assert len(shared) == 3 * tiny.depth
     # norm1's observer feeds Q, K and V: it branches, so it keeps its own scale
     assert labels(gm).count("norm1") == tiny.depth

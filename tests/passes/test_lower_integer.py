@@ -15,20 +15,21 @@ import pytest
 import torch
 
 import fxquant
+from fxquant.analysis.code_agreement import agreement_summary, code_agreement
 from fxquant.analysis.numeric_diff import output_qsnr
 from fxquant.errors import FxqError
+from fxquant.ir.meta import CODES_OF
 from fxquant.ir.patterns import submodule
-from fxquant.passes.lower_integer import CODES_OF, agreement_summary, code_agreement, lower_to_integer
+from fxquant.passes.lower_integer import lower_to_integer
 from fxquant.runtime.fake_quant import FakeQuantize, QuantLinear
+from fxquant.runtime.int_layernorm import IntLayerNorm
 from fxquant.runtime.int_modules import (
     DequantizeCodes,
-    IntLayerNorm,
     IntLinear,
     IntMatmul,
-    LisShiftMatmul,
     QuantizeCodes,
 )
-from fxquant.runtime.log_int_softmax import LogIntSoftmax
+from fxquant.runtime.log_int_softmax import LisShiftMatmul, LogIntSoftmax
 
 # Codes may differ where the two graphs round a value sitting on a rounding boundary
 # differently (float32 sums in another order, bias rounded to int32, ties): rare.
@@ -206,7 +207,7 @@ def test_lower_integer_before_lower_fake_quant_asks_for_it(vit):
     from fxquant.passes import Annotate, Calibrate, InsertObservers, LowerInteger
 
     passes = [Annotate(), InsertObservers(), Calibrate(), LowerInteger()]
-    with pytest.raises(FxqError, match="still holds observers; run calibrate and lower_fake_quant first"):
+    with pytest.raises(FxqError, match="'lower_integer' requires 'fake_quant', which 'lower_fake_quant' provides"):
         fxquant.compile(vit.model, "w8a8", calib_data=vit.calib(), backend="int", passes=passes, progress=False)
 
 

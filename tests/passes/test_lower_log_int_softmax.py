@@ -88,7 +88,7 @@ def test_without_quantized_scores_the_float_softmax_stays(vit, trace, make_ctx, 
     gm = run(gm, ctx, LowerLogIntSoftmax())
     assert [n.name for n, _ in modules_of(gm, FakeQuantize)] == before
     assert not modules_of(gm, LogIntSoftmax)
-    notes = ctx.state["notes"]
+    notes = ctx.report.pass_record("lower_log_int_softmax").notes
     assert len([n for n in notes if "intSoft" in n and "attn_kv_out" in n]) == 2
 
 

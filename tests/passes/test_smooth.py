@@ -182,7 +182,7 @@ def test_without_alpha_nothing_changes(vit, trace, make_ctx, run, qconfigs, alph
     assert after.keys() == params.keys() and all(after[k].equal(params[k]) for k in params)
     assert structure(gm) == shape and gm.code == code
     assert {n.name: (n.meta.get(ORIGIN), n.meta.get(ORIGIN_SLICE)) for n in gm.graph.nodes} == meta
-    assert "smooth" not in ctx.state
+    assert ctx.report.pass_record("smooth").notes == []
     assert ctx.report.pass_record("smooth").output_qsnr_db == ctx.report.pass_record("split_qkv").output_qsnr_db
 
 
@@ -287,7 +287,7 @@ def test_only_per_tensor_points_are_smoothed(vit_outliers, trace, make_ctx, run,
         for name in (f"blocks.{i}.norm2.weight", f"blocks.{i}.norm2.bias", f"blocks.{i}.mlp.fc1.weight"):
             assert after[name].equal(params[name]), name
         assert not after[f"blocks.{i}.norm1.weight"].equal(params[f"blocks.{i}.norm1.weight"])
-    assert not any("norm2" in note for note in ctx.state["smooth"])
+    assert not any("norm2" in note for note in ctx.report.pass_record("smooth").notes)
 
 
 def test_v_proj_pair_needs_a_quantized_attn_v_out(vit, trace, make_ctx, run, qconfigs):
@@ -301,7 +301,7 @@ def test_v_proj_pair_needs_a_quantized_attn_v_out(vit, trace, make_ctx, run, qco
         for name in (f"blocks.{i}.attn.proj.weight", f"blocks.{i}.attn.qkv_v.bias"):
             assert after[name].equal(params[name]), name
         assert not after[f"blocks.{i}.attn.qkv_v.weight"].equal(params[f"blocks.{i}.attn.qkv_v.weight"])  # norm1's
-    assert len(ctx.state["smooth"]) == 2 * vit.depth
+    assert len(ctx.report.pass_record("smooth").notes) == 2 * vit.depth
 
 
 def test_notes_name_each_smoothed_pair(vit_outliers, trace, make_ctx, run, qconfigs):
@@ -311,7 +311,7 @@ def test_notes_name_each_smoothed_pair(vit_outliers, trace, make_ctx, run, qconf
 
     gm = run(gm, ctx, Smooth())
 
-    notes = ctx.state["smooth"]
+    notes = ctx.report.pass_record("smooth").notes
     assert len(notes) == 3 * vit_outliers.depth
     expected = {}
     for i, block in enumerate(vit_outliers.model.blocks):

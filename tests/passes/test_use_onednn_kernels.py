@@ -16,11 +16,16 @@ import torch
 import torch.nn.functional as F
 
 import fxquant
+from fxquant.analysis.code_agreement import code_agreement
 from fxquant.analysis.numeric_diff import output_qsnr
 from fxquant.errors import FxqError
-from fxquant.passes.lower_integer import CODES_OF, code_agreement
+from fxquant.infra.contracts import Prop
+from fxquant.infra.pass_manager import PassContext, PassManager
+from fxquant.ir.meta import CODES_OF
 from fxquant.runtime.int_attention import IntAttention, load_kernel
-from fxquant.runtime.int_modules import IntLayerNorm, IntLinear, IntMatmul, LisShiftMatmul, QuantizeCodes
+from fxquant.runtime.int_layernorm import IntLayerNorm
+from fxquant.runtime.int_modules import IntLinear, IntMatmul, QuantizeCodes
+from fxquant.runtime.log_int_softmax import LisShiftMatmul
 from fxquant.runtime.onednn import OnednnLinear, onednn_available
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="oneDNN int8 ops need an x86 torch build")
@@ -232,7 +237,7 @@ def test_compiled_without_freezing_falls_back_to_the_same_arithmetic(graphs):
 
 
 def test_equivalence_notes_describe_the_returned_graph(graphs):
-    """lower_integer leaves its equivalence lines to this pass, which measures the oneDNN graph."""
+    """compile measures the graph the last integer pass returns (here: the oneDNN graph), once."""
     tiny, fake, _, onednn = graphs[("vit", "w8a8")]
     notes = onednn.report.notes
     assert sum(n.startswith("output QSNR on the diff inputs") for n in notes) == 1
@@ -259,14 +264,25 @@ def test_int_kernels_with_a_custom_pipeline_is_refused():
         )
 
 
+def test_compile_releases_the_setup_tensors_at_the_end(graphs):
+    """Every integer pass saw the IntLinears' scales; compile drops them once the pipeline ran."""
+    _, _, portable, onednn = graphs[("vit", "w8a8")]
+    linears = _modules(portable, IntLinear).values()
+    assert linears and all(m.weight_scale is None and m.bias is None for m in linears)
+    assert _modules(onednn, OnednnLinear)
+
+
 def test_graph_lowered_without_release_still_saves(tmp_path):
-    """LowerInteger(release_setup=False) alone keeps the scales as buffers: the graph saves and loads."""
+    """lower_integer run by hand keeps the IntLinears' scales as buffers: the graph saves and loads."""
     from fxquant.passes import LowerInteger
     from tests.passes.conftest import tiny_model
 
     tiny = tiny_model("vit")
-    passes = fxquant.pipeline.default_passes("fake") + [LowerInteger(release_setup=False)]
-    qm = fxquant.compile(tiny.model, "w8a8", calib_data=tiny.calib(), backend="int", passes=passes, progress=False)
+    qm = fxquant.compile(tiny.model, "w8a8", calib_data=tiny.calib(), progress=False)
+    ctx = PassContext(qconfig=qm.qconfig, reference=qm, diff_inputs=tiny.inputs(), progress=False)
+    qm = PassManager([LowerInteger()], holds=[Prop.CALIBRATED, Prop.FAKE_QUANT]).run(qm, ctx)
+    linears = _modules(qm, IntLinear).values()
+    assert linears and all(m.weight_scale is not None for m in linears)
     fxquant.save(qm, tmp_path / "q.safetensors")
     loaded = fxquant.load(tmp_path / "q.safetensors")
     x = tiny.image(1, seed=2)
