@@ -19,6 +19,7 @@ import torch
 
 import fxquant
 from fxquant.errors import PassError, QConfigError
+from fxquant.io.serial_values import SerializeError
 from fxquant.ir.sequential import run_sequential
 from fxquant.pipeline import default_passes
 from fxquant.quant.qconfig import load_qconfig, qconfig_from_dict
@@ -150,7 +151,7 @@ def test_gptq_records_and_integer_backend(setup):
         assert qsnr_db(ref, integer(held_out)) > qsnr_db(ref, rtn_int(held_out)) + 1.0
 
 
-def test_group_size_runs_on_fake_and_is_refused_by_int(setup):
+def test_group_size_runs_on_fake_and_is_refused_by_int_and_save(setup, tmp_path):
     model, calib, held_out, ref = setup
     grouped = {"extends": "w4a8", "gptq": {"group_size": 16}}
     qm = _compile(model, calib, grouped)
@@ -160,6 +161,8 @@ def test_group_size_runs_on_fake_and_is_refused_by_int(setup):
         assert qsnr_db(ref, qm(held_out)) > qsnr_db(ref, _compile(model, calib, W4A8_GPTQ)(held_out))
     with pytest.raises(PassError, match="pass 'gptq' failed: gptq.group_size 16: .*backend='fake' only"):
         _compile(model, calib, grouped, backend="int")
+    with pytest.raises(SerializeError, match=r"group-wise weight scales \(gptq.group_size 16\)"):
+        fxquant.save(qm, tmp_path / "grouped.fxq")
 
 
 def test_gptq_on_an_unlowered_graph_names_the_observer(setup):
