@@ -137,7 +137,7 @@ def compile(  # noqa: A001 - the public name the design card asks for
         dumper = GraphDump(dump_dir)
         dumper.dump("trace", gm, report.passes[0])
         instruments.append(dumper)
-    pipeline = list(passes) if passes is not None else default_passes(backend, int_kernels)
+    pipeline = list(passes) if passes is not None else default_passes(backend, int_kernels, config)
     # two stages: up to the fake-quant graph (keep_float chooses its points there), then the integer
     # passes (from the one that provides Prop.INTEGER). Both orders are checked before anything runs.
     fake_stage, int_stage = stages(pipeline)

@@ -5,6 +5,7 @@ from fxquant.passes.calibrate import Calibrate
 from fxquant.passes.decompose_attention import DecomposeAttention
 from fxquant.passes.fuse_int_attention import FuseIntAttention
 from fxquant.passes.fuse_scales import FuseScales
+from fxquant.passes.gptq import Gptq
 from fxquant.passes.insert_observers import InsertObservers
 from fxquant.passes.lower_fake_quant import LowerFakeQuant
 from fxquant.passes.lower_integer import LowerInteger
@@ -19,6 +20,7 @@ __all__ = [
     "DecomposeAttention",
     "FuseIntAttention",
     "FuseScales",
+    "Gptq",
     "InsertObservers",
     "LowerFakeQuant",
     "LowerInteger",

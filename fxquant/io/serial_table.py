@@ -65,6 +65,12 @@ def _post_scale(m: nn.Module) -> Any:
 
 
 def _cfg_quant_weight(m: nn.Module) -> dict:
+    if getattr(m, "weight_group_size", None) is not None:
+        raise SerializeError(
+            f"{type(m).__name__} holds group-wise weight scales (gptq.group_size "
+            f"{m.weight_group_size}), which the .fxq format does not store yet; compile with "
+            "gptq.group_size null to save the model"
+        )
     out = {"point": point_dict(m.point), "weight_qparams": _qparams_cfg(m.weight_qparams)}
     if isinstance(m, QuantLinear):
         out.update(in_features=m.in_features, out_features=m.out_features)

@@ -36,6 +36,7 @@ from fxquant.quant.qconfig_groups import (
     TOP_LEVEL_KEYS,
 )
 from fxquant.quant.qconfig_spec import SPEC_KEYS, expect_kind, parse_spec, qconfig_error
+from fxquant.quant.recovery_config import pop_recovery, recovery_to_dict
 from fxquant.quant.spec import QuantSpec
 
 __all__ = [
@@ -71,6 +72,7 @@ class QConfig:
     # group -> file that defined it, for configs that must match the model group by group
     # (a directory of per-part files): annotate fails on a group the model does not have
     strict_groups: dict[str, str] = field(default_factory=dict)
+    recovery: dict[str, Any] = field(default_factory=dict)  # accuracy-recovery passes: recovery_config
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def is_skipped(self, module_path: str) -> bool:
@@ -106,6 +108,7 @@ class QConfig:
             out["description"] = self.description
         if self.smooth_alpha is not None:
             out["smooth_alpha"] = self.smooth_alpha
+        out.update(recovery_to_dict(self.recovery))
         out.update(_flatten_groups(self.groups))
         if self.overrides:
             out["overrides"] = {pattern: _flatten_groups(g) for pattern, g in self.overrides}
@@ -208,6 +211,7 @@ def qconfig_from_dict(
             raise qconfig_error(source, "smooth_alpha", f"{smooth_alpha} is outside [0, 1]")
     else:
         smooth_alpha = None
+    recovery = pop_recovery(raw, source, base.recovery if base is not None else None)
     overrides_raw = raw.pop("overrides", {}) or {}
     skip = raw.pop("skip", []) or []
     if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
@@ -236,6 +240,7 @@ def qconfig_from_dict(
         overrides=overrides,
         skip=list(skip),
         smooth_alpha=smooth_alpha,
+        recovery=recovery,
         source=source,
         description=str(description),
     )

@@ -8,6 +8,8 @@ modules to these names.
 
 from __future__ import annotations
 
+from fxquant.quant.recovery_config import RECOVERY_KEYS
+
 __all__ = [
     "LINEAR_GROUPS",
     "ACTIVATION_GROUPS",
@@ -39,4 +41,4 @@ NORM_GROUPS = ("norm1", "norm2", "final_norm", "patch_merging_norm")  # may also
 NORM_INPUT = "input"  # the section of a norm group that quantizes the norm's input (PTF)
 LINEAR_SECTIONS = ("weight", "output")
 ACT = "act"  # the section name under which an activation group's spec is stored
-TOP_LEVEL_KEYS = ("name", "description", "extends", "overrides", "skip", "smooth_alpha")
+TOP_LEVEL_KEYS = ("name", "description", "extends", "overrides", "skip", "smooth_alpha") + RECOVERY_KEYS

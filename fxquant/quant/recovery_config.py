@@ -1,0 +1,84 @@
+"""The qconfig's accuracy-recovery keys (today ``gptq:``), parsed and validated.
+
+``gptq: true`` turns GPTQ on with the defaults; ``gptq: {damp: 0.01, act_order: true,
+group_size: null, block_size: 128}`` sets them (any subset); ``gptq: false`` / ``null``
+turns it off (also over a preset that ``extends`` from one with it on). Unknown keys
+fail naming the key and the allowed ones, like the rest of the qconfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Optional
+
+from fxquant.errors import QConfigError
+
+RECOVERY_KEYS = ("gptq",)
+
+
+@dataclass(frozen=True)
+class GptqConfig:
+    """GPTQ settings: ``damp`` times the mean of diag(H) is added to H's diagonal;
+    ``act_order`` quantizes columns by decreasing diag(H); ``group_size`` (input columns per
+    scale; None = one scale per output channel); ``block_size`` columns per lazy batch update."""
+
+    damp: float = 0.01
+    act_order: bool = True
+    group_size: Optional[int] = None
+    block_size: int = 128
+
+
+GPTQ_KEYS = tuple(GptqConfig.__dataclass_fields__)
+
+
+def _fail(source: str, path: str, message: str) -> QConfigError:
+    return QConfigError(f"{source}: {path}: {message}")
+
+
+def parse_gptq(value: Any, source: str) -> Optional[GptqConfig]:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return GptqConfig()
+    if not isinstance(value, Mapping):
+        raise _fail(source, "gptq", f"expected true, false or a mapping with keys {', '.join(GPTQ_KEYS)}")
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        path = f"gptq.{key}"
+        if key not in GPTQ_KEYS:
+            raise _fail(source, path, f"unknown key; allowed keys: {', '.join(GPTQ_KEYS)}")
+        if key == "damp":
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or not 0.0 <= float(item) <= 1.0:
+                raise _fail(source, path, f"expected a number in [0, 1], got {item!r}")
+            out[key] = float(item)
+        elif key == "act_order":
+            if not isinstance(item, bool):
+                raise _fail(source, path, f"expected true or false, got {item!r}")
+            out[key] = item
+        elif key == "group_size":
+            if item is not None and (isinstance(item, bool) or not isinstance(item, int) or item < 1):
+                raise _fail(source, path, f"expected a positive integer or null, got {item!r}")
+            out[key] = item
+        else:  # block_size
+            if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+                raise _fail(source, path, f"expected a positive integer, got {item!r}")
+            out[key] = item
+    return GptqConfig(**out)
+
+
+def pop_recovery(raw: dict, source: str, base: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """Remove the recovery keys from ``raw`` (a qconfig mapping) and return them parsed;
+    a key ``raw`` does not set is inherited from ``base`` (the ``extends`` target's)."""
+    out = dict(base or {})
+    if "gptq" in raw:
+        gptq = parse_gptq(raw.pop("gptq"), source)
+        if gptq is None:
+            out.pop("gptq", None)
+        else:
+            out["gptq"] = gptq
+    return out
+
+
+def recovery_to_dict(recovery: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys as a qconfig file writes them (``to_dict``'s counterpart of :func:`pop_recovery`)."""
+    return {key: asdict(value) for key, value in recovery.items()}
