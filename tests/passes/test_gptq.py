@@ -165,7 +165,7 @@ def test_group_size_runs_on_fake_and_is_refused_by_int_and_save(setup, tmp_path)
         fxquant.save(qm, tmp_path / "grouped.fxq")
 
 
-def test_gptq_on_an_unlowered_graph_names_the_observer(setup):
+def test_gptq_before_lower_fake_quant_fails_at_construction(setup):
     model, calib, _, _ = setup
     passes = default_passes("fake", qconfig=qconfig_from_dict(W4A8_GPTQ))
     order = [p.name for p in passes]
