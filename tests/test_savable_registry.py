@@ -142,12 +142,8 @@ def toy_module():
     cls = savable(
         Schema({"label": str, "shift": int}, {"step": TensorRule((torch.float32,), ndims=(0,), required=True)})
     )(_Offset)
-    from fxquant.io.serial_table import _module_types
-
-    _module_types.cache_clear()
     yield cls
     unregister(cls)
-    _module_types.cache_clear()
 
 
 def _graph_with(module: nn.Module) -> fx.GraphModule:

@@ -133,10 +133,15 @@ def _describe_config(m: nn.Module) -> dict:
     return _CONFIG_CODECS[key](m)
 
 
-@lru_cache(maxsize=1)  # the registry is complete once fxquant.runtime.catalog is imported
 def _module_types() -> dict[str, tuple[type, Callable[[nn.Module], dict]]]:
     """type key -> (class, config of an instance): torch's float modules, then every savable
-    runtime module (``fxquant.runtime.catalog``). Restoring is in ``_build_module``."""
+    runtime module (``fxquant.runtime.catalog``). Restoring is in ``_build_module``. Built once
+    per state of the registry (a class registered later, e.g. by a test, gets a new table)."""
+    return _table_for(tuple(registered().items()))
+
+
+@lru_cache(maxsize=4)
+def _table_for(runtime_types: tuple[tuple[str, type], ...]) -> dict[str, tuple[type, Callable[[nn.Module], dict]]]:
     table: dict[str, tuple[type, Callable]] = {
         "torch.nn.Linear": (nn.Linear, _cfg_linear),
         "torch.nn.Conv2d": (nn.Conv2d, _cfg_conv),
@@ -146,7 +151,7 @@ def _module_types() -> dict[str, tuple[type, Callable[[nn.Module], dict]]]:
         "torch.nn.Identity": (nn.Identity, lambda m: {}),
         "torch.nn.Softmax": (nn.Softmax, lambda m: {"dim": m.dim}),
     }
-    for key, cls in registered().items():
+    for key, cls in runtime_types:
         plain = cls.serial_schema.layout == "plain_state"
         table[key] = (cls, _cfg_plain_state if plain else _describe_config)
     try:

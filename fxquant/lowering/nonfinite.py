@@ -63,10 +63,6 @@ GUARD = "fxq.nonfinite_guard"  # node meta: "check" (a per-sample test) or "pois
 __all__ = ["guard_nonfinite", "strip_nonfinite_guard", "guard_nodes", "GUARD"]
 
 
-def _integer_types() -> tuple:
-    return integer_module_types()
-
-
 def _dtype(node: fx.Node) -> Optional[torch.dtype]:
     return getattr(node.meta.get("tensor_meta"), "dtype", None)
 
@@ -107,7 +103,7 @@ def _input_dependent(gm: fx.GraphModule) -> set:
 
 def _check_sites(gm: fx.GraphModule) -> list[fx.Node]:
     """Tainted float tensors read by an integer or fake-quant module, in graph order."""
-    integer = _integer_types()
+    integer = integer_module_types()
     lossy = integer + (FakeQuantize, LogIntSoftmax)
     tainted = _tainted(gm, integer)
     sites = set()

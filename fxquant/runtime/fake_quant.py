@@ -15,7 +15,7 @@ from fxquant.quant.points import QuantPoint
 from fxquant.quant.qparams import QParams
 from fxquant.quant.quantizers import dequantize, fake_quantize, quantize
 from fxquant.runtime.integer import code_dtype_for
-from fxquant.runtime.savable import NUMBER, POINT, QPARAMS, Schema, TensorRule, savable
+from fxquant.runtime.savable import NUMBER, POINT, QPARAMS, Schema, TensorRule, per_output, savable
 
 
 class ObserverModule(nn.Module):
@@ -115,7 +115,7 @@ _WEIGHT_CODES = (torch.int8, torch.uint8, torch.int32)
         {"point": POINT, "weight_qparams": QPARAMS, "in_features": int, "out_features": int},
         _weight_tensors(
             TensorRule(_WEIGHT_CODES, ndims=(2,), rows="out_features", cols="in_features", required=True),
-            TensorRule((torch.float32,), ndims=(1,), rows="out_features"),
+            per_output(torch.float32),
         ),
         layout="config",
     )

@@ -34,16 +34,12 @@ from fxquant.runtime.integer import (
     shared_shift_multiplier,
     uint8_to_int8_codes,
 )
-from fxquant.runtime.savable import Schema, TensorRule, savable
+from fxquant.runtime.savable import Schema, TensorRule, per_output, savable
 
 _f32, _f64 = torch.float32, torch.float64
 _SCALE = TensorRule((_f32,), required=True)
 _ZERO_POINT = TensorRule((_f32,), fits="scale", required=True)
 _NAMED = {"label": str, "out_label": str, "qmin": int, "qmax": int}
-
-
-def _per_output(dtype: torch.dtype) -> TensorRule:
-    return TensorRule((dtype,), ndims=(1,), rows="out_features")
 
 
 @savable(
@@ -184,15 +180,15 @@ class _Requantizing(nn.Module):
             "weight_codes": TensorRule(
                 (torch.int8,), ndims=(2,), rows="out_features", cols="in_features", required=True
             ),
-            "out_multiplier": _per_output(torch.int32),
+            "out_multiplier": per_output(torch.int32),
             "out_shift": TensorRule((torch.int64,), ndims=(0,)),
-            "out_offset": _per_output(torch.int64),
-            "out_scale": _per_output(_f32),
-            "out_bias": _per_output(_f32),
+            "out_offset": per_output(torch.int64),
+            "out_scale": per_output(_f32),
+            "out_bias": per_output(_f32),
             # the setup tensors, kept until the pipeline's end releases them
-            "bias": _per_output(_f32),
-            "weight_scale": _per_output(_f32),
-            "zero_point_term": _per_output(torch.int32),
+            "bias": per_output(_f32),
+            "weight_scale": per_output(_f32),
+            "zero_point_term": per_output(torch.int32),
             "out_point_scale": TensorRule((_f64,), ndims=(0, 1)),
             "out_point_zero": TensorRule((_f64,), fits="out_point_scale"),
         },

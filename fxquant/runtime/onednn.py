@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fxquant.runtime.integer import CODE_RANGES, UINT8_OFFSET, fits_uint8, int8_linear, uint8_to_int8_codes
-from fxquant.runtime.savable import Schema, TensorRule, savable
+from fxquant.runtime.savable import Schema, TensorRule, per_output, savable
 
 __all__ = ["onednn_available", "OnednnLinear", "OUTPUT_DTYPES"]
 
@@ -70,10 +70,6 @@ def _inductor_freezes() -> bool:
     return config is not None and bool(config.freezing) and not torch.is_grad_enabled()
 
 
-def _per_output(dtype: torch.dtype) -> TensorRule:
-    return TensorRule((dtype,), ndims=(1,), rows="out_features")
-
-
 @savable(
     Schema(
         {
@@ -92,9 +88,9 @@ def _per_output(dtype: torch.dtype) -> TensorRule:
             "weight_codes": TensorRule(
                 (torch.int8,), ndims=(2,), rows="out_features", cols="in_features", required=True
             ),
-            "weight_scale": _per_output(torch.float32),
-            "weight_zero_point": _per_output(torch.int64),
-            "bias": _per_output(torch.float32),
+            "weight_scale": per_output(torch.float32),
+            "weight_zero_point": per_output(torch.int64),
+            "bias": per_output(torch.float32),
         },
     )
 )

@@ -71,6 +71,11 @@ class Schema:
                     raise ValueError(f"tensor rule {name!r} refers to attribute {attr!r}, which is not declared")
 
 
+def per_output(dtype: torch.dtype) -> TensorRule:
+    """A 1-d tensor with one entry per output feature (``rows="out_features"``): biases, scales."""
+    return TensorRule((dtype,), ndims=(1,), rows="out_features")
+
+
 _REGISTRY: dict[str, type] = {}
 
 
