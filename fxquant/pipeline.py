@@ -19,6 +19,7 @@ from fxquant.passes import (
     LowerFakeQuant,
     LowerInteger,
     LowerLogIntSoftmax,
+    Rotate,
     Smooth,
     SplitQkv,
     UseOnednnKernels,
@@ -38,15 +39,18 @@ def default_passes(backend: str = "fake", int_kernels: str = "portable", qconfig
     ``int_kernels="onednn"`` (x86 CPUs) then moves the Linears onto oneDNN's fused int8
     kernel (``use_onednn_kernels``) and each attention core (q @ kT, score requantization,
     softmax, attn@V) into one C++ kernel (``fuse_int_attention``). ``gptq`` follows
-    ``lower_log_int_softmax`` when ``qconfig`` (a QConfig) has a ``gptq:`` key."""
+    ``lower_log_int_softmax`` when ``qconfig`` (a QConfig) has a ``gptq:`` key, ``rotate``
+    follows ``split_qkv`` when it has ``rotate:``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not available in this version; choose one of {BACKENDS}")
     if int_kernels not in INT_KERNELS:
         raise ValueError(f"int_kernels {int_kernels!r} is not one of {INT_KERNELS}")
+    recovery = qconfig.recovery if qconfig is not None else {}
     passes = [
         DecomposeAttention(),
         Annotate(),
         SplitQkv(),
+        *([Rotate()] if recovery.get("rotate") is not None else []),
         Smooth(),
         InsertObservers(),
         Calibrate(),
@@ -54,7 +58,7 @@ def default_passes(backend: str = "fake", int_kernels: str = "portable", qconfig
         LowerFakeQuant(),
         LowerLogIntSoftmax(),
     ]
-    if qconfig is not None and qconfig.recovery.get("gptq") is not None:
+    if recovery.get("gptq") is not None:
         passes.append(Gptq())  # on the finished fake-quant graph, so each layer sees the final upstream
     if backend == "int":
         passes.append(LowerInteger())

@@ -10,6 +10,7 @@ from fxquant.passes.insert_observers import InsertObservers
 from fxquant.passes.lower_fake_quant import LowerFakeQuant
 from fxquant.passes.lower_integer import LowerInteger
 from fxquant.passes.lower_log_int_softmax import LowerLogIntSoftmax
+from fxquant.passes.rotate import Rotate
 from fxquant.passes.smooth import Smooth
 from fxquant.passes.split_qkv import SplitQkv
 from fxquant.passes.use_onednn_kernels import UseOnednnKernels
@@ -25,6 +26,7 @@ __all__ = [
     "LowerFakeQuant",
     "LowerInteger",
     "LowerLogIntSoftmax",
+    "Rotate",
     "Smooth",
     "SplitQkv",
     "UseOnednnKernels",

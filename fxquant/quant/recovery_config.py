@@ -1,9 +1,11 @@
-"""The qconfig's accuracy-recovery keys (today ``gptq:``), parsed and validated.
+"""The qconfig's accuracy-recovery keys (``gptq:``, ``rotate:``), parsed and validated.
 
 ``gptq: true`` turns GPTQ on with the defaults; ``gptq: {damp: 0.01, act_order: true,
 group_size: null, block_size: 128}`` sets them (any subset); ``gptq: false`` / ``null``
-turns it off (also over a preset that ``extends`` from one with it on). Unknown keys
-fail naming the key and the allowed ones, like the rest of the qconfig.
+turns it off (also over a preset that ``extends`` from one with it on). ``rotate: true``
+rotates the residual stream and every attention head; ``rotate: {residual: true, heads:
+true, seed: 0}`` chooses. Unknown keys fail naming the key and the allowed ones, like the
+rest of the qconfig.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any, Mapping, Optional
 
 from fxquant.errors import QConfigError
 
-RECOVERY_KEYS = ("gptq",)
+RECOVERY_KEYS = ("gptq", "rotate")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,44 @@ class GptqConfig:
 
 
 GPTQ_KEYS = tuple(GptqConfig.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class RotateConfig:
+    """``residual``: rotate the residual stream (a seeded random orthogonal matrix that keeps
+    the channel mean, folded into every writer and reader); ``heads``: rotate Q/K and V/proj
+    of every attention head (randomized Hadamard, folded into their weights); ``seed``."""
+
+    residual: bool = True
+    heads: bool = True
+    seed: int = 0
+
+
+ROTATE_KEYS = tuple(RotateConfig.__dataclass_fields__)
+
+
+def parse_rotate(value: Any, source: str) -> Optional[RotateConfig]:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return RotateConfig()
+    if not isinstance(value, Mapping):
+        raise _fail(source, "rotate", f"expected true, false or a mapping with keys {', '.join(ROTATE_KEYS)}")
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        path = f"rotate.{key}"
+        if key not in ROTATE_KEYS:
+            raise _fail(source, path, f"unknown key; allowed keys: {', '.join(ROTATE_KEYS)}")
+        if key == "seed":
+            if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+                raise _fail(source, path, f"expected a non-negative integer, got {item!r}")
+        elif not isinstance(item, bool):
+            raise _fail(source, path, f"expected true or false, got {item!r}")
+        out[key] = item
+    config = RotateConfig(**out)
+    if not (config.residual or config.heads):
+        raise _fail(source, "rotate", "residual and heads are both false: write `rotate: false` to turn it off")
+    return config
 
 
 def _fail(source: str, path: str, message: str) -> QConfigError:
@@ -70,12 +110,13 @@ def pop_recovery(raw: dict, source: str, base: Optional[Mapping[str, Any]] = Non
     """Remove the recovery keys from ``raw`` (a qconfig mapping) and return them parsed;
     a key ``raw`` does not set is inherited from ``base`` (the ``extends`` target's)."""
     out = dict(base or {})
-    if "gptq" in raw:
-        gptq = parse_gptq(raw.pop("gptq"), source)
-        if gptq is None:
-            out.pop("gptq", None)
-        else:
-            out["gptq"] = gptq
+    for key, parse in (("gptq", parse_gptq), ("rotate", parse_rotate)):
+        if key in raw:
+            parsed = parse(raw.pop(key), source)
+            if parsed is None:
+                out.pop(key, None)
+            else:
+                out[key] = parsed
     return out
 
 
