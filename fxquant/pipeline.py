@@ -10,6 +10,7 @@ from fxquant.infra.contracts import Prop, contract_of
 from fxquant.infra.pass_manager import Pass
 from fxquant.passes import (
     Annotate,
+    BiasCorrection,
     Calibrate,
     DecomposeAttention,
     FuseIntAttention,
@@ -40,7 +41,8 @@ def default_passes(backend: str = "fake", int_kernels: str = "portable", qconfig
     kernel (``use_onednn_kernels``) and each attention core (q @ kT, score requantization,
     softmax, attn@V) into one C++ kernel (``fuse_int_attention``). ``gptq`` follows
     ``lower_log_int_softmax`` when ``qconfig`` (a QConfig) has a ``gptq:`` key, ``rotate``
-    follows ``split_qkv`` when it has ``rotate:``."""
+    follows ``split_qkv`` when it has ``rotate:``, ``bias_correction`` follows ``gptq`` when
+    it has ``bias_correction: true``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not available in this version; choose one of {BACKENDS}")
     if int_kernels not in INT_KERNELS:
@@ -60,6 +62,8 @@ def default_passes(backend: str = "fake", int_kernels: str = "portable", qconfig
     ]
     if recovery.get("gptq") is not None:
         passes.append(Gptq())  # on the finished fake-quant graph, so each layer sees the final upstream
+    if recovery.get("bias_correction"):
+        passes.append(BiasCorrection())  # on the final weights (gptq's), before int32 biases are made
     if backend == "int":
         passes.append(LowerInteger())
         if int_kernels == "onednn":

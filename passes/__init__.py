@@ -1,6 +1,7 @@
 """fxquant's graph passes, one module each (installed as ``fxquant.passes``)."""
 
 from fxquant.passes.annotate import Annotate
+from fxquant.passes.bias_correction import BiasCorrection
 from fxquant.passes.calibrate import Calibrate
 from fxquant.passes.decompose_attention import DecomposeAttention
 from fxquant.passes.fuse_int_attention import FuseIntAttention
@@ -17,6 +18,7 @@ from fxquant.passes.use_onednn_kernels import UseOnednnKernels
 
 __all__ = [
     "Annotate",
+    "BiasCorrection",
     "Calibrate",
     "DecomposeAttention",
     "FuseIntAttention",

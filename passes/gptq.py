@@ -22,7 +22,6 @@ import time
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fxquant.errors import FxqError, NodeError
@@ -33,19 +32,10 @@ from fxquant.quant import distributed
 from fxquant.quant.calib_data import as_batches, iter_batches
 from fxquant.quant.gptq import GptqResult, gptq_quantize, weighted_error
 from fxquant.quant.recovery_config import GptqConfig
-from fxquant.runtime.fake_quant import QUANTIZED_WEIGHT_TYPES, QuantConv2d, observer_nodes
+from fxquant.runtime.fake_quant import QUANTIZED_WEIGHT_TYPES, QuantConv2d, observer_nodes, weight_input_columns
 
 #: granularities whose scale GPTQ chooses itself; others keep lower_fake_quant's QParams
 SEARCHED = {"channel_wise": True, "layer_wise": False}
-
-
-def _columns(module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as (tokens, in) rows of its weight matrix's columns."""
-    if isinstance(module, QuantConv2d):
-        kernel = module.weight.shape[2:]
-        cols = F.unfold(x, kernel, dilation=module.dilation, padding=module.padding, stride=module.stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return x.reshape(-1, x.shape[-1])
 
 
 def _install(module, result: GptqResult) -> None:
@@ -64,7 +54,9 @@ class Gptq(Pass):
     name = "gptq"
     # after the fake-quant graph is final (every upstream error is in the inputs it sees), before
     # integer lowering (which reads the weights' codes and QParams)
-    contract = Contract(requires={Prop.FAKE_QUANT}, provides={Prop.GPTQ_ROUNDED}, excludes={Prop.INTEGER})
+    contract = Contract(
+        requires={Prop.FAKE_QUANT}, provides={Prop.GPTQ_ROUNDED}, excludes={Prop.INTEGER, Prop.BIAS_CORRECTED}
+    )
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         config = ctx.qconfig.recovery.get("gptq")
@@ -127,7 +119,7 @@ class Gptq(Pass):
         h = torch.zeros(float_weight.shape[1], float_weight.shape[1], dtype=torch.float64)
         tokens = 0
         for x in inputs:
-            cols = _columns(module, x).to(torch.float64)
+            cols = weight_input_columns(module, x).to(torch.float64)
             h.addmm_(cols.T, cols)
             tokens += cols.shape[0]
         if distributed.is_distributed():  # each rank saw its shard: the whole set's H on every rank

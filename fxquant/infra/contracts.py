@@ -33,6 +33,7 @@ class Prop(str, Enum):
     FAKE_QUANT = "fake_quant"  # frozen fake-quant points and quantized weights, no observers
     LIS_LOWERED = "lis_lowered"  # softmax + log2 point as one Log-Int-Softmax where possible
     GPTQ_ROUNDED = "gptq_rounded"  # quantized weights re-rounded by GPTQ on the quantized graph's inputs
+    BIAS_CORRECTED = "bias_corrected"  # quantized layers' biases carry the mean their weight rounding removed
     INTEGER = "integer"  # int8 codes, integer GEMMs and requantization
     ONEDNN_KERNELS = "onednn_kernels"  # Linears on oneDNN's int8 kernel, float32 requantization
     ATTENTION_FUSED = "attention_fused"  # attention cores as one IntAttention kernel each

@@ -5,7 +5,7 @@ group_size: null, block_size: 128}`` sets them (any subset); ``gptq: false`` / `
 turns it off (also over a preset that ``extends`` from one with it on). ``rotate: true``
 rotates the residual stream and every attention head; ``rotate: {residual: true, heads:
 true, seed: 0}`` chooses. Unknown keys fail naming the key and the allowed ones, like the
-rest of the qconfig.
+rest of the qconfig. ``bias_correction: true`` corrects each quantized layer's mean output.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 
 from fxquant.errors import QConfigError
 
-RECOVERY_KEYS = ("gptq", "rotate")
+RECOVERY_KEYS = ("gptq", "rotate", "bias_correction")
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,19 @@ def parse_gptq(value: Any, source: str) -> Optional[GptqConfig]:
     return GptqConfig(**out)
 
 
+def parse_bias_correction(value: Any, source: str) -> Optional[bool]:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return True
+    raise _fail(source, "bias_correction", f"expected true or false, got {value!r}")
+
+
 def pop_recovery(raw: dict, source: str, base: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """Remove the recovery keys from ``raw`` (a qconfig mapping) and return them parsed;
     a key ``raw`` does not set is inherited from ``base`` (the ``extends`` target's)."""
     out = dict(base or {})
-    for key, parse in (("gptq", parse_gptq), ("rotate", parse_rotate)):
+    for key, parse in (("gptq", parse_gptq), ("rotate", parse_rotate), ("bias_correction", parse_bias_correction)):
         if key in raw:
             parsed = parse(raw.pop(key), source)
             if parsed is None:
@@ -122,4 +130,4 @@ def pop_recovery(raw: dict, source: str, base: Optional[Mapping[str, Any]] = Non
 
 def recovery_to_dict(recovery: Mapping[str, Any]) -> dict[str, Any]:
     """The keys as a qconfig file writes them (``to_dict``'s counterpart of :func:`pop_recovery`)."""
-    return {key: asdict(value) for key, value in recovery.items()}
+    return {key: value if isinstance(value, bool) else asdict(value) for key, value in recovery.items()}

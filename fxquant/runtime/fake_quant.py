@@ -160,6 +160,16 @@ class QuantConv2d(_QuantWeightMixin, nn.Module):
 QUANTIZED_WEIGHT_TYPES = (QuantLinear, QuantConv2d)
 
 
+def weight_input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A quantized layer's input as (tokens, in) rows matching its weight matrix's columns
+    (a convolution's input unfolded into patch columns)."""
+    if isinstance(module, QuantConv2d):
+        kernel = module.weight.shape[2:]
+        cols = F.unfold(x, kernel, dilation=module.dilation, padding=module.padding, stride=module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
 OBSERVER_PREFIX = "fxq_"  # the attribute prefix of the observer submodules insert_observers adds
 
 
