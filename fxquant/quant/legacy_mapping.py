@@ -59,13 +59,14 @@ DEFAULT_SIGMA, DEFAULT_KL_BINS = 0.01, 2048
 @dataclass(frozen=True)
 class Note:
     """How one predecessor key was read: ``file: key: text``; ``target`` is the fxquant key path
-    it landed on (None: dropped); ``differs``: fxquant does something else there (a warning)."""
+    of its setting (None: none); ``differs``: fxquant does something else there (a warning)."""
 
     file: str
     key: str
     text: str
     target: Optional[str] = None
     differs: bool = False
+    dropped: bool = False  # the key itself has no fxquant counterpart
 
     def line(self) -> str:
         return f"{self.key}: {self.text}"
@@ -90,7 +91,7 @@ class _Reader:
 
     def note(self, key: str, text: str, differs: bool = False, dropped: bool = False) -> None:
         self.covered.add(key.split(".")[0])
-        self.notes.append(Note(self.file, f"{self.where}.{key}", text, None if dropped else self.target, differs))
+        self.notes.append(Note(self.file, f"{self.where}.{key}", text, self.target, differs, dropped))
 
     def choice(self, key: str, table: Mapping[str, str], allowed: str) -> str:
         value = self.raw.get(key, DEFAULTS.get(key))
