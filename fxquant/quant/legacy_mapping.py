@@ -52,7 +52,12 @@ BIT_TYPE_KEYS = ("bits", "symmetric", "signed", "name")
 MODES = ("layer_wise", "channel_wise", "head_wise")
 OBSERVERS = {"minmax": "MinmaxObserver", "percentile": "PercentileObserver", "omse": "OmseObserver", "kl": "KLObserver"}
 METHODS = {"uniform": "uniform", "log2": "log2"}
-DEFAULTS = {"calibration_mode": "layer_wise", "observer_type": "PercentileObserver", "percentile_alpha": 0.95}
+DEFAULTS = {
+    "calibration_mode": "layer_wise",
+    "observer_type": "PercentileObserver",
+    "quantization_method": "Uniform",
+    "percentile_alpha": 0.95,
+}
 DEFAULT_SIGMA, DEFAULT_KL_BINS = 0.01, 2048
 
 
