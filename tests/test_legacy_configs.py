@@ -355,6 +355,12 @@ def test_convert_config_refuses_fxquants_own_schema(tmp_path, capsys):
     assert not (tmp_path / "out.yaml").exists()
 
 
+def test_convert_config_needs_an_output(tmp_path, capsys):
+    old_file = formats(tmp_path)["single"]
+    assert main(["convert-config", str(old_file)]) == 2
+    assert "-o" in capsys.readouterr().err
+
+
 def test_convert_config_missing_input(tmp_path, capsys):
     assert main(["convert-config", str(tmp_path / "nope"), "-o", str(tmp_path / "out.yaml")]) == 2
     assert "no such file or directory" in capsys.readouterr().err

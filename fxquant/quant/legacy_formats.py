@@ -290,7 +290,7 @@ def convert_directory(
         READERS[shape](data, str(file), groups, notes)
         formats[str(file)] = FORMAT_NAMES[shape]
         add(groups, str(file))
-    kinds = {"split" if len(sectioned) > 1 else s for s in shapes.values() if s}
+    kinds = {("split" if s == "sectioned" and len(sectioned) > 1 else s) for s in shapes.values() if s}
     shape = kinds.pop() if len(kinds) == 1 else "per-part"
     data = {**_qconfig(path.name, {}, shape), **merged}
     return Conversion(str(path), data, notes, formats)
