@@ -33,8 +33,8 @@ from fxquant.quant.legacy_names import (
     OLD_NAMES,
     PER_PART_GROUPS,
     SECTIONED_KEYS,
+    allowed_names,
     global_targets,
-    sectioned_targets,
     split_order,
 )
 from fxquant.quant.qconfig_groups import LINEAR_GROUPS, LINEAR_SECTIONS
@@ -184,7 +184,7 @@ def _sections(data: Mapping, file: str) -> tuple[Mapping, dict[str, tuple[str, M
         for name, setting in body.items():
             if name not in OLD_NAMES:
                 raise qconfig_error(
-                    file, f"{section}.{name}", f"unknown name; the predecessor's names are: {', '.join(OLD_NAMES)}"
+                    file, f"{section}.{name}", f"unknown name; the predecessor's names: {allowed_names()}"
                 )
             if name in names:
                 raise qconfig_error(file, f"{section}.{name}", f"already given in {names[name][0]}")
@@ -212,7 +212,7 @@ def _sectioned(parts: list[tuple[str, Mapping]], groups: dict, notes: list[Note]
                 raise qconfig_error(file, f"{section}.{name}", "expected a mapping of the predecessor's keys")
             given[name] = (file, f"{section}.{name}", _merged(own_default, setting))
     first_file = parts[0][0]
-    for name, targets, twice in sectioned_targets(given):
+    for name, (_section, targets, twice) in OLD_NAMES.items():
         file, where, setting = given.get(name, (first_file, f"default (for {name})", first_default or {}))
         for target, role, what in targets:
             spec, more = translate_spec(setting, role, file, where, target)

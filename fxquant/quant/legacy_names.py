@@ -17,7 +17,7 @@ Read from its model code (``models/quant_attn.py``, ``quant_mlp.py``, ``quant_vi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from fxquant.quant.legacy_mapping import ACTIVATION, EMBED, NORM, OUTPUT, SCORES, SOFTMAX, TOKENS, WEIGHT
 
@@ -27,7 +27,7 @@ __all__ = [
     "SECTIONED_KEYS",
     "OLD_NAMES",
     "global_targets",
-    "sectioned_targets",
+    "allowed_names",
     "split_order",
 ]
 
@@ -121,10 +121,12 @@ OLD_NAMES: dict[str, tuple[str, list[tuple[str, str, str]], Optional[str]]] = {
 }
 
 
-def sectioned_targets(given: Mapping[str, Any]) -> Iterator[tuple[str, list[tuple[str, str, str]], Optional[str]]]:
-    """Every predecessor block name in its order: (name, targets, twice-note)."""
-    for name, (_section, targets, twice) in OLD_NAMES.items():
-        yield name, targets, twice
+def allowed_names() -> str:
+    """The predecessor's block names by the section that held them, for error messages."""
+    by_section: dict[str, list[str]] = {}
+    for name, (section, _targets, _twice) in OLD_NAMES.items():
+        by_section.setdefault(section, []).append(name)
+    return "; ".join(f"{section}: {', '.join(names)}" for section, names in by_section.items())
 
 
 SPLIT_FILES = ("weight_config", "activation_config", "residual_config")
