@@ -73,9 +73,6 @@ class Note:
     differs: bool = False
     dropped: bool = False  # the key itself has no fxquant counterpart
 
-    def line(self) -> str:
-        return f"{self.key}: {self.text}"
-
 
 def is_predecessor_setting(raw: Any) -> bool:
     """Written the way the predecessor's per-part files write a setting: ``bit_type`` and
