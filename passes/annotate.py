@@ -28,6 +28,7 @@ from fxquant.ir.patterns import find_attention, submodule
 from fxquant.quant.points import QuantPoint
 from fxquant.quant.qconfig import ACT
 from fxquant.quant.qconfig_globs import check_globs
+from fxquant.quant.qconfig_groups import RESIDUAL_GROUPS
 
 LINEAR_RULES = [
     (re.compile(r"(^|\.)qkv$"), "attn_qkv"),
@@ -85,6 +86,7 @@ class Annotate(Pass):
         check_globs(ctx.qconfig, paths, gm.meta.get("fxq.model_name", "the model"))
         propagate_shapes(gm, ctx.diff_inputs)
         self.gm, self.ctx, self.float_points, self.seen_groups = gm, ctx, [], set()
+        self.residual_adds: dict[str, int] = {}  # block path -> residual adds seen so far
         heads: dict[str, int] = {}
         for match in find_attention(gm):
             heads[match.module] = shape_of(match.q)[1]
@@ -111,11 +113,19 @@ class Annotate(Pass):
             elif _is_gelu(gm, node):
                 self._activation(node, "mlp_gelu", attention=False)
             elif _is_residual_add(node):
-                self._activation(node, "residual", attention=False)
+                self._activation(node, self._residual_group(node), attention=False)
         if ctx.report is not None:
             ctx.report.float_points = list(self.float_points)
         self._check_strict_groups(ctx.qconfig)
         return gm
+
+    def _residual_group(self, node: fx.Node) -> str:
+        """A block's first residual add (after attention) is ``residual1``, its second (after
+        the MLP) ``residual2``, where the qconfig names that group; else ``residual``."""
+        block = node.meta.get(MODULE, "")
+        self.residual_adds[block] = self.residual_adds.get(block, 0) + 1
+        group = f"residual{self.residual_adds[block]}"
+        return group if group in RESIDUAL_GROUPS and self.ctx.qconfig.names_group(group) else "residual"
 
     def _check_strict_groups(self, qconfig) -> None:
         """A per-part config directory names groups on purpose: one the model lacks is a mistake."""

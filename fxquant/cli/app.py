@@ -11,6 +11,7 @@ import torch
 
 import fxquant
 from fxquant.cli.checkpoint import load_checkpoint
+from fxquant.cli.convert_command import add_convert_parser, run_convert
 from fxquant.cli.deploy import add_export_parser, add_run_parser, run_export, run_images
 from fxquant.cli.inputs import (
     IMAGE_SUFFIXES,
@@ -132,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_run_parser(sub)
     add_report_parser(sub)
+    add_convert_parser(sub)
     return parser
 
 
@@ -252,7 +254,14 @@ def _write_compile_outputs(qm, calib: list[torch.Tensor], args: argparse.Namespa
             print(f"quantized model saved to {fxquant.save(qm, args.save)} (load it with fxquant.load)")
 
 
-COMMANDS = {"compile": run_compile, "diff": run_diff, "export": run_export, "run": run_images, "report": run_report}
+COMMANDS = {
+    "compile": run_compile,
+    "diff": run_diff,
+    "export": run_export,
+    "run": run_images,
+    "report": run_report,
+    "convert-config": run_convert,
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional, Union
 import yaml
 
 from fxquant.errors import QConfigError
+from fxquant.quant.legacy_formats import Conversion, convert_directory, convert_file
 from fxquant.quant.qconfig_globs import module_matches
 from fxquant.quant.qconfig_groups import (
     ACT,
@@ -43,6 +44,7 @@ __all__ = [
     "QConfig",
     "QConfigLike",
     "load_qconfig",
+    "predecessor_conversion",
     "qconfig_from_dict",
     "preset_names",
     "parse_spec",
@@ -66,7 +68,7 @@ class QConfig:
     groups: dict[str, dict[str, dict]]
     overrides: list[tuple[str, dict[str, dict[str, dict]]]] = field(default_factory=list)
     skip: list[str] = field(default_factory=list)
-    source: str = "<dict>"
+    source: str = field(default="<dict>", compare=False)  # where it was read: equal configs may differ here
     description: str = ""
     smooth_alpha: Optional[float] = None  # SmoothQuant migration strength; None = no smoothing
     # group -> file that defined it, for configs that must match the model group by group
@@ -77,6 +79,11 @@ class QConfig:
 
     def is_skipped(self, module_path: str) -> bool:
         return any(module_matches(module_path, pattern) for pattern in self.skip)
+
+    def names_group(self, group: str) -> bool:
+        """Whether ``group`` appears in the groups or in an override (``residual1`` sets the first
+        residual add apart from ``residual`` only where a qconfig names it)."""
+        return group in self.groups or any(group in body for _pattern, body in self.overrides)
 
     def spec_for(self, group: str, section: str, module_path: str = "") -> Optional[QuantSpec]:
         """The spec of ``group``'s ``section`` (``weight``/``output``/``act``) at ``module_path``,
@@ -263,17 +270,41 @@ def _read_yaml(path: Path) -> Any:
         raise QConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
 
 
-def _load_directory(path: Path, depth: int) -> QConfig:
-    """The predecessor kept one YAML per model part; merge them, refusing a group defined twice."""
+def _yaml_files(path: Path) -> list[tuple[Path, Any]]:
     files = sorted(list(path.glob("*.yaml")) + list(path.glob("*.yml")))
     if not files:
         raise QConfigError(f"{path}: directory holds no .yaml files")
-    merged: dict[str, Any] = {}
-    owner: dict[str, Path] = {}
-    for file in files:
-        data = _read_yaml(file)
+    out = [(file, _read_yaml(file)) for file in files]
+    for file, data in out:
         if not isinstance(data, Mapping):
             raise QConfigError(f"{file}: expected a mapping of groups")
+    return out
+
+
+def predecessor_conversion(path: Union[str, Path], *, _depth: int = 0) -> Optional[Conversion]:
+    """The fxquant qconfig (as a dict, with a note per key) for a file or folder in one of the
+    predecessor's formats (:mod:`fxquant.quant.legacy_formats`); None when it is fxquant's own."""
+    path = Path(path)
+    if path.is_dir():
+
+        def validate(file: Path, data: Any) -> None:
+            qconfig_from_dict(data, str(file), _depth, base_dir=file.parent)
+
+        return convert_directory(path, _yaml_files(path), validate)
+    if not path.is_file():
+        raise QConfigError(f"{path}: no such file or directory")
+    return convert_file(path, _read_yaml(path))
+
+
+def _load_directory(path: Path, depth: int) -> QConfig:
+    """The predecessor kept one YAML per model part; merge them, refusing a group defined twice."""
+    conversion = predecessor_conversion(path, _depth=depth)
+    if conversion is not None:
+        conversion.warn()
+        return qconfig_from_dict(conversion.data, str(path), depth, base_dir=path)
+    merged: dict[str, Any] = {}
+    owner: dict[str, Path] = {}
+    for file, data in _yaml_files(path):
         qconfig_from_dict(data, str(file), depth, base_dir=file.parent)  # validate each file, errors name it
         for key, value in data.items():
             if key in ("name", "description"):
@@ -292,7 +323,10 @@ QConfigLike = Union[str, Path, Mapping[str, Any], QConfig]
 
 
 def load_qconfig(qconfig: QConfigLike, *, _depth: int = 0) -> QConfig:
-    """A preset name (``"w8a8"``), a YAML file, a directory of YAML files, a dict or a QConfig."""
+    """A preset name (``"w8a8"``), a YAML file, a directory of YAML files, a dict or a QConfig.
+
+    A file or directory in one of the predecessor's formats is read as such (warning with
+    :class:`~fxquant.quant.legacy_formats.LegacyConfigWarning` where fxquant's meaning differs)."""
     if isinstance(qconfig, QConfig):
         return qconfig
     if isinstance(qconfig, Mapping):
@@ -308,7 +342,12 @@ def load_qconfig(qconfig: QConfigLike, *, _depth: int = 0) -> QConfig:
     if path.is_dir():
         return _load_directory(path, _depth)
     if path.is_file():
-        return qconfig_from_dict(_read_yaml(path), str(path), _depth, base_dir=path.parent)
+        data = _read_yaml(path)
+        conversion = convert_file(path, data)
+        if conversion is not None:  # one of the predecessor's formats
+            conversion.warn()
+            data = conversion.data
+        return qconfig_from_dict(data, str(path), _depth, base_dir=path.parent)
     raise QConfigError(
         f"qconfig '{text}' is neither a preset ({', '.join(preset_names())}) nor an existing file or directory"
     )

@@ -3,7 +3,8 @@
 A linear group (``attn_qkv``...) has ``weight:`` and ``output:`` sections; an activation group
 (``norm1``...) is a spec itself, stored under the section ``ACT``; a LayerNorm group may also
 quantize its input (section ``NORM_INPUT``, for PTF). ``passes/annotate.py`` maps the model's
-modules to these names.
+modules to these names. ``residual`` covers both residual adds of a block; ``residual1`` (the
+add after attention) and ``residual2`` (the add after the MLP) set one of them apart.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ __all__ = [
     "LINEAR_SECTIONS",
     "ACT",
     "TOP_LEVEL_KEYS",
+    "RESIDUAL_GROUPS",
 ]
 
 LINEAR_GROUPS = ("patch_embed", "attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "head", "patch_merging")
@@ -33,6 +35,8 @@ ACTIVATION_GROUPS = (
     "attn_v_out",
     "mlp_gelu",
     "residual",
+    "residual1",
+    "residual2",
     "final_norm",
     "patch_merging_norm",
 )
@@ -41,4 +45,5 @@ NORM_GROUPS = ("norm1", "norm2", "final_norm", "patch_merging_norm")  # may also
 NORM_INPUT = "input"  # the section of a norm group that quantizes the norm's input (PTF)
 LINEAR_SECTIONS = ("weight", "output")
 ACT = "act"  # the section name under which an activation group's spec is stored
+RESIDUAL_GROUPS = ("residual1", "residual2")  # the first and second residual add of a block, in graph order
 TOP_LEVEL_KEYS = ("name", "description", "extends", "overrides", "skip", "smooth_alpha") + RECOVERY_KEYS
