@@ -16,6 +16,9 @@ so on a pre-LN transformer (fxquant.ir.residual) nothing but weights changes:
   them, else into a new float Linear ``<norm>_unrotate`` after it (listed in the report).
 - heads (``rotate: {heads: true}``): per head, Q and K by the same randomized Hadamard R
   (``q R (k R)^T = q k^T``), V by another with its inverse folded into proj's columns.
+- fc2 (``rotate: {fc2: true}``, off by default): an online block Walsh-Hadamard transform
+  (fxquant.runtime.hadamard) between the GELU and fc2, fc2's columns times the same matrix;
+  the quantization point of fc2's input moves onto the transform's output.
 
 Runs after ``split_qkv`` and before ``smooth`` and the observers. FP32 output unchanged up
 to float rounding (a neutral pass: >= 100 dB or the pass fails). Nodes holding rotated
@@ -38,10 +41,11 @@ from torch import nn
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import install_submodule, new_node, propagate_shapes, shape_of, unique_attr
-from fxquant.ir.meta import MODULE, ORIGIN, ORIGIN_SLICE, copy_provenance
+from fxquant.ir.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, WEIGHT, copy_provenance
 from fxquant.ir.patterns import find_attention, is_pass_through_module, rearranges_elements, submodule
 from fxquant.ir.residual import ResidualStream, find_residual_stream
-from fxquant.quant.rotation import block_diagonal, mean_preserving_orthogonal, random_hadamard
+from fxquant.quant.rotation import block_diagonal, hadamard, mean_preserving_orthogonal, random_hadamard
+from fxquant.runtime.hadamard import BlockHadamard, largest_power_of_two_block
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -257,6 +261,34 @@ def _rotate_heads(gm: fx.GraphModule, ctx: PassContext, seed: int) -> tuple[list
     return producers, stops
 
 
+# ----------------------------------------------------------------------------------- fc2
+def _rotate_fc2_inputs(gm: fx.GraphModule, ctx: PassContext) -> None:
+    for fc2 in list(gm.graph.nodes):
+        weight = fc2.meta.get(WEIGHT)
+        if weight is None or weight.group != "mlp_fc2" or not isinstance(submodule(gm, fc2), nn.Linear):
+            continue
+        point_node = fc2.args[0]
+        while POINT not in point_node.meta and is_pass_through_module(gm, point_node) and len(point_node.users) == 1:
+            point_node = point_node.args[0]
+        if POINT not in point_node.meta or len(point_node.users) != 1:
+            ctx.note(f"{fc2.name}: input not quantized on its own, no online Hadamard")
+            continue
+        linear = submodule(gm, fc2)
+        block = largest_power_of_two_block(linear.in_features)
+        if block < 2:
+            ctx.note(f"{fc2.name}: {linear.in_features} inputs have no power-of-two block, no online Hadamard")
+            continue
+        path = unique_attr(gm, f"{fc2.target}_hadamard".replace(".", "_"))
+        install_submodule(gm, path, BlockHadamard(linear.in_features, block))
+        with gm.graph.inserting_before(fc2):
+            node = new_node(gm.graph, "call_module", path, (fc2.args[0],), module=fc2.meta.get(MODULE, ""))
+        fc2.args = (node, *fc2.args[1:])
+        node.meta[POINT] = point_node.meta.pop(POINT)
+        blocks = block_diagonal(hadamard(block), linear.in_features // block)
+        _set(linear.weight, _f64(linear.weight) @ blocks)
+        ctx.note(f"{fc2.name}: online Hadamard (blocks of {block}) on its input; point moved from {point_node.name}")
+
+
 # -------------------------------------------------------------------------------- origins
 def _reorigin(producers: list, stops: set) -> None:
     """Nodes from each producer up to (not including) the nodes that undo the rotation."""
@@ -286,6 +318,8 @@ class Rotate(Pass):
             propagate_shapes(gm, ctx.diff_inputs)
             producers, stops = _rotate_heads(gm, ctx, config.seed)
             _reorigin(producers, set(stops))
+        if config.fc2:
+            _rotate_fc2_inputs(gm, ctx)
         if config.residual:
             stream = find_residual_stream(gm)
             if isinstance(stream, str):

@@ -15,6 +15,7 @@ from fxquant.quant.rotation import (
     mean_preserving_orthogonal,
     random_hadamard,
 )
+from fxquant.runtime.hadamard import BlockHadamard, fast_hadamard, largest_power_of_two_block
 
 EYE_TOL = 1e-12
 
@@ -88,3 +89,20 @@ def test_layernorm_commutes_with_a_mean_preserving_rotation(d, tokens, seed, off
     left = F.layer_norm(x @ q, (d,), eps=1e-6)
     right = F.layer_norm(x, (d,), eps=1e-6) @ q
     torch.testing.assert_close(left, right, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("width, block", [(8, 8), (48, 16), (1536, 512), (6, 2)])
+def test_fast_hadamard_equals_the_block_diagonal_product(width, block):
+    x = torch.randn(3, 5, width, generator=torch.Generator().manual_seed(width), dtype=torch.float64)
+    expected = x @ torch.block_diag(*[hadamard(block)] * (width // block))
+    torch.testing.assert_close(fast_hadamard(x, block), expected, rtol=0, atol=1e-12)
+    assert BlockHadamard(width, block)(x.float()).dtype == torch.float32
+
+
+def test_block_sizes_and_refusals():
+    assert largest_power_of_two_block(1536) == 512
+    assert largest_power_of_two_block(384) == 128
+    assert largest_power_of_two_block(4096) == 1024
+    assert largest_power_of_two_block(7) == 1
+    with pytest.raises(ValueError, match="power of two dividing"):
+        BlockHadamard(48, 32)

@@ -4,7 +4,7 @@
 group_size: null, block_size: 128}`` sets them (any subset); ``gptq: false`` / ``null``
 turns it off (also over a preset that ``extends`` from one with it on). ``rotate: true``
 rotates the residual stream and every attention head; ``rotate: {residual: true, heads:
-true, seed: 0}`` chooses. Unknown keys fail naming the key and the allowed ones, like the
+true, fc2: false, seed: 0}`` chooses. Unknown keys fail naming the key and the allowed ones, like the
 rest of the qconfig. ``bias_correction: true`` corrects each quantized layer's mean output.
 """
 
@@ -37,10 +37,13 @@ GPTQ_KEYS = tuple(GptqConfig.__dataclass_fields__)
 class RotateConfig:
     """``residual``: rotate the residual stream (a seeded random orthogonal matrix that keeps
     the channel mean, folded into every writer and reader); ``heads``: rotate Q/K and V/proj
-    of every attention head (randomized Hadamard, folded into their weights); ``seed``."""
+    of every attention head (randomized Hadamard, folded into their weights); ``fc2``: an
+    online block Hadamard transform on fc2's input (the GELU output), its inverse folded into
+    fc2's weight; ``seed``."""
 
     residual: bool = True
     heads: bool = True
+    fc2: bool = False
     seed: int = 0
 
 
@@ -66,8 +69,8 @@ def parse_rotate(value: Any, source: str) -> Optional[RotateConfig]:
             raise _fail(source, path, f"expected true or false, got {item!r}")
         out[key] = item
     config = RotateConfig(**out)
-    if not (config.residual or config.heads):
-        raise _fail(source, "rotate", "residual and heads are both false: write `rotate: false` to turn it off")
+    if not (config.residual or config.heads or config.fc2):
+        raise _fail(source, "rotate", "residual, heads and fc2 are all false: write `rotate: false` to turn it off")
     return config
 
 

@@ -14,6 +14,7 @@ from typing import Mapping
 from fxquant.runtime import (  # noqa: F401  (imported for their @savable registrations)
     fake_quant,
     float_point,
+    hadamard,
     int_attention,
     int_layernorm,
     int_modules,

@@ -24,10 +24,11 @@ from fxquant.errors import QConfigError
 from fxquant.infra.contracts import PipelineOrderError
 from fxquant.infra.neutrality import output_qsnr
 from fxquant.infra.pass_manager import PassManager
-from fxquant.ir.meta import ORIGIN
+from fxquant.ir.meta import ORIGIN, POINT
 from fxquant.ir.residual import find_residual_stream
 from fxquant.passes import Annotate, Calibrate, InsertObservers, LowerFakeQuant, Rotate, Smooth, SplitQkv
 from fxquant.quant.qconfig import load_qconfig
+from fxquant.runtime.hadamard import BlockHadamard
 
 # float64 folding, then float32 weights: the output moves by a few float32 roundings per layer
 NEUTRAL_DB = 100.0
@@ -254,3 +255,35 @@ def test_compile_with_rotate_on_both_backends(dinov2_like, backend):
     plain = fxquant.compile(dinov2_like, "w8a8", calib_data=calib, backend=backend)
     with torch.no_grad():
         assert output_qsnr(out, ref) > output_qsnr(plain(x), ref) + 3.0
+
+
+def test_fc2_online_hadamard_moves_the_point(vit, trace, make_ctx, run, qconfigs):
+    config = rotate_config(qconfigs, {"residual": False, "heads": False, "fc2": True})
+    gm, ctx = split_graph(vit.model, vit.image_size, trace, make_ctx, run, config)
+    gm = run(gm, ctx, Rotate())
+    assert ctx.report.passes[-1].output_qsnr_db >= NEUTRAL_DB
+    for i in range(vit.depth):
+        fc2 = node(gm, f"blocks_{i}_mlp_fc2")
+        transform = fc2.args[0]
+        assert isinstance(gm.get_submodule(str(transform.target)), BlockHadamard)
+        assert transform.meta[POINT].group == "mlp_gelu"
+        assert POINT not in node(gm, f"blocks_{i}_mlp_act").meta
+    assert gm.get_submodule("blocks_0_mlp_fc2_hadamard").block == 256  # 4 * 64 hidden channels
+
+
+@pytest.mark.parametrize("int_kernels", ["portable", "onednn"])
+def test_fc2_hadamard_in_the_integer_graph_and_saved(dinov2_like, int_kernels, tmp_path):
+    calib = [images(28, 2, 1), images(28, 2, 2)]
+    x = images(28, 2, 5)
+    qconfig = {"extends": "w8a8", "smooth_alpha": None, "rotate": {"fc2": True}}
+    fake = fxquant.compile(dinov2_like, qconfig, calib_data=calib, numeric_diff=False)
+    qm = fxquant.compile(
+        dinov2_like, qconfig, calib_data=calib, backend="int", int_kernels=int_kernels, numeric_diff=False
+    )
+    with torch.no_grad():
+        out = qm(x)
+        assert output_qsnr(out, fake(x)) > 30.0
+    fxquant.save(qm, tmp_path / "m.fxq")
+    loaded = fxquant.load(tmp_path / "m.fxq")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), out)
