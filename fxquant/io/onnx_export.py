@@ -232,8 +232,9 @@ class _Positional(nn.Module):
 
 
 # fxquant modules made of ordinary torch ops, which export as they are: a point left in float
-# (fxquant.debug), and Log-Int-Softmax (integer exp and log2 codes as Floor/Log/Pow/Where)
-_EXPORT_AS_IS = {"FloatPoint", "LogIntSoftmax"}
+# (fxquant.debug), Log-Int-Softmax (integer exp and log2 codes as Floor/Log/Pow/Where) and
+# rotate's online Hadamard transform (Reshape/Slice/Add/Sub/Concat)
+_EXPORT_AS_IS = {"FloatPoint", "LogIntSoftmax", "BlockHadamard"}
 
 
 def _export_twin(module: nn.Module, name: str) -> nn.Module | None:

@@ -287,3 +287,17 @@ def test_fc2_hadamard_in_the_integer_graph_and_saved(dinov2_like, int_kernels, t
     loaded = fxquant.load(tmp_path / "m.fxq")
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), out)
+
+
+def test_rotated_model_exports_to_onnx(dinov2_like, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    calib = [images(28, 2, 1)]
+    x = images(28, 2, 5)
+    qconfig = {"extends": "w8a8", "smooth_alpha": None, "rotate": {"fc2": True}}
+    qm = fxquant.compile(dinov2_like, qconfig, calib_data=calib, numeric_diff=False)
+    path = tmp_path / "rotated.onnx"
+    fxquant.export_onnx(qm, path, x)
+    session = ort.InferenceSession(str(path))
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), qm(x), rtol=0, atol=1e-4)
