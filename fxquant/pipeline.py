@@ -20,6 +20,7 @@ from fxquant.passes import (
     LowerFakeQuant,
     LowerInteger,
     LowerLogIntSoftmax,
+    Reparameterize,
     Rotate,
     Smooth,
     SplitQkv,
@@ -41,7 +42,8 @@ def default_passes(backend: str = "fake", int_kernels: str = "portable", qconfig
     kernel (``use_onednn_kernels``) and each attention core (q @ kT, score requantization,
     softmax, attn@V) into one C++ kernel (``fuse_int_attention``). ``gptq`` follows
     ``lower_log_int_softmax`` when ``qconfig`` (a QConfig) has a ``gptq:`` key, ``rotate``
-    follows ``split_qkv`` when it has ``rotate:``, ``bias_correction`` follows ``gptq`` when
+    follows ``split_qkv`` when it has ``rotate:`` (then ``reparameterize`` with
+    ``reparameterize: true``), ``bias_correction`` follows ``gptq`` when
     it has ``bias_correction: true``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not available in this version; choose one of {BACKENDS}")
@@ -53,6 +55,7 @@ def default_passes(backend: str = "fake", int_kernels: str = "portable", qconfig
         Annotate(),
         SplitQkv(),
         *([Rotate()] if recovery.get("rotate") is not None else []),
+        *([Reparameterize()] if recovery.get("reparameterize") else []),
         Smooth(),
         InsertObservers(),
         Calibrate(),

@@ -11,6 +11,7 @@ from fxquant.passes.insert_observers import InsertObservers
 from fxquant.passes.lower_fake_quant import LowerFakeQuant
 from fxquant.passes.lower_integer import LowerInteger
 from fxquant.passes.lower_log_int_softmax import LowerLogIntSoftmax
+from fxquant.passes.reparameterize import Reparameterize
 from fxquant.passes.rotate import Rotate
 from fxquant.passes.smooth import Smooth
 from fxquant.passes.split_qkv import SplitQkv
@@ -28,6 +29,7 @@ __all__ = [
     "LowerFakeQuant",
     "LowerInteger",
     "LowerLogIntSoftmax",
+    "Reparameterize",
     "Rotate",
     "Smooth",
     "SplitQkv",

@@ -26,6 +26,7 @@ class Prop(str, Enum):
     ANNOTATED = "annotated"  # ops carry their quantization points (fxq.point / fxq.weight meta)
     QKV_SPLIT = "qkv_split"  # fused qkv Linears are three Linears with their own points
     ROTATED = "rotated"  # residual stream and attention heads rotated by orthogonal matrices folded into weights
+    REPARAMETERIZED = "reparameterized"  # post-LayerNorm per-channel grids folded into LayerNorm and Linears
     SMOOTHED = "smoothed"  # SmoothQuant factors folded into norms and weights (smooth_alpha)
     OBSERVED = "observed"  # an observer after every activation point
     CALIBRATED = "calibrated"  # the observers saw the calibration data

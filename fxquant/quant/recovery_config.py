@@ -5,7 +5,8 @@ group_size: null, block_size: 128}`` sets them (any subset); ``gptq: false`` / `
 turns it off (also over a preset that ``extends`` from one with it on). ``rotate: true``
 rotates the residual stream and every attention head; ``rotate: {residual: true, heads:
 true, fc2: false, seed: 0}`` chooses. Unknown keys fail naming the key and the allowed ones, like the
-rest of the qconfig. ``bias_correction: true`` corrects each quantized layer's mean output.
+rest of the qconfig. ``bias_correction: true`` corrects each quantized layer's mean output;
+``reparameterize: true`` gives post-LayerNorm activations per-channel grids (RepQ-ViT).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Mapping, Optional
 
 from fxquant.errors import QConfigError
 
-RECOVERY_KEYS = ("gptq", "rotate", "bias_correction")
+RECOVERY_KEYS = ("gptq", "rotate", "bias_correction", "reparameterize")
 
 
 @dataclass(frozen=True)
@@ -109,19 +110,28 @@ def parse_gptq(value: Any, source: str) -> Optional[GptqConfig]:
     return GptqConfig(**out)
 
 
-def parse_bias_correction(value: Any, source: str) -> Optional[bool]:
-    if value is None or value is False:
-        return None
-    if value is True:
-        return True
-    raise _fail(source, "bias_correction", f"expected true or false, got {value!r}")
+def _switch(key: str):
+    def parse(value: Any, source: str) -> Optional[bool]:
+        if value is None or value is False:
+            return None
+        if value is True:
+            return True
+        raise _fail(source, key, f"expected true or false, got {value!r}")
+
+    return parse
 
 
 def pop_recovery(raw: dict, source: str, base: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """Remove the recovery keys from ``raw`` (a qconfig mapping) and return them parsed;
     a key ``raw`` does not set is inherited from ``base`` (the ``extends`` target's)."""
     out = dict(base or {})
-    for key, parse in (("gptq", parse_gptq), ("rotate", parse_rotate), ("bias_correction", parse_bias_correction)):
+    parsers = (
+        ("gptq", parse_gptq),
+        ("rotate", parse_rotate),
+        ("bias_correction", _switch("bias_correction")),
+        ("reparameterize", _switch("reparameterize")),
+    )
+    for key, parse in parsers:
         if key in raw:
             parsed = parse(raw.pop(key), source)
             if parsed is None:
