@@ -30,7 +30,6 @@ attention's layout is recognized.
 
 from __future__ import annotations
 
-import operator
 import warnings
 from typing import Optional
 
@@ -43,7 +42,7 @@ from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import install_submodule, new_node, propagate_shapes, shape_of, unique_attr
 from fxquant.ir.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, WEIGHT, copy_provenance
 from fxquant.ir.patterns import find_attention, is_pass_through_module, rearranges_elements, submodule
-from fxquant.ir.residual import ResidualStream, find_residual_stream
+from fxquant.ir.residual import ResidualStream, find_residual_stream, selects_tokens
 from fxquant.quant.rotation import block_diagonal, hadamard, mean_preserving_orthogonal, random_hadamard
 from fxquant.runtime.hadamard import BlockHadamard, largest_power_of_two_block
 
@@ -128,19 +127,10 @@ def _head_after(gm: fx.GraphModule, norm_node: fx.Node) -> Optional[fx.Node]:
         user = next(iter(node.users))
         if isinstance(submodule(gm, user), nn.Linear) and user.args[0] is node:
             return user
-        token_select = user.op == "call_function" and user.target is operator.getitem and _keeps_last_dim(user)
-        mean_tokens = user.op == "call_method" and user.target == "mean" and user.args[1:2] == (1,)
-        if not (token_select or mean_tokens or is_pass_through_module(gm, user)):
+        if not (selects_tokens(user) or is_pass_through_module(gm, user)):
             return None
         node = user
     return None
-
-
-def _keeps_last_dim(getitem: fx.Node) -> bool:
-    index = getitem.args[1]
-    if not isinstance(index, tuple):
-        return isinstance(index, (int, slice))
-    return len(index) < 3 and not any(i is Ellipsis for i in index)
 
 
 def _unrotate_output(gm: fx.GraphModule, ctx: PassContext, stream: ResidualStream, q: torch.Tensor) -> fx.Node:

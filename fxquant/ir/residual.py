@@ -72,6 +72,20 @@ def _ancestors(node: fx.Node, limit: int = 100_000) -> set:
     return seen
 
 
+def selects_tokens(node: fx.Node) -> bool:
+    """Token pooling that keeps the channel (last) dimension as it is: ``x[:, 0]``,
+    ``x[:, 1:]``, ``x.mean(dim=1)``."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        index = node.args[1]
+        if not isinstance(index, tuple):
+            return isinstance(index, (int, slice))
+        return len(index) < 3 and not any(i is Ellipsis or i is None for i in index)
+    if node.op == "call_method" and node.target == "mean":
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        return dim == 1 or dim == (1,)
+    return False
+
+
 def _through_pass_through(gm: fx.GraphModule, node: fx.Node, chain: set) -> fx.Node:
     while is_pass_through_module(gm, node) and isinstance(node.args[0], fx.Node):
         chain.add(node)
@@ -154,7 +168,10 @@ def find_residual_stream(gm: fx.GraphModule) -> Union[ResidualStream, str]:
         return "the model has no LayerNorm"
     final = norms[-1]
     chain: set = set()
-    node = _through_pass_through(gm, final.args[0], chain)
+    node = final.args[0]
+    while is_pass_through_module(gm, node) or selects_tokens(node):  # the head's pooling before a fc_norm
+        chain.add(node)
+        node = node.args[0]
     adds: list = []
     while _is_add(node):
         a, b = node.args

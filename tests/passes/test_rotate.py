@@ -301,3 +301,28 @@ def test_rotated_model_exports_to_onnx(dinov2_like, tmp_path):
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out), qm(x), rtol=0, atol=1e-4)
+
+
+def test_average_pooled_fc_norm_model_is_rotated(trace, make_ctx, run, qconfigs):
+    """timm's global_pool='avg' + fc_norm: the stream is pooled over tokens before the last
+    LayerNorm; pooling keeps the channels, so the stream reaches fc_norm rotated."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+        num_classes=10,
+        global_pool="avg",
+        fc_norm=True,
+        class_token=False,
+    ).eval()
+    stream = find_residual_stream(trace(model))
+    assert not isinstance(stream, str), stream
+    assert stream.final_norm.target == "fc_norm"
+    gm, ctx = split_graph(model, 32, trace, make_ctx, run, rotate_config(qconfigs))
+    gm = run(gm, ctx, Rotate())
+    assert ctx.report.passes[-1].output_qsnr_db >= NEUTRAL_DB
+    assert any("folded into head" in n for n in ctx.report.passes[-1].notes)
