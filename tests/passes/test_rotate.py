@@ -221,7 +221,7 @@ def test_rotate_must_run_before_smooth():
     "value, message",
     [
         ({"heads": 1}, "rotate.heads: expected true or false"),
-        ({"spin": True}, "rotate.spin: unknown key; allowed keys: residual, heads, seed"),
+        ({"spin": True}, "rotate.spin: unknown key; allowed keys: residual, heads, fc2, seed"),
         ({"seed": -1}, "rotate.seed: expected a non-negative integer"),
         ({"residual": False, "heads": False}, "write `rotate: false`"),
         ("hadamard", "rotate: expected true, false or a mapping"),
