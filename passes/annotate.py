@@ -23,6 +23,7 @@ from fxquant.errors import NodeError, QConfigError
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import propagate_shapes, shape_of
+from fxquant.ir.hf_names import HF_BLOCK_PATH, HF_LINEAR_RULES, HF_NORM_RULES, is_separate_qkv
 from fxquant.ir.meta import INPUT_POINT, MODULE, POINT, ROLE, WEIGHT
 from fxquant.ir.patterns import find_attention, submodule
 from fxquant.quant.points import QuantPoint
@@ -37,12 +38,14 @@ LINEAR_RULES = [
     (re.compile(r"(^|\.)patch_embed\.proj$"), "patch_embed"),
     (re.compile(r"^head(\.fc)?$|^head_dist$"), "head"),
     (re.compile(r"(^|\.)downsample\.reduction$"), "patch_merging"),
+    *HF_LINEAR_RULES,  # transformers' names for the same ops (fxquant/ir/hf_names.py)
 ]
 NORM_RULES = [
     (re.compile(r"(^|\.)norm1$"), "norm1"),
     (re.compile(r"(^|\.)norm2$"), "norm2"),
     (re.compile(r"(^|\.)downsample\.norm$"), "patch_merging_norm"),
     (re.compile(r"^(norm|fc_norm)$"), "final_norm"),
+    *HF_NORM_RULES,
 ]
 BLOCK_PATH = re.compile(r"(^|\.)blocks\.\d+$")
 ATTENTION_ROLES = {
@@ -69,7 +72,7 @@ def _is_residual_add(node: fx.Node) -> bool:
         and node.target in (operator.add, torch.add)
         and len(node.args) >= 2
         and all(isinstance(a, fx.Node) for a in node.args[:2])
-        and bool(BLOCK_PATH.search(node.meta.get(MODULE, "")))
+        and any(p.search(node.meta.get(MODULE, "")) for p in (BLOCK_PATH, HF_BLOCK_PATH))
     )
 
 
@@ -186,7 +189,15 @@ class Annotate(Pass):
             self.float_points.append(f"{node.name} ({group}.weight): float")
             return
         num_groups = None
-        if spec.granularity == "group_wise":
+        if group == "attn_qkv" and is_separate_qkv(path) and spec.granularity in ("group_wise", "head_wise"):
+            # transformers' Q, K, V are Linears of their own: one matrix is one group, its heads the head groups
+            if spec.granularity == "group_wise":
+                spec = spec.with_(granularity="layer_wise")
+            elif heads is None:
+                raise NodeError(node.name, f"{group}.weight: head_wise needs the attention's head count")
+            else:
+                num_groups = heads
+        elif spec.granularity == "group_wise":
             if group != "attn_qkv":
                 raise NodeError(
                     node.name, f"{group}.weight: group_wise needs a fused qkv weight; use layer_wise or channel_wise"

@@ -19,17 +19,19 @@ import torch.fx as fx
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.meta import POINT, copy_provenance
-from fxquant.ir.patterns import is_scale_transparent, scalar_mul
+from fxquant.ir.patterns import is_scale_transparent, scalar_mul, value_users
 from fxquant.runtime.fake_quant import ObserverModule, observer_nodes
 
 
 def _follow_transparent(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
-    """The first non-transparent node down a chain of single users, or None if it branches."""
+    """The first non-transparent node down a chain of single users (shape reads aside), or
+    None if it branches."""
     current = node
     while True:
-        if len(current.users) != 1:
+        users = value_users(current)
+        if len(users) != 1:
             return None
-        user = next(iter(current.users))
+        user = users[0]
         if not is_scale_transparent(gm, user) or user.args[0] is not current:
             return user
         current = user

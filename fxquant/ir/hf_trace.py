@@ -253,7 +253,9 @@ def _size_assert(gm: fx.GraphModule, size: tuple[int, int]) -> None:
         graph.call_function(torch._assert, (graph.call_function(operator.and_, (same_h, same_w)), message))
 
 
-def hf_trace(model: nn.Module, example: Optional[torch.Tensor] = None, *, leaves: Sequence[type] = ()) -> fx.GraphModule:
+def hf_trace(
+    model: nn.Module, example: Optional[torch.Tensor] = None, *, leaves: Sequence[type] = ()
+) -> fx.GraphModule:
     """Trace a transformers vision model (see the module docstring) on ``example`` (N, C, H, W);
     the default is a random batch at the config's image size."""
     name = type(model).__name__
