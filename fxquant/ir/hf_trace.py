@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -38,6 +39,7 @@ from torch import nn
 from torch.fx.node import map_aggregate
 
 from fxquant.errors import TraceError
+from fxquant.ir.hf_fold import fold_constants
 from fxquant.ir.meta import stamp_origins
 
 # family -> the model classes fxquant traces and maps onto its groups (tests/test_hf_models.py)
@@ -49,6 +51,8 @@ SUPPORTED_FAMILIES: dict[str, tuple[str, ...]] = {
 }
 _SUPPORTED = {name: family for family, names in SUPPORTED_FAMILIES.items() for name in names}
 EXAMPLE = "fxq.example"  # node.meta: the node's value on the example batch while tracing
+EXAMPLE_2 = "fxq.example_2"  # the same on a batch of another size (what the batch size changes)
+VARIES = "fxq.varies"  # node.meta: reads the input's values or a parameter (never folded to a constant)
 _DATA = "fxq.data_dependent"  # node.meta: the value depends on tensor values, not only on shapes
 _SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
 _SHAPE_METHODS = {"size", "dim", "numel", "type", "is_floating_point", "is_contiguous"}
@@ -94,8 +98,8 @@ def default_example(model: nn.Module) -> torch.Tensor:
     return torch.randn(2, getattr(config, "num_channels", 3), *size, generator=generator)
 
 
-def _value(arg: Any) -> Any:
-    return map_aggregate(arg, lambda a: a.node.meta[EXAMPLE] if isinstance(a, fx.Proxy) else a)
+def _value(arg: Any, key: str = EXAMPLE) -> Any:
+    return map_aggregate(arg, lambda a: a.node.meta[key] if isinstance(a, fx.Proxy) else a)
 
 
 def _nodes_in(arg: Any) -> list[fx.Node]:
@@ -135,13 +139,16 @@ class HfTracer(fx.Tracer):
     def __init__(self, example: torch.Tensor, leaves: Sequence[type]):
         super().__init__()
         self.example = example
+        self.examples = {EXAMPLE: example, EXAMPLE_2: torch.cat([example, example[:1]])}
         self.leaves = tuple(leaves)
         self._eager = False  # True while computing a value: module attributes and calls are real
         self.path_stack: list[str] = []
         self.failed_path: Optional[str] = None
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualified_name)
+        # only fxquant's leaves: other torch.nn modules (Swin's AdaptiveAvgPool1d, the pooler's
+        # Tanh) are traced into their functions, which a saved graph can hold
+        return isinstance(m, self.leaves) and not isinstance(m, nn.Sequential)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ConcreteProxy(node, self)
@@ -168,21 +175,24 @@ class HfTracer(fx.Tracer):
         node = proxy.node
         self._eager = True
         try:
-            node.meta[EXAMPLE] = self._compute(kind, target, _value(args), _value(kwargs))
+            for key, example in self.examples.items():
+                node.meta[key] = self._compute(kind, target, _value(args, key), _value(kwargs, key), example)
         finally:
             self._eager = False
         reads_shape = (kind == "call_function" and target is getattr and args[1] in _SHAPE_ATTRS) or (
             kind == "call_method" and target in _SHAPE_METHODS
         )
         inputs = _nodes_in((args, kwargs))
+        node.meta[VARIES] = kind == "placeholder" or isinstance(node.meta[EXAMPLE], nn.Parameter)
+        node.meta[VARIES] |= not reads_shape and any(n.meta.get(VARIES) for n in inputs)
         node.meta[_DATA] = kind == "call_method" and target in ("item", "tolist")
         if not reads_shape:
             node.meta[_DATA] |= any(n.meta.get(_DATA) or isinstance(n.meta.get(EXAMPLE), torch.Tensor) for n in inputs)
         return proxy
 
-    def _compute(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+    def _compute(self, kind: str, target: Any, args: tuple, kwargs: dict, example: torch.Tensor) -> Any:
         if kind == "placeholder":
-            return self.example
+            return example
         if kind == "get_attr":
             value: Any = self.root
             for part in target.split("."):
@@ -241,6 +251,26 @@ def _restore_attributes(model: nn.Module, saved: dict[str, dict]) -> None:
                     delattr(module, key)
 
 
+def _drop_noop_casts(graph: fx.Graph) -> int:
+    """Remove ``x.to(dtype)`` / ``x.float()`` that change neither dtype nor device on the
+    example (DINOv2 casts its input to the projection weight's dtype; eager attention casts
+    the probabilities back to the query's): no value changes, and the graph no longer reads a
+    parameter of a leaf module (which a saved graph could not hold)."""
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_method" or node.target not in ("to", "type", "float") or not node.args:
+            continue
+        source, before, after = node.args[0], None, node.meta.get(EXAMPLE)
+        if isinstance(source, fx.Node):
+            before = source.meta.get(EXAMPLE)
+        same = isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)
+        if same and before.dtype == after.dtype and before.device == after.device:
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+            removed += 1
+    return removed
+
+
 def _size_assert(gm: fx.GraphModule, size: tuple[int, int]) -> None:
     """An assert node: the graph is specialised to the traced image size (H, W)."""
     graph = gm.graph
@@ -260,9 +290,16 @@ def hf_trace(
     the default is a random batch at the config's image size."""
     name = type(model).__name__
     family = supported_family(model)
+    if family is None:
+        warnings.warn(
+            f"{name} is not one of the transformers families fxquant maps onto its groups ({families_text()}); "
+            "tracing it anyway: check report.float_points for the ops it leaves in float",
+            stacklevel=3,
+        )
     copied = copy.deepcopy(model).eval()
-    if hasattr(copied, "set_attn_implementation"):
-        copied.set_attn_implementation("sdpa")
+    config = getattr(copied, "config", None)
+    if getattr(copied, "_supports_sdpa", False) and getattr(config, "_attn_implementation", "sdpa") != "sdpa":
+        copied.set_attn_implementation("sdpa")  # the same attention as eager, one node for decompose_attention
     if example is None:
         example = default_example(copied)
     example = example[:2] if example.shape[0] >= 2 else torch.cat([example, example])  # batch 1 is no special case
@@ -285,10 +322,12 @@ def hf_trace(
     finally:
         copied.__class__ = base
         _restore_attributes(copied, saved)
-    for node in graph.nodes:
-        node.meta.pop(EXAMPLE, None)
-        node.meta.pop(_DATA, None)
+    _drop_noop_casts(graph)
     gm = fx.GraphModule(copied, graph, class_name=name + "Traced")
+    fold_constants(gm, EXAMPLE, EXAMPLE_2, VARIES)
+    for node in gm.graph.nodes:
+        for key in (EXAMPLE, EXAMPLE_2, VARIES, _DATA):
+            node.meta.pop(key, None)
     gm.graph.eliminate_dead_code()
     _, exact = hf_image_spec(copied)
     _size_assert(gm, exact or tuple(example.shape[2:4]))
