@@ -60,18 +60,27 @@ def _embeddings(timm_sd: dict) -> dict:
     }
 
 
+def _shape(timm_model) -> dict:
+    """The transformers config fields of a timm ViT: width, depth, heads, patch and image size."""
+    block = timm_model.blocks[0]
+    return dict(
+        hidden_size=timm_model.embed_dim, num_hidden_layers=len(timm_model.blocks),
+        num_attention_heads=block.attn.num_heads, patch_size=timm_model.patch_embed.patch_size[0],
+        image_size=timm_model.patch_embed.img_size[0], layer_norm_eps=block.norm1.eps, qkv_bias=True,
+    )  # fmt: skip
+
+
 def hf_dinov2_twin(timm_model) -> torch.nn.Module:
+    """transformers ``Dinov2Model`` holding the weights of a timm DINOv2 ViT (LayerScale, no registers)."""
     import transformers
 
-    config = transformers.Dinov2Config(
-        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14, image_size=224,
-        layer_norm_eps=1e-6, layerscale_value=1.0, mlp_ratio=4,
-    )  # fmt: skip
+    shape = _shape(timm_model)
+    config = transformers.Dinov2Config(**shape, layerscale_value=1.0, mlp_ratio=4)
     model = transformers.Dinov2Model(config).eval()
-    timm_sd = timm_model.state_dict()
+    timm_sd, depth = timm_model.state_dict(), shape["num_hidden_layers"]
     names = {"norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.o_proj", "mlp.fc1": "mlp.fc1"}
-    sd = {**_embeddings(timm_sd), **_split_blocks(timm_sd, 12, "encoder.layer", {**names, "mlp.fc2": "mlp.fc2"})}
-    for i in range(12):
+    sd = {**_embeddings(timm_sd), **_split_blocks(timm_sd, depth, "encoder.layer", {**names, "mlp.fc2": "mlp.fc2"})}
+    for i in range(depth):
         sd[f"encoder.layer.{i}.layer_scale1.lambda1"] = timm_sd[f"blocks.{i}.ls1.gamma"]
         sd[f"encoder.layer.{i}.layer_scale2.lambda1"] = timm_sd[f"blocks.{i}.ls2.gamma"]
     sd["embeddings.mask_token"] = model.state_dict()["embeddings.mask_token"]  # unused at inference
@@ -80,16 +89,16 @@ def hf_dinov2_twin(timm_model) -> torch.nn.Module:
 
 
 def hf_vit_twin(timm_model) -> torch.nn.Module:
+    """transformers ``ViTModel`` (no pooler) holding the weights of a timm ViT."""
     import transformers
 
-    config = transformers.ViTConfig(
-        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, image_size=224,
-        patch_size=16, layer_norm_eps=1e-6, qkv_bias=True,
-    )  # fmt: skip
+    shape = _shape(timm_model)
+    config = transformers.ViTConfig(**shape, intermediate_size=timm_model.blocks[0].mlp.fc1.out_features)
     model = transformers.ViTModel(config, add_pooling_layer=False).eval()
     names = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.o_proj"}
     names.update({"mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"})
-    sd = {**_embeddings(timm_model.state_dict()), **_split_blocks(timm_model.state_dict(), 12, "layers", names)}
+    depth = shape["num_hidden_layers"]
+    sd = {**_embeddings(timm_model.state_dict()), **_split_blocks(timm_model.state_dict(), depth, "layers", names)}
     model.load_state_dict(sd, strict=True)
     return model
 

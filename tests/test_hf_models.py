@@ -282,6 +282,29 @@ def test_cli_config_file_with_weights_and_bad_combinations(tmp_path, capsys):
     assert main([*args, "--hf-weights", str(tmp_path / "w.safetensors"), "--no-diff"]) == 0
     assert "ViTModel" in capsys.readouterr().out
     assert main([*args, "--model", "vit_tiny_patch16_224"]) == 2
-    assert "not both" in capsys.readouterr().err
+    assert "not allowed with argument" in capsys.readouterr().err
     assert main([*args, "--hf-weights", str(tmp_path / "missing.safetensors")]) == 2
     assert "--hf-weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["ViT", "DINOv2"])
+def test_timm_twin_with_the_same_weights_gives_the_same_answer(family):
+    """The same weights in timm and in transformers: the same FP32 features, and w8a8
+    compiles them to the same quantized features (bench/hf_twins.py does it on real DINOv2)."""
+    timm = pytest.importorskip("timm")
+    from bench.hf_twins import _features, hf_dinov2_twin, hf_vit_twin
+
+    torch.manual_seed(0)
+    if family == "ViT":
+        twin = timm.create_model("vit_base_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64,
+                                 num_heads=4, num_classes=0).eval()  # fmt: skip
+        model, size = hf_vit_twin(twin), 32
+    else:
+        twin = timm.create_model("vit_small_patch14_dinov2", img_size=28, depth=2, embed_dim=64, num_heads=4,
+                                 num_classes=0, init_values=0.1).eval()  # fmt: skip
+        model, size = hf_dinov2_twin(twin), 28
+    calib, x = images(8, size), images(4, size, seed=7)
+    torch.testing.assert_close(_features(model(x)), twin(x), rtol=1e-5, atol=1e-5)
+    ours = _features(fxquant.compile(model, "w8a8", calib_data=calib, diff_inputs=x[:1], progress=False)(x))
+    theirs = fxquant.compile(twin, "w8a8", calib_data=calib, diff_inputs=x[:1], progress=False)(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

@@ -141,8 +141,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_model_arguments(command: argparse.ArgumentParser) -> None:
     """What both subcommands need: the model, its weights, the qconfig and the calibration data."""
-    command.add_argument("--model", help="timm model name, e.g. vit_base_patch16_224 (or --hf-config)")
-    command.add_argument(
+    model = command.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", help="timm model name, e.g. vit_base_patch16_224 (or --hf-config)")
+    model.add_argument(
         "--hf-config",
         help="a Hugging Face transformers model instead of --model: a save_pretrained folder (its weights are "
         "loaded), a config.json (random init) or a hub name (needs network)",
@@ -171,8 +172,6 @@ def _add_diff_parser(sub) -> None:
 
 
 def _model_and_calibration(args: argparse.Namespace) -> tuple[torch.nn.Module, list[torch.Tensor]]:
-    if bool(args.model) == bool(args.hf_config):
-        raise CliError("give a model: either --model NAME (timm) or --hf-config PATH (transformers), not both")
     if args.hf_weights and not args.hf_config:
         raise CliError("--hf-weights needs --hf-config (the model's config.json or save_pretrained folder)")
     if args.hf_config:

@@ -34,6 +34,35 @@ def _substitute(user: fx.Node, node: fx.Node, value: Any) -> None:
     user.kwargs = map_aggregate(user.kwargs, swap)
 
 
+_RESHAPES = {"view", "reshape"}
+
+
+def drop_noop_reshapes(gm: fx.GraphModule, first: str, second: str) -> int:
+    """Remove views and reshapes that keep their input's shape on both example batches
+    (transformers' SDPA wrapper reshapes its output to the shape it has): the shape reads they
+    need (``attn_output.shape[0]``) go with them, so attn@V has one reader, as on timm."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        is_reshape = (node.op == "call_method" and node.target in _RESHAPES) or (
+            node.op == "call_function" and node.target is torch.reshape
+        )
+        source = node.args[0] if is_reshape and node.args else None
+        if not isinstance(source, fx.Node):
+            continue
+        same = all(
+            isinstance(node.meta.get(key), torch.Tensor)
+            and isinstance(source.meta.get(key), torch.Tensor)
+            and node.meta[key].shape == source.meta[key].shape
+            for key in (first, second)
+        )
+        if same:
+            node.replace_all_uses_with(source)
+            gm.graph.erase_node(node)
+            removed += 1
+    gm.graph.eliminate_dead_code()
+    return removed
+
+
 def fold_constants(gm: fx.GraphModule, first: str, second: str, varies: str) -> int:
     """Replace the constant nodes of ``gm`` read by non-constant ones (see the module
     docstring); ``first``/``second``/``varies`` name the node.meta keys the tracer filled.

@@ -39,7 +39,7 @@ from torch import nn
 from torch.fx.node import map_aggregate
 
 from fxquant.errors import TraceError
-from fxquant.ir.hf_fold import fold_constants
+from fxquant.ir.hf_fold import drop_noop_reshapes, fold_constants
 from fxquant.ir.meta import stamp_origins
 
 # family -> the model classes fxquant traces and maps onto its groups (tests/test_hf_models.py)
@@ -325,6 +325,7 @@ def hf_trace(
     _drop_noop_casts(graph)
     gm = fx.GraphModule(copied, graph, class_name=name + "Traced")
     fold_constants(gm, EXAMPLE, EXAMPLE_2, VARIES)
+    drop_noop_reshapes(gm, EXAMPLE, EXAMPLE_2)
     for node in gm.graph.nodes:
         for key in (EXAMPLE, EXAMPLE_2, VARIES, _DATA):
             node.meta.pop(key, None)
