@@ -308,3 +308,16 @@ def test_timm_twin_with_the_same_weights_gives_the_same_answer(family):
     ours = _features(fxquant.compile(model, "w8a8", calib_data=calib, diff_inputs=x[:1], progress=False)(x))
     theirs = fxquant.compile(twin, "w8a8", calib_data=calib, diff_inputs=x[:1], progress=False)(x)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_reads_the_image_processor_settings(tmp_path):
+    from fxquant.cli.hf_model import hf_data_config
+
+    model = hf_model("Dinov2Model")
+    processor = {"do_center_crop": True, "crop_size": {"height": 224, "width": 224}, "size": {"shortest_edge": 256},
+                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.2, 0.2, 0.2], "resample": 3}  # fmt: skip
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(processor))
+    config = hf_data_config(model, str(tmp_path))
+    assert config["input_size"] == (3, 224, 224) and config["crop_pct"] == 224 / 256
+    assert config["mean"] == (0.5, 0.5, 0.5) and config["interpolation"] == "bicubic"
+    assert hf_data_config(model, str(tmp_path / "none"))["input_size"] == (3, 28, 28)  # the config's size

@@ -90,15 +90,25 @@ def _pair(value) -> tuple[int, int]:
 
 
 def hf_data_config(model: torch.nn.Module, source: str) -> dict:
-    """timm's ``create_transform`` settings for this model's calibration images."""
+    """timm's ``create_transform`` settings for this model's calibration images: the folder's
+    ``preprocessor_config.json`` (its crop or resize size, mean, std), else the config's
+    image size and ImageNet mean and std."""
     config = model.config
     height, width = _pair(getattr(config, "image_size", 224))
     processor = Path(source) / "preprocessor_config.json"
     settings = json.loads(processor.read_text()) if processor.is_file() else {}
+    crop_pct = 1.0
+    crop, size = settings.get("crop_size"), settings.get("size")
+    if settings.get("do_center_crop") and isinstance(crop, dict) and "height" in crop:
+        height, width = int(crop["height"]), int(crop["width"])
+        if isinstance(size, dict) and "shortest_edge" in size:
+            crop_pct = min(height, width) / int(size["shortest_edge"])
+    elif isinstance(size, dict) and "height" in size:
+        height, width = int(size["height"]), int(size["width"])
     return {
         "input_size": (getattr(config, "num_channels", 3), height, width),
         "mean": tuple(settings.get("image_mean", IMAGENET_MEAN)),
         "std": tuple(settings.get("image_std", IMAGENET_STD)),
         "interpolation": "bicubic" if settings.get("resample") == 3 else "bilinear",
-        "crop_pct": 1.0,
+        "crop_pct": crop_pct,
     }
