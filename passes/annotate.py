@@ -23,7 +23,7 @@ from fxquant.errors import NodeError, QConfigError
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import propagate_shapes, shape_of
-from fxquant.ir.hf_names import HF_BLOCK_PATH, HF_LINEAR_RULES, HF_NORM_RULES, is_separate_qkv
+from fxquant.ir.hf_names import HF_BLOCK_PATH, HF_FAMILY_META, HF_LINEAR_RULES, HF_NORM_RULES, is_separate_qkv
 from fxquant.ir.meta import INPUT_POINT, MODULE, POINT, ROLE, WEIGHT
 from fxquant.ir.patterns import find_attention, submodule
 from fxquant.quant.points import QuantPoint
@@ -66,13 +66,13 @@ def _is_gelu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return isinstance(submodule(gm, node), nn.GELU) or (node.op == "call_function" and node.target is F.gelu)
 
 
-def _is_residual_add(node: fx.Node) -> bool:
+def _is_residual_add(node: fx.Node, blocks: tuple) -> bool:
     return (
         node.op == "call_function"
         and node.target in (operator.add, torch.add)
         and len(node.args) >= 2
         and all(isinstance(a, fx.Node) for a in node.args[:2])
-        and any(p.search(node.meta.get(MODULE, "")) for p in (BLOCK_PATH, HF_BLOCK_PATH))
+        and any(p.search(node.meta.get(MODULE, "")) for p in blocks)
     )
 
 
@@ -89,6 +89,8 @@ class Annotate(Pass):
         propagate_shapes(gm, ctx.diff_inputs)
         self.gm, self.ctx, self.float_points, self.seen_groups = gm, ctx, [], set()
         heads: dict[str, int] = {}
+        # transformers' blocks are `layers.N` / `layer.N`: only on a transformers graph (fxquant.ir.hf_trace)
+        blocks = (BLOCK_PATH, HF_BLOCK_PATH) if HF_FAMILY_META in gm.meta else (BLOCK_PATH,)
         for match in find_attention(gm):
             heads[match.module] = shape_of(match.q)[1]
             for role, group in ATTENTION_ROLES.items():
@@ -113,7 +115,7 @@ class Annotate(Pass):
                     self._norm_input(node, group)
             elif _is_gelu(gm, node):
                 self._activation(node, "mlp_gelu", attention=False)
-            elif _is_residual_add(node):
+            elif _is_residual_add(node, blocks):
                 self._activation(node, "residual", attention=False)
         if ctx.report is not None:
             ctx.report.float_points = list(self.float_points)

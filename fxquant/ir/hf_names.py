@@ -44,6 +44,8 @@ HF_NORM_RULES = [
     (re.compile(r"(^|\.)layernorm_after$"), "norm2"),
     (re.compile(r"^(\w+\.)?layernorm$"), "final_norm"),
 ]
+# gm.meta key hf_trace sets on a transformers graph: the model's family ("ViT", ...), None when unlisted
+HF_FAMILY_META = "fxq.hf_family"
 # a transformer block: its residual adds are the `residual` group
 HF_BLOCK_PATH = re.compile(_BLOCK + "$")
 _SEPARATE_QKV = re.compile(r"(^|\.)attention\.((q|k|v)_proj|(attention|self)\.(query|key|value))$")

@@ -40,6 +40,7 @@ from torch.fx.node import map_aggregate
 
 from fxquant.errors import TraceError
 from fxquant.ir.hf_fold import drop_noop_reshapes, fold_constants
+from fxquant.ir.hf_names import HF_FAMILY_META
 from fxquant.ir.meta import stamp_origins
 
 # family -> the model classes fxquant traces and maps onto its groups (tests/test_hf_models.py)
@@ -335,5 +336,5 @@ def hf_trace(
     gm.recompile()
     stamp_origins(gm.graph)
     gm.meta["fxq.model_name"] = name
-    gm.meta["fxq.hf_family"] = family
+    gm.meta[HF_FAMILY_META] = family
     return gm
