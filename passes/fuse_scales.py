@@ -19,19 +19,17 @@ import torch.fx as fx
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.meta import POINT, copy_provenance
-from fxquant.ir.patterns import is_scale_transparent, scalar_mul, value_users
+from fxquant.ir.patterns import is_scale_transparent, scalar_mul
 from fxquant.runtime.fake_quant import ObserverModule, observer_nodes
 
 
 def _follow_transparent(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
-    """The first non-transparent node down a chain of single users (shape reads aside), or
-    None if it branches."""
+    """The first non-transparent node down a chain of single users, or None if it branches."""
     current = node
     while True:
-        users = value_users(current)
-        if len(users) != 1:
+        if len(current.users) != 1:
             return None
-        user = users[0]
+        user = next(iter(current.users))
         if not is_scale_transparent(gm, user) or user.args[0] is not current:
             return user
         current = user

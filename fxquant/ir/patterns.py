@@ -88,19 +88,6 @@ def is_matmul(node: fx.Node) -> bool:
     )
 
 
-def reads_shape_only(node: fx.Node) -> bool:
-    """``x.shape`` / ``x.size()`` / ``x.dim()``: uses a tensor without reading its values."""
-    return (node.op == "call_function" and node.target is getattr and node.args[1:2] == ("shape",)) or (
-        node.op == "call_method" and node.target in ("size", "dim")
-    )
-
-
-def value_users(node: fx.Node) -> list[fx.Node]:
-    """The nodes that read ``node``'s values (its shape reads left out: transformers' code
-    reads ``query.shape[2]`` beside using the query)."""
-    return [user for user in node.users if not reads_shape_only(user)]
-
-
 def single_user(node: fx.Node) -> Optional[fx.Node]:
     """The one node reading ``node``; None when it has no reader or several."""
     return next(iter(node.users)) if len(node.users) == 1 else None
