@@ -96,7 +96,8 @@ def default_example(model: nn.Module) -> torch.Tensor:
     config = getattr(model, "config", None)
     size = _pair(getattr(config, "image_size", 224))
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(2, getattr(config, "num_channels", 3), *size, generator=generator)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return torch.randn(2, getattr(config, "num_channels", 3), *size, generator=generator).to(device)
 
 
 def _value(arg: Any, key: str = EXAMPLE) -> Any:
