@@ -81,7 +81,11 @@ def build_hf_model(source: str, weights: Optional[str], seed: int) -> tuple[torc
         try:
             load_checkpoint(model, weights, cls.__name__)
         except CliError as exc:
-            raise CliError(str(exc).replace("--checkpoint", "--hf-weights")) from None
+            hint = (
+                "; a file from another transformers version names its keys differently: give the "
+                "save_pretrained folder as --hf-config instead (transformers renames its keys when loading)"
+            )
+            raise CliError(str(exc).replace("--checkpoint", "--hf-weights") + hint) from None
     return model.eval(), cls.__name__
 
 
