@@ -119,7 +119,7 @@ def compile(  # noqa: A001 - the public name the design card asks for
     diff_inputs = tuple(diff_inputs)
     _check_inputs(model, example, diff_inputs)
 
-    gm = trace(model)
+    gm = trace(model, example_inputs=example)
     reference = copy.deepcopy(gm) if numeric_diff else gm  # only NumericDiff reads the reference
     report = Report(model=model_name or type(model).__name__, qconfig=config.name, backend=backend)
     ctx = PassContext(

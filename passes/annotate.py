@@ -23,6 +23,7 @@ from fxquant.errors import NodeError, QConfigError
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import propagate_shapes, shape_of
+from fxquant.ir.hf_names import HF_BLOCK_PATH, HF_FAMILY_META, HF_LINEAR_RULES, HF_NORM_RULES, is_separate_qkv
 from fxquant.ir.meta import INPUT_POINT, MODULE, POINT, ROLE, WEIGHT
 from fxquant.ir.patterns import find_attention, submodule
 from fxquant.quant.points import QuantPoint
@@ -38,12 +39,14 @@ LINEAR_RULES = [
     (re.compile(r"(^|\.)patch_embed\.proj$"), "patch_embed"),
     (re.compile(r"^head(\.fc)?$|^head_dist$"), "head"),
     (re.compile(r"(^|\.)downsample\.reduction$"), "patch_merging"),
+    *HF_LINEAR_RULES,  # transformers' names for the same ops (fxquant/ir/hf_names.py)
 ]
 NORM_RULES = [
     (re.compile(r"(^|\.)norm1$"), "norm1"),
     (re.compile(r"(^|\.)norm2$"), "norm2"),
     (re.compile(r"(^|\.)downsample\.norm$"), "patch_merging_norm"),
     (re.compile(r"^(norm|fc_norm)$"), "final_norm"),
+    *HF_NORM_RULES,
 ]
 BLOCK_PATH = re.compile(r"(^|\.)blocks\.\d+$")
 ATTENTION_ROLES = {
@@ -64,13 +67,13 @@ def _is_gelu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return isinstance(submodule(gm, node), nn.GELU) or (node.op == "call_function" and node.target is F.gelu)
 
 
-def _is_residual_add(node: fx.Node) -> bool:
+def _is_residual_add(node: fx.Node, blocks: tuple) -> bool:
     return (
         node.op == "call_function"
         and node.target in (operator.add, torch.add)
         and len(node.args) >= 2
         and all(isinstance(a, fx.Node) for a in node.args[:2])
-        and bool(BLOCK_PATH.search(node.meta.get(MODULE, "")))
+        and any(p.search(node.meta.get(MODULE, "")) for p in blocks)
     )
 
 
@@ -88,6 +91,8 @@ class Annotate(Pass):
         self.gm, self.ctx, self.float_points, self.seen_groups = gm, ctx, [], set()
         self.residual_adds: dict[str, int] = {}  # block path -> residual adds seen so far
         heads: dict[str, int] = {}
+        # transformers' blocks are `layers.N` / `layer.N`: only on a transformers graph (fxquant.ir.hf_trace)
+        blocks = (BLOCK_PATH, HF_BLOCK_PATH) if HF_FAMILY_META in gm.meta else (BLOCK_PATH,)
         for match in find_attention(gm):
             heads[match.module] = shape_of(match.q)[1]
             for role, group in ATTENTION_ROLES.items():
@@ -112,7 +117,7 @@ class Annotate(Pass):
                     self._norm_input(node, group)
             elif _is_gelu(gm, node):
                 self._activation(node, "mlp_gelu", attention=False)
-            elif _is_residual_add(node):
+            elif _is_residual_add(node, blocks):
                 self._activation(node, self._residual_group(node), attention=False)
         if ctx.report is not None:
             ctx.report.float_points = list(self.float_points)
@@ -196,7 +201,15 @@ class Annotate(Pass):
             self.float_points.append(f"{node.name} ({group}.weight): float")
             return
         num_groups = None
-        if spec.granularity == "group_wise":
+        if group == "attn_qkv" and is_separate_qkv(path) and spec.granularity in ("group_wise", "head_wise"):
+            # transformers' Q, K, V are Linears of their own: one matrix is one group, its heads the head groups
+            if spec.granularity == "group_wise":
+                spec = spec.with_(granularity="layer_wise")
+            elif heads is None:
+                raise NodeError(node.name, f"{group}.weight: head_wise needs the attention's head count")
+            else:
+                num_groups = heads
+        elif spec.granularity == "group_wise":
             if group != "attn_qkv":
                 raise NodeError(
                     node.name, f"{group}.weight: group_wise needs a fused qkv weight; use layer_wise or channel_wise"

@@ -20,6 +20,7 @@ from torch.nn.utils import skip_init
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import install_submodule, new_node, unique_attr
+from fxquant.ir.hf_names import is_separate_qkv
 from fxquant.ir.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE, WEIGHT, copy_provenance
 from fxquant.ir.patterns import single_user, submodule
 
@@ -85,11 +86,19 @@ class SplitQkv(Pass):
     contract = Contract(provides={Prop.QKV_SPLIT}, excludes={Prop.OBSERVED})
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        split = 0
         for node in list(gm.graph.nodes):
             ctx.current_node = node.name
             match = _match_fused_qkv(gm, node)
             if match is not None:
                 self._split(gm, match)
+                split += 1
+        separate = sum(1 for n in gm.graph.nodes if n.op == "call_module" and is_separate_qkv(str(n.target)))
+        if not split and separate:
+            ctx.note(
+                f"split_qkv: nothing to split, the model's Q, K and V are already separate Linears "
+                f"({separate}, transformers naming): the per-matrix attn_qkv specs apply to them directly"
+            )
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         return gm

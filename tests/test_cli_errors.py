@@ -153,7 +153,7 @@ def test_bad_numbers_are_refused_by_the_parser(argv, option, capsys, no_compile)
     "argv, fragment",
     [
         (["compile", "--model", MODEL, "--bogus"], "unrecognized arguments: --bogus"),
-        (["compile"], "required: --model"),
+        (["compile"], "one of the arguments --model --hf-config is required"),
         ([], "required: command"),
     ],
 )

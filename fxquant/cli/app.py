@@ -13,6 +13,7 @@ import fxquant
 from fxquant.cli.checkpoint import load_checkpoint
 from fxquant.cli.convert_command import add_convert_parser, run_convert
 from fxquant.cli.deploy import add_export_parser, add_run_parser, run_export, run_images
+from fxquant.cli.hf_model import build_hf_model, hf_data_config
 from fxquant.cli.inputs import (
     IMAGE_SUFFIXES,
     ArgumentParser,
@@ -53,12 +54,15 @@ def build_model(name: str, checkpoint: Optional[str], pretrained: bool, kwargs: 
     return model.eval()
 
 
-def calibration_batches(spec: str, model: torch.nn.Module, batch_size: int) -> list[torch.Tensor]:
-    """``random:N`` (seeded randn images) or a directory of images (timm's eval transform);
-    unreadable image files are skipped with a warning."""
+def calibration_batches(
+    spec: str, model: torch.nn.Module, batch_size: int, data_config: Optional[dict] = None
+) -> list[torch.Tensor]:
+    """``random:N`` (seeded randn images) or a directory of images (timm's eval transform,
+    with ``data_config`` when given, else the model's timm data config); unreadable image
+    files are skipped with a warning."""
     import timm.data
 
-    config = dict(timm.data.resolve_data_config({}, model=model))
+    config = dict(data_config or timm.data.resolve_data_config({}, model=model))
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img_size is not None:  # the model's own size wins over its pretrained config's
         config["input_size"] = (config["input_size"][0], *img_size)
@@ -90,7 +94,7 @@ def _random_images(spec: str, image_shape: tuple) -> torch.Tensor:
 def _parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="fxquant", description="Post-training quantization of ViTs with torch.fx")
     sub = parser.add_subparsers(dest="command", required=True)
-    comp = sub.add_parser("compile", help="quantize a timm model and report QSNR after every pass")
+    comp = sub.add_parser("compile", help="quantize a timm or transformers model; QSNR after every pass")
     _add_model_arguments(comp)
     comp.add_argument("--dump-dir", help="write NN_<pass>.py/.dot/.json after every pass here")
     comp.add_argument("--report", help="write the JSON report here")
@@ -139,7 +143,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_model_arguments(command: argparse.ArgumentParser) -> None:
     """What both subcommands need: the model, its weights, the qconfig and the calibration data."""
-    command.add_argument("--model", required=True, help="timm model name, e.g. vit_base_patch16_224")
+    model = command.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", help="timm model name, e.g. vit_base_patch16_224 (or --hf-config)")
+    model.add_argument(
+        "--hf-config",
+        help="a Hugging Face transformers model instead of --model: a save_pretrained folder (its weights are "
+        "loaded), a config.json (random init) or a hub name (needs network)",
+    )
+    command.add_argument("--hf-weights", help="with --hf-config: a .safetensors (or .pth) state dict to load")
     source = command.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="state dict (.pth/.pt) or .safetensors file to load")
     source.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs the hub)")
@@ -163,6 +174,15 @@ def _add_diff_parser(sub) -> None:
 
 
 def _model_and_calibration(args: argparse.Namespace) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    if args.hf_weights and not args.hf_config:
+        raise CliError("--hf-weights needs --hf-config (the model's config.json or save_pretrained folder)")
+    if args.hf_config:
+        given = {"--checkpoint": args.checkpoint, "--pretrained": args.pretrained, "--img-size": args.img_size}
+        timm_only = [option for option, value in {**given, "--num-classes": args.num_classes}.items() if value]
+        if timm_only:
+            raise CliError(f"{', '.join(timm_only)}: timm options; with --hf-config the config sets them")
+        model, args.model = build_hf_model(args.hf_config, args.hf_weights, args.seed)
+        return model, calibration_batches(args.calib, model, args.batch_size, hf_data_config(model, args.hf_config))
     kwargs = {k: v for k, v in (("img_size", args.img_size), ("num_classes", args.num_classes)) if v is not None}
     torch.manual_seed(args.seed)
     model = build_model(args.model, args.checkpoint, args.pretrained, kwargs)

@@ -219,6 +219,12 @@ class OnnxQuantConv2d(nn.Module):
 
 
 # ---------------------------------------------------------------------------- conversion
+def _output_names(gm: fx.GraphModule) -> list[str]:
+    """The keys of a dict output (a transformers model's ModelOutput fields), else ``output``."""
+    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    return [str(key) for key in output] if isinstance(output, dict) else [OUTPUT_NAME]
+
+
 class _Positional(nn.Module):
     """Calls the graph with positional inputs only: traced graphs carry optional arguments
     (timm's ``attn_mask``, ``is_causal``) that the TorchScript exporter would turn into inputs."""
@@ -337,7 +343,8 @@ def export_onnx(
     gm = to_exportable(qm)
     path = writable_path(Path(path))
     names = [INPUT_NAME] if len(example_inputs) == 1 else [f"{INPUT_NAME}_{i}" for i in range(len(example_inputs))]
-    dynamic_axes = {n: {0: "batch"} for n in [*names, OUTPUT_NAME]} if dynamic_batch else None
+    outputs = _output_names(gm)
+    dynamic_axes = {n: {0: "batch"} for n in [*names, *outputs]} if dynamic_batch else None
     failure, log = None, ""
     # the exporter's deprecation and tracer warnings are ignored; what it prints from C++ (the
     # whole TorchScript IR when it fails) is captured and, on failure, written beside the file
@@ -351,7 +358,7 @@ def export_onnx(
                 dynamo=False,
                 opset_version=opset,
                 input_names=names,
-                output_names=[OUTPUT_NAME],
+                output_names=outputs,
                 dynamic_axes=dynamic_axes,
                 do_constant_folding=True,
             )

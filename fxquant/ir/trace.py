@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxquant.errors import FxqError, TraceError
+from fxquant.ir.hf_trace import hf_image_spec, hf_trace, is_hf_model
 from fxquant.ir.meta import stamp_origins
 
 # Modules that stay one node: the ops fxquant quantizes or treats as a unit.
@@ -98,7 +99,13 @@ class ImageInput:
 
 def image_input(model: nn.Module) -> Optional[ImageInput]:
     """The input the first timm-style patch embedding (``img_size``, ``strict_img_size``,
-    ``proj``) of ``model`` accepts, or None when there is none to read it from."""
+    ``proj``) of ``model`` accepts (a transformers model: what its config asks for), or None
+    when there is none to read it from."""
+    if is_hf_model(model):
+        channels, size = hf_image_spec(model)
+        projection = "embeddings.patch_embeddings"
+        owner = next((p for p, _ in model.named_modules() if p.endswith(projection)), "")
+        return ImageInput(owner, channels, size) if channels is not None or size is not None else None
     for path, module in model.named_modules():
         if not all(hasattr(module, a) for a in ("img_size", "strict_img_size", "patch_size", "proj")):
             continue
@@ -189,14 +196,22 @@ def trace(
     keep_fused_attention: bool = False,
     leaf_modules: Sequence[type] = (),
     autowrap_functions: Iterable = (),
+    example_inputs: Optional[torch.Tensor] = None,
 ) -> fx.GraphModule:
     """Trace a copy of ``model`` (in eval mode) into a GraphModule.
 
     Every node gets ``meta["fxq.origin"]`` (its own name: this graph is the FP32 reference)
     and ``meta["fxq.module"]`` (the dotted path of the module it belongs to).
+
+    A Hugging Face ``transformers`` model (ViT, DeiT, DINOv2, Swin) goes through
+    :func:`fxquant.ir.hf_trace.hf_trace`, which runs ``example_inputs`` (an image batch; by
+    default a random one at the config's image size) while tracing: its graph is specialised
+    to that image size and returns the tensors of the model's ModelOutput as a dict.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if is_hf_model(model):
+        return hf_trace(model, example_inputs, leaves=LEAF_TYPES + tuple(leaf_modules))
     model_copy = copy.deepcopy(model).eval()
     if not keep_fused_attention:
         disable_fused_attention(model_copy)
