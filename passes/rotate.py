@@ -192,7 +192,8 @@ def _heads_layout(reshape: Optional[fx.Node], out_features: int, head_dim: int) 
     """The Linear's outputs are split as (..., heads, head_dim), head_dim fastest."""
     if reshape is None or head_dim <= 0 or out_features % head_dim:
         return False
-    tail = tuple(reshape.args[-2:])
+    sizes = reshape.args[1] if len(reshape.args) == 2 and isinstance(reshape.args[1], (tuple, list)) else reshape.args
+    tail = tuple(sizes[-2:])
     heads = out_features // head_dim
     return tail in ((heads, head_dim), (heads, -1), (-1, head_dim))
 

@@ -79,6 +79,8 @@ def selects_tokens(node: fx.Node) -> bool:
         index = node.args[1]
         if not isinstance(index, tuple):
             return isinstance(index, (int, slice))
+        if len(index) == 3 and index[2] == slice(None):  # x[:, 0, :]
+            index = index[:2]
         return len(index) < 3 and not any(i is Ellipsis or i is None for i in index)
     if node.op == "call_method" and node.target == "mean":
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)

@@ -326,3 +326,25 @@ def test_average_pooled_fc_norm_model_is_rotated(trace, make_ctx, run, qconfigs)
     gm = run(gm, ctx, Rotate())
     assert ctx.report.passes[-1].output_qsnr_db >= NEUTRAL_DB
     assert any("folded into head" in n for n in ctx.report.passes[-1].notes)
+
+
+def test_transformers_models_are_rotated_like_timm():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        image_size=32,
+        patch_size=8,
+        num_labels=10,
+    )
+    model = transformers.ViTForImageClassification(config).eval()
+    qconfig = {"extends": "w8a8", "rotate": True, "smooth_alpha": None}
+    qm = fxquant.compile(model, qconfig, calib_data=[images(32, 2, 1)])
+    record = qm.report.pass_record("rotate")
+    assert record.output_qsnr_db >= NEUTRAL_DB
+    assert sum("heads rotated (Q/K, V/proj)" in n for n in record.notes) == 2
+    assert any("folded into classifier" in n for n in record.notes)
+    assert any("residual stream (64 channels) rotated" in n for n in record.notes)
