@@ -13,7 +13,7 @@ thread. Each preset runs as a row per variant, the variant's keys written over t
 - ``+ bias_correction``, ``+ gptq``: one pass added to ``none``;
 - ``rotate``: residual stream and heads rotated, no SmoothQuant (rotated activations have no
   outlier channels left to smooth); ``rotate + fc2``: also the online Hadamard before fc2;
-- ``rotate + gptq``, ``rotate + gptq + bias_correction``.
+- ``rotate + gptq``, ``rotate + gptq + bias_correction``, ``rotate + fc2 + gptq + bias_correction``.
 
 The ``shipped`` column marks the variant the preset file now uses; the compile time and the
 recovery passes' own times are per row.
@@ -22,6 +22,7 @@ recovery passes' own times are per row.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -42,6 +43,10 @@ VARIANTS = [
     ("rotate + fc2", {**ROTATE, "rotate": {"fc2": True}}),
     ("rotate + gptq", {**ROTATE, "gptq": True}),
     ("rotate + gptq + bias_correction", {**ROTATE, "gptq": True, "bias_correction": True}),
+    (
+        "rotate + fc2 + gptq + bias_correction",
+        {**ROTATE, "rotate": {"fc2": True}, "gptq": True, "bias_correction": True},
+    ),
 ]
 PRESETS = ("w8a8", "w6a6", "w4a8", "int8_all", "w4a4")
 RECOVERY_PASSES = ("rotate", "gptq", "bias_correction")
@@ -60,6 +65,8 @@ def shipped_variant(preset: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--variants", default="", help="comma-separated variant labels (default: all)")
+    parser.add_argument("--section", default="recovery_ablation", help="BENCHMARKS.md section to write")
     parser.add_argument("--write", action="store_true", help="put the table into BENCHMARKS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -71,7 +78,8 @@ def main(argv=None) -> int:
     lines = [
         "## Accuracy recovery passes on DINOv2 ViT-S/14 (feature QSNR, CPU)",
         "",
-        f"Command: `python -m bench.recovery_ablation --write` ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+        f"Command: `python -m bench.recovery_ablation {' '.join(argv if argv is not None else sys.argv[1:])}` "
+        f"({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
         "1 thread, other jobs sharing the 2 cores: times are indicative). Protocol of the DINOv2 features section: "
         "photos 0-9 calibrate, photos 10-19 evaluate, fake backend. Variants are written over each preset "
         "(see the module docstring); `none` is round-to-nearest with SmoothQuant 0.5, the presets before the "
@@ -83,7 +91,10 @@ def main(argv=None) -> int:
     ]
     for preset in args.presets.split(","):
         shipped = shipped_variant(preset)
+        chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
         for label, keys in VARIANTS:
+            if chosen and label not in chosen:
+                continue
             config = {**fxquant.load_qconfig(preset).to_dict(), **keys}
             start = time.perf_counter()
             qm = fxquant.compile(model, config, calib_data=calib, diff_inputs=evaluation[:1], progress=False)
@@ -95,7 +106,7 @@ def main(argv=None) -> int:
             mark = "yes" if label == shipped else ""
             lines.append(f"| `{preset}` | {label} | {mark} | {db:.2f} | {seconds:.1f} | {per_pass} |")
             print(lines[-1], flush=True)
-    publish("recovery_ablation", "\n".join(lines), args.write)
+    publish(args.section, "\n".join(lines), args.write)
     return 0
 
 

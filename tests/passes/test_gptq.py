@@ -28,7 +28,9 @@ from fxquant.quant.recovery_config import GptqConfig
 from fxquant.runtime.fake_quant import QuantConv2d, QuantLinear
 from tests import tiny
 
-W4A8_GPTQ = {"extends": "w4a8", "gptq": True}
+# w4a8 as it shipped before the recovery passes (round-to-nearest, SmoothQuant), and with gptq alone
+W4A8_RTN = {"extends": "w4a8", "gptq": False, "rotate": False, "bias_correction": False, "smooth_alpha": 0.5}
+W4A8_GPTQ = {**W4A8_RTN, "gptq": True}
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +49,14 @@ def _compile(model, calib, qconfig, **kw):
 
 # ------------------------------------------------------------------------------ qconfig
 def test_gptq_key_true_mapping_false_and_round_trip():
-    assert load_qconfig("w4a8").recovery == {}
+    assert qconfig_from_dict(W4A8_RTN).recovery == {}
+    assert load_qconfig("w4a8").recovery["gptq"] == GptqConfig()  # the preset ships with it
     assert qconfig_from_dict(W4A8_GPTQ).recovery["gptq"] == GptqConfig()
     custom = qconfig_from_dict({"extends": "w4a8", "gptq": {"group_size": 64, "act_order": False}})
     assert custom.recovery["gptq"] == GptqConfig(damp=0.01, act_order=False, group_size=64, block_size=128)
     assert qconfig_from_dict(custom.to_dict()).recovery == custom.recovery
     off = qconfig_from_dict({**custom.to_dict(), "gptq": False})
-    assert off.recovery == {}
+    assert "gptq" not in off.recovery
 
 
 def test_gptq_is_inherited_through_extends(tmp_path):
@@ -61,7 +64,7 @@ def test_gptq_is_inherited_through_extends(tmp_path):
     base.write_text("extends: w4a8\ngptq: {damp: 0.05}\n")
     child = qconfig_from_dict({"extends": str(base)})
     assert child.recovery["gptq"].damp == 0.05
-    assert qconfig_from_dict({"extends": str(base), "gptq": None}).recovery == {}
+    assert "gptq" not in qconfig_from_dict({"extends": str(base), "gptq": None}).recovery
 
 
 @pytest.mark.parametrize(
@@ -83,7 +86,7 @@ def test_bad_gptq_values_name_the_key(value, message):
 def test_default_passes_add_gptq_only_when_asked():
     names = [p.name for p in default_passes("int", qconfig=qconfig_from_dict(W4A8_GPTQ))]
     assert names.index("gptq") == names.index("lower_log_int_softmax") + 1 < names.index("lower_integer")
-    assert "gptq" not in [p.name for p in default_passes("int", qconfig=load_qconfig("w4a8"))]
+    assert "gptq" not in [p.name for p in default_passes("int", qconfig=qconfig_from_dict(W4A8_RTN))]
     assert "gptq" not in [p.name for p in default_passes("fake")]
 
 
@@ -121,7 +124,7 @@ def test_sequential_runner_hook_changes_reach_the_later_nodes(setup):
 # -------------------------------------------------------------------------------- the pass
 def test_gptq_lowers_every_layers_error_and_raises_the_output_qsnr(setup):
     model, calib, held_out, ref = setup
-    rtn = _compile(model, calib, "w4a8")
+    rtn = _compile(model, calib, W4A8_RTN)
     gptq = _compile(model, calib, W4A8_GPTQ)
     assert [p.name for p in gptq.report.passes][-1] == "gptq"
     layers = {n.target for n in gptq.graph.nodes if n.op == "call_module"} & {
@@ -145,7 +148,7 @@ def test_gptq_records_and_integer_backend(setup):
     model, calib, held_out, ref = setup
     fake = _compile(model, calib, W4A8_GPTQ)
     integer = _compile(model, calib, W4A8_GPTQ, backend="int")
-    rtn_int = _compile(model, calib, "w4a8", backend="int")
+    rtn_int = _compile(model, calib, W4A8_RTN, backend="int")
     with torch.no_grad():
         assert qsnr_db(fake(held_out), integer(held_out)) > 25.0
         assert qsnr_db(ref, integer(held_out)) > qsnr_db(ref, rtn_int(held_out)) + 1.0
