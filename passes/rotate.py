@@ -120,17 +120,18 @@ def _rotate_embedding(gm: fx.GraphModule, stream: ResidualStream, q: torch.Tenso
             _set(module.bias, _f64(module.bias) @ q)
 
 
-def _head_after(gm: fx.GraphModule, norm_node: fx.Node) -> Optional[fx.Node]:
-    """The Linear the final norm reaches through token selection and pass-through modules only."""
+def _head_after(gm: fx.GraphModule, norm_node: fx.Node) -> tuple[Optional[fx.Node], fx.Node]:
+    """(the Linear the final norm reaches through token selection and pass-through modules
+    only, or None; the last node of that chain, where the features leave the rotated basis)."""
     node = norm_node
     while len(node.users) == 1:
         user = next(iter(node.users))
         if isinstance(submodule(gm, user), nn.Linear) and user.args[0] is node:
-            return user
-        if not (selects_tokens(user) or is_pass_through_module(gm, user)):
-            return None
+            return user, node
+        if not (selects_tokens(user) or is_pass_through_module(gm, user)) or user.op == "output":
+            break
         node = user
-    return None
+    return None, node
 
 
 def _unrotate_output(gm: fx.GraphModule, ctx: PassContext, stream: ResidualStream, q: torch.Tensor) -> fx.Node:
@@ -139,7 +140,7 @@ def _unrotate_output(gm: fx.GraphModule, ctx: PassContext, stream: ResidualStrea
     d = stream.width
     gamma = _f64(norm.weight) if norm.weight is not None else torch.ones(d, dtype=torch.float64)
     beta = _f64(norm.bias) if norm.bias is not None else torch.zeros(d, dtype=torch.float64)
-    head = _head_after(gm, final)
+    head, tail = _head_after(gm, final)
     if head is not None:
         _fold_reader(gm, final, [head], q)
         ctx.note(f"{final.name}: affine and inverse rotation folded into {head.name}")
@@ -150,10 +151,12 @@ def _unrotate_output(gm: fx.GraphModule, ctx: PassContext, stream: ResidualStrea
     _set(unrotate.bias, beta)
     path = unique_attr(gm, f"{final.target}_unrotate".replace(".", "_"))
     install_submodule(gm, path, unrotate)
-    with gm.graph.inserting_after(final):
-        node = new_node(gm.graph, "call_module", path, (final,), module=final.meta.get(MODULE, ""))
-    final.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
-    copy_provenance(final, node)
+    # after the token selection (the cls token only) and after any point on it, so the
+    # quantized features stay in the rotated basis
+    with gm.graph.inserting_after(tail):
+        node = new_node(gm.graph, "call_module", path, (tail,), module=final.meta.get(MODULE, ""))
+    tail.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    copy_provenance(tail, node)
     message = (
         f"{path} (float Linear): rotate's inverse rotation and {final.name}'s affine, "
         "restoring the output features' basis; no head Linear to fold it into"

@@ -134,9 +134,10 @@ def test_backbone_gets_a_float_unrotate_linear(dinov2_like, trace, make_ctx, run
     gm = run(gm, ctx, Rotate())
     assert ctx.report.passes[-1].output_qsnr_db >= NEUTRAL_DB
     (unrotate,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "norm_unrotate"]
-    assert unrotate.args == (node(gm, "norm"),)
+    # after x[:, 0] and the Identity fc_norm/head: on the cls token only, the model's output
+    assert unrotate.args == (node(gm, "head"),) and list(unrotate.users)[0].op == "output"
     assert node(gm, "norm").meta[ORIGIN] == "norm@rotate"
-    assert unrotate.meta[ORIGIN] == "norm"  # computes the original final norm's value
+    assert unrotate.meta[ORIGIN] == "head"  # computes the original model's output
     assert any("norm_unrotate (float Linear)" in line for line in ctx.report.float_points)
     for i in range(2):
         for j in (1, 2):
