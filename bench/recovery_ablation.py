@@ -41,6 +41,7 @@ VARIANTS = [
     ("+ gptq", {**OFF, "gptq": True}),
     ("rotate", ROTATE),
     ("rotate + fc2", {**ROTATE, "rotate": {"fc2": True}}),
+    ("rotate + bias_correction", {**ROTATE, "bias_correction": True}),
     ("rotate + gptq", {**ROTATE, "gptq": True}),
     ("rotate + gptq + bias_correction", {**ROTATE, "gptq": True, "bias_correction": True}),
     (

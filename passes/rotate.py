@@ -24,13 +24,12 @@ Runs after ``split_qkv`` and before ``smooth`` and the observers. FP32 output un
 to float rounding (a neutral pass: >= 100 dB or the pass fails). Nodes holding rotated
 values get ``<name>@rotate`` origins, so the diff pairs them with themselves. Where the
 graph has no pre-LN residual stream (Swin's stages change width), the residual part is
-skipped with the reason in the notes and a warning; heads are rotated wherever the
+skipped with the reason in the notes; heads are rotated wherever the
 attention's layout is recognized.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -318,7 +317,6 @@ class Rotate(Pass):
             stream = find_residual_stream(gm)
             if isinstance(stream, str):
                 ctx.note(f"residual stream not rotated: {stream}")
-                warnings.warn(f"rotate: residual stream not rotated: {stream}", stacklevel=2)
             else:
                 producers, stops = [], set()
                 self._rotate_stream(gm, ctx, stream, config.seed, producers, stops)
