@@ -11,7 +11,8 @@ training images 2000 .. 2000 + ``--calib`` (never test images). Evaluation: test
 interrupted run resumes; ``--write`` puts the table of every cached method into
 BENCHMARKS.md. Methods are preset names, ``name@int`` for the integer backend, or
 ``name-before`` for the preset as it shipped before the recovery passes (round-to-nearest,
-SmoothQuant 0.5, no rotate/gptq/bias_correction).
+SmoothQuant 0.5, no rotate/gptq/bias_correction), or ``name+key+key`` for a preset with
+recovery keys turned on (``w8a8+rotate+bias_correction``).
 """
 
 from __future__ import annotations
@@ -49,11 +50,20 @@ def knn_head(train_feats: torch.Tensor, train_labels: torch.Tensor, classes: int
 
 
 def qconfig_of(method: str):
+    """``preset``, ``preset-before`` or ``preset+key+key`` (recovery keys turned on, e.g.
+    ``w8a8+rotate+bias_correction``; ``rotate`` turns SmoothQuant off), then ``@int``."""
     name, _, _ = method.partition("@")
-    if name.endswith("-before"):
-        preset = name[: -len("-before")]
-        return {**fxquant.load_qconfig(preset).to_dict(), **BEFORE}
-    return name
+    preset, *keys = name.split("+")
+    if preset.endswith("-before"):
+        return {**fxquant.load_qconfig(preset[: -len("-before")]).to_dict(), **BEFORE}
+    if not keys:
+        return preset
+    config = fxquant.load_qconfig(preset).to_dict()
+    for key in keys:
+        config[key] = True
+        if key == "rotate":
+            config["smooth_alpha"] = None
+    return config
 
 
 def features_of(method: str, model, calib, test_x, cache_dir) -> dict:

@@ -13,7 +13,9 @@ order on the quantized graph (fxquant.ir.sequential), so each sees its upstream 
 corrected outputs. Runs on the fake-quant graph after ``gptq`` (when on) and before integer
 lowering, which folds the new bias into the int32 bias like any other.
 
-Notes: per layer, the largest correction relative to the bias's own magnitude.
+Notes: per layer, the largest correction relative to the bias's own magnitude. The bias
+before correction is kept (``float_bias``, not saved), so a point turned back to float by
+fxquant.debug / ``keep_float`` computes exactly the float layer.
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ class BiasCorrection(Pass):
             module = gm.get_submodule(str(node.target))
             shift = correction(module, [args[0] for args, _ in per_batch])
             biggest = float(shift.abs().max())
+            if getattr(module, "float_bias", None) is None:  # what fxquant.debug's float stand-in restores
+                before = module.bias.detach().clone() if module.bias is not None else torch.zeros_like(shift)
+                module.register_buffer("float_bias", before.to(module.weight.dtype), persistent=False)
             if module.bias is None:
                 module.bias = nn.Parameter(shift.to(module.weight.dtype))
                 versus = "the layer had no bias"

@@ -66,7 +66,19 @@ def _turn_off(module: nn.Module):
         raise FxqError(f"{type(module).__name__} has no float_weight (compiled by an older fxquant); recompile")
     quantized = module.weight
     module.weight = module.float_weight
-    return lambda: setattr(module, "weight", quantized)
+    float_bias = getattr(module, "float_bias", None)  # the bias before bias_correction
+    corrected = module.bias.detach().clone() if float_bias is not None else None
+    if float_bias is not None:
+        with torch.no_grad():
+            module.bias.copy_(float_bias)
+
+    def restore() -> None:
+        module.weight = quantized
+        if corrected is not None:
+            with torch.no_grad():
+                module.bias.copy_(corrected)
+
+    return restore
 
 
 @contextlib.contextmanager

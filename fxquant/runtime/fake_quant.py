@@ -102,6 +102,8 @@ def _weight_tensors(codes: TensorRule, bias: TensorRule) -> dict[str, TensorRule
         "weight": TensorRule((torch.float32,), like="weight_codes", required=True),
         "float_weight": TensorRule((torch.float32,), like="weight_codes"),
         "bias": bias,
+        # the bias before bias_correction shifted it (not persistent, like float_weight)
+        "float_bias": bias,
         "#weight_qparams.scale": TensorRule((torch.float32,), ndims=(0, 1), required=True),
         "#weight_qparams.zero_point": TensorRule((torch.float32,), like="#weight_qparams.scale", required=True),
     }

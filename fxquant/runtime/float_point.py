@@ -42,8 +42,11 @@ def float_stand_in(module: nn.Module) -> nn.Module:
         )
     else:
         conv = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    float_bias = getattr(module, "float_bias", None)  # the bias before bias_correction
+    if float_bias is not None and conv.bias is None:
+        conv.bias = nn.Parameter(torch.zeros_like(float_bias))
     with torch.no_grad():
         conv.weight.copy_(module.float_weight)
-        if module.bias is not None:
-            conv.bias.copy_(module.bias)
+        if conv.bias is not None:
+            conv.bias.copy_(float_bias if float_bias is not None else module.bias)
     return conv

@@ -15,8 +15,11 @@ import pytest
 import torch
 
 import fxquant
+from fxquant.analysis.fallback import keep_in_float
+from fxquant.analysis.isolated import only_enabled, quant_point_nodes
 from fxquant.errors import QConfigError
 from fxquant.infra.contracts import PipelineOrderError
+from fxquant.infra.neutrality import output_qsnr
 from fxquant.infra.pass_manager import PassManager
 from fxquant.passes import (
     Annotate,
@@ -110,3 +113,17 @@ def test_compile_runs_it_after_gptq_on_both_backends(vit, backend):
     assert names.index("gptq") + 1 == names.index("bias_correction")
     with torch.no_grad():
         assert torch.isfinite(qm(vit.image(2))).all()
+
+
+def test_points_turned_off_restore_the_uncorrected_bias(vit):
+    """fxquant.debug's float stand-ins and toggles undo the correction with the rounding."""
+    qconfig = {"extends": "w4a8", "gptq": False, "rotate": False, "bias_correction": True}
+    qm = fxquant.compile(vit.model, qconfig, calib_data=vit.calib())
+    x = vit.image(2, seed=7)
+    with torch.no_grad():
+        expected, before = vit.model(x), qm(x)
+        with only_enabled(qm, ()):
+            assert output_qsnr(expected, qm(x)) >= 100.0
+        assert torch.equal(before, qm(x))
+        names = [n.name for n in quant_point_nodes(qm)]
+        assert output_qsnr(expected, keep_in_float(qm, names)(x)) >= 100.0
