@@ -14,7 +14,9 @@ from fxquant.analysis.equivalence import measure_equivalence
 from fxquant.analysis.fallback import keep_most_sensitive
 from fxquant.analysis.instruments import GraphDump, NumericDiff, Timing
 from fxquant.analysis.numeric_diff import output_qsnr
+from fxquant.analysis.weight_coverage import weight_coverage
 from fxquant.errors import FxqError
+from fxquant.infra.contracts import Prop
 from fxquant.infra.pass_manager import Pass, PassContext, PassManager
 from fxquant.infra.records import PassRecord, Report
 from fxquant.ir.trace import check_image_input, trace
@@ -146,6 +148,12 @@ def compile(  # noqa: A001 - the public name the design card asks for
     with observer_progress(progress):  # the OMSE/KL range searches show a bar when they take long
         gm = fake_manager.run(gm, ctx)
     gm.report = report
+    if Prop.FAKE_QUANT in fake_manager.holds_after:  # weights are quantized (or not) by now
+        coverage = weight_coverage(gm, report.float_points)
+        report.weight_coverage = coverage.to_dict()
+        warning = coverage.warning()
+        if warning:
+            report.warnings.append(warning)
     gm.keep_float = []
     kept_notes = []
     if keep_float:

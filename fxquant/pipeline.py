@@ -16,6 +16,7 @@ from fxquant.passes import (
     FuseScales,
     Gptq,
     InsertObservers,
+    LinearModules,
     LowerFakeQuant,
     LowerInteger,
     LowerLogIntSoftmax,
@@ -45,6 +46,7 @@ def default_passes(backend: str = "fake", int_kernels: str = "portable", qconfig
         raise ValueError(f"int_kernels {int_kernels!r} is not one of {INT_KERNELS}")
     passes = [
         DecomposeAttention(),
+        LinearModules(),
         Annotate(),
         SplitQkv(),
         Smooth(),

@@ -24,7 +24,7 @@ from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import propagate_shapes, shape_of
 from fxquant.ir.meta import INPUT_POINT, MODULE, POINT, ROLE, WEIGHT
-from fxquant.ir.patterns import find_attention, submodule
+from fxquant.ir.patterns import find_attention, is_pass_through_module, submodule
 from fxquant.quant.points import QuantPoint
 from fxquant.quant.qconfig import ACT
 from fxquant.quant.qconfig_globs import check_globs
@@ -38,6 +38,8 @@ LINEAR_RULES = [
     (re.compile(r"^head(\.fc)?$|^head_dist$"), "head"),
     (re.compile(r"(^|\.)downsample\.reduction$"), "patch_merging"),
 ]
+# a Linear/Conv no rule above places: conv+BN attention projections, hybrid stems, position-bias MLPs
+OTHER_LINEAR = "linear"
 NORM_RULES = [
     (re.compile(r"(^|\.)norm1$"), "norm1"),
     (re.compile(r"(^|\.)norm2$"), "norm2"),
@@ -73,6 +75,44 @@ def _is_residual_add(node: fx.Node) -> bool:
     )
 
 
+def _is_token_pool(node: fx.Node) -> bool:
+    """``x.mean(dim=1)`` / ``torch.mean(x, 1)``: the pooled token a head reads."""
+    is_mean = (node.op == "call_method" and node.target == "mean") or (
+        node.op == "call_function" and node.target is torch.mean
+    )
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    return is_mean and dim in (1, (1,), [1])
+
+
+def _consumer_read(gm: fx.GraphModule, norm: fx.Node) -> fx.Node:
+    """What the head reads of the final norm: the class token ``x[:, 0]`` or the pooled token
+    when the norm's only way to a Linear goes through such a selection, else the norm itself.
+
+    The final norm's point is calibrated there: with LayerScale at random init the class
+    token stays ~1000x smaller than the patch tokens, and a range fitted to every token
+    rounds the one token the head reads to zero."""
+    node, read = norm, norm
+    while True:
+        users = [u for u in node.users if not _reads_shape_only(u)]
+        if len(users) != 1:
+            return norm
+        user = users[0]
+        if isinstance(submodule(gm, user), (nn.Linear, nn.Conv2d)):
+            return read
+        if is_pass_through_module(gm, user):
+            node = user
+        elif (user.op == "call_function" and user.target is operator.getitem) or _is_token_pool(user):
+            node = read = user
+        else:
+            return norm
+
+
+def _reads_shape_only(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is getattr) or (
+        node.op == "call_method" and node.target in ("size", "dim")
+    )
+
+
 class Annotate(Pass):
     name = "annotate"
     neutral = True
@@ -97,16 +137,14 @@ class Annotate(Pass):
             path = node.meta.get(MODULE, "")
             module = submodule(gm, node)
             if isinstance(module, (nn.Linear, nn.Conv2d)):
-                group = _match(LINEAR_RULES, path)
-                if group is None:
-                    self.float_points.append(f"{node.name} ({path}): matches no linear group")
-                    continue
+                group = _match(LINEAR_RULES, path) or OTHER_LINEAR
                 self._weight(node, group, module, heads.get(path.rsplit(".", 1)[0]))
                 self._point(node, group, "output", attention=False)
             elif isinstance(module, nn.LayerNorm):
                 group = _match(NORM_RULES, path)
                 if group is not None:
-                    self._activation(node, group, attention=False)
+                    read = _consumer_read(gm, node) if group == "final_norm" else node
+                    self._point(read, group, ACT, attention=False, module=path)
                     self._norm_input(node, group)
             elif _is_gelu(gm, node):
                 self._activation(node, "mlp_gelu", attention=False)

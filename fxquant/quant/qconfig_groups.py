@@ -21,7 +21,9 @@ __all__ = [
     "TOP_LEVEL_KEYS",
 ]
 
-LINEAR_GROUPS = ("patch_embed", "attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "head", "patch_merging")
+# ``linear``: every Linear/Conv2d no other group's name rule places (conv+BN attention
+# projections, hybrid stems, position-bias MLPs); weights only unless a preset says more
+LINEAR_GROUPS = ("patch_embed", "attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "head", "patch_merging", "linear")
 ACTIVATION_GROUPS = (
     "norm1",
     "norm2",
