@@ -14,7 +14,7 @@ from fxquant.analysis.equivalence import measure_equivalence
 from fxquant.analysis.fallback import keep_most_sensitive
 from fxquant.analysis.instruments import GraphDump, NumericDiff, Timing
 from fxquant.analysis.numeric_diff import output_qsnr
-from fxquant.analysis.weight_coverage import weight_coverage
+from fxquant.analysis.weight_coverage import no_activation_warning, weight_coverage
 from fxquant.errors import FxqError
 from fxquant.infra.contracts import Prop
 from fxquant.infra.pass_manager import Pass, PassContext, PassManager
@@ -151,9 +151,7 @@ def compile(  # noqa: A001 - the public name the design card asks for
     if Prop.FAKE_QUANT in fake_manager.holds_after:  # weights are quantized (or not) by now
         coverage = weight_coverage(gm, report.float_points)
         report.weight_coverage = coverage.to_dict()
-        warning = coverage.warning()
-        if warning:
-            report.warnings.append(warning)
+        report.warnings += [w for w in (coverage.warning(), no_activation_warning(gm, config)) if w]
     gm.keep_float = []
     kept_notes = []
     if keep_float:

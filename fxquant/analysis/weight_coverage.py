@@ -15,8 +15,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxquant.ir.meta import MODULE
-from fxquant.runtime.fake_quant import QUANTIZED_WEIGHT_TYPES
+from fxquant.quant.qconfig_groups import ACT, ACTIVATION_GROUPS, LINEAR_GROUPS
+from fxquant.runtime.fake_quant import QUANTIZED_WEIGHT_TYPES, FakeQuantize
 
 # below this share of quantized Linear/Conv weight elements, compile says so first
 MIN_QUANTIZED_SHARE = 0.9
@@ -89,6 +89,24 @@ def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
     return value
 
 
+def _stored_tensors(weight, hops: int = 3) -> list[fx.Node]:
+    """The ``get_attr`` nodes of at least 2 dimensions a functional weight is computed from
+    (``W * s``, ``W.t()``: up to ``hops`` function calls away, never through a module call)."""
+    found, todo, seen = [], [(weight, 0)] if isinstance(weight, fx.Node) else [], set()
+    while todo:
+        node, depth = todo.pop()
+        if node in seen or node.op in ("placeholder", "call_module") or depth > hops:
+            continue
+        seen.add(node)
+        if node.op == "get_attr":
+            meta = node.meta.get("tensor_meta")
+            if meta is None or len(getattr(meta, "shape", ())) >= 2:
+                found.append(node)
+        else:
+            todo.extend((arg, depth + 1) for arg in node.all_input_nodes)
+    return found
+
+
 def weight_coverage(gm: fx.GraphModule, float_points: list[str] = ()) -> WeightCoverage:
     """The quantized share of ``gm``'s Linear/Conv weights; ``float_points`` (the report's, one
     ``"<node> (<why>)"`` line per op left float) give the reasons."""
@@ -109,13 +127,29 @@ def weight_coverage(gm: fx.GraphModule, float_points: list[str] = ()) -> WeightC
                 coverage.by_choice += count if chosen else 0
         elif node.op == "call_function" and node.target in _FUNCTIONAL:
             weight = node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
-            if not isinstance(weight, fx.Node) or weight.op != "get_attr" or weight.target in seen:
-                continue
-            seen.add(weight.target)
-            count = _attr(gm, str(weight.target)).numel()
-            coverage.total += count
-            reason = (
-                f"called as {node.target.__name__}() on a stored weight, not as a module: only modules are quantized"
-            )
-            coverage.float_weights.append((node.meta.get(MODULE, "") or str(weight.target), count, reason))
+            for stored in _stored_tensors(weight):
+                if stored.target in seen:
+                    continue
+                seen.add(stored.target)
+                count = _attr(gm, str(stored.target)).numel()
+                coverage.total += count
+                how = "a stored weight" if stored is weight else "a weight computed at run time"
+                reason = f"called as {node.target.__name__}() on {how}, not as a module: only modules are quantized"
+                coverage.float_weights.append((str(stored.target), count, reason))
     return coverage
+
+
+def no_activation_warning(gm: fx.GraphModule, qconfig) -> str | None:
+    """A warning when ``qconfig`` quantizes activations but none of ``gm``'s ops got a point
+    (a model whose ops match none of the activation groups: only its weights are quantized)."""
+    if any(isinstance(m, FakeQuantize) for m in gm.modules()):
+        return None
+    wanted = [g for g in ACTIVATION_GROUPS if qconfig.spec_for(g, ACT) is not None]
+    wanted += [f"{g}.output" for g in LINEAR_GROUPS if qconfig.spec_for(g, "output") is not None]
+    if not wanted:
+        return None
+    return (
+        f"WARNING: no activation is quantized: {qconfig.name} quantizes {', '.join(wanted[:6])}"
+        f"{', ...' if len(wanted) > 6 else ''}, and no op of this model matched those groups "
+        "(LayerNorms, GELU, attention found by softmax(q @ k.transpose(-2, -1)) @ v); only weights are quantized"
+    )
