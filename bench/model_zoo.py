@@ -56,7 +56,7 @@ FAMILIES: dict[str, tuple[str, dict, int]] = {
         dict(depths=(1, 1), num_heads=(3, 6), img_size=(64, 64), embed_dim=48),
         64,
     ),
-    "levit": ("levit_128s", dict(img_size=64), 64),
+    "levit": ("levit_conv_128s", dict(img_size=64), 64),
     "efficientformer": ("efficientformer_l1", dict(depths=(1, 1, 1, 1)), 224),
     "efficientformer_v2": ("efficientformerv2_s0", dict(), 224),
     "pit": ("pit_ti_224", dict(img_size=64), 64),

@@ -26,7 +26,7 @@ from fxquant.infra.pass_manager import Pass
 from fxquant.infra.records import Report
 from fxquant.ir.meta import POINT
 from fxquant.pipeline import default_passes
-from fxquant.runtime.fake_quant import FakeQuantize, QuantLinear
+from fxquant.runtime.fake_quant import FakeQuantize, QuantConv2d, QuantLinear
 
 MIN_DB = 20.0
 MODELS = {
@@ -34,6 +34,7 @@ MODELS = {
     "eva": ("eva02_tiny_patch14_224", dict(depth=1, img_size=28, embed_dim=64, num_heads=2)),
     "swinv2": ("swinv2_tiny_window8_256", dict(depths=(1,), num_heads=(2,), embed_dim=32, img_size=32, window_size=4)),
     "levit": ("levit_128s", dict(img_size=32, depth=(1, 1, 1))),
+    "levit_conv": ("levit_conv_128s", dict(img_size=32, depth=(1, 1, 1))),
     "xcit": ("xcit_nano_12_p16_224", dict(depth=1, img_size=32, embed_dim=64, num_heads=2)),
     "deit3": ("deit3_small_patch16_224", dict(depth=1, img_size=32, embed_dim=64, num_heads=2)),
 }
@@ -91,14 +92,27 @@ def test_cosine_attention_with_position_bias_mlp(compiled):
     assert linears and all(qm.get_submodule(str(n.target)).point.group == "linear" for n in linears)
 
 
-def test_linear_batchnorm_attention_weights_are_quantized(compiled):
-    model, qm = compiled("levit")
+@pytest.mark.parametrize("key", ["levit", "levit_conv"])
+def test_batchnorm_projections_are_quantized(compiled, key):
+    """LeViT's Linear + BatchNorm (and 1x1 Conv + BatchNorm) projections carry none of the
+    timm ViT names; each gets the generic ``linear`` weight group."""
+    model, qm = compiled(key)
     _fully_quantized(qm)
-    count = sum(isinstance(m, nn.Linear) for m in model.modules())
-    assert sum(isinstance(m, QuantLinear) for m in qm.modules()) == count
+    layers = (nn.Linear, nn.Conv2d)
     assert qm.report.weight_coverage["quantized"] == sum(
-        m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+        m.weight.numel() for m in model.modules() if isinstance(m, layers)
     )
+    groups = {m.point.group for m in qm.modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+    assert "linear" in groups
+
+
+def test_attention_with_a_key_permuted_to_d_by_n_is_found(compiled):
+    """LeViT: ``k = kv.permute(0, 2, 3, 1)`` is already (B, H, D, N), ``q @ k`` then scaled:
+    the attention is still q @ kT, and its Q, K, scores and attn@V are quantized."""
+    _, qm = compiled("levit")
+    roles = [n.meta.get("fxq.role") for n in qm.graph.nodes]
+    assert {"attn_q", "attn_k", "attn_scores", "attn_out"} <= set(roles)
+    assert qm.report.warnings == []
 
 
 def test_cross_covariance_attention_compiles_and_skips_the_wrong_smoothing(compiled):
@@ -227,10 +241,10 @@ def test_fxquant_compile_prints_the_warning_first(monkeypatch, capsys):
 
 
 def test_a_model_with_no_activation_point_is_warned(compiled):
-    """LeViT's ops match no activation group of w8a8 (no LayerNorm, no GELU, attention whose
-    keys are permuted rather than transposed): its weights are quantized, and it says that
-    the activations are not."""
-    _, qm = compiled("levit")
+    """LeViT's conv variant matches no activation group of w8a8 (no LayerNorm, no GELU, and
+    attention written ``v @ softmax(qT @ k).transpose(-2, -1)``): its weights are quantized,
+    and it says first that its activations are not."""
+    _, qm = compiled("levit_conv")
     assert not any(isinstance(m, FakeQuantize) for m in qm.modules())
     assert any(w.startswith("WARNING: no activation is quantized") for w in qm.report.warnings)
     assert qm.report.table().splitlines()[1].startswith("WARNING: no activation is quantized")
