@@ -121,7 +121,7 @@ def compile(  # noqa: A001 - the public name the design card asks for
     diff_inputs = tuple(diff_inputs)
     _check_inputs(model, example, diff_inputs)
 
-    gm = trace(model)
+    gm = trace(model, example_input=example)
     reference = copy.deepcopy(gm) if numeric_diff else gm  # only NumericDiff reads the reference
     report = Report(model=model_name or type(model).__name__, qconfig=config.name, backend=backend)
     ctx = PassContext(
@@ -203,6 +203,12 @@ def _keep_float(
 def _trace_record(model: nn.Module, gm: fx.GraphModule, diff_inputs: tuple) -> PassRecord:
     """Pass 0: the traced graph against the user's model itself (tracing must be exact)."""
     record = PassRecord("trace")
+    specialized = gm.meta.get("fxq.specialized_input")
+    if specialized is not None:
+        record.notes.append(
+            f"traced with the calibration images' sizes (Python branches on tensor sizes): the graph "
+            f"accepts inputs of shape (N, {', '.join(map(str, specialized))}) only, any batch size N"
+        )
     if model.training:
         record.notes.append("model is in training mode: eager comparison skipped (tracing uses eval mode)")
         return record

@@ -80,6 +80,20 @@ def _owner_path(weight: fx.Node) -> str:
     return f"{parent}.{leaf}_linear" if parent else f"{leaf}_linear"
 
 
+def _erase_with_unused_inputs(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase ``node``, then whatever computed only its operands (the bias ``cat``, the weight's
+    ``get_attr``). Not ``eliminate_dead_code``: it would also drop a model's in-place ops
+    (NaFlexViT's ``x.add_(pos_embed)``), whose results nobody reads."""
+    todo = [node]
+    while todo:
+        dead = todo.pop()
+        if dead.users or dead.op not in ("call_function", "call_method", "get_attr"):
+            continue
+        inputs = dead.all_input_nodes
+        graph.erase_node(dead)
+        todo.extend(inputs)
+
+
 class LinearModules(Pass):
     name = "linear_modules"
     neutral = True
@@ -102,13 +116,12 @@ class LinearModules(Pass):
             with gm.graph.inserting_before(node):
                 call = new_node(gm.graph, "call_module", path, (x,), module=path, origin=node.meta.get(ORIGIN))
             node.replace_all_uses_with(call)
-            gm.graph.erase_node(node)
+            _erase_with_unused_inputs(gm.graph, node)
             ctx.note(
                 f"{node.name}: F.linear on {weight_node.target}"
                 + (" with a bias built at run time (folded)" if isinstance(bias_node, fx.Node) else "")
                 + f" is now the Linear '{path}'"
             )
-        gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
         gm.recompile()
         return gm

@@ -36,7 +36,7 @@ from fxquant.errors import NodeError
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.capture import capture_values
-from fxquant.ir.graph_utils import install_submodule, unique_attr
+from fxquant.ir.graph_utils import install_submodule, remove_dead_nodes, unique_attr
 from fxquant.ir.meta import CODES_OF, MODULE, ROLE
 from fxquant.ir.patterns import is_matmul, is_pass_through_module, submodule
 from fxquant.lowering.code_chains import (
@@ -93,7 +93,7 @@ class _Lowering:
             self._fuse_requantization(node)
         read_shapes_from_codes(self.result.points.values(), self.copies)
         self.result.fused_dequantize = fuse_softmax_dequantize(self.gm, self.result.points.values())
-        self.graph.eliminate_dead_code()
+        remove_dead_nodes(self.graph)
         self.gm.delete_all_unused_submodules()
         self.result.float_boundaries = float_boundaries(self.graph, self.result.points.values())
         return self.result

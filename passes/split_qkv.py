@@ -19,7 +19,7 @@ from torch.nn.utils import skip_init
 
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
-from fxquant.ir.graph_utils import install_submodule, new_node, unique_attr
+from fxquant.ir.graph_utils import install_submodule, new_node, remove_dead_nodes, unique_attr
 from fxquant.ir.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE, WEIGHT, copy_provenance
 from fxquant.ir.patterns import single_user, submodule
 
@@ -90,7 +90,7 @@ class SplitQkv(Pass):
             match = _match_fused_qkv(gm, node)
             if match is not None:
                 self._split(gm, match)
-        gm.graph.eliminate_dead_code()
+        remove_dead_nodes(gm.graph)
         gm.delete_all_unused_submodules()
         return gm
 

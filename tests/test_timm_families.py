@@ -26,6 +26,7 @@ from fxquant.infra.pass_manager import Pass
 from fxquant.infra.records import Report
 from fxquant.ir.meta import POINT
 from fxquant.pipeline import default_passes
+from fxquant.quant.quantizers import qsnr_db
 from fxquant.runtime.fake_quant import FakeQuantize, QuantConv2d, QuantLinear
 
 MIN_DB = 20.0
@@ -248,3 +249,23 @@ def test_a_model_with_no_activation_point_is_warned(compiled):
     assert not any(isinstance(m, FakeQuantize) for m in qm.modules())
     assert any(w.startswith("WARNING: no activation is quantized") for w in qm.report.warnings)
     assert qm.report.table().splitlines()[1].startswith("WARNING: no activation is quantized")
+
+
+def test_size_branches_trace_with_the_example_sizes():
+    """Twins branches on sizes in Python (``if pad_r > 0 or pad_b > 0``): plain symbolic tracing
+    fails there, so compile traces again with the calibration images' sizes. The batch stays
+    free (sizes that depend on it are read from the tensors at run time), the image size is
+    fixed, and the report says so."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "twins_svt_small", depths=(1, 1, 1, 1), img_size=32, embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4)
+    ).eval()
+    calib = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    qm = fxquant.compile(model, "w8a8", calib_data=calib, progress=False)
+    assert qm.meta["fxq.specialized_input"] == (3, 32, 32)
+    assert any("accepts inputs of shape (N, 3, 32, 32) only" in note for note in qm.report.pass_record("trace").notes)
+    _fully_quantized(qm)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            assert qsnr_db(model(x), qm(x)) > MIN_DB

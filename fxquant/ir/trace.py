@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxquant.errors import FxqError, TraceError
+from fxquant.ir.concrete_shapes import batch_example, with_values
 from fxquant.ir.meta import stamp_origins
 
 # Modules that stay one node: the ops fxquant quantizes or treats as a unit.
@@ -189,11 +190,17 @@ def trace(
     keep_fused_attention: bool = False,
     leaf_modules: Sequence[type] = (),
     autowrap_functions: Iterable = (),
+    example_input: Optional[torch.Tensor] = None,
 ) -> fx.GraphModule:
     """Trace a copy of ``model`` (in eval mode) into a GraphModule.
 
     Every node gets ``meta["fxq.origin"]`` (its own name: this graph is the FP32 reference)
     and ``meta["fxq.module"]`` (the dotted path of the module it belongs to).
+
+    ``example_input`` (an image batch): when symbolic tracing fails, e.g. on Python control
+    flow over tensor sizes, the model is traced again with the sizes of this input
+    (``fxquant.ir.concrete_shapes``): the graph then accepts that image size only, any batch
+    size; ``gm.meta["fxq.specialized_input"]`` holds the (C, H, W) it was specialised to.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -206,6 +213,19 @@ def trace(
     except TraceError:
         raise
     except Exception as exc:  # torch.fx raises many types; turn them into one clear message
+        if example_input is not None:
+            try:
+                fresh = copy.deepcopy(model).eval()  # the failed trace may have left proxies on modules
+                if not keep_fused_attention:
+                    disable_fused_attention(fresh)
+                shaped = with_values(_VitTracer, batch_example(example_input))(leaf_modules, autowrap_functions)
+                graph = shaped.trace(fresh, concrete_args=_concrete_defaults(fresh))
+                gm = _graph_module(model, fresh, graph, tuple(example_input.shape[1:]))
+                with torch.no_grad():
+                    gm(example_input[:1])  # the specialised graph must run, or the first error stands
+                return gm
+            except Exception:  # not a failure that the example's sizes resolve: report the first one
+                pass
         where = tracer.failed_path or "<top level>"
         owner = model_copy.get_submodule(tracer.failed_path) if tracer.failed_path else model_copy
         raise TraceError(
@@ -215,8 +235,14 @@ def trace(
             "(trace(..., leaf_modules=[ItsClass])) so it stays one float node, or wrap the "
             "offending function with torch.fx.wrap / autowrap_functions."
         ) from exc
+    return _graph_module(model, model_copy, graph, None)
+
+
+def _graph_module(model: nn.Module, model_copy: nn.Module, graph: fx.Graph, specialized) -> fx.GraphModule:
     readable_assert_messages(graph)
     gm = fx.GraphModule(model_copy, graph, class_name=type(model).__name__ + "Traced")
     stamp_origins(gm.graph)
     gm.meta["fxq.model_name"] = type(model).__name__
+    if specialized is not None:
+        gm.meta["fxq.specialized_input"] = specialized
     return gm
