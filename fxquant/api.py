@@ -122,6 +122,14 @@ def compile(  # noqa: A001 - the public name the design card asks for
     _check_inputs(model, example, diff_inputs)
 
     gm = trace(model, example_input=example)
+    specialized = gm.meta.get("fxq.specialized_input")
+    for index, value in enumerate(diff_inputs if specialized is not None else ()):
+        if tuple(value.shape[1:]) != specialized:
+            raise FxqError(
+                f"diff_inputs {index} has shape {tuple(value.shape)}, but {type(model).__name__} could only be "
+                f"traced for the calibration images' size (N, {', '.join(map(str, specialized))}): Python "
+                "branches on tensor sizes; give diff inputs of that size"
+            )
     reference = copy.deepcopy(gm) if numeric_diff else gm  # only NumericDiff reads the reference
     report = Report(model=model_name or type(model).__name__, qconfig=config.name, backend=backend)
     ctx = PassContext(

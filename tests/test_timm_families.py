@@ -22,6 +22,7 @@ from torch import nn
 
 import fxquant
 from fxquant.cli import main as cli_main
+from fxquant.errors import TraceError
 from fxquant.infra.pass_manager import Pass
 from fxquant.infra.records import Report
 from fxquant.ir.meta import POINT
@@ -269,3 +270,16 @@ def test_size_branches_trace_with_the_example_sizes():
         x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             assert qsnr_db(model(x), qm(x)) > MIN_DB
+
+
+def test_a_model_neither_trace_handles_is_refused_naming_the_module():
+    """ConViT's GPSA caches a tensor on the module in its first forward and branches on its size:
+    once the model has run (as a user's model has), it is refused with a TraceError naming the
+    module, and the retry with the input's sizes says why it failed too; no raw exception."""
+    torch.manual_seed(0)
+    model = timm.create_model("convit_tiny", depth=2, img_size=64, num_classes=10).eval()
+    calib = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(calib)
+    with pytest.raises(TraceError, match=r"module 'blocks\.0\.attn' \(GPSA\).*Traced again with the input's sizes"):
+        fxquant.compile(model, "w8a8", calib_data=calib, progress=False)

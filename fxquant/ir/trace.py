@@ -20,8 +20,11 @@ import torch.fx as fx
 from torch import nn
 
 from fxquant.errors import FxqError, TraceError
+from fxquant.ir.capture import flatten_tensors
 from fxquant.ir.concrete_shapes import batch_example, with_values
 from fxquant.ir.meta import stamp_origins
+
+SPECIALIZED_TOLERANCE = 1e-3  # a size-specialised trace must agree with the model to float rounding
 
 # Modules that stay one node: the ops fxquant quantizes or treats as a unit.
 LEAF_TYPES: tuple[type, ...] = (
@@ -221,11 +224,14 @@ def trace(
                 shaped = with_values(_VitTracer, batch_example(example_input))(leaf_modules, autowrap_functions)
                 graph = shaped.trace(fresh, concrete_args=_concrete_defaults(fresh))
                 gm = _graph_module(model, fresh, graph, tuple(example_input.shape[1:]))
-                with torch.no_grad():
-                    gm(example_input[:1])  # the specialised graph must run, or the first error stands
-                return gm
-            except Exception:  # not a failure that the example's sizes resolve: report the first one
-                pass
+                with torch.no_grad():  # the specialised graph must compute the model, or the first error stands
+                    expected = copy.deepcopy(model).eval()(example_input[:1])
+                    error = _relative_error(expected, gm(example_input[:1]))
+                if error <= SPECIALIZED_TOLERANCE:
+                    return gm
+                retry = f"its output differs from the model's by {error:.2g} (relative)"
+            except Exception as again:  # not a failure that the example's sizes resolve: report the first one
+                retry = f"{type(again).__name__}: {again}"
         where = tracer.failed_path or "<top level>"
         owner = model_copy.get_submodule(tracer.failed_path) if tracer.failed_path else model_copy
         raise TraceError(
@@ -234,8 +240,16 @@ def trace(
             "Data-dependent Python control flow cannot be traced: make that module a leaf "
             "(trace(..., leaf_modules=[ItsClass])) so it stays one float node, or wrap the "
             "offending function with torch.fx.wrap / autowrap_functions."
+            + (f" (Traced again with the input's sizes: {retry}.)" if example_input is not None else "")
         ) from exc
     return _graph_module(model, model_copy, graph, None)
+
+
+def _relative_error(expected, got) -> float:
+    pairs = list(zip(flatten_tensors(expected), flatten_tensors(got)))
+    if not pairs or any(a.shape != b.shape for a, b in pairs):
+        return float("inf")
+    return max(float((a - b).norm() / a.norm().clamp_min(1e-12)) for a, b in pairs)
 
 
 def _graph_module(model: nn.Module, model_copy: nn.Module, graph: fx.Graph, specialized) -> fx.GraphModule:
