@@ -119,6 +119,8 @@ def run_one(family: str) -> dict:
         row.update(error=f"{type(exc).__name__}: {_first_line(exc)}", seconds=time.perf_counter() - start)
         return row
     coverage = qm.report.weight_coverage
+    if qm.meta.get("fxq.specialized_input") is not None:  # Python branches on sizes: traced for this size
+        row["notes"].append("traced with the input's sizes")
     row.update(
         seconds=time.perf_counter() - start,
         share=coverage["quantized"] / coverage["total"] if coverage["total"] else 1.0,
