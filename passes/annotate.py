@@ -2,7 +2,9 @@
 
 A LayerNorm group may also quantize the norm's input (``norm1: {input: {...}}``), on
 the edge into the norm only. Groups are found by module path (``blocks.3.attn.qkv`` -> ``attn_qkv``) and, inside
-attention, by role (q, k, v, scores, probabilities, probs@v). The spec comes from the
+attention, by role (q, k, v, scores, probabilities, probs@v); a Linear/Conv2d that no path rule places is
+in the generic ``linear`` group; the final norm's point sits on what the head reads of it (the class
+token or the token mean). The spec comes from the
 qconfig after overrides and ``skip``; an op whose group has no spec stays float and is
 listed in ``report.float_points``. A ``skip`` or ``overrides`` glob that matches no module
 of the model fails the pass, naming the glob and the closest module paths.
