@@ -272,14 +272,46 @@ def test_size_branches_trace_with_the_example_sizes():
             assert qsnr_db(model(x), qm(x)) > MIN_DB
 
 
-def test_a_model_neither_trace_handles_is_refused_naming_the_module():
-    """ConViT's GPSA caches a tensor on the module in its first forward and branches on its size:
-    once the model has run (as a user's model has), it is refused with a TraceError naming the
-    module, and the retry with the input's sizes says why it failed too; no raw exception."""
+def test_convit_after_a_forward_compiles():
+    """ConViT's GPSA caches its relative indices on the module in the first forward and then
+    branches on their size (``if rel_indices.shape[1] != N``) and expands them by the batch:
+    a user's model that has run is traced with the input's sizes, the buffer as a node."""
     torch.manual_seed(0)
-    model = timm.create_model("convit_tiny", depth=2, img_size=64, num_classes=10).eval()
-    calib = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    model = timm.create_model("convit_tiny", depth=2, img_size=32, embed_dim=48, num_heads=2).eval()
+    calib = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         model(calib)
-    with pytest.raises(TraceError, match=r"module 'blocks\.0\.attn' \(GPSA\).*Traced again with the input's sizes"):
-        fxquant.compile(model, "w8a8", calib_data=calib, progress=False)
+    qm = fxquant.compile(model, "w8a8", calib_data=calib, progress=False)
+    assert qm.meta["fxq.specialized_input"] == (3, 32, 32)
+    _fully_quantized(qm)
+
+
+class ValueBranch(nn.Module):
+    """A branch on a tensor's values, which no trace can turn into a graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, kernel_size=4, stride=4)
+
+    def forward(self, x):
+        x = self.proj(x)
+        return x * 2 if x.mean() > 0 else x
+
+
+class ValueBranchModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = ValueBranch()
+        self.head = nn.Linear(8, 10)
+        self.eval()
+
+    def forward(self, x):
+        return self.head(self.stem(x).mean(dim=(2, 3)))
+
+
+def test_a_model_neither_trace_handles_is_refused_naming_the_module():
+    """Refused with a TraceError naming the module; the retry with the input's sizes says why
+    it failed too; no raw exception."""
+    calib = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(TraceError, match=r"module 'stem' \(ValueBranch\).*Traced again with the input's sizes: "):
+        fxquant.compile(ValueBranchModel(), "w8a8", calib_data=calib, progress=False)

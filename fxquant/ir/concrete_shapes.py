@@ -86,6 +86,10 @@ def with_values(tracer_class: type, example: torch.Tensor) -> type:
     """A subclass of ``tracer_class`` whose proxies carry their values on ``example``."""
 
     class ConcreteShapeTracer(tracer_class):
+        # a buffer read in forward is a get_attr node with its value, not a constant: a size
+        # argument that depends on the batch (``rel_indices.expand(B, ...)``) can then be a node
+        proxy_buffer_attributes = True
+
         def proxy(self, node: fx.Node) -> fx.Proxy:
             return ValueProxy(node, self)
 
