@@ -108,10 +108,12 @@ def test_batchnorm_projections_are_quantized(compiled, key):
     assert "linear" in groups
 
 
-def test_attention_with_a_key_permuted_to_d_by_n_is_found(compiled):
-    """LeViT: ``k = kv.permute(0, 2, 3, 1)`` is already (B, H, D, N), ``q @ k`` then scaled:
-    the attention is still q @ kT, and its Q, K, scores and attn@V are quantized."""
-    _, qm = compiled("levit")
+@pytest.mark.parametrize("key", ["levit", "levit_conv"])
+def test_attention_with_a_key_already_d_by_n_is_found(compiled, key):
+    """LeViT: ``k = kv.permute(0, 2, 3, 1)`` is already (B, H, D, N), ``q @ k`` then scaled;
+    LeViT-conv: ``q.transpose(-2, -1) @ k`` and ``v @ attn.transpose(-2, -1)``. Both are still
+    softmax(q @ kT) @ v: Q, K, V, the scores and the attention output are quantized."""
+    _, qm = compiled(key)
     roles = [n.meta.get("fxq.role") for n in qm.graph.nodes]
     assert {"attn_q", "attn_k", "attn_scores", "attn_out"} <= set(roles)
     assert qm.report.warnings == []
@@ -242,14 +244,29 @@ def test_fxquant_compile_prints_the_warning_first(monkeypatch, capsys):
     assert "stayed float" in lines[1] and lines[2].startswith("  mix (65536 weights): called as linear()")
 
 
-def test_a_model_with_no_activation_point_is_warned(compiled):
-    """LeViT's conv variant matches no activation group of w8a8 (no LayerNorm, no GELU, and
-    attention written ``v @ softmax(qT @ k).transpose(-2, -1)``): its weights are quantized,
-    and it says first that its activations are not."""
-    _, qm = compiled("levit_conv")
+class ConvReluHead(nn.Module):
+    """A conv stem, ReLU and a Linear head: no LayerNorm, GELU or attention for w8a8's
+    activation groups to find."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, 16, kernel_size=8, stride=8)
+        self.head = nn.Linear(16, 10)
+        self.eval()
+
+    def forward(self, x):
+        return self.head(torch.relu(self.patch_embed.proj(x)).mean(dim=(2, 3)))
+
+
+def test_a_model_with_no_activation_point_is_warned():
+    """Its weights are quantized, and it says first that no activation is."""
+    calib = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    qm = fxquant.compile(ConvReluHead(), "w8a8", calib_data=calib, progress=False)
+    assert qm.report.weight_coverage["quantized"] == qm.report.weight_coverage["total"] > 0
     assert not any(isinstance(m, FakeQuantize) for m in qm.modules())
-    assert any(w.startswith("WARNING: no activation is quantized") for w in qm.report.warnings)
-    assert qm.report.table().splitlines()[1].startswith("WARNING: no activation is quantized")
+    assert qm.report.table().splitlines()[1].startswith("WARNING: no activation is quantized: w8a8 quantizes")
 
 
 def test_size_branches_trace_with_the_example_sizes():

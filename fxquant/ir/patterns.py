@@ -154,7 +154,8 @@ def _permuted_key(q, k: fx.Node) -> bool:
 
 @dataclass
 class AttentionMatch:
-    """The explicit attention of one module: softmax(q*s @ kT (+bias)) @ v."""
+    """The explicit attention of one module: softmax(q*s @ kT (+bias)) @ v (or, LeViT-conv,
+    ``v @ softmax(...).transpose(-2, -1)``; ``k`` is then the already transposed key)."""
 
     module: str
     q: fx.Node  # the query tensor before the scale multiply (B, H, N, D)
@@ -195,21 +196,28 @@ def _match_from_softmax(gm: fx.GraphModule, softmax: fx.Node) -> Optional[Attent
         q, scale = found
     if isinstance(right, fx.Node) and is_transpose_last_two(right):
         k = right.args[0]
-    elif isinstance(right, fx.Node) and _permuted_key(q, right):
-        k = right  # LeViT: the key permuted straight to (B, H, D, N); it is its own point
+    elif isinstance(right, fx.Node) and (_permuted_key(q, right) or is_transpose_last_two(q)):
+        # LeViT: the key permuted straight to (B, H, D, N); LeViT-conv: q.transpose(-2, -1) @ k
+        # with q and k both (B, H, D, N). Either way k is its own point (heads on axis 1).
+        k = right
     else:
         return None
     probs = softmax
     while len(probs.users) == 1 and is_pass_through_module(gm, next(iter(probs.users))):
         probs = next(iter(probs.users))
     out = next((u for u in probs.users if is_matmul(u) and u.args[0] is probs), None)
-    if out is None:
-        return None
+    v = out.args[1] if out is not None else None
+    if out is None:  # LeViT-conv: v @ probs.transpose(-2, -1), the output (B, H, D, N)
+        turned = single_user(probs)
+        out = single_user(turned) if turned is not None and is_transpose_last_two(turned) else None
+        if out is None or not is_matmul(out) or out.args[1] is not turned:
+            return None
+        v = out.args[0]
     return AttentionMatch(
         module=module_path(scores),
         q=q,
         k=k,
-        v=out.args[1],
+        v=v,
         scale_mul=scale_mul,
         scale=scale,
         scores=scores,
