@@ -14,7 +14,9 @@ from fxquant.analysis.equivalence import measure_equivalence
 from fxquant.analysis.fallback import keep_most_sensitive
 from fxquant.analysis.instruments import GraphDump, NumericDiff, Timing
 from fxquant.analysis.numeric_diff import output_qsnr
+from fxquant.analysis.weight_coverage import no_activation_warning, weight_coverage
 from fxquant.errors import FxqError
+from fxquant.infra.contracts import Prop
 from fxquant.infra.pass_manager import Pass, PassContext, PassManager
 from fxquant.infra.records import PassRecord, Report
 from fxquant.ir.trace import check_image_input, trace
@@ -120,6 +122,14 @@ def compile(  # noqa: A001 - the public name the design card asks for
     _check_inputs(model, example, diff_inputs)
 
     gm = trace(model, example_inputs=example)
+    specialized = gm.meta.get("fxq.specialized_input")
+    for index, value in enumerate(diff_inputs if specialized is not None else ()):
+        if tuple(value.shape[1:]) != specialized:
+            raise FxqError(
+                f"diff_inputs {index} has shape {tuple(value.shape)}, but {type(model).__name__} could only be "
+                f"traced for the calibration images' size (N, {', '.join(map(str, specialized))}): Python "
+                "branches on tensor sizes; give diff inputs of that size"
+            )
     reference = copy.deepcopy(gm) if numeric_diff else gm  # only NumericDiff reads the reference
     report = Report(model=model_name or type(model).__name__, qconfig=config.name, backend=backend)
     ctx = PassContext(
@@ -146,6 +156,10 @@ def compile(  # noqa: A001 - the public name the design card asks for
     with observer_progress(progress):  # the OMSE/KL range searches show a bar when they take long
         gm = fake_manager.run(gm, ctx)
     gm.report = report
+    if Prop.FAKE_QUANT in fake_manager.holds_after:  # weights are quantized (or not) by now
+        coverage = weight_coverage(gm, report.float_points)
+        report.weight_coverage = coverage.to_dict()
+        report.warnings += [w for w in (coverage.warning(), no_activation_warning(gm, config)) if w]
     gm.keep_float = []
     kept_notes = []
     if keep_float:
@@ -197,6 +211,12 @@ def _keep_float(
 def _trace_record(model: nn.Module, gm: fx.GraphModule, diff_inputs: tuple) -> PassRecord:
     """Pass 0: the traced graph against the user's model itself (tracing must be exact)."""
     record = PassRecord("trace")
+    specialized = gm.meta.get("fxq.specialized_input")
+    if specialized is not None:
+        record.notes.append(
+            f"traced with the calibration images' sizes (Python branches on tensor sizes): the graph "
+            f"accepts inputs of shape (N, {', '.join(map(str, specialized))}) only, any batch size N"
+        )
     if model.training:
         record.notes.append("model is in training mode: eager comparison skipped (tracing uses eval mode)")
         return record

@@ -17,6 +17,7 @@ from fxquant.passes import (
     FuseScales,
     Gptq,
     InsertObservers,
+    LinearModules,
     LowerFakeQuant,
     LowerInteger,
     LowerLogIntSoftmax,
@@ -52,6 +53,7 @@ def default_passes(backend: str = "fake", int_kernels: str = "portable", qconfig
     recovery = qconfig.recovery if qconfig is not None else {}
     passes = [
         DecomposeAttention(),
+        LinearModules(),
         Annotate(),
         SplitQkv(),
         *([Rotate()] if recovery.get("rotate") is not None else []),

@@ -8,6 +8,7 @@ from fxquant.passes.fuse_int_attention import FuseIntAttention
 from fxquant.passes.fuse_scales import FuseScales
 from fxquant.passes.gptq import Gptq
 from fxquant.passes.insert_observers import InsertObservers
+from fxquant.passes.linear_modules import LinearModules
 from fxquant.passes.lower_fake_quant import LowerFakeQuant
 from fxquant.passes.lower_integer import LowerInteger
 from fxquant.passes.lower_log_int_softmax import LowerLogIntSoftmax
@@ -26,6 +27,7 @@ __all__ = [
     "FuseScales",
     "Gptq",
     "InsertObservers",
+    "LinearModules",
     "LowerFakeQuant",
     "LowerInteger",
     "LowerLogIntSoftmax",

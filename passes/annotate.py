@@ -2,7 +2,9 @@
 
 A LayerNorm group may also quantize the norm's input (``norm1: {input: {...}}``), on
 the edge into the norm only. Groups are found by module path (``blocks.3.attn.qkv`` -> ``attn_qkv``) and, inside
-attention, by role (q, k, v, scores, probabilities, probs@v). The spec comes from the
+attention, by role (q, k, v, scores, probabilities, probs@v); a Linear/Conv2d that no path rule places is
+in the generic ``linear`` group; the final norm's point sits on what the head reads of it (the class
+token or the token mean). The spec comes from the
 qconfig after overrides and ``skip``; an op whose group has no spec stays float and is
 listed in ``report.float_points``. A ``skip`` or ``overrides`` glob that matches no module
 of the model fails the pass, naming the glob and the closest module paths.
@@ -25,7 +27,7 @@ from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import propagate_shapes, shape_of
 from fxquant.ir.hf_names import HF_BLOCK_PATH, HF_FAMILY_META, HF_LINEAR_RULES, HF_NORM_RULES, is_separate_qkv
 from fxquant.ir.meta import INPUT_POINT, MODULE, POINT, ROLE, WEIGHT
-from fxquant.ir.patterns import find_attention, submodule
+from fxquant.ir.patterns import find_attention, is_pass_through_module, submodule
 from fxquant.quant.points import QuantPoint
 from fxquant.quant.qconfig import ACT
 from fxquant.quant.qconfig_globs import check_globs
@@ -41,6 +43,8 @@ LINEAR_RULES = [
     (re.compile(r"(^|\.)downsample\.reduction$"), "patch_merging"),
     *HF_LINEAR_RULES,  # transformers' names for the same ops (fxquant/ir/hf_names.py)
 ]
+# a Linear/Conv no rule above places: conv+BN attention projections, hybrid stems, position-bias MLPs
+OTHER_LINEAR = "linear"
 NORM_RULES = [
     (re.compile(r"(^|\.)norm1$"), "norm1"),
     (re.compile(r"(^|\.)norm2$"), "norm2"),
@@ -77,6 +81,44 @@ def _is_residual_add(node: fx.Node, blocks: tuple) -> bool:
     )
 
 
+def _is_token_pool(node: fx.Node) -> bool:
+    """``x.mean(dim=1)`` / ``torch.mean(x, 1)``: the pooled token a head reads."""
+    is_mean = (node.op == "call_method" and node.target == "mean") or (
+        node.op == "call_function" and node.target is torch.mean
+    )
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    return is_mean and dim in (1, (1,), [1])
+
+
+def _consumer_read(gm: fx.GraphModule, norm: fx.Node) -> fx.Node:
+    """What the head reads of the final norm: the class token ``x[:, 0]`` or the pooled token
+    when the norm's only way to a Linear goes through such a selection, else the norm itself.
+
+    The final norm's point is calibrated there: with LayerScale at random init the class
+    token stays ~1000x smaller than the patch tokens, and a range fitted to every token
+    rounds the one token the head reads to zero."""
+    node, read = norm, norm
+    while True:
+        users = [u for u in node.users if not _reads_shape_only(u)]
+        if len(users) != 1:
+            return norm
+        user = users[0]
+        if isinstance(submodule(gm, user), (nn.Linear, nn.Conv2d)):
+            return read
+        if is_pass_through_module(gm, user):
+            node = user
+        elif (user.op == "call_function" and user.target is operator.getitem) or _is_token_pool(user):
+            node = read = user
+        else:
+            return norm
+
+
+def _reads_shape_only(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is getattr) or (
+        node.op == "call_method" and node.target in ("size", "dim")
+    )
+
+
 class Annotate(Pass):
     name = "annotate"
     neutral = True
@@ -104,16 +146,14 @@ class Annotate(Pass):
             path = node.meta.get(MODULE, "")
             module = submodule(gm, node)
             if isinstance(module, (nn.Linear, nn.Conv2d)):
-                group = _match(LINEAR_RULES, path)
-                if group is None:
-                    self.float_points.append(f"{node.name} ({path}): matches no linear group")
-                    continue
+                group = _match(LINEAR_RULES, path) or OTHER_LINEAR
                 self._weight(node, group, module, heads.get(path.rsplit(".", 1)[0]))
                 self._point(node, group, "output", attention=False)
             elif isinstance(module, nn.LayerNorm):
                 group = _match(NORM_RULES, path)
                 if group is not None:
-                    self._activation(node, group, attention=False)
+                    read = _consumer_read(gm, node) if group == "final_norm" else node
+                    self._point(read, group, ACT, attention=False, module=path)
                     self._norm_input(node, group)
             elif _is_gelu(gm, node):
                 self._activation(node, "mlp_gelu", attention=False)

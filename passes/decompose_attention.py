@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from fxquant.errors import NodeError
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
-from fxquant.ir.graph_utils import new_node, propagate_shapes, shape_of
+from fxquant.ir.graph_utils import new_node, propagate_shapes, remove_dead_nodes, shape_of
 from fxquant.ir.meta import MODULE, copy_provenance
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
@@ -47,7 +47,7 @@ class DecomposeAttention(Pass):
         for node in nodes:
             ctx.current_node = node.name
             self._decompose(gm.graph, node)
-        gm.graph.eliminate_dead_code()
+        remove_dead_nodes(gm.graph)
         return gm
 
     def _decompose(self, graph: fx.Graph, node: fx.Node) -> None:

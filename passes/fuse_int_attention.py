@@ -36,7 +36,7 @@ import torch.fx as fx
 from fxquant.errors import NodeError
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
-from fxquant.ir.graph_utils import install_submodule, propagate_shapes, shape_of, unique_attr
+from fxquant.ir.graph_utils import install_submodule, propagate_shapes, remove_dead_nodes, shape_of, unique_attr
 from fxquant.ir.meta import CODES_OF, POINT, ROLE, copy_provenance
 from fxquant.ir.patterns import is_matmul, is_pass_through_module, is_softmax, single_user, softmax_dim, submodule
 from fxquant.runtime.int_attention import (
@@ -221,7 +221,7 @@ class FuseIntAttention(Pass):
         for match, constants in matches:
             self._fuse(gm, match, constants)
         if matches:
-            gm.graph.eliminate_dead_code()
+            remove_dead_nodes(gm.graph)
             gm.delete_all_unused_submodules()
             gm.recompile()
             ctx.note(

@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
+from fxquant.ir.graph_utils import remove_dead_nodes
 from fxquant.ir.meta import POINT, copy_provenance
 from fxquant.ir.patterns import is_scale_transparent, scalar_mul
 from fxquant.runtime.fake_quant import ObserverModule, observer_nodes
@@ -59,7 +60,7 @@ class FuseScales(Pass):
             found = scalar_mul(downstream) if downstream is not None else None
             if found is not None and found[0] is node:  # only a direct multiply: views keep their origins
                 self._fold_multiply(gm, node, module, downstream, found[1], ctx)
-        gm.graph.eliminate_dead_code()
+        remove_dead_nodes(gm.graph)
         gm.delete_all_unused_submodules()
         return gm
 

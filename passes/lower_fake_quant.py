@@ -69,10 +69,12 @@ class LowerFakeQuant(Pass):
         for node, module in observer_nodes(gm):
             ctx.current_node = node.name
             self._lower_observer(gm, node, module)
+        lowered: set[str] = set()  # a module called at several nodes (CoaT's shared conv) is quantized once
         for node in gm.graph.nodes:
             point = node.meta.get(WEIGHT)
-            if point is not None and node.op == "call_module":
+            if point is not None and node.op == "call_module" and str(node.target) not in lowered:
                 ctx.current_node = node.name
+                lowered.add(str(node.target))
                 module = gm.get_submodule(str(node.target))
                 gm.add_submodule(str(node.target), quantize_weight_module(module, point, node.name))
         return gm

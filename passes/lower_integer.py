@@ -36,7 +36,7 @@ from fxquant.errors import NodeError
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.capture import capture_values
-from fxquant.ir.graph_utils import install_submodule, unique_attr
+from fxquant.ir.graph_utils import install_submodule, remove_dead_nodes, unique_attr
 from fxquant.ir.meta import CODES_OF, MODULE, ROLE
 from fxquant.ir.patterns import is_matmul, is_pass_through_module, submodule
 from fxquant.lowering.code_chains import (
@@ -52,6 +52,7 @@ from fxquant.lowering.code_chains import (
     params_after,
     params_before,
     read_shapes_from_codes,
+    selection_to_point,
     trace_back,
 )
 from fxquant.lowering.nonfinite import guard_nonfinite
@@ -59,12 +60,7 @@ from fxquant.quant.ptf import ptf_layernorm_constants
 from fxquant.runtime.fake_quant import QUANTIZED_WEIGHT_TYPES, FakeQuantize, ObserverModule, QuantLinear
 from fxquant.runtime.float_point import FloatPoint
 from fxquant.runtime.int_layernorm import IntLayerNorm
-from fxquant.runtime.int_modules import (
-    DequantizeCodes,
-    IntLinear,
-    IntMatmul,
-    QuantizeCodes,
-)
+from fxquant.runtime.int_modules import DequantizeCodes, IntLinear, IntMatmul, QuantizeCodes
 from fxquant.runtime.integer import code_shift, exact_float_matmul_bound, exact_shift_matmul_bound
 from fxquant.runtime.log_int_softmax import LisShiftMatmul, LogIntSoftmax
 
@@ -97,7 +93,7 @@ class _Lowering:
             self._fuse_requantization(node)
         read_shapes_from_codes(self.result.points.values(), self.copies)
         self.result.fused_dequantize = fuse_softmax_dequantize(self.gm, self.result.points.values())
-        self.graph.eliminate_dead_code()
+        remove_dead_nodes(self.graph)
         self.gm.delete_all_unused_submodules()
         self.result.float_boundaries = float_boundaries(self.graph, self.result.points.values())
         return self.result
@@ -140,7 +136,8 @@ class _Lowering:
         if point_in is None:
             return  # a float input: LayerNorm stays float (the report's general note)
         module = submodule(self.gm, node)
-        users = list(node.users)
+        chain = selection_to_point(self.gm, node, self.by_codes)  # the final norm's point: the token the head reads
+        users = list((chain[-1] if chain else node).users)
         point_out = self.by_codes.get(users[0]) if len(users) == 1 else None
         reason = None
         if point_out is None or not point_out.per_tensor:
@@ -169,10 +166,12 @@ class _Lowering:
         )
         with self.graph.inserting_before(node):
             int_node = self.graph.call_module(path, (point_in.codes,))
+            for step in chain:  # the same selection, on the codes of every token
+                int_node = self.graph.node_copy(step, lambda arg, m={step.args[0]: int_node}: m.get(arg, arg))
         int_node.meta[MODULE], int_node.meta[CODES_OF] = node.meta.get(MODULE, ""), (point_out.name, point_out.shift)
         codes_node.replace_all_uses_with(int_node)
-        self.graph.erase_node(codes_node)
-        self.graph.erase_node(node)
+        for dead in (codes_node, *reversed(chain), node):
+            self.graph.erase_node(dead)
         del self.by_codes[codes_node]
         point_out.codes = int_node
         self.by_codes[int_node] = point_out

@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
+from fxquant.ir.graph_utils import remove_dead_nodes
 from fxquant.ir.meta import POINT, ROLE, copy_provenance
 from fxquant.ir.patterns import is_scale_transparent, is_softmax, softmax_dim, submodule
 from fxquant.runtime.fake_quant import FakeQuantize
@@ -71,7 +72,7 @@ class LowerLogIntSoftmax(Pass):
                 )
                 continue
             self._replace(gm, softmax, node, fq, scores, dim)
-        gm.graph.eliminate_dead_code()
+        remove_dead_nodes(gm.graph)
         gm.delete_all_unused_submodules()
         return gm
 

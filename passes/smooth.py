@@ -42,6 +42,7 @@ class _Pair:
     act: fx.Node  # the Linear input whose channels are smoothed (last dimension)
     producer: fx.Node  # LayerNorm or V Linear node whose parameters absorb 1/s
     consumers: list  # Linear nodes whose weight columns absorb s
+    v: Optional[fx.Node] = None  # attention's V operand, when the producer is the V Linear
 
 
 def _linear(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Linear]:
@@ -96,18 +97,39 @@ def _v_proj_pairs(gm: fx.GraphModule) -> list[_Pair]:
             node = user
         if v_linear is None or act is None or len(v_linear.users) != 1:
             continue
-        pairs.append(_Pair(act, v_linear, [next(iter(act.users))]))
+        pairs.append(_Pair(act, v_linear, [next(iter(act.users))], match.v))
     return pairs
 
 
+def _channel_mismatch(gm: fx.GraphModule, pair: _Pair, shapes: dict) -> Optional[str]:
+    """Why V's output channels are not attn@V's last axis one for one (None when they are).
+
+    The fold divides V's output channel c and multiplies the consumer's input column c: right
+    for timm's ``v: (B, H, N, D)``, ``(attn @ v).transpose(1, 2).reshape(B, N, C)``; wrong when
+    the V Linear still holds Q and K (a fused qkv that split_qkv did not split) or when attention
+    mixes channels instead of tokens (XCiT's cross-covariance attention: v is (B, H, D, N))."""
+    width = _linear(gm, pair.producer).out_features
+    act_width = shapes[pair.act.name][-1]
+    consumer_width = _linear(gm, pair.consumers[0]).in_features
+    if not width == act_width == consumer_width:
+        return f"V Linear {pair.producer.name} has {width} outputs, {pair.act.name} {act_width} channels"
+    v_shape = shapes.get(pair.v.name) if pair.v is not None else None
+    if v_shape is None or len(v_shape) != 4 or v_shape[1] * v_shape[3] != width:
+        return f"V {pair.v.name} has shape {tuple(v_shape or ())}, not (B, heads, N, {width} / heads)"
+    return None
+
+
 class _AbsMaxRecorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, watched: set[str]):
+    def __init__(self, gm: fx.GraphModule, watched: set[str], shaped: set[str] = frozenset()):
         super().__init__(gm)
-        self.watched = watched
+        self.watched, self.shaped = watched, watched | set(shaped)
         self.absmax: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, tuple] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
+        if n.name in self.shaped and isinstance(value, torch.Tensor):
+            self.shapes[n.name] = tuple(value.shape)
         if n.name in self.watched:
             amax = value.detach().abs().reshape(-1, value.shape[-1]).amax(dim=0)
             previous = self.absmax.get(n.name)
@@ -137,10 +159,18 @@ class Smooth(Pass):
         pairs = _norm_pairs(gm) + _v_proj_pairs(gm)
         if not pairs:
             return gm
-        recorder = _AbsMaxRecorder(gm, {p.act.name for p in pairs})
+        recorder = _AbsMaxRecorder(gm, {p.act.name for p in pairs}, {p.v.name for p in pairs if p.v is not None})
         with torch.no_grad():
             for batch in iter_batches(as_batches(ctx.calib_data)):
                 recorder.run(batch)
+        kept = []
+        for pair in pairs:
+            reason = _channel_mismatch(gm, pair, recorder.shapes) if pair.v is not None else None
+            if reason:  # folding would scale the wrong channels: leave this pair unsmoothed
+                ctx.note(f"{pair.act.name}: not smoothed ({reason})")
+            else:
+                kept.append(pair)
+        pairs = kept
         # under torchrun each rank saw its shard: the maxima over the whole set, on every rank
         absmax = {name: distributed.all_reduce_max(value) for name, value in sorted(recorder.absmax.items())}
         for pair in pairs:

@@ -19,7 +19,7 @@ from torch.nn.utils import skip_init
 
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
-from fxquant.ir.graph_utils import install_submodule, new_node, unique_attr
+from fxquant.ir.graph_utils import install_submodule, new_node, remove_dead_nodes, unique_attr
 from fxquant.ir.hf_names import is_separate_qkv
 from fxquant.ir.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, ROLE, WEIGHT, copy_provenance
 from fxquant.ir.patterns import single_user, submodule
@@ -99,7 +99,7 @@ class SplitQkv(Pass):
                 f"split_qkv: nothing to split, the model's Q, K and V are already separate Linears "
                 f"({separate}, transformers naming): the per-matrix attn_qkv specs apply to them directly"
             )
-        gm.graph.eliminate_dead_code()
+        remove_dead_nodes(gm.graph)
         gm.delete_all_unused_submodules()
         return gm
 

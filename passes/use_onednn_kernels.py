@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from fxquant.errors import NodeError
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
-from fxquant.ir.graph_utils import install_submodule
+from fxquant.ir.graph_utils import install_submodule, remove_dead_nodes
 from fxquant.ir.meta import CODES_OF
 from fxquant.ir.patterns import single_user, submodule
 from fxquant.lowering.code_chains import drop_origin, moves_elements, reads_shape
@@ -311,7 +311,7 @@ class UseOnednnKernels(Pass):
             if isinstance(module, IntMatmul) and module.requantizes:
                 module.use_float_requantization()
                 float_requant += 1
-        gm.graph.eliminate_dead_code()
+        remove_dead_nodes(gm.graph)
         gm.delete_all_unused_submodules()
         gm.recompile()
         gelu = sum("GELU" in k for k in kinds.values())

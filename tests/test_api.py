@@ -138,6 +138,7 @@ def test_neutral_passes_keep_fp32_output(request, which):
     report = request.getfixturevalue(which).qm.report
     assert set(NEUTRAL_PASSES) == {
         "decompose_attention",
+        "linear_modules",
         "annotate",
         "split_qkv",
         "smooth",

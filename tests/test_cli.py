@@ -18,6 +18,7 @@ BASE = ["compile", "--model", MODEL, "--img-size", "32", "--num-classes", "10", 
 PASSES = [
     "trace",
     "decompose_attention",
+    "linear_modules",
     "annotate",
     "split_qkv",
     "smooth",

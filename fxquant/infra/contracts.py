@@ -23,6 +23,7 @@ class Prop(str, Enum):
     """A property of the graph that passes provide and rely on."""
 
     ATTENTION_EXPLICIT = "attention_explicit"  # no fused SDPA call left: scores and probabilities are nodes
+    LINEARS_AS_MODULES = "linears_as_modules"  # F.linear on a module's own weight is a call of an nn.Linear
     ANNOTATED = "annotated"  # ops carry their quantization points (fxq.point / fxq.weight meta)
     QKV_SPLIT = "qkv_split"  # fused qkv Linears are three Linears with their own points
     ROTATED = "rotated"  # residual stream and attention heads rotated by orthogonal matrices folded into weights

@@ -66,6 +66,8 @@ class Report:
     float_points: list[str] = field(default_factory=list)  # annotated ops left in float, and why
     notes: list[str] = field(default_factory=list)  # what passes decided (shared scales, folds)
     keep_float: list[str] = field(default_factory=list)  # points left in float by compile(keep_float=K)
+    warnings: list[str] = field(default_factory=list)  # what a user must read first (e.g. most weights float)
+    weight_coverage: Optional[dict] = None  # quantized/total Linear/Conv weight elements, the float ones and why
 
     def pass_record(self, name: str) -> PassRecord:
         for record in self.passes:
@@ -107,7 +109,10 @@ class Report:
             "float_points": list(self.float_points),
             "notes": list(self.notes),
             "keep_float": list(self.keep_float),
+            "warnings": list(self.warnings),
         }
+        if self.weight_coverage is not None:
+            out["weight_coverage"] = self.weight_coverage
         drop = self.first_drop()
         if drop is not None:
             out["first_drop"] = _drop_for_json(drop)
@@ -151,6 +156,8 @@ class Report:
             list(data.get("float_points", [])),
             list(data.get("notes", [])),
             list(data.get("keep_float", [])),
+            list(data.get("warnings", [])),
+            data.get("weight_coverage"),
         )
 
     @classmethod
@@ -165,6 +172,7 @@ class Report:
 
     def table(self, worst: int = 8) -> str:
         lines = [f"fxquant report: model={self.model} qconfig={self.qconfig} backend={self.backend}"]
+        lines += self.warnings  # before anything else: the user may be holding a mostly float model
         line = self.first_drop_line()
         if line:  # the first thing a reader needs, before the table
             lines.append(line)

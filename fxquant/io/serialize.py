@@ -91,6 +91,8 @@ def _report_dict(report: Report) -> dict:
         "float_points": report.float_points,
         "notes": report.notes,
         "keep_float": report.keep_float,
+        "warnings": report.warnings,
+        "weight_coverage": report.weight_coverage,
     }
 
 
@@ -345,4 +347,6 @@ def _report_from(raw: dict) -> Report:
         float_points=list(raw["float_points"]),
         notes=list(raw["notes"]),
         keep_float=list(raw["keep_float"]),
+        warnings=list(raw.get("warnings", [])),  # files written before the weight coverage have neither
+        weight_coverage=raw.get("weight_coverage"),
     )

@@ -11,6 +11,23 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxquant.ir.meta import MODULE, ORIGIN
 
 
+def writes_in_place(node: fx.Node) -> bool:
+    """``x.add_(y)``, ``torch.relu_(x)``: the op changes its input; its result may go unread."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return (
+        node.op in ("call_method", "call_function")
+        and isinstance(name, str)
+        and name.endswith("_")
+        and not name.startswith("__")
+    )
+
+
+def remove_dead_nodes(graph: fx.Graph) -> bool:
+    """``graph.eliminate_dead_code()`` that keeps in-place ops whose results nobody reads
+    (NaFlexViT adds its position embedding with ``x.add_(...)``); True when a node was removed."""
+    return graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or writes_in_place(n))
+
+
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple) -> None:
     """Fill ``node.meta['tensor_meta']`` by running the graph once on ``inputs``."""
     with torch.no_grad():

@@ -130,9 +130,32 @@ def scalar_mul(node: fx.Node) -> Optional[tuple[fx.Node, float]]:
     return None
 
 
+def _permute_dims(node) -> Optional[tuple]:
+    if not isinstance(node, fx.Node) or not (
+        (node.op == "call_method" and node.target == "permute") or node.target is torch.permute
+    ):
+        return None
+    dims = node.args[1:] if len(node.args) > 2 else node.args[1] if len(node.args) == 2 else ()
+    return tuple(dims) if all(isinstance(d, int) for d in dims) else None
+
+
+def _permuted_key(q, k: fx.Node) -> bool:
+    """q and k are permutes of same-layout tensors whose last two axes come out swapped:
+    ``q = t.permute(0, 2, 1, 3)``, ``k = u.permute(0, 2, 3, 1)``, so q @ k is q @ kT."""
+    q_dims, k_dims = _permute_dims(q), _permute_dims(k)
+    return (
+        q_dims is not None
+        and k_dims is not None
+        and len(q_dims) == len(k_dims) >= 3
+        and q_dims[:-2] == k_dims[:-2]
+        and q_dims[-2:] == k_dims[-2:][::-1]
+    )
+
+
 @dataclass
 class AttentionMatch:
-    """The explicit attention of one module: softmax(q*s @ kT (+bias)) @ v."""
+    """The explicit attention of one module: softmax(q*s @ kT (+bias)) @ v (or, LeViT-conv,
+    ``v @ softmax(...).transpose(-2, -1)``; ``k`` is then the already transposed key)."""
 
     module: str
     q: fx.Node  # the query tensor before the scale multiply (B, H, N, D)
@@ -166,25 +189,35 @@ def _match_from_softmax(gm: fx.GraphModule, softmax: fx.Node) -> Optional[Attent
     if not isinstance(scores, fx.Node):
         return None
     left, right = scores.args[:2]
-    if not (isinstance(right, fx.Node) and is_transpose_last_two(right)):
-        return None
-    k = right.args[0]
     scale_mul, scale, q = None, 1.0, left
     found = scalar_mul(left) if isinstance(left, fx.Node) else None
     if found is not None:
         scale_mul = left
         q, scale = found
+    if isinstance(right, fx.Node) and is_transpose_last_two(right):
+        k = right.args[0]
+    elif isinstance(right, fx.Node) and (_permuted_key(q, right) or is_transpose_last_two(q)):
+        # LeViT: the key permuted straight to (B, H, D, N); LeViT-conv: q.transpose(-2, -1) @ k
+        # with q and k both (B, H, D, N). Either way k is its own point (heads on axis 1).
+        k = right
+    else:
+        return None
     probs = softmax
     while len(probs.users) == 1 and is_pass_through_module(gm, next(iter(probs.users))):
         probs = next(iter(probs.users))
     out = next((u for u in probs.users if is_matmul(u) and u.args[0] is probs), None)
-    if out is None:
-        return None
+    v = out.args[1] if out is not None else None
+    if out is None:  # LeViT-conv: v @ probs.transpose(-2, -1), the output (B, H, D, N)
+        turned = single_user(probs)
+        out = single_user(turned) if turned is not None and is_transpose_last_two(turned) else None
+        if out is None or not is_matmul(out) or out.args[1] is not turned:
+            return None
+        v = out.args[0]
     return AttentionMatch(
         module=module_path(scores),
         q=q,
         k=k,
-        v=out.args[1],
+        v=v,
         scale_mul=scale_mul,
         scale=scale,
         scores=scores,

@@ -21,7 +21,11 @@ from torch import nn
 
 from fxquant.errors import FxqError, TraceError
 from fxquant.ir.hf_trace import hf_image_spec, hf_trace, is_hf_model
+from fxquant.ir.capture import flatten_tensors
+from fxquant.ir.concrete_shapes import batch_example, with_values
 from fxquant.ir.meta import stamp_origins
+
+SPECIALIZED_TOLERANCE = 1e-3  # a size-specialised trace must agree with the model to float rounding
 
 # Modules that stay one node: the ops fxquant quantizes or treats as a unit.
 LEAF_TYPES: tuple[type, ...] = (
@@ -207,6 +211,11 @@ def trace(
     :func:`fxquant.ir.hf_trace.hf_trace`, which runs ``example_inputs`` (an image batch; by
     default a random one at the config's image size) while tracing: its graph is specialised
     to that image size and returns the tensors of the model's ModelOutput as a dict.
+
+    For other models ``example_inputs`` (an image batch): when symbolic tracing fails, e.g. on Python control
+    flow over tensor sizes, the model is traced again with the sizes of this input
+    (``fxquant.ir.concrete_shapes``): the graph then accepts that image size only, any batch
+    size; ``gm.meta["fxq.specialized_input"]`` holds the (C, H, W) it was specialised to.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -221,6 +230,22 @@ def trace(
     except TraceError:
         raise
     except Exception as exc:  # torch.fx raises many types; turn them into one clear message
+        if example_inputs is not None:
+            try:
+                fresh = copy.deepcopy(model).eval()  # the failed trace may have left proxies on modules
+                if not keep_fused_attention:
+                    disable_fused_attention(fresh)
+                shaped = with_values(_VitTracer, batch_example(example_inputs))(leaf_modules, autowrap_functions)
+                graph = shaped.trace(fresh, concrete_args=_concrete_defaults(fresh))
+                gm = _graph_module(model, fresh, graph, tuple(example_inputs.shape[1:]))
+                with torch.no_grad():  # the specialised graph must compute the model, or the first error stands
+                    expected = copy.deepcopy(model).eval()(example_inputs[:1])
+                    error = _relative_error(expected, gm(example_inputs[:1]))
+                if error <= SPECIALIZED_TOLERANCE:
+                    return gm
+                retry = f"its output differs from the model's by {error:.2g} (relative)"
+            except Exception as again:  # not a failure that the example's sizes resolve: report the first one
+                retry = f"{type(again).__name__}: {again}"
         where = tracer.failed_path or "<top level>"
         owner = model_copy.get_submodule(tracer.failed_path) if tracer.failed_path else model_copy
         raise TraceError(
@@ -229,9 +254,23 @@ def trace(
             "Data-dependent Python control flow cannot be traced: make that module a leaf "
             "(trace(..., leaf_modules=[ItsClass])) so it stays one float node, or wrap the "
             "offending function with torch.fx.wrap / autowrap_functions."
+            + (f" (Traced again with the input's sizes: {retry}.)" if example_inputs is not None else "")
         ) from exc
+    return _graph_module(model, model_copy, graph, None)
+
+
+def _relative_error(expected, got) -> float:
+    pairs = list(zip(flatten_tensors(expected), flatten_tensors(got)))
+    if not pairs or any(a.shape != b.shape for a, b in pairs):
+        return float("inf")
+    return max(float((a - b).norm() / a.norm().clamp_min(1e-12)) for a, b in pairs)
+
+
+def _graph_module(model: nn.Module, model_copy: nn.Module, graph: fx.Graph, specialized) -> fx.GraphModule:
     readable_assert_messages(graph)
     gm = fx.GraphModule(model_copy, graph, class_name=type(model).__name__ + "Traced")
     stamp_origins(gm.graph)
     gm.meta["fxq.model_name"] = type(model).__name__
+    if specialized is not None:
+        gm.meta["fxq.specialized_input"] = specialized
     return gm

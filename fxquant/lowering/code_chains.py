@@ -96,6 +96,22 @@ def moves_elements(gm: fx.GraphModule, node: fx.Node, allow_pad: bool) -> bool:
     return rearranges_elements(gm, node) or (allow_pad and is_zero_pad(node))
 
 
+def selection_to_point(gm: fx.GraphModule, node: fx.Node, by_codes: dict) -> list[fx.Node]:
+    """The element-moving ops (``x[:, 0]``, Dropout) from ``node`` to the point (a key of
+    ``by_codes``) its only chain of readers ends in; empty when ``node`` feeds that point
+    directly, or reaches anything else."""
+    chain = []
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user in by_codes:
+            return chain
+        if not moves_elements(gm, user, allow_pad=False) or user.args[0] is not node:
+            return []
+        chain.append(user)
+        node = user
+    return []
+
+
 def trace_back(gm: fx.GraphModule, node, by_dequant: dict) -> Optional[tuple[LoweredPoint, list[fx.Node]]]:
     """(point, chain) when ``node`` is a point's dequantized value moved by element-moving ops."""
     chain = []

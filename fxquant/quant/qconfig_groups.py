@@ -23,7 +23,9 @@ __all__ = [
     "RESIDUAL_GROUPS",
 ]
 
-LINEAR_GROUPS = ("patch_embed", "attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "head", "patch_merging")
+# ``linear``: every Linear/Conv2d no other group's name rule places (conv+BN attention
+# projections, hybrid stems, position-bias MLPs); weights only unless a preset says more
+LINEAR_GROUPS = ("patch_embed", "attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "head", "patch_merging", "linear")
 ACTIVATION_GROUPS = (
     "norm1",
     "norm2",

@@ -37,7 +37,9 @@ def attention_nodes(gm, module):
 
 def expected_vit_layout(gm, depth):
     """Node name -> label for fxq.point, fxq.point roles, and fxq.weight, as ARCHITECTURE says."""
-    acts = {"patch_embed_proj": "patch_embed.output", "norm": "final_norm", "head": "head.output"}
+    # the head reads the class token x[:, 0] of the final norm: its point is that token
+    (cls_token,) = [n for n in gm.graph.nodes if n.target is operator.getitem and n.args[0].name == "norm"]
+    acts = {"patch_embed_proj": "patch_embed.output", cls_token.name: "final_norm", "head": "head.output"}
     roles = {}
     weights = {"patch_embed_proj": "patch_embed.weight", "head": "head.weight"}
     for b in range(depth):
@@ -96,6 +98,8 @@ def test_vit_groups_land_where_architecture_says(vit, trace, make_ctx, run, qcon
                 point = node.meta[key]
                 # attention tensors belong to their attention module (q_norm's output included)
                 owner = node.meta[MODULE].split(".attn")[0] + ".attn" if ROLE in node.meta else node.meta[MODULE]
+                if point.group == "final_norm":  # the class token the head reads belongs to the norm
+                    owner = "norm"
                 assert point.module == owner
                 assert point.spec == ctx.qconfig.spec_for(point.group, point.section, point.module)
                 assert point.axis == (0 if key == WEIGHT else None)  # layer-wise acts, per-channel weights

@@ -7,12 +7,16 @@ groups and specs of w8a8_minmax on the ops its module paths and attention roles 
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import nn
 
 from fxquant.ir.meta import INPUT_POINT, POINT, ROLE, WEIGHT
 from tests.passes.graph_compare import (
+    DIM,
     AttentionBlock,
     Mlp,
+    act,
     apply,
     assert_same_structure,
     calib_batches,
@@ -21,6 +25,7 @@ from tests.passes.graph_compare import (
     tokens,
     trace_expected,
     w8a8_minmax,
+    weight,
 )
 
 U8 = "uniform8u/asym/layer_wise/minmax"
@@ -81,3 +86,46 @@ def test_attention_roles_are_found_on_the_decomposed_attention():
     }
     assert any("intSoft" in line for line in staged.ctx.report.float_points)
     torch.testing.assert_close(outputs(gm, (x,)), outputs(model, (x,)), rtol=1e-6, atol=1e-6)
+
+
+class ClassTokenHead(nn.Module):
+    """The end of a ViT: final ``norm`` -> class token ``x[:, 0]`` -> ``head_drop`` -> ``head``,
+    plus a projection under a name no ViT rule knows (``reduce.linear``, as LeViT's LinearNorm)."""
+
+    def __init__(self, pool: str = "token"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pool = pool
+        self.reduce = nn.Module()
+        self.reduce.linear = nn.Linear(DIM, DIM)
+        self.norm = nn.LayerNorm(DIM)
+        self.head_drop = nn.Dropout(0.0)
+        self.head = nn.Linear(DIM, 3)
+        self.eval()
+
+    def forward(self, x):
+        x = self.norm(self.reduce.linear(x))
+        x = x[:, 0] if self.pool == "token" else x.mean(dim=1)
+        return self.head(self.head_drop(x))
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_the_final_norm_point_is_the_token_the_head_reads(pool):
+    """Expected: the Before itself; ``final_norm``'s point on ``x[:, 0]`` (or the token mean)
+    rather than on the norm, so it is calibrated on what the head reads (a LayerScale ViT's
+    class token is ~1000x smaller than the patch tokens at random init); ``reduce.linear``
+    gets the generic ``linear`` weight group."""
+    model, x = ClassTokenHead(pool), tokens()
+    config = w8a8_minmax(final_norm=act(), head={"weight": weight()}, linear={"weight": weight()})
+    staged = stage(model, config, (x,), before="annotate", calib_data=calib_batches())
+    gm = apply(staged, "annotate")
+
+    assert_same_structure(gm, trace_expected(ClassTokenHead(pool)))
+    read = "getitem" if pool == "token" else "mean"
+    assert _annotations(gm) == {
+        "reduce_linear": [f"linear.weight {S8_CHANNELS} axis=0"],
+        read: [f"final_norm {U8}"],
+        "head": [f"head.weight {S8_CHANNELS} axis=0"],
+    }
+    assert [n for n in gm.graph.nodes if n.name == read][0].meta[POINT].module == "norm"
+    torch.testing.assert_close(outputs(gm, (x,)), outputs(model, (x,)), rtol=0, atol=0)

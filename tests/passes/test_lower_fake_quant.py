@@ -135,7 +135,8 @@ def test_quantized_output_qsnr_is_what_8_bits_give(tiny, qconfigs):
             qsnr[bits] = output_qsnr(tiny.model(held_out), qm(held_out))
             # the report's figure: the same comparison on the diff input (reference graph == model)
             on_diff_input = output_qsnr(tiny.model(*tiny.inputs()), qm(*tiny.inputs()))
-        assert qm.report.final.output_qsnr_db == pytest.approx(on_diff_input, rel=1e-6)
+        # (the eager model may run fused SDPA, the traced reference does not: float32 rounding apart)
+        assert qm.report.final.output_qsnr_db == pytest.approx(on_diff_input, abs=1e-3)
 
     assert math.isfinite(qsnr[8])
     # A full 8-bit chain keeps at least half its bits' worth of SNR end to end...

@@ -79,3 +79,35 @@ def test_observers_and_weights_become_fake_quant_modules():
     torch.testing.assert_close(got, outputs(expected, (x,)), rtol=0, atol=0)
     # against the float MLP: quantized (not equal), and 8-bit close (two 8-bit points: ~30 dB)
     assert 25.0 < qsnr_db(outputs(model, (x,)), got) < float("inf")
+
+
+class SharedConv(nn.Module):
+    """CoaT's conditional position encoding: one module (``fc1``) called at two nodes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(8, 8)
+        self.eval()
+
+    def forward(self, x):
+        return self.fc1(x) + self.fc1(x.flip(1))
+
+
+def test_a_module_called_twice_is_quantized_once():
+    """Expected: both calls read the one QuantLinear, its weight rounded once. Before the fix
+    the second call found the module already quantized and refused ("weight is already
+    quantized"), failing CoaT."""
+    model, x = SharedConv(), tokens()
+    config = w8a8_minmax(mlp_fc1={"weight": {"bits": 8, "calibration_mode": "channel_wise"}})
+    staged = stage(model, config, (x,), before="lower_fake_quant", calib_data=calib_batches())
+    gm = apply(staged, "lower_fake_quant")
+
+    calls = [n for n in gm.graph.nodes if n.op == "call_module"]
+    assert [str(n.target) for n in calls] == ["fc1", "fc1"]
+    quantized = gm.get_submodule("fc1")
+    assert isinstance(quantized, QuantLinear)
+    expected = copy.deepcopy(model)
+    expected.fc1 = quantized
+    torch.testing.assert_close(outputs(gm, (x,)), outputs(expected, (x,)), rtol=0, atol=0)
+    assert qsnr_db(outputs(model, (x,)), outputs(gm, (x,))) > 30.0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -110,3 +111,59 @@ def test_norm_and_v_outliers_fold_into_the_next_linears():
     got = outputs(gm, (x,))
     torch.testing.assert_close(got, outputs(expected, (x,)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, before, rtol=0, atol=256 * FLOAT32_EPS * float(before.abs().max()))
+
+
+class CrossCovarianceAttention(nn.Module):
+    """XCiT's attention: softmax over channels, ``v`` is (B, H, D, N) and attn@V mixes a head's
+    channels, so V's output channels are not attn@V's last axis one for one. ``fused``: timm's
+    one qkv Linear (which split_qkv leaves whole: its permute is (2, 0, 3, 4, 1)); else separate
+    q, k, v Linears of the same width as the proj input, where only the shapes tell."""
+
+    def __init__(self, fused: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fused = fused
+        if fused:
+            self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
+        else:
+            self.q, self.k, self.v = (nn.Linear(WIDTH, WIDTH) for _ in range(3))
+        self.proj = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        if self.fused:
+            q, k, v = self.qkv(x).reshape(-1, TOKENS, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 4, 1).unbind(0)
+        else:
+            q, k, v = (
+                lin(x).reshape(-1, TOKENS, HEADS, HEAD_DIM).permute(0, 2, 3, 1) for lin in (self.q, self.k, self.v)
+            )
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).permute(0, 3, 1, 2).reshape(-1, TOKENS, WIDTH))
+
+
+class CrossCovarianceBlock(nn.Module):
+    def __init__(self, fused: bool):
+        super().__init__()
+        self.attn = CrossCovarianceAttention(fused)
+        self.eval()
+
+    def forward(self, x):
+        return self.attn(x)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_qkv", "separate_v"])
+def test_cross_covariance_attention_is_left_unsmoothed(fused):
+    """Expected: the Before itself (no pair to fold), with a note saying why; before the fix
+    the fused case crashed with ``size of tensor a (48) must match ... (16)``."""
+    model, x, calib = CrossCovarianceBlock(fused), tokens(dim=16), calib_batches(dim=16)
+    staged = stage(model, w8a8_minmax(smooth_alpha=0.5), (x,), before="smooth", calib_data=calib)
+    before = outputs(staged.gm, (x,))
+    gm = apply(staged, "smooth")
+
+    assert_same_structure(gm, trace_expected(model))
+    params = dict(gm.named_parameters())
+    for name, value in model.named_parameters():
+        assert params[name].equal(value), name
+    notes = notes_of(staged, "smooth")
+    assert len(notes) == 1 and "not smoothed" in notes[0], notes
+    assert ("outputs" in notes[0]) if fused else ("has shape" in notes[0])
+    torch.testing.assert_close(outputs(gm, (x,)), before, rtol=0, atol=0)
