@@ -20,9 +20,9 @@ import torch.fx as fx
 from torch import nn
 
 from fxquant.errors import FxqError, TraceError
-from fxquant.ir.hf_trace import hf_image_spec, hf_trace, is_hf_model
 from fxquant.ir.capture import flatten_tensors
 from fxquant.ir.concrete_shapes import batch_example, with_values
+from fxquant.ir.hf_trace import hf_image_spec, hf_trace, is_hf_model
 from fxquant.ir.meta import stamp_origins
 
 SPECIALIZED_TOLERANCE = 1e-3  # a size-specialised trace must agree with the model to float rounding
