@@ -249,7 +249,8 @@ def test_compile_with_rotate_on_both_backends(dinov2_like, backend):
     x = images(28, 2, 5)
     qm = fxquant.compile(dinov2_like, {"extends": "w8a8", "rotate": True}, calib_data=calib, backend=backend)
     assert all(torch.equal(state[k], v) for k, v in dinov2_like.state_dict().items())
-    assert [p.name for p in qm.report.passes][:5] == ["trace", "decompose_attention", "annotate", "split_qkv", "rotate"]
+    names = [p.name for p in qm.report.passes]
+    assert names.index("rotate") == names.index("split_qkv") + 1
     with torch.no_grad():
         out, ref = qm(x), dinov2_like(x)
     assert torch.isfinite(out).all()
