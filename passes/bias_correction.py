@@ -23,15 +23,13 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 from torch import nn
-from tqdm.auto import tqdm
 
 from fxquant.errors import FxqError, NodeError
 from fxquant.infra.contracts import Contract, Prop
+from fxquant.infra.layerwise import run_layer_by_layer
 from fxquant.infra.pass_manager import Pass, PassContext
-from fxquant.ir.sequential import run_sequential
 from fxquant.quant import distributed
-from fxquant.quant.calib_data import as_batches, iter_batches
-from fxquant.runtime.fake_quant import QUANTIZED_WEIGHT_TYPES, observer_nodes, weight_input_columns
+from fxquant.runtime.fake_quant import observer_nodes, weight_input_columns
 
 
 def correction(module: nn.Module, inputs: list) -> torch.Tensor:
@@ -70,22 +68,10 @@ class BiasCorrection(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if not ctx.qconfig.recovery.get("bias_correction"):
             return gm
-        targets = [
-            node
-            for node in gm.graph.nodes
-            if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), QUANTIZED_WEIGHT_TYPES)
-        ]
-        if not targets:
-            return gm
-        batches = [(batch,) for batch in iter_batches(as_batches(ctx.calib_data))]
-        if not batches:
-            raise FxqError("calib_data yielded no batches")
-        bar = tqdm(total=len(targets), desc="bias_correction", unit="layer", disable=not ctx.progress, leave=False)
 
-        def hook(node: fx.Node, per_batch: list) -> None:
-            ctx.current_node = node.name
+        def layer(node: fx.Node, inputs: list) -> None:
             module = gm.get_submodule(str(node.target))
-            shift = correction(module, [args[0] for args, _ in per_batch])
+            shift = correction(module, inputs)
             biggest = float(shift.abs().max())
             if getattr(module, "float_bias", None) is None:  # what fxquant.debug's float stand-in restores
                 before = module.bias.detach().clone() if module.bias is not None else torch.zeros_like(shift)
@@ -97,10 +83,6 @@ class BiasCorrection(Pass):
                 versus = f"largest |bias| {float(module.bias.detach().abs().max()):.3g}"
                 module.bias.add_(shift.to(module.bias.dtype))
             ctx.note(f"bias_correction {node.name}: largest |shift| {biggest:.3g} ({versus})")
-            bar.update(1)
 
-        try:
-            run_sequential(gm, batches, {node.name: hook for node in targets})
-        finally:
-            bar.close()
+        run_layer_by_layer(gm, ctx, "bias_correction", layer)
         return gm

@@ -22,17 +22,15 @@ import time
 
 import torch
 import torch.fx as fx
-from tqdm.auto import tqdm
 
 from fxquant.errors import FxqError, NodeError
 from fxquant.infra.contracts import Contract, Prop
+from fxquant.infra.layerwise import run_layer_by_layer
 from fxquant.infra.pass_manager import Pass, PassContext
-from fxquant.ir.sequential import run_sequential
 from fxquant.quant import distributed
-from fxquant.quant.calib_data import as_batches, iter_batches
 from fxquant.quant.gptq import GptqResult, gptq_quantize, weighted_error
 from fxquant.quant.recovery_config import GptqConfig
-from fxquant.runtime.fake_quant import QUANTIZED_WEIGHT_TYPES, QuantConv2d, observer_nodes, weight_input_columns
+from fxquant.runtime.fake_quant import QuantConv2d, observer_nodes, weight_input_columns
 
 #: granularities whose scale GPTQ chooses itself; others keep lower_fake_quant's QParams
 SEARCHED = {"channel_wise": True, "layer_wise": False}
@@ -78,32 +76,15 @@ class Gptq(Pass):
         config: GptqConfig | None = ctx.qconfig.recovery.get("gptq")
         if config is None:
             return gm
-        targets = [
-            node
-            for node in gm.graph.nodes
-            if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), QUANTIZED_WEIGHT_TYPES)
-        ]
-        if not targets:
-            return gm
-        batches = [(batch,) for batch in iter_batches(as_batches(ctx.calib_data))]
-        if not batches:
-            raise FxqError("calib_data yielded no batches")
-        bar = tqdm(total=len(targets), desc="gptq", unit="layer", disable=not ctx.progress, leave=False)
 
-        def hook(node: fx.Node, per_batch: list) -> None:
-            ctx.current_node = node.name
-            bar.set_postfix_str(node.name)
-            record = self._layer(gm, node, [args[0] for args, _ in per_batch], config)
+        def layer(node: fx.Node, inputs: list) -> None:
+            record = self._layer(gm, node, inputs, config)
             ctx.note(
                 f"gptq {node.name}: H-weighted weight error {record['error_before']:.4g} -> "
                 f"{record['error_after']:.4g} ({record['tokens']} tokens, {record['seconds']:.2f} s)"
             )
-            bar.update(1)
 
-        try:
-            run_sequential(gm, batches, {node.name: hook for node in targets})
-        finally:
-            bar.close()
+        run_layer_by_layer(gm, ctx, "gptq", layer)
         return gm
 
     @staticmethod

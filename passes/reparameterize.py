@@ -30,15 +30,9 @@ from fxquant.errors import FxqError
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.meta import ORIGIN, ORIGIN_SLICE, POINT
-from fxquant.ir.patterns import submodule
+from fxquant.ir.patterns import reads_shape_only, submodule
 from fxquant.quant import distributed
 from fxquant.quant.calib_data import as_batches, iter_batches
-
-
-def _reads_shape_only(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
-        node.op == "call_method" and node.target in ("size", "dim")
-    )
 
 
 def _candidates(gm: fx.GraphModule, ctx: PassContext) -> list[tuple[fx.Node, list]]:
@@ -48,7 +42,7 @@ def _candidates(gm: fx.GraphModule, ctx: PassContext) -> list[tuple[fx.Node, lis
         point = node.meta.get(POINT)
         if not isinstance(norm, nn.LayerNorm) or point is None:
             continue
-        consumers = [u for u in node.users if not _reads_shape_only(u)]
+        consumers = [u for u in node.users if not reads_shape_only(u)]
         if not consumers or any(
             not isinstance(submodule(gm, c), nn.Linear) or c.args[0] is not node for c in consumers
         ):

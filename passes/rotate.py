@@ -40,7 +40,7 @@ from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import install_submodule, new_node, propagate_shapes, shape_of, unique_attr
 from fxquant.ir.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, WEIGHT, copy_provenance
-from fxquant.ir.patterns import find_attention, is_pass_through_module, rearranges_elements, submodule
+from fxquant.ir.patterns import find_attention, is_pass_through_module, reads_shape_only, rearranges_elements, submodule
 from fxquant.ir.residual import ResidualStream, find_residual_stream, selects_tokens
 from fxquant.quant.rotation import block_diagonal, hadamard, mean_preserving_orthogonal, random_hadamard
 from fxquant.runtime.hadamard import BlockHadamard, largest_power_of_two_block
@@ -53,12 +53,6 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     with torch.no_grad():
         param.copy_(value.to(param.dtype))
-
-
-def _reads_shape_only(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
-        node.op == "call_method" and node.target in ("size", "dim")
-    )
 
 
 # ------------------------------------------------------------------------ residual stream
@@ -293,7 +287,7 @@ def _reorigin(producers: list, stops: set) -> None:
         seen.add(node)
         node.meta[ORIGIN] = f"{node.name}@rotate"
         node.meta.pop(ORIGIN_SLICE, None)
-        todo.extend(u for u in node.users if not _reads_shape_only(u) and u.op != "output")
+        todo.extend(u for u in node.users if not reads_shape_only(u) and u.op != "output")
 
 
 class Rotate(Pass):
@@ -332,7 +326,7 @@ class Rotate(Pass):
         for writer in stream.writers:
             _fold_writer(gm, writer, q)
         for reader in stream.readers:
-            consumers = [u for u in reader.users if not _reads_shape_only(u)]
+            consumers = [u for u in reader.users if not reads_shape_only(u)]
             _fold_reader(gm, reader, consumers, q)
             stops.update(consumers)
         stops.add(_unrotate_output(gm, ctx, stream, q))

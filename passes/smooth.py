@@ -30,7 +30,7 @@ from fxquant.errors import FxqError
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.meta import ORIGIN, ORIGIN_SLICE, POINT
-from fxquant.ir.patterns import find_attention, is_scale_transparent, submodule
+from fxquant.ir.patterns import find_attention, is_scale_transparent, reads_shape_only, submodule
 from fxquant.quant import distributed
 from fxquant.quant.calib_data import as_batches, iter_batches
 
@@ -50,13 +50,6 @@ def _linear(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Linear]:
     return module if isinstance(module, nn.Linear) else None
 
 
-def _reads_shape_only(node: fx.Node) -> bool:
-    """``x.shape`` / ``x.size()``: uses a tensor without reading its values."""
-    return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
-        node.op == "call_method" and node.target in ("size", "dim")
-    )
-
-
 def _per_tensor_point(node: fx.Node) -> bool:
     point = node.meta.get(POINT)
     return point is not None and point.spec.granularity == "layer_wise" and point.spec.method == "uniform"
@@ -68,7 +61,7 @@ def _norm_pairs(gm: fx.GraphModule) -> list[_Pair]:
         module = submodule(gm, node)
         if not isinstance(module, nn.LayerNorm) or not module.elementwise_affine or not _per_tensor_point(node):
             continue
-        users = [u for u in node.users if not _reads_shape_only(u)]
+        users = [u for u in node.users if not reads_shape_only(u)]
         if users and all(_linear(gm, u) is not None and u.args[0] is node for u in users):
             pairs.append(_Pair(node, node, users))
     return pairs
@@ -219,4 +212,4 @@ class Smooth(Pass):
             seen.add(node)
             node.meta[ORIGIN] = f"{node.name}@smooth"
             node.meta.pop(ORIGIN_SLICE, None)
-            todo.extend(u for u in node.users if not _reads_shape_only(u))
+            todo.extend(u for u in node.users if not reads_shape_only(u))

@@ -43,6 +43,13 @@ _MATMULS = {operator.matmul, torch.matmul, torch.bmm}
 _SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax}
 
 
+def reads_shape_only(node: fx.Node) -> bool:
+    """``x.shape`` / ``x.size()`` / ``x.dim()``: uses a tensor without reading its values."""
+    return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
+        node.op == "call_method" and node.target in ("size", "dim")
+    )
+
+
 def submodule(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
     if node.op != "call_module":
         return None

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxquant.ir.patterns import is_pass_through_module, submodule
+from fxquant.ir.patterns import is_pass_through_module, reads_shape_only, submodule
 
 _ADDS = (operator.add, torch.add)
 _LAYOUT_METHODS = {"flatten", "transpose", "permute", "reshape", "view", "contiguous", "expand"}
@@ -53,12 +53,6 @@ def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.LayerNorm]:
 
 def _is_add(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _ADDS and len(node.args) == 2
-
-
-def _reads_shape_only(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") or (
-        node.op == "call_method" and node.target in ("size", "dim")
-    )
 
 
 def _ancestors(node: fx.Node, limit: int = 100_000) -> set:
@@ -210,14 +204,14 @@ def find_residual_stream(gm: fx.GraphModule) -> Union[ResidualStream, str]:
     readers = []
     for stream_node in sorted(chain, key=_order(gm)):
         for user in stream_node.users:
-            if user in chain or _reads_shape_only(user) or user is final:
+            if user in chain or reads_shape_only(user) or user is final:
                 continue
             norm = _layer_norm(gm, user)
             if norm is None:
                 return f"{user.name} reads the residual stream ({stream_node.name}) without a LayerNorm"
             if tuple(norm.normalized_shape) != (width,):
                 return f"{user.name}: a LayerNorm over {tuple(norm.normalized_shape)} on the stream"
-            consumers = [u for u in user.users if not _reads_shape_only(u)]
+            consumers = [u for u in user.users if not reads_shape_only(u)]
             if not consumers or any(
                 not isinstance(submodule(gm, c), nn.Linear) or c.args[0] is not user for c in consumers
             ):
