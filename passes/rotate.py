@@ -38,8 +38,15 @@ from torch import nn
 
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
-from fxquant.ir.graph_utils import install_submodule, new_node, propagate_shapes, shape_of, unique_attr
-from fxquant.ir.meta import MODULE, ORIGIN, ORIGIN_SLICE, POINT, WEIGHT, copy_provenance
+from fxquant.ir.graph_utils import (
+    install_submodule,
+    mark_changed_values,
+    new_node,
+    propagate_shapes,
+    shape_of,
+    unique_attr,
+)
+from fxquant.ir.meta import MODULE, POINT, WEIGHT, copy_provenance
 from fxquant.ir.patterns import find_attention, is_pass_through_module, reads_shape_only, rearranges_elements, submodule
 from fxquant.ir.residual import ResidualStream, find_residual_stream, selects_tokens
 from fxquant.quant.rotation import block_diagonal, hadamard, mean_preserving_orthogonal, random_hadamard
@@ -276,20 +283,6 @@ def _rotate_fc2_inputs(gm: fx.GraphModule, ctx: PassContext) -> None:
         ctx.note(f"{fc2.name}: online Hadamard (blocks of {block}) on its input; point moved from {point_node.name}")
 
 
-# -------------------------------------------------------------------------------- origins
-def _reorigin(producers: list, stops: set) -> None:
-    """Nodes from each producer up to (not including) the nodes that undo the rotation."""
-    todo, seen = list(producers), set()
-    while todo:
-        node = todo.pop()
-        if node in seen or node in stops:
-            continue
-        seen.add(node)
-        node.meta[ORIGIN] = f"{node.name}@rotate"
-        node.meta.pop(ORIGIN_SLICE, None)
-        todo.extend(u for u in node.users if not reads_shape_only(u) and u.op != "output")
-
-
 class Rotate(Pass):
     name = "rotate"
     neutral = True
@@ -304,7 +297,7 @@ class Rotate(Pass):
         if config.heads:
             propagate_shapes(gm, ctx.diff_inputs)
             producers, stops = _rotate_heads(gm, ctx, config.seed)
-            _reorigin(producers, set(stops))
+            mark_changed_values(producers, stops, "rotate")
         if config.fc2:
             _rotate_fc2_inputs(gm, ctx)
         if config.residual:
@@ -314,7 +307,7 @@ class Rotate(Pass):
             else:
                 producers, stops = [], set()
                 self._rotate_stream(gm, ctx, stream, config.seed, producers, stops)
-                _reorigin(producers, stops)
+                mark_changed_values(producers, stops, "rotate")
         gm.graph.lint()
         gm.recompile()
         return gm

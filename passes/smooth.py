@@ -29,7 +29,8 @@ from torch import nn
 from fxquant.errors import FxqError
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
-from fxquant.ir.meta import ORIGIN, ORIGIN_SLICE, POINT
+from fxquant.ir.graph_utils import mark_changed_values
+from fxquant.ir.meta import POINT
 from fxquant.ir.patterns import find_attention, is_scale_transparent, reads_shape_only, submodule
 from fxquant.quant import distributed
 from fxquant.quant.calib_data import as_batches, iter_batches
@@ -170,7 +171,7 @@ class Smooth(Pass):
             ctx.current_node = pair.act.name
             scale = self._scale(gm, pair, absmax[pair.act.name], alpha)
             self._fold(gm, pair, scale)
-            self._reorigin(gm, pair)
+            mark_changed_values([pair.producer], pair.consumers, "smooth")
             ctx.note(
                 f"{pair.act.name}: smoothed into {[c.name for c in pair.consumers]} "
                 f"(max channel factor {scale.max().item():.3g})"
@@ -199,17 +200,3 @@ class Smooth(Pass):
                     producer.bias.div_(scale)
             for consumer in pair.consumers:
                 _linear(gm, consumer).weight.mul_(scale[None, :])
-
-    @staticmethod
-    def _reorigin(gm, pair: _Pair) -> None:
-        """Nodes from the producer up to (not including) the consumers now hold scaled values."""
-        stop = set(pair.consumers)
-        todo, seen = [pair.producer], set()
-        while todo:
-            node = todo.pop()
-            if node in seen or node in stop:
-                continue
-            seen.add(node)
-            node.meta[ORIGIN] = f"{node.name}@smooth"
-            node.meta.pop(ORIGIN_SLICE, None)
-            todo.extend(u for u in node.users if not reads_shape_only(u))

@@ -8,7 +8,8 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxquant.ir.meta import MODULE, ORIGIN
+from fxquant.ir.meta import MODULE, ORIGIN, ORIGIN_SLICE
+from fxquant.ir.patterns import reads_shape_only
 
 
 def writes_in_place(node: fx.Node) -> bool:
@@ -85,3 +86,20 @@ def install_submodule(gm: fx.GraphModule, path: str, module: torch.nn.Module) ->
 
 def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def mark_changed_values(producers, stops, tag: str) -> None:
+    """A neutral pass rescaled or rotated values: the nodes from each of ``producers`` up to
+    (not including) ``stops``, where the original values return, get the origin
+    ``<name>@<tag>`` so the diff pairs them with themselves instead of the FP32 reference.
+    Shape reads and the graph output are not followed."""
+    stops = set(stops)
+    todo, seen = list(producers), set()
+    while todo:
+        node = todo.pop()
+        if node in seen or node in stops:
+            continue
+        seen.add(node)
+        node.meta[ORIGIN] = f"{node.name}@{tag}"
+        node.meta.pop(ORIGIN_SLICE, None)
+        todo.extend(u for u in node.users if u.op != "output" and not reads_shape_only(u))
