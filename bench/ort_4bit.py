@@ -1,6 +1,6 @@
 """4-bit weights on DINOv2 ViT-S/14: ONNX Runtime's weight-only quantizer against fxquant (issue 15).
 
-    python -m bench.ort_4bit [--out /tmp/exp/ort4bit.md]
+    python -m bench.ort_4bit [--write] [--out FILE]
 
 Peer: ``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer`` on the FP32
 ONNX export of the model (legacy TorchScript exporter, opset 17, input "input", dynamic
@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from bench.markdown import publish
 
 TITLE = "## 4-bit weights: ONNX Runtime's weight-only quantizer vs fxquant on DINOv2 ViT-S/14 (feature QSNR, CPU)"
 
@@ -220,7 +222,8 @@ def run_ort(fp32_path: str, kwargs: dict) -> tuple[object, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="/tmp/exp/ort4bit.md", help="where to write the markdown section")
+    parser.add_argument("--write", action="store_true", help="put the section into BENCHMARKS.md")
+    parser.add_argument("--out", default=None, help="also write the markdown section to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -388,10 +391,11 @@ def main(argv=None) -> int:
             "reshape raises; block 32 (12 blocks) and ORT's own blockwise quantizer are not affected."
         )
     text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    log(f"wrote {args.out}")
+    publish("ort_4bit", text, args.write)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        log(f"wrote {args.out}")
     return 0
 
 
