@@ -48,7 +48,7 @@ from fxquant.ir.graph_utils import (
 )
 from fxquant.ir.meta import MODULE, POINT, WEIGHT, copy_provenance
 from fxquant.ir.patterns import find_attention, is_pass_through_module, reads_shape_only, rearranges_elements, submodule
-from fxquant.ir.residual import ResidualStream, find_residual_stream, selects_tokens
+from fxquant.ir.residual import ResidualStream, attr_tensor, find_residual_stream, selects_tokens
 from fxquant.quant.rotation import block_diagonal, hadamard, mean_preserving_orthogonal, random_hadamard
 from fxquant.runtime.hadamard import BlockHadamard, largest_power_of_two_block
 
@@ -92,7 +92,7 @@ def _fold_writer(gm: fx.GraphModule, writer, q: torch.Tensor) -> None:
     linear = submodule(gm, writer.linear)
     scale = torch.ones(q.shape[0], dtype=torch.float64)
     for attr in writer.layer_scales:
-        param = gm.get_parameter(str(attr.target)) if _is_param(gm, attr) else gm.get_buffer(str(attr.target))
+        param = attr_tensor(gm, attr)
         scale = scale * _f64(param)
         with torch.no_grad():
             param.fill_(1.0)
@@ -101,17 +101,9 @@ def _fold_writer(gm: fx.GraphModule, writer, q: torch.Tensor) -> None:
         _set(linear.bias, q.T @ (scale * _f64(linear.bias)))
 
 
-def _is_param(gm: fx.GraphModule, attr: fx.Node) -> bool:
-    try:
-        gm.get_parameter(str(attr.target))
-        return True
-    except AttributeError:
-        return False
-
-
 def _rotate_embedding(gm: fx.GraphModule, stream: ResidualStream, q: torch.Tensor) -> None:
     for attr in stream.embed_params:
-        value = gm.get_parameter(str(attr.target)) if _is_param(gm, attr) else gm.get_buffer(str(attr.target))
+        value = attr_tensor(gm, attr)
         _set(value, _f64(value) @ q)
     for node in stream.embed_linears:
         module = submodule(gm, node)

@@ -100,7 +100,7 @@ def _writer(gm: fx.GraphModule, branch: fx.Node, add: fx.Node, width: int) -> Un
             attr = b if isinstance(b, fx.Node) and b.op == "get_attr" else a if isinstance(a, fx.Node) else None
             other = a if attr is b else b
             if attr is not None and attr.op == "get_attr" and isinstance(other, fx.Node):
-                value = _attr_value(gm, attr)
+                value = attr_tensor(gm, attr)
                 if value is not None and value.dim() == 1 and value.numel() == width:
                     scales.append(attr)
                     node = other
@@ -112,7 +112,8 @@ def _writer(gm: fx.GraphModule, branch: fx.Node, add: fx.Node, width: int) -> Un
     return Writer(node, scales, add)
 
 
-def _attr_value(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.Tensor]:
+def attr_tensor(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.Tensor]:
+    """The parameter or buffer a ``get_attr`` node reads (None when it is neither)."""
     try:
         value = gm.get_parameter(str(node.target))
     except AttributeError:
@@ -134,7 +135,7 @@ def _embedding(gm: fx.GraphModule, source: fx.Node, width: int, params: list, li
         seen.add(node)
         module = submodule(gm, node)
         if node.op == "get_attr":
-            value = _attr_value(gm, node)
+            value = attr_tensor(gm, node)
             if value is None or value.shape[-1] != width:
                 return f"{node.name}: an embedding tensor whose last dimension is not the stream's {width} channels"
             params.append(node)
