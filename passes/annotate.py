@@ -148,7 +148,9 @@ class Annotate(Pass):
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 group = _match(LINEAR_RULES, path) or OTHER_LINEAR
                 self._weight(node, group, module, heads.get(path.rsplit(".", 1)[0]))
-                self._point(node, group, "output", attention=False)
+                # a convolution's output is (B, C, H, W): its channels are axis 1, not the last axis
+                channel_axis = 1 if isinstance(module, nn.Conv2d) else -1
+                self._point(node, group, "output", attention=False, channel_axis=channel_axis)
             elif isinstance(module, nn.LayerNorm):
                 group = _match(NORM_RULES, path)
                 if group is not None:
@@ -185,7 +187,9 @@ class Annotate(Pass):
     def _activation(self, node: fx.Node, group: str, *, attention: bool) -> None:
         self._point(node, group, ACT, attention=attention)
 
-    def _point(self, node: fx.Node, group: str, section: str, *, attention: bool, module: str = "") -> None:
+    def _point(
+        self, node: fx.Node, group: str, section: str, *, attention: bool, module: str = "", channel_axis: int = -1
+    ) -> None:
         self.seen_groups.add(group)
         path = module or node.meta.get(MODULE, "")
         spec = self.ctx.qconfig.spec_for(group, section, path)
@@ -208,7 +212,7 @@ class Annotate(Pass):
                     )
                 axis, num_groups = 1, shape[1]
             elif spec.granularity == "channel_wise":
-                axis = -1
+                axis = channel_axis
             else:
                 raise NodeError(
                     node.name,

@@ -221,7 +221,7 @@ def test_current_five_files_load_map_and_compile(tmp_path):
     assert (soft.method, soft.signed, soft.bits) == ("log2", False, 8)
     assert config.spec_for("attn_qkv", "output") is None and config.spec_for("mlp_fc1", "output") is None
     assert config.spec_for("mlp_fc2", "output").observer == "omse"
-    assert config.spec_for("patch_embed", "output").granularity == "layer_wise"
+    assert config.spec_for("patch_embed", "output").granularity == "channel_wise"
     assert config.spec_for("patch_embed", "weight") is None  # the predecessor never quantized it
     assert config.spec_for("residual1", ACT).granularity == "channel_wise"
 

@@ -160,10 +160,9 @@ def _granularity(reader: _Reader, mode: str, role: str) -> str:
         reader.note(
             "calibration_mode",
             f"{mode}: per channel of the (B, N, C) embedding; fxquant's patch_embed.output is the "
-            "convolution's (B, C, H, W) output, where the last axis is no channel: loaded as layer_wise",
-            differs=True,
+            "convolution's (B, C, H, W) output, scaled per channel C (axis 1): the same C scales",
         )
-        return "layer_wise"
+        return "channel_wise"
     if mode == "head_wise":  # a Linear weight, or a QAct built without num_heads: one scale per channel
         reader.note("calibration_mode", "head_wise: the predecessor had no heads here and scaled per channel")
     return "channel_wise"

@@ -250,6 +250,16 @@ def test_head_wise_attention_points_get_the_head_axis(tiny, trace, make_ctx, run
         assert (point.axis, point.num_groups) == (0, 3 * _heads(tiny, point.module))
 
 
+def test_channel_wise_on_a_convolution_output_scales_its_channels(vit, trace, make_ctx, run, qconfigs):
+    # (B, C, H, W): one scale per channel C (axis 1), not per width position (the last axis)
+    qconfig = {"patch_embed": {"output": qconfigs.act(calibration_mode="channel_wise")}}
+    gm = trace(vit.model)
+    gm = run(gm, make_ctx(gm, qconfig, vit.inputs()), Annotate())
+
+    point = {n.name: n for n in gm.graph.nodes}["patch_embed_proj"].meta[POINT]
+    assert (point.label, point.axis) == ("patch_embed.output", 1)
+
+
 def _heads(tiny, module):
     """Heads of the attention module that ``module`` is (or is inside): Swin's stages differ."""
     (attention,) = [path for path in tiny.heads if module == path or module.startswith(path + ".")]
