@@ -17,7 +17,7 @@ from fxquant.analysis.numeric_diff import output_qsnr
 from fxquant.analysis.weight_bytes import weight_bytes
 from fxquant.analysis.weight_coverage import no_activation_warning, weight_coverage
 from fxquant.errors import FxqError
-from fxquant.infra.contracts import Prop
+from fxquant.infra.contracts import Prop, contract_of
 from fxquant.infra.pass_manager import Pass, PassContext, PassManager
 from fxquant.infra.records import PassRecord, Report
 from fxquant.ir.trace import check_image_input, trace
@@ -25,8 +25,10 @@ from fxquant.pipeline import (
     BACKENDS,
     INT_KERNELS,
     default_passes,
+    integer_ops_lowered,
     release_setup_tensors,
     resolve_int_kernels,
+    split_before,
     stages,
 )
 from fxquant.quant.calib_data import DIFF_SEED, check_batch, default_diff_inputs, reusable_batches  # noqa: F401
@@ -132,11 +134,11 @@ def compile(  # noqa: A001 - the public name the design card asks for
         diff_inputs = (diff_inputs,)
     diff_inputs = tuple(diff_inputs)
     _check_inputs(model, example, diff_inputs)
-    kernels_note = None
+    kernels_note, auto_onednn = None, False
     if backend == "int" and passes is None:
         chosen, why = resolve_int_kernels(int_kernels, _device_of(model, example))
         kernels_note = f"int_kernels={int_kernels} -> {chosen}: {why}"
-        int_kernels = chosen
+        auto_onednn, int_kernels = int_kernels == "auto" and chosen == "onednn", chosen
     elif backend == "int" and int_kernels == "auto":
         kernels_note = "int_kernels=auto: a custom passes= list; the kernels are those its passes make"
 
@@ -189,7 +191,11 @@ def compile(  # noqa: A001 - the public name the design card asks for
     equivalence_notes = []
     if int_manager is not None:
         fake = copy.deepcopy(gm)  # the equivalence measurement's yardstick
-        gm = int_manager.run(gm, ctx, after=[r.name for r in report.passes[1:]])
+        if auto_onednn:  # the oneDNN passes need integer ops: a graph left all float stays portable
+            gm, skipped = _run_auto_onednn(int_stage, instruments, fake_manager.holds_after, gm, ctx)
+            kernels_note += skipped
+        else:
+            gm = int_manager.run(gm, ctx, after=[r.name for r in report.passes[1:]])
         release_setup_tensors(gm)  # once, at the end: every integer pass has had the IntLinears' scales
         fp32 = reference if numeric_diff else None  # without the diff, ``reference`` is the graph itself
         equivalence_notes = measure_equivalence(fake, gm, diff_inputs, fp32).notes()
@@ -201,6 +207,29 @@ def compile(  # noqa: A001 - the public name the design card asks for
     gm.qconfig = config
     gm.meta["fxq.model_name"], gm.meta["fxq.qconfig_name"] = report.model, config.name  # survive a deepcopy
     return gm
+
+
+def _run_auto_onednn(
+    int_stage: list, instruments: list, holds: frozenset, gm: fx.GraphModule, ctx: PassContext
+) -> tuple[fx.GraphModule, str]:
+    """The integer stage of ``int_kernels="auto"`` on oneDNN: ``lower_integer``, then the oneDNN
+    passes only if it lowered something (they refuse a graph without integer ops, which an
+    explicit ``int_kernels="onednn"`` keeps as an error). Returns the graph and what to add to
+    the kernels note."""
+    report = ctx.report
+    lowering, rest = split_before(int_stage, Prop.ONEDNN_KERNELS)
+    first = PassManager(lowering, instruments, holds=holds)
+    gm = first.run(gm, ctx, after=[r.name for r in report.passes[1:]])
+    skipped = ""
+    if not integer_ops_lowered(gm):
+        onednn_props = {Prop.ONEDNN_KERNELS, Prop.ATTENTION_FUSED}
+        rest = [p for p in rest if not onednn_props & contract_of(p).provides]
+        skipped = "; lower_integer left no integer op, so the oneDNN passes are skipped (portable graph)"
+    if rest:
+        gm = PassManager(rest, instruments, holds=first.holds_after).run(
+            gm, ctx, after=[r.name for r in report.passes[1:]]
+        )
+    return gm, skipped
 
 
 def _device_of(model: nn.Module, example: torch.Tensor) -> torch.device:

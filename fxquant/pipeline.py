@@ -33,7 +33,7 @@ from fxquant.passes import (
 from fxquant.quant.qconfig import QConfig
 from fxquant.quant.qconfig_spec import parse_spec
 from fxquant.runtime.int4_weights import fits_int4
-from fxquant.runtime.int_modules import IntLinear
+from fxquant.runtime.int_modules import DequantizeCodes, IntLinear, IntMatmul, QuantizeCodes
 from fxquant.runtime.onednn import onednn_available
 
 BACKENDS = ("fake", "int")
@@ -134,6 +134,13 @@ def stages(passes: Sequence[Pass]) -> tuple[list[Pass], list[Pass]]:
     """The fake-quant stage (up to the graph before integer lowering) and the integer stage
     (from the pass that provides ``Prop.INTEGER`` on; empty for a fake-quant pipeline)."""
     return split_before(passes, Prop.INTEGER)
+
+
+def integer_ops_lowered(gm: fx.GraphModule) -> bool:
+    """Whether ``lower_integer`` left integer ops that the oneDNN passes work on (codes, and a
+    GEMM or a dequantization; a graph whose every point stayed float has none)."""
+    kinds = {type(m) for m in gm.modules()}
+    return bool(kinds & {QuantizeCodes, IntLinear, IntMatmul}) and bool(kinds & {IntMatmul, DequantizeCodes})
 
 
 def release_setup_tensors(gm: fx.GraphModule) -> int:

@@ -101,10 +101,11 @@ def _check_tensor(name: str, t: torch.Tensor, rule: TensorRule, attrs: dict, ten
             raise SerializeError(f"{at}: dimension {dim} must equal {attr} = {attrs.get(attr)!r}")
     if rule.packed_cols is not None:
         count = attrs.get(rule.packed_cols)
-        if type(count) is not int or count < 0 or t.shape[1] != (count + 1) // 2:
+        expected = (count + 1) // 2 if type(count) is int and count >= 0 else "?"
+        if t.shape[1] != expected:
             raise SerializeError(
-                f"{at}: a packed 4-bit weight (two codes per byte) has ceil({rule.packed_cols} / 2) columns, "
-                f"{rule.packed_cols} = {count!r}; the file's shape does not fit the layer"
+                f"{at}: a packed 4-bit weight (two codes per byte) has ceil({rule.packed_cols} / 2) = {expected} "
+                f"columns ({rule.packed_cols} = {count!r:.20}); this one does not fit the layer"
             )
 
 

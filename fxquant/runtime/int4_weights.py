@@ -81,6 +81,8 @@ def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
             f"unpack_int4: expected a uint8 tensor (out, {packed_columns(in_features)}) for in_features "
             f"{in_features}, got {packed.dtype} of shape {tuple(packed.shape)}"
         )
+    if packed.numel() == 0:
+        return torch.zeros(packed.shape[0], in_features, dtype=torch.int8, device=packed.device)
     if _LITTLE_ENDIAN:
         # each byte b -> one int16 (b_lo << 4) | (b_hi << 12), i.e. the int8 pair (lo << 4, hi << 4);
         # an arithmetic shift right by 4 sign-extends both nibbles at once (about 2x the stack below)
