@@ -12,7 +12,8 @@ Then:
   with every weight unpacked back to int8 (must be bit-identical);
 * per-call cost: median eager forward time (batch 8, one torch thread) of the packed graph
   and of the unpacked copy, interleaved; and the time of the unpacking alone
-  (``int8_weight()`` of every packed Linear; for oneDNN Linears also the prepack).
+  (``int8_weight()`` of every packed Linear) and, for oneDNN Linears, of oneDNN's prepack of
+  the unpacked weights (what an ``OnednnLinear`` with a packed weight adds to each call).
 """
 
 from __future__ import annotations
@@ -27,27 +28,24 @@ import torch
 
 import fxquant
 from fxquant.analysis.weight_bytes import weight_bytes
-from fxquant.runtime.int4_weights import PackedWeight
+from fxquant.runtime.int4_weights import PackedWeight, unpack_weights
 from fxquant.runtime.onednn import OnednnLinear
 
 
 def unpacked_copy(gm: torch.nn.Module) -> torch.nn.Module:
     """``gm`` with every packed weight stored as int8 codes again."""
     out = copy.deepcopy(gm)
-    for module in out.modules():
-        if isinstance(module, PackedWeight) and module.packed:
-            codes = module.int8_weight()
-            module.register_buffer("weight_packed", None)
-            module.register_buffer("weight_codes", codes)
+    unpack_weights(out)
     return out
 
 
-def unpack_all(gm: torch.nn.Module) -> None:
-    for module in gm.modules():
-        if isinstance(module, PackedWeight) and module.packed:
-            weight = module.int8_weight()
-            if isinstance(module, OnednnLinear):
-                torch.ops.onednn.qlinear_prepack(weight, None)
+def unpack_all(gm: torch.nn.Module) -> list:
+    return [m.int8_weight() for m in gm.modules() if isinstance(m, PackedWeight) and m.packed]
+
+
+def prepack_all(weights: list) -> None:
+    for weight in weights:
+        torch.ops.onednn.qlinear_prepack(weight, None)
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -78,6 +76,9 @@ def measure(model_name: str, kernels: str, repeats: int) -> dict:
         packed_ms.append(median_ms(lambda: qm(x), 1))
         plain_ms.append(median_ms(lambda: plain(x), 1))
     unpack_ms = median_ms(lambda: unpack_all(qm), repeats)
+    onednn = any(isinstance(m, OnednnLinear) for m in qm.modules())
+    weights = unpack_all(qm)
+    prepack_ms = median_ms(lambda: prepack_all(weights), repeats) if onednn else 0.0
     bytes_ = weight_bytes(qm)
     return {
         "kernels": kernels,
@@ -87,6 +88,7 @@ def measure(model_name: str, kernels: str, repeats: int) -> dict:
         "packed_ms": statistics.median(packed_ms),
         "plain_ms": statistics.median(plain_ms),
         "unpack_ms": unpack_ms,
+        "prepack_ms": prepack_ms,
         "notes": [n for n in qm.report.notes if n.startswith(("int_kernels", "pack_int4_weights"))],
     }
 
@@ -102,16 +104,16 @@ def main() -> None:
     print(f"{args.model}, w4a8, backend int, batch 8, {args.threads} thread(s), torch {torch.__version__}")
     print(
         "| kernels | integer weight bytes (% of FP32) | with float-held layers | outputs equal to unpacked "
-        "| forward packed ms | forward unpacked ms | unpack (+prepack) alone ms |"
+        "| forward packed ms | forward unpacked ms | unpack alone ms | oneDNN prepack alone ms |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for kernels in args.kernels:
         r = measure(args.model, kernels, args.repeats)
         w = r["weights"]
         print(
             f"| {kernels} | {w.integer / 2**20:.2f} MiB of {w.fp32 / 2**20:.2f} MiB ({100 * w.integer_share:.2f}%) "
             f"| {w.total / 2**20:.2f} MiB ({100 * w.total_share:.2f}%) | {r['same']} | {r['packed_ms']:.1f} "
-            f"| {r['plain_ms']:.1f} | {r['unpack_ms']:.1f} |",
+            f"| {r['plain_ms']:.1f} | {r['unpack_ms']:.1f} | {r['prepack_ms']:.1f} |",
             flush=True,
         )
         for note in r["notes"]:

@@ -19,7 +19,7 @@ from fxquant.analysis.weight_bytes import weight_bytes
 from fxquant.io.serialize import SerializeError
 from fxquant.pipeline import default_passes, has_int4_weights
 from fxquant.quant.qconfig import load_qconfig
-from fxquant.runtime.int4_weights import PackedWeight, pack_int4, packed_columns, unpack_int4
+from fxquant.runtime.int4_weights import PackedWeight, pack_int4, packed_columns, unpack_int4, unpack_weights
 from fxquant.runtime.int_modules import IntLinear
 from fxquant.runtime.onednn import OnednnLinear, onednn_available
 
@@ -86,11 +86,8 @@ def packed_graph(request, tiny):
 
 def _unpacked(gm):
     out = copy.deepcopy(gm)
-    for module in out.modules():
-        if isinstance(module, PackedWeight) and module.packed:
-            codes = module.int8_weight()
-            module.register_buffer("weight_packed", None)
-            module.register_buffer("weight_codes", codes)
+    assert unpack_weights(out) == sum(isinstance(m, PackedWeight) for m in gm.modules())
+    assert not any(m.packed for m in out.modules() if isinstance(m, PackedWeight))
     return out
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "unpack_int4",
     "packed_columns",
     "PackedWeight",
+    "unpack_weights",
 ]
 
 INT4_MIN, INT4_MAX = -8, 7
@@ -123,7 +124,26 @@ class PackedWeight:
         self.register_buffer("weight_packed", packed)
         self.register_buffer("weight_codes", None)
 
+    def unpack_weight(self) -> None:
+        """Store the weight as int8 codes again: twice the bytes, no unpacking per call (and
+        ``OnednnLinear`` caches oneDNN's prepacked copy again)."""
+        if self.packed:
+            codes = self.int8_weight()
+            self.register_buffer("weight_codes", codes)
+            self.register_buffer("weight_packed", None)
+
     def weight_storage_bytes(self) -> int:
         """Bytes the weight codes occupy (packed or int8); per-output constants are not counted."""
         weight = self.weight_packed if self.packed else self.weight_codes
         return weight.numel() * weight.element_size()
+
+
+def unpack_weights(gm: torch.nn.Module) -> int:
+    """Every packed weight of ``gm`` stored as int8 codes again (speed over memory: the oneDNN
+    Linears prepack a packed weight on every call); returns how many were unpacked."""
+    unpacked = 0
+    for module in gm.modules():
+        if isinstance(module, PackedWeight) and module.packed:
+            module.unpack_weight()
+            unpacked += 1
+    return unpacked
