@@ -107,8 +107,9 @@ def default_passes(backend: str = "fake", int_kernels: str = "auto", qconfig=Non
 
 def has_int4_weights(qconfig: QConfig) -> bool:
     """Whether a weight grid of ``qconfig`` (a group's, or one an override makes) fits 4 bits."""
-    for group, sections in qconfig.groups.items():
-        base = sections.get("weight")
+    groups = set(qconfig.groups) | {group for _, body in qconfig.overrides for group in body}
+    for group in sorted(groups):
+        base = qconfig.groups.get(group, {}).get("weight")
         raws = [base] + [
             {**(base or {}), **body[group]["weight"]}
             for _, body in qconfig.overrides
