@@ -14,13 +14,23 @@ from fxquant.analysis.equivalence import measure_equivalence
 from fxquant.analysis.fallback import keep_most_sensitive
 from fxquant.analysis.instruments import GraphDump, NumericDiff, Timing
 from fxquant.analysis.numeric_diff import output_qsnr
+from fxquant.analysis.weight_bytes import weight_bytes
 from fxquant.analysis.weight_coverage import no_activation_warning, weight_coverage
 from fxquant.errors import FxqError
-from fxquant.infra.contracts import Prop
+from fxquant.infra.contracts import Prop, contract_of
 from fxquant.infra.pass_manager import Pass, PassContext, PassManager
 from fxquant.infra.records import PassRecord, Report
 from fxquant.ir.trace import check_image_input, trace
-from fxquant.pipeline import BACKENDS, INT_KERNELS, default_passes, release_setup_tensors, stages
+from fxquant.pipeline import (
+    BACKENDS,
+    INT_KERNELS,
+    default_passes,
+    integer_ops_lowered,
+    release_setup_tensors,
+    resolve_int_kernels,
+    split_before,
+    stages,
+)
 from fxquant.quant.calib_data import DIFF_SEED, check_batch, default_diff_inputs, reusable_batches  # noqa: F401
 from fxquant.quant.progress import observer_progress
 from fxquant.quant.qconfig import QConfigLike, load_qconfig
@@ -34,7 +44,7 @@ def compile(  # noqa: A001 - the public name the design card asks for
     *,
     calib_data,
     backend: str = "fake",
-    int_kernels: str = "portable",
+    int_kernels: str = "auto",
     diff_inputs: Optional[Sequence[torch.Tensor] | torch.Tensor] = None,
     dump_dir: Optional[str | Path] = None,
     progress: bool = True,
@@ -48,12 +58,16 @@ def compile(  # noqa: A001 - the public name the design card asks for
     The result carries ``.report`` (per-pass, per-node QSNR against FP32) and
     ``.qconfig``. ``model`` itself is never modified.
 
-    ``int_kernels`` (``backend="int"`` only): ``"portable"`` (default) runs every Linear as
-    ``torch._int_mm`` with dyadic integer requantization, on any device; ``"onednn"`` (x86
-    CPUs) runs the Linears on oneDNN's int8 kernel with the scales, bias, GELU and the next
-    point's quantization in the GEMM's epilogue (float32 scale arithmetic, as torchao's PT2E
-    X86 path), the fastest choice under ``torch.compile`` with inductor freezing
-    (``fxquant.runtime.onednn``).
+    ``int_kernels`` (``backend="int"`` only): ``"auto"`` (default) is ``"onednn"`` on an x86 CPU
+    where torch has oneDNN's int8 kernels and ``"portable"`` elsewhere (other CPUs, a model or
+    calibration data on CUDA); ``report.notes`` says which was chosen and why. ``"portable"``
+    runs every Linear as ``torch._int_mm`` with dyadic integer requantization, on any device;
+    ``"onednn"`` (x86 CPUs) runs the Linears on oneDNN's int8 kernel with the scales, bias, GELU
+    and the next point's quantization in the GEMM's epilogue (float32 scale arithmetic, as
+    torchao's PT2E X86 path) and each attention core as one C++ kernel, the fastest choice,
+    also under ``torch.compile`` with inductor freezing (``fxquant.runtime.onednn``). With a
+    custom ``passes=`` list the kernels are whatever those passes make (``"auto"`` then
+    chooses nothing).
 
     ``calib_data``: one (N, C, H, W) tensor (split into batches of 8), a list or other iterable
     of batches (tensors, (tensor, label) pairs, dicts with an ``'image'`` tensor) or a
@@ -92,9 +106,9 @@ def compile(  # noqa: A001 - the public name the design card asks for
         raise FxqError(f"backend {backend!r} is not available in this version; choose one of {BACKENDS}")
     if int_kernels not in INT_KERNELS:
         raise FxqError(f"int_kernels {int_kernels!r} is not one of {INT_KERNELS}")
-    if int_kernels != "portable" and backend != "int":
+    if int_kernels == "onednn" and backend != "int":
         raise FxqError(f"int_kernels={int_kernels!r} chooses the integer graph's kernels; it needs backend='int'")
-    if int_kernels != "portable" and passes is not None:
+    if int_kernels == "onednn" and passes is not None:
         raise FxqError(
             f"int_kernels={int_kernels!r} chooses passes of the default pipeline; with a custom passes= "
             "list add them yourself (LowerInteger(), UseOnednnKernels(), FuseIntAttention())"
@@ -120,6 +134,13 @@ def compile(  # noqa: A001 - the public name the design card asks for
         diff_inputs = (diff_inputs,)
     diff_inputs = tuple(diff_inputs)
     _check_inputs(model, example, diff_inputs)
+    kernels_note, auto_onednn = None, False
+    if backend == "int" and passes is None:
+        chosen, why = resolve_int_kernels(int_kernels, _device_of(model, example))
+        kernels_note = f"int_kernels={int_kernels} -> {chosen}: {why}"
+        auto_onednn, int_kernels = int_kernels == "auto" and chosen == "onednn", chosen
+    elif backend == "int" and int_kernels == "auto":
+        kernels_note = "int_kernels=auto: a custom passes= list; the kernels are those its passes make"
 
     gm = trace(model, example_inputs=example)
     specialized = gm.meta.get("fxq.specialized_input")
@@ -170,14 +191,52 @@ def compile(  # noqa: A001 - the public name the design card asks for
     equivalence_notes = []
     if int_manager is not None:
         fake = copy.deepcopy(gm)  # the equivalence measurement's yardstick
-        gm = int_manager.run(gm, ctx, after=[r.name for r in report.passes[1:]])
+        if auto_onednn:  # the oneDNN passes need integer ops: a graph left all float stays portable
+            gm, skipped = _run_auto_onednn(int_stage, instruments, fake_manager.holds_after, gm, ctx)
+            kernels_note += skipped
+        else:
+            gm = int_manager.run(gm, ctx, after=[r.name for r in report.passes[1:]])
         release_setup_tensors(gm)  # once, at the end: every integer pass has had the IntLinears' scales
         fp32 = reference if numeric_diff else None  # without the diff, ``reference`` is the graph itself
         equivalence_notes = measure_equivalence(fake, gm, diff_inputs, fp32).notes()
-    report.notes = [note for record in report.passes for note in record.notes] + kept_notes + equivalence_notes
+        weights = weight_bytes(gm)
+        report.weight_bytes = weights.to_dict()
+        equivalence_notes.append(weights.note())
+    report.notes = [kernels_note] if kernels_note else []
+    report.notes += [note for record in report.passes for note in record.notes] + kept_notes + equivalence_notes
     gm.qconfig = config
     gm.meta["fxq.model_name"], gm.meta["fxq.qconfig_name"] = report.model, config.name  # survive a deepcopy
     return gm
+
+
+def _run_auto_onednn(
+    int_stage: list, instruments: list, holds: frozenset, gm: fx.GraphModule, ctx: PassContext
+) -> tuple[fx.GraphModule, str]:
+    """The integer stage of ``int_kernels="auto"`` on oneDNN: ``lower_integer``, then the oneDNN
+    passes only if it lowered something (they refuse a graph without integer ops, which an
+    explicit ``int_kernels="onednn"`` keeps as an error). Returns the graph and what to add to
+    the kernels note."""
+    report = ctx.report
+    lowering, rest = split_before(int_stage, Prop.ONEDNN_KERNELS)
+    first = PassManager(lowering, instruments, holds=holds)
+    gm = first.run(gm, ctx, after=[r.name for r in report.passes[1:]])
+    skipped = ""
+    if not integer_ops_lowered(gm):
+        onednn_props = {Prop.ONEDNN_KERNELS, Prop.ATTENTION_FUSED}
+        rest = [p for p in rest if not onednn_props & contract_of(p).provides]
+        skipped = "; lower_integer left no integer op, so the oneDNN passes are skipped (portable graph)"
+    if rest:
+        gm = PassManager(rest, instruments, holds=first.holds_after).run(
+            gm, ctx, after=[r.name for r in report.passes[1:]]
+        )
+    return gm, skipped
+
+
+def _device_of(model: nn.Module, example: torch.Tensor) -> torch.device:
+    """Where the model runs: its first parameter or buffer's device, else the calibration data's."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return example.device
 
 
 def _check_inputs(model: nn.Module, example: torch.Tensor, diff_inputs: tuple) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import platform
+from typing import Optional, Sequence
 
+import torch
 import torch.fx as fx
 
 from fxquant.infra.contracts import Prop, contract_of
@@ -21,35 +23,60 @@ from fxquant.passes import (
     LowerFakeQuant,
     LowerInteger,
     LowerLogIntSoftmax,
+    PackInt4Weights,
     Reparameterize,
     Rotate,
     Smooth,
     SplitQkv,
     UseOnednnKernels,
 )
-from fxquant.runtime.int_modules import IntLinear
+from fxquant.quant.qconfig import QConfig
+from fxquant.quant.qconfig_spec import parse_spec
+from fxquant.runtime.int4_weights import fits_int4
+from fxquant.runtime.int_modules import DequantizeCodes, IntLinear, IntMatmul, QuantizeCodes
+from fxquant.runtime.onednn import onednn_available
 
 BACKENDS = ("fake", "int")
 
 
-INT_KERNELS = ("portable", "onednn")
+INT_KERNELS = ("auto", "portable", "onednn")
 
 
-def default_passes(backend: str = "fake", int_kernels: str = "portable", qconfig=None) -> list[Pass]:
+def resolve_int_kernels(int_kernels: str, device: Optional[torch.device] = None) -> tuple[str, str]:
+    """``(kernels, why)``: ``"auto"`` becomes ``"onednn"`` on an x86 CPU where torch has oneDNN's
+    int8 Linear kernels, else ``"portable"`` (CUDA tensors, other CPUs, a torch without them);
+    ``"portable"`` and ``"onednn"`` stay what they are. ``device``: where the model and its
+    calibration data live (CPU when None)."""
+    if int_kernels not in INT_KERNELS:
+        raise ValueError(f"int_kernels {int_kernels!r} is not one of {INT_KERNELS}")
+    if int_kernels != "auto":
+        return int_kernels, "chosen explicitly"
+    if device is not None and torch.device(device).type != "cpu":
+        return "portable", f"{torch.device(device).type} tensors (oneDNN's int8 kernels are CPU-only)"
+    if onednn_available():
+        return "onednn", f"{platform.machine()} CPU with oneDNN int8 kernels"
+    return "portable", (
+        f"no oneDNN int8 Linear kernels on this {platform.machine() or 'unknown'} CPU build of torch "
+        "(they need an x86 CPU and torch built with oneDNN)"
+    )
+
+
+def default_passes(backend: str = "fake", int_kernels: str = "auto", qconfig=None) -> list[Pass]:
     """``fake``: ends in a fake-quant graph. ``int``: the same passes, then ``lower_integer``
     rewrites the fake-quant graph into int8 codes, integer GEMMs and dyadic requantization
     (one calibration, so the integer graph matches the fake-quant one point by point).
     ``int_kernels="onednn"`` (x86 CPUs) then moves the Linears onto oneDNN's fused int8
     kernel (``use_onednn_kernels``) and each attention core (q @ kT, score requantization,
-    softmax, attn@V) into one C++ kernel (``fuse_int_attention``). ``gptq`` follows
+    softmax, attn@V) into one C++ kernel (``fuse_int_attention``); ``"auto"`` (default) does
+    so where oneDNN's int8 kernels exist on this CPU (:func:`resolve_int_kernels`). ``gptq`` follows
     ``lower_log_int_softmax`` when ``qconfig`` (a QConfig) has a ``gptq:`` key, ``rotate``
     follows ``split_qkv`` when it has ``rotate:`` (then ``reparameterize`` with
     ``reparameterize: true``), ``bias_correction`` follows ``gptq`` when
-    it has ``bias_correction: true``."""
+    it has ``bias_correction: true``. An integer pipeline ends with ``pack_int4_weights`` when
+    a weight grid of ``qconfig`` fits 4 bits (:func:`has_int4_weights`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not available in this version; choose one of {BACKENDS}")
-    if int_kernels not in INT_KERNELS:
-        raise ValueError(f"int_kernels {int_kernels!r} is not one of {INT_KERNELS}")
+    int_kernels, _ = resolve_int_kernels(int_kernels)
     recovery = qconfig.recovery if qconfig is not None else {}
     passes = [
         DecomposeAttention(),
@@ -73,7 +100,26 @@ def default_passes(backend: str = "fake", int_kernels: str = "portable", qconfig
         passes.append(LowerInteger())
         if int_kernels == "onednn":
             passes += [UseOnednnKernels(), FuseIntAttention()]
+        if qconfig is not None and has_int4_weights(qconfig):
+            passes.append(PackInt4Weights())  # last: the passes above read int8 weights
     return passes
+
+
+def has_int4_weights(qconfig: QConfig) -> bool:
+    """Whether a weight grid of ``qconfig`` (a group's, or one an override makes) fits 4 bits."""
+    groups = set(qconfig.groups) | {group for _, body in qconfig.overrides for group in body}
+    for group in sorted(groups):
+        base = qconfig.groups.get(group, {}).get("weight")
+        raws = [base] + [
+            {**(base or {}), **body[group]["weight"]}
+            for _, body in qconfig.overrides
+            if "weight" in body.get(group, {})
+        ]
+        for raw in filter(None, raws):
+            spec = parse_spec(raw, qconfig.source, f"{group}.weight")
+            if spec.enabled and fits_int4(spec.qmin, spec.qmax):
+                return True
+    return False
 
 
 def split_before(passes: Sequence[Pass], prop: Prop) -> tuple[list[Pass], list[Pass]]:
@@ -89,6 +135,13 @@ def stages(passes: Sequence[Pass]) -> tuple[list[Pass], list[Pass]]:
     """The fake-quant stage (up to the graph before integer lowering) and the integer stage
     (from the pass that provides ``Prop.INTEGER`` on; empty for a fake-quant pipeline)."""
     return split_before(passes, Prop.INTEGER)
+
+
+def integer_ops_lowered(gm: fx.GraphModule) -> bool:
+    """Whether ``lower_integer`` left integer ops that the oneDNN passes work on (codes, and a
+    GEMM or a dequantization; a graph whose every point stayed float has none)."""
+    kinds = {type(m) for m in gm.modules()}
+    return bool(kinds & {QuantizeCodes, IntLinear, IntMatmul}) and bool(kinds & {IntMatmul, DequantizeCodes})
 
 
 def release_setup_tensors(gm: fx.GraphModule) -> int:

@@ -12,6 +12,7 @@ from fxquant.passes.linear_modules import LinearModules
 from fxquant.passes.lower_fake_quant import LowerFakeQuant
 from fxquant.passes.lower_integer import LowerInteger
 from fxquant.passes.lower_log_int_softmax import LowerLogIntSoftmax
+from fxquant.passes.pack_int4_weights import PackInt4Weights
 from fxquant.passes.reparameterize import Reparameterize
 from fxquant.passes.rotate import Rotate
 from fxquant.passes.smooth import Smooth
@@ -31,6 +32,7 @@ __all__ = [
     "LowerFakeQuant",
     "LowerInteger",
     "LowerLogIntSoftmax",
+    "PackInt4Weights",
     "Reparameterize",
     "Rotate",
     "Smooth",

@@ -266,7 +266,9 @@ def test_compile_keep_float_with_the_integer_backend(setup):
 
     model, calib, qm, x = setup
     most = choose_float_points(qm, 1, (calib[:8],))[0]["node"]
-    q_int = fxquant.compile(model, "w8a8", calib_data=calib, progress=False, keep_float=1, backend="int")
+    q_int = fxquant.compile(
+        model, "w8a8", calib_data=calib, progress=False, keep_float=1, backend="int", int_kernels="portable"
+    )
     assert q_int.keep_float == [most] and q_int.report.keep_float == [most]
     assert any(n.startswith("keep_float 1:") for n in q_int.report.notes)
     assert any(n.startswith("lower_integer:") for n in q_int.report.notes)

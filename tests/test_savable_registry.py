@@ -75,8 +75,12 @@ def _compile_variants() -> list[tuple[str, dict]]:
         ("fake w8a8", dict(qconfig="w8a8")),
         ("fake fqvit_w8a8", dict(qconfig="fqvit_w8a8")),
         ("fake w8a8 keep_float=2", dict(qconfig="w8a8", keep_float=2)),
-        ("int fqvit_w8a8", dict(qconfig="fqvit_w8a8", backend="int")),
-        ("int w8a8 rotate fc2", dict(qconfig={"extends": "w8a8", "rotate": {"fc2": True}}, backend="int")),
+        # portable: the IntLinear (the default kernels are oneDNN's on x86)
+        ("int fqvit_w8a8", dict(qconfig="fqvit_w8a8", backend="int", int_kernels="portable")),
+        (
+            "int w8a8 rotate fc2",
+            dict(qconfig={"extends": "w8a8", "rotate": {"fc2": True}}, backend="int", int_kernels="portable"),
+        ),
     ]
     if onednn_available():
         variants.append(("int w8a8 onednn", dict(qconfig="w8a8", backend="int", int_kernels="onednn")))

@@ -176,7 +176,7 @@ def test_memory_stays_small_on_hostile_files(saved, tmp_path):
         desc = next(
             d
             for d in doc["modules"].values()
-            if d["type"] in ("fxquant.QuantLinear", "torch.nn.Linear", "fxquant.IntLinear")
+            if d["type"] in ("fxquant.QuantLinear", "torch.nn.Linear", "fxquant.IntLinear", "fxquant.OnednnLinear")
         )
         if "attrs" in desc["config"]:
             desc["config"]["attrs"]["out_features"] = 10**9

@@ -128,10 +128,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     comp.add_argument(
         "--int-kernels",
-        choices=("portable", "onednn"),
-        default="portable",
-        help="with --backend int: portable (torch._int_mm + dyadic requantization, default) or "
-        "onednn (x86: oneDNN's int8 Linear with scales, GELU and requantization in its epilogue)",
+        choices=("auto", "portable", "onednn"),
+        default="auto",
+        help="with --backend int: auto (default: onednn on an x86 CPU with oneDNN's int8 kernels, "
+        "portable elsewhere; the report's notes say which and why), portable (torch._int_mm + dyadic "
+        "requantization) or onednn (x86: oneDNN's int8 Linear with scales, GELU and requantization in "
+        "its epilogue, and the fused attention kernel)",
     )
     _add_diff_parser(sub)
     add_export_parser(sub)
@@ -247,7 +249,16 @@ def _print_compile_result(qm, args: argparse.Namespace) -> None:
     if args.backend == "int":
         for note in qm.report.notes:
             if note.startswith(
-                ("integer vs fake-quant", "output QSNR", "lower_integer", "use_onednn_kernels", "fuse_int_attention")
+                (
+                    "int_kernels",
+                    "integer vs fake-quant",
+                    "output QSNR",
+                    "lower_integer",
+                    "use_onednn_kernels",
+                    "fuse_int_attention",
+                    "pack_int4_weights",
+                    "weight bytes",
+                )
             ):
                 print(note)
     if args.keep_float:

@@ -68,6 +68,7 @@ class Report:
     keep_float: list[str] = field(default_factory=list)  # points left in float by compile(keep_float=K)
     warnings: list[str] = field(default_factory=list)  # what a user must read first (e.g. most weights float)
     weight_coverage: Optional[dict] = None  # quantized/total Linear/Conv weight elements, the float ones and why
+    weight_bytes: Optional[dict] = None  # integer graphs: weight bytes vs FP32 (fxquant.analysis.weight_bytes)
 
     def pass_record(self, name: str) -> PassRecord:
         for record in self.passes:
@@ -113,6 +114,8 @@ class Report:
         }
         if self.weight_coverage is not None:
             out["weight_coverage"] = self.weight_coverage
+        if self.weight_bytes is not None:
+            out["weight_bytes"] = self.weight_bytes
         drop = self.first_drop()
         if drop is not None:
             out["first_drop"] = _drop_for_json(drop)
@@ -158,6 +161,7 @@ class Report:
             list(data.get("keep_float", [])),
             list(data.get("warnings", [])),
             data.get("weight_coverage"),
+            data.get("weight_bytes"),
         )
 
     @classmethod

@@ -57,6 +57,11 @@ def check_tensors(kind: str, tensors: dict[str, torch.Tensor], attrs: dict, wher
     for name, rule in schema.tensors.items():
         if rule.required and name not in tensors:
             raise SerializeError(f"{where}: fxquant.{kind} needs its tensor {name!r}")
+    if schema.exactly_one and sum(name in tensors for name in schema.exactly_one) != 1:
+        raise SerializeError(
+            f"{where}: fxquant.{kind} needs exactly one of the tensors {list(schema.exactly_one)}, "
+            f"the file has {[name for name in schema.exactly_one if name in tensors]}"
+        )
 
 
 def _attr(value: Any, rule: Any, where: str) -> Any:
@@ -94,6 +99,14 @@ def _check_tensor(name: str, t: torch.Tensor, rule: TensorRule, attrs: dict, ten
     for dim, attr in ((0, rule.rows), (1, rule.cols)):
         if attr is not None and attrs.get(attr) != t.shape[dim]:
             raise SerializeError(f"{at}: dimension {dim} must equal {attr} = {attrs.get(attr)!r}")
+    if rule.packed_cols is not None:
+        count = attrs.get(rule.packed_cols)
+        expected = (count + 1) // 2 if type(count) is int and count >= 0 else "?"
+        if t.shape[1] != expected:
+            raise SerializeError(
+                f"{at}: a packed 4-bit weight (two codes per byte) has ceil({rule.packed_cols} / 2) = {expected} "
+                f"columns ({rule.packed_cols} = {count!r:.20}); this one does not fit the layer"
+            )
 
 
 # --------------------------------------------------------------------------- torch's float modules

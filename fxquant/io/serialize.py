@@ -93,6 +93,7 @@ def _report_dict(report: Report) -> dict:
         "keep_float": report.keep_float,
         "warnings": report.warnings,
         "weight_coverage": report.weight_coverage,
+        "weight_bytes": report.weight_bytes,
     }
 
 
@@ -349,4 +350,5 @@ def _report_from(raw: dict) -> Report:
         keep_float=list(raw["keep_float"]),
         warnings=list(raw.get("warnings", [])),  # files written before the weight coverage have neither
         weight_coverage=raw.get("weight_coverage"),
+        weight_bytes=raw.get("weight_bytes"),  # integer graphs, since packed 4-bit weights
     )

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fxquant.runtime.int4_weights import WEIGHT_TENSORS, PackedWeight
 from fxquant.runtime.integer import (
     UINT8_OFFSET,
     dequantize_codes,
@@ -177,9 +178,7 @@ class _Requantizing(nn.Module):
             "out_point_zero": None,
         },
         {
-            "weight_codes": TensorRule(
-                (torch.int8,), ndims=(2,), rows="out_features", cols="in_features", required=True
-            ),
+            **WEIGHT_TENSORS,
             "out_multiplier": per_output(torch.int32),
             "out_shift": TensorRule((torch.int64,), ndims=(0,)),
             "out_offset": per_output(torch.int64),
@@ -192,14 +191,16 @@ class _Requantizing(nn.Module):
             "out_point_scale": TensorRule((_f64,), ndims=(0, 1)),
             "out_point_zero": TensorRule((_f64,), fits="out_point_scale"),
         },
+        exactly_one=("weight_codes", "weight_packed"),
     )
 )
-class IntLinear(_Requantizing):
+class IntLinear(PackedWeight, _Requantizing):
     """A Linear on int8 codes: ``torch._int_mm`` (int8 x int8 -> int32), zero-point term
     precomputed, then float output or the next point's codes.
 
     ``weight_codes`` is the (out, in) int8 weight, stored contiguous once so that its
-    transpose is the layout the int8 GEMM reads fastest; no float weight is kept.
+    transpose is the layout the int8 GEMM reads fastest; no float weight is kept. A 4-bit
+    weight may be packed instead (``weight_packed``, ``fxquant.runtime.int4_weights``).
     """
 
     def __init__(
@@ -218,6 +219,7 @@ class IntLinear(_Requantizing):
         self.out_features, self.in_features = weight_codes.shape
         self.input_scale, self.input_zero_point = float(input_scale), int(input_zero_point)
         self.register_buffer("weight_codes", weight_codes.contiguous())
+        self.register_buffer("weight_packed", None)  # pack_weight() moves a 4-bit weight here
         self.register_buffer("weight_scale", weight_scale.to(torch.float32).expand(self.out_features).clone())
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
         # sum_k (x_k - z) w_nk = acc_n - z * sum_k w_nk: the second term is a constant per row
@@ -262,7 +264,7 @@ class IntLinear(_Requantizing):
             setattr(self, name, None)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        acc = int8_linear(codes, self.weight_codes.t())
+        acc = int8_linear(codes, self.int8_weight().t())
         if self.requantizes:
             return self._finish(acc)
         # one pass: the int32 accumulator is promoted inside addcmul (no float copy of it)
@@ -270,7 +272,8 @@ class IntLinear(_Requantizing):
 
     def extra_repr(self) -> str:
         out = f"codes of {self.out_label}" if self.requantizes else "float"
-        return f"{self.in_features}->{self.out_features} int8 x int8 -> int32 -> {out}"
+        weight = "int4 (packed)" if self.packed else "int8"
+        return f"{self.in_features}->{self.out_features} int8 x {weight} -> int32 -> {out}"
 
 
 def _like_a(dtype: torch.dtype) -> TensorRule:

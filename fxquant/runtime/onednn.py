@@ -14,6 +14,10 @@ type. A per-feature output scale and zero point (Q/K/V's head-wise points) are f
 fake-quant graph by one code where a value lies within float32 rounding of a step
 boundary, like the portable kernels; ``use_onednn_kernels`` measures it.
 
+A 4-bit weight may be stored packed, two codes per byte (``weight_packed``,
+``fxquant.runtime.int4_weights``); it is unpacked and prepacked on each call, so only the
+packed bytes stay in memory (under torch.compile with freezing both fold into a constant).
+
 Input codes are **uint8** (oneDNN's fast path is unsigned activations x signed weights;
 int8 activations take a far slower reference path): ``u8 = int8 code + 128``, zero point
 likewise. Weights stay plain int8 tensors (buffers, saved with the graph); the packed
@@ -32,8 +36,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fxquant.runtime.int4_weights import WEIGHT_TENSORS, PackedWeight
 from fxquant.runtime.integer import CODE_RANGES, UINT8_OFFSET, fits_uint8, int8_linear, uint8_to_int8_codes
-from fxquant.runtime.savable import Schema, TensorRule, per_output, savable
+from fxquant.runtime.savable import Schema, per_output, savable
 
 __all__ = ["onednn_available", "OnednnLinear", "OUTPUT_DTYPES"]
 
@@ -85,16 +90,15 @@ def _inductor_freezes() -> bool:
             "post_op": ("none", "gelu"),
         },
         {
-            "weight_codes": TensorRule(
-                (torch.int8,), ndims=(2,), rows="out_features", cols="in_features", required=True
-            ),
+            **WEIGHT_TENSORS,
             "weight_scale": per_output(torch.float32),
             "weight_zero_point": per_output(torch.int64),
             "bias": per_output(torch.float32),
         },
+        exactly_one=("weight_codes", "weight_packed"),
     )
 )
-class OnednnLinear(nn.Module):
+class OnednnLinear(PackedWeight, nn.Module):
     """A lowered Linear on uint8 codes with oneDNN's fused epilogue.
 
     ``output`` is ``"float32"`` (dequantized value), ``"uint8"`` or ``"int8"`` (codes of the
@@ -132,6 +136,7 @@ class OnednnLinear(nn.Module):
         self.output, self.output_scale, self.output_zero_point = output, float(output_scale), int(output_zero_point)
         self.post_op = post_op
         self.register_buffer("weight_codes", weight_codes.contiguous())
+        self.register_buffer("weight_packed", None)  # pack_weight() moves a 4-bit weight here
         self.register_buffer(
             "weight_scale", weight_scale.detach().to(torch.float32).reshape(-1).expand(self.out_features).clone()
         )
@@ -145,6 +150,8 @@ class OnednnLinear(nn.Module):
 
     # -- kernels
     def _packed(self) -> torch.Tensor:
+        if self.packed:  # a 4-bit weight: unpacked and prepacked per call, only its packed bytes stay
+            return torch.ops.onednn.qlinear_prepack(self.int8_weight(), None)
         cache = getattr(self, "_packed_cache", None)
         if cache is not None and cache[0] is self.weight_codes and cache[1] == self.weight_codes._version:
             return cache[2]
@@ -171,8 +178,9 @@ class OnednnLinear(nn.Module):
 
     def _portable(self, rows: torch.Tensor) -> torch.Tensor:
         """The same arithmetic on ``torch._int_mm`` (no oneDNN, or compiled without freezing)."""
-        acc = int8_linear(uint8_to_int8_codes(rows), self.weight_codes.t())
-        row_sums = self.weight_codes.sum(dim=1, dtype=torch.int32)
+        weight = self.int8_weight()
+        acc = int8_linear(uint8_to_int8_codes(rows), weight.t())
+        row_sums = weight.sum(dim=1, dtype=torch.int32)
         acc = acc - (self.input_zero_point - UINT8_OFFSET) * row_sums
         y = acc.to(torch.float32) * (self.input_scale * self.weight_scale)
         if self.bias is not None:
@@ -195,7 +203,7 @@ class OnednnLinear(nn.Module):
         elif torch.compiler.is_compiling():
             # inside the compiled graph the packing is an op on a buffer: freezing folds it
             out = (
-                self._onednn(rows.contiguous(), torch.ops.onednn.qlinear_prepack(self.weight_codes, None))
+                self._onednn(rows.contiguous(), torch.ops.onednn.qlinear_prepack(self.int8_weight(), None))
                 if _inductor_freezes()
                 else self._portable(rows)
             )

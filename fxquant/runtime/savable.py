@@ -47,17 +47,21 @@ class TensorRule:
     fits: Optional[str] = None  # the same number of dimensions as this tensor, and broadcastable with it
     rows: Optional[str] = None  # dim 0 equals this integer attribute
     cols: Optional[str] = None  # dim 1 equals this integer attribute
+    packed_cols: Optional[str] = None  # dim 1 equals ceil(attribute / 2): two 4-bit codes per byte
     required: bool = False
 
 
 @dataclass(frozen=True)
 class Schema:
     """A module's attributes (name -> type, ``None`` for an attribute that is always None, or a
-    tuple of the allowed values) and tensors (name -> rule), in one of :data:`LAYOUTS`."""
+    tuple of the allowed values) and tensors (name -> rule), in one of :data:`LAYOUTS`.
+    ``exactly_one``: tensors of which a saved entry holds exactly one (e.g. an int8 or a packed
+    4-bit weight)."""
 
     attrs: dict[str, Any]
     tensors: dict[str, TensorRule] = field(default_factory=dict)
     layout: str = "plain_state"
+    exactly_one: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -66,9 +70,12 @@ class Schema:
             for other in (rule.like, rule.fits):
                 if other is not None and other not in self.tensors:
                     raise ValueError(f"tensor rule {name!r} refers to {other!r}, which the schema does not declare")
-            for attr in (rule.rows, rule.cols):
+            for attr in (rule.rows, rule.cols, rule.packed_cols):
                 if attr is not None and attr not in self.attrs:
                     raise ValueError(f"tensor rule {name!r} refers to attribute {attr!r}, which is not declared")
+        for name in self.exactly_one:
+            if name not in self.tensors:
+                raise ValueError(f"exactly_one names {name!r}, which the schema does not declare")
 
 
 def per_output(dtype: torch.dtype) -> TensorRule:

@@ -141,7 +141,13 @@ def test_per_channel_linear_input_stays_float_and_is_listed(vit):
 
 def test_compile_backend_int_runs_the_pass_and_reports_equivalence(vit):
     qm = fxquant.compile(
-        vit.model, "w8a8", calib_data=vit.calib(), diff_inputs=vit.inputs(), backend="int", progress=False
+        vit.model,
+        "w8a8",
+        calib_data=vit.calib(),
+        diff_inputs=vit.inputs(),
+        backend="int",
+        int_kernels="portable",  # the portable graph's passes and notes
+        progress=False,
     )
     assert qm.report.backend == "int"
     names = [p.name for p in qm.report.passes]

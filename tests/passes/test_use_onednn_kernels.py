@@ -43,7 +43,7 @@ def graphs():
         tiny = tiny_model(name)
         kwargs = dict(calib_data=tiny.calib(batches=2, batch_size=4), diff_inputs=tiny.inputs(), progress=False)
         fake = fxquant.compile(tiny.model, qconfig, **kwargs)
-        portable = fxquant.compile(tiny.model, qconfig, backend="int", **kwargs)
+        portable = fxquant.compile(tiny.model, qconfig, backend="int", int_kernels="portable", **kwargs)
         onednn = fxquant.compile(tiny.model, qconfig, backend="int", int_kernels="onednn", **kwargs)
         out[(name, qconfig)] = (tiny, fake, portable, onednn)
     return out
@@ -210,7 +210,7 @@ def test_preset_without_linear_points_passes_through():
 
     tiny = tiny_model("vit")
     kwargs = dict(calib_data=tiny.calib(), diff_inputs=tiny.inputs(), progress=False, backend="int")
-    portable = fxquant.compile(tiny.model, "seed_attn", **kwargs)
+    portable = fxquant.compile(tiny.model, "seed_attn", int_kernels="portable", **kwargs)
     onednn = fxquant.compile(tiny.model, "seed_attn", int_kernels="onednn", **kwargs)
     assert not _modules(onednn, OnednnLinear)
     assert any(n.startswith("use_onednn_kernels: 0 of 0 Linears") for n in onednn.report.notes)
