@@ -317,6 +317,19 @@ def test_extends_merges_with_base(tmp_path):
             assert config.spec_for(*key) == spec, key
 
 
+def test_null_group_turns_a_base_group_off(tmp_path):
+    path = write(tmp_path, "mine.yaml", "extends: w8a8\nattn_kv_out: null\nhead: false\n")
+    config, base = load_qconfig(path), load_qconfig("w8a8")
+    assert base.spec_for("attn_kv_out", ACT) is not None and base.spec_for("head", "weight") is not None
+    assert config.spec_for("attn_kv_out", ACT) is None and config.spec_for("head", "weight") is None
+    assert config.spec_for("attn_q_out", ACT) == base.spec_for("attn_q_out", ACT)  # the rest is the base's
+    assert load_qconfig(config.to_dict()).spec_for("attn_kv_out", ACT) is None
+    with pytest.raises(QConfigError, match=r"overrides\.blocks\.0\.\*\.attn_kv_out: null turns a group off only"):
+        load_qconfig({"extends": "w8a8", "overrides": {"blocks.0.*": {"attn_kv_out": None}}})
+    with pytest.raises(QConfigError, match="attn_kv_outt: unknown group"):
+        load_qconfig({"extends": "w8a8", "attn_kv_outt": None})
+
+
 def test_extends_unknown_base(tmp_path):
     with pytest.raises(QConfigError, match="neither a preset"):
         load_qconfig(write(tmp_path, "x.yaml", "extends: w3a3\n"))

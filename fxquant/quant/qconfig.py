@@ -141,7 +141,13 @@ def _parse_groups(raw: Mapping[str, Any], source: str, prefix: str = "") -> dict
     groups: dict[str, dict[str, dict]] = {}
     for group, body in raw.items():
         path = f"{prefix}{group}"
-        if group in LINEAR_GROUPS:
+        if (body is None or body is False) and group in ALL_GROUPS:
+            if prefix:
+                raise qconfig_error(
+                    source, path, "null turns a group off only at the top level; to keep some modules float, list them in skip"
+                )
+            groups[group] = None  # off: the group's points stay float even where the base quantizes them
+        elif group in LINEAR_GROUPS:
             if not isinstance(body, Mapping):
                 raise qconfig_error(source, path, "a linear group is a mapping with sections weight and output")
             sections = {}
@@ -234,6 +240,9 @@ def qconfig_from_dict(
     if base is not None:
         merged = copy.deepcopy(base.groups)
         for group, sections in groups.items():  # key by key, as overrides merge
+            if sections is None:
+                merged.pop(group, None)
+                continue
             for section, raw_spec in sections.items():
                 merged.setdefault(group, {})[section] = {**merged.get(group, {}).get(section, {}), **raw_spec}
         groups = merged
@@ -243,7 +252,7 @@ def qconfig_from_dict(
         skip = base.skip + skip
     config = QConfig(
         name=str(name),
-        groups=groups,
+        groups={group: sections for group, sections in groups.items() if sections is not None},
         overrides=overrides,
         skip=list(skip),
         smooth_alpha=smooth_alpha,
