@@ -144,7 +144,9 @@ def _parse_groups(raw: Mapping[str, Any], source: str, prefix: str = "") -> dict
         if (body is None or body is False) and group in ALL_GROUPS:
             if prefix:
                 raise qconfig_error(
-                    source, path, "null turns a group off only at the top level; to keep some modules float, list them in skip"
+                    source,
+                    path,
+                    "null turns a group off only at the top level; to keep some modules float, list them in skip",
                 )
             groups[group] = None  # off: the group's points stay float even where the base quantizes them
         elif group in LINEAR_GROUPS:
