@@ -7,6 +7,11 @@ are replaced by :class:`fxquant.runtime.log_int_softmax.LogIntSoftmax`, which co
 codes from the integer scores (integer exp, no division, see that module). Where the
 scores are not quantized, the float softmax followed by the log2 quantizer stays, and the
 report's notes say so.
+
+The other log bases (``log_sqrt2``, and ``log_adaptive`` once calibration chose its base,
+``fxquant.quant.log_quantizers``) become a
+:class:`fxquant.runtime.log_base_softmax.LogBaseSoftmax` the same way: the same integer exp,
+codes of base ``2**(p/k)`` by integer comparisons.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import remove_dead_nodes
 from fxquant.ir.meta import POINT, ROLE, copy_provenance
 from fxquant.ir.patterns import is_scale_transparent, is_softmax, softmax_dim, submodule
+from fxquant.quant.log_quantizers import log_step
 from fxquant.runtime.fake_quant import FakeQuantize
+from fxquant.runtime.log_base_softmax import LogBaseSoftmax
 from fxquant.runtime.log_int_softmax import LogIntSoftmax
 
 _ADDS = (operator.add, torch.add)
@@ -56,19 +63,19 @@ class LowerLogIntSoftmax(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         for node in list(gm.graph.nodes):
             fq = submodule(gm, node)
-            if not (isinstance(fq, FakeQuantize) and fq.point.group == "intSoft" and fq.method == "log2"):
+            if not (isinstance(fq, FakeQuantize) and fq.point.group == "intSoft" and fq.method != "uniform"):
                 continue
             ctx.current_node = node.name
             softmax = node.args[0]
             if not (isinstance(softmax, fx.Node) and is_softmax(gm, softmax) and len(softmax.users) == 1):
-                ctx.note(f"{node.name} (intSoft): not right after a softmax; plain log2 quantizer kept")
+                ctx.note(f"{node.name} (intSoft): not right after a softmax; plain {fq.method} quantizer kept")
                 continue
             scores = _scores_point(gm, softmax.args[0])
             dim = softmax_dim(gm, softmax)
             if scores is None or dim is None or fq.post_scale != 1.0:
                 ctx.note(
                     f"{node.name} (intSoft): the softmax input is not the quantized scores; float softmax "
-                    "with a log2 quantizer kept (quantize attn_kv_out to get the integer LIS)"
+                    f"with a {fq.method} quantizer kept (quantize attn_kv_out to get the integer LIS)"
                 )
                 continue
             self._replace(gm, softmax, node, fq, scores, dim)
@@ -82,20 +89,16 @@ class LowerLogIntSoftmax(Pass):
         scale = qp.broadcast_scale(4 if qp.per_channel else 0) * scores.post_scale
         if fq.point.spec.signed:
             raise ValueError(
-                f"{fq_node.name}: softmax outputs are non-negative; the intSoft log2 point must be "
+                f"{fq_node.name}: softmax outputs are non-negative; the intSoft {fq.method} point must be "
                 "unsigned (signed: false)"
             )
         target = str(fq_node.target)
-        gm.add_submodule(
-            target,
-            LogIntSoftmax(
-                scale,
-                fq.point.spec.bits,
-                dim,
-                point=fq.point,
-                renormalize=bool(fq.point.spec.option("lis_renormalize", True)),
-            ),
-        )
+        bits, renormalize = fq.point.spec.bits, bool(fq.point.spec.option("lis_renormalize", True))
+        if fq.method == "log2":
+            module = LogIntSoftmax(scale, bits, dim, point=fq.point, renormalize=renormalize)
+        else:  # log_sqrt2, or the base log_adaptive chose
+            module = LogBaseSoftmax(scale, bits, log_step(fq.method), dim, point=fq.point, renormalize=renormalize)
+        gm.add_submodule(target, module)
         with gm.graph.inserting_before(fq_node):
             lis = gm.graph.call_module(target, (softmax.args[0],))
         copy_provenance(fq_node, lis)
