@@ -254,9 +254,9 @@ class _Positional(nn.Module):
 
 
 # fxquant modules made of ordinary torch ops, which export as they are: a point left in float
-# (fxquant.debug), Log-Int-Softmax (integer exp and log2 codes as Floor/Log/Pow/Where) and
+# (fxquant.debug), Log-Int-Softmax and its other log bases (integer exp and codes as Floor/Log/Pow/Where) and
 # rotate's online Hadamard transform (Reshape/Slice/Add/Sub/Concat)
-_EXPORT_AS_IS = {"FloatPoint", "LogIntSoftmax", "BlockHadamard"}
+_EXPORT_AS_IS = {"FloatPoint", "LogIntSoftmax", "LogBaseSoftmax", "BlockHadamard"}
 
 
 def _export_twin(module: nn.Module, name: str) -> nn.Module | None:
