@@ -5,7 +5,8 @@ Log-Int-Softmax) vs log_sqrt2 (RepQ-ViT) vs the adaptive base (AdaLog-style), fe
                                   [--methods log2,log_sqrt2,log_adaptive] [--int fqvit_w8a8:log_sqrt2] [--write]
 
 Model, photos and metric as bench.dinov2_features (foolbox photos 0-9 calibrate, 10-19
-evaluate; QSNR of the final-norm cls features against FP32), one torch thread. Each row
+evaluate, or the other way round with ``--swap``; QSNR of the final-norm cls features against
+FP32), one torch thread. Each row
 is the preset with its ``intSoft`` point's ``quantization_method`` replaced (bits as the
 preset has them: 8, or 4 for ``fqvit_w8a8_attn4``); ``float`` turns the point off (the
 probabilities in float: the ceiling of any quantizer). The fake backend runs every row;
@@ -58,13 +59,15 @@ def main(argv=None) -> int:
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--int", default="", help="comma-separated preset:method rows also run on the int backend")
+    parser.add_argument("--swap", action="store_true", help="calibrate on photos 10-19, evaluate on 0-9")
     parser.add_argument("--section", default="softmax_bases", help="BENCHMARKS.md section to write")
     parser.add_argument("--write", action="store_true", help="put the table into BENCHMARKS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = load_dinov2_vits14().eval()
     images, _, _ = foolbox_imagenet()
-    calib, evaluation = images[:10], images[10:]
+    calib, evaluation = (images[10:], images[:10]) if args.swap else (images[:10], images[10:])
+    photos = "photos 10-19 calibrate, 0-9 evaluate" if args.swap else "photos 0-9 calibrate, 10-19 evaluate"
     with torch.no_grad():
         reference = model(evaluation)
     lines = [
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
         "",
         f"Command: `python -m bench.softmax_bases {' '.join(argv if argv is not None else sys.argv[1:])}` "
         f"({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, 1 thread, other jobs sharing the 2 cores: "
-        "times are indicative). DINOv2 ViT-S/14 (real weights), foolbox photos 0-9 calibrate, 10-19 evaluate; "
+        f"times are indicative). DINOv2 ViT-S/14 (real weights), foolbox {photos}; "
         "feature QSNR against FP32. Each row is the preset with its `intSoft` point's `quantization_method` "
         "replaced; `float` turns that point off. Steps: the base is 2**step (log2: 1, log_sqrt2: 1/2), "
         "listed per attention block.",

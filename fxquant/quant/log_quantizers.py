@@ -16,9 +16,10 @@ the single constant ``1/sqrt(2)``.
 calibration data: AdaLog's base is ``2**(q/37)`` with a 37-entry table; here the candidates
 are the hardware-friendly fractions ``p/k`` with ``k <= 4`` in [1/4, 2] (at most four
 constants in attn@V's requantization), and the chosen step is the one with the smallest
-squared error over a histogram of ``-log2(x)`` (1/64-octave bins) the observer collects
-(:class:`LogBaseSearch`). The resolved method is then named by its step: ``log2`` for 1,
-``log_sqrt2`` for 1/2, ``log2^p/k`` otherwise (every name in :data:`RESOLVED_LOG_METHODS`).
+squared error on the calibration data (:class:`LogBaseSearch`: for the attention
+probabilities, the error of each row after renormalization, which is what attn@V sees).
+The resolved method is then named by its step: ``log2`` for 1, ``log_sqrt2`` for 1/2,
+``log2^p/k`` otherwise (every name in :data:`RESOLVED_LOG_METHODS`).
 """
 
 from __future__ import annotations
@@ -131,31 +132,60 @@ _OCTAVES = 64  # |x| in [2**-64, 2**64]: smaller values add below 2**-128 to a s
 
 
 class LogBaseSearch:
-    """Chooses ``log_adaptive``'s step for one point: a histogram of ``-log2(|x| / scale)``
-    over the calibration data, then the candidate step of least squared error.
+    """Chooses ``log_adaptive``'s step for one point from the calibration data.
 
-    The histogram holds ``-log2(|x|)`` in [-64, 64) (1/64-octave bins), so :meth:`best_step`
-    can apply the point's scale (known only when calibration ends) afterwards. Zeros need no
-    bin: every step maps them to the zero code exactly.
+    Two ways of scoring a candidate step, by what the point quantizes:
+
+    * ``rows=None`` (any point): a histogram of ``-log2(|x|)`` in [-64, 64) (1/64-octave
+      bins), scored after calibration with the point's scale: the squared error of every
+      value, each at its bin centre. Zeros need no bin (every step maps them to 0 exactly).
+    * ``rows=True`` / ``False`` (attention probabilities, on the grid from 1 that the
+      integer softmax counts from): every candidate quantizes each calibration row along the
+      last dimension, divided by its sum when ``rows`` is True (``lis_renormalize``), and
+      the squared error against the float row is summed. That is the error attn@V sees
+      (``E|dP @ V|**2 = var(v) * sum(dP**2)`` for rows summing to 1 and independent V);
+      element-wise error alone misses that underflowing many small probabilities moves the
+      whole row (a fine base at 4 bits zeroes most of a 257-token row).
+
+    The step of least error wins; ties go to the larger step (shorter shifts).
     """
 
-    def __init__(self, bits: int, signed: bool):
+    def __init__(self, bits: int, signed: bool, rows: Optional[bool] = None):
         self.qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
-        self.signed = signed
+        self.signed, self.rows = signed, rows
         self.counts = torch.zeros(2 * _OCTAVES * _BINS_PER_OCTAVE, dtype=torch.float64)
+        self.row_errors = {step: 0.0 for step in CANDIDATE_STEPS}
         self.num_updates = 0
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().to(torch.float64).flatten()
+        if self.rows is not None:
+            self._update_rows(x.detach().float())
+        else:
+            self._update_histogram(x.detach().to(torch.float64).flatten())
+        self.num_updates += 1
+
+    def _update_histogram(self, x: torch.Tensor) -> None:
         x = x.abs() if self.signed else x
         x = x[x > 0]
         t = torch.clamp(-torch.log2(x), min=-_OCTAVES, max=_OCTAVES - 1e-6)  # -log2(x) in [-64, 64)
         index = torch.floor((t + _OCTAVES) * _BINS_PER_OCTAVE).long()
         self.counts += torch.bincount(index, minlength=self.counts.numel()).double()
-        self.num_updates += 1
+
+    def _update_rows(self, x: torch.Tensor) -> None:
+        x = x.clamp_min(0.0)
+        t = -torch.log2(x)  # +inf for zeros: the zero code under every step
+        for step in CANDIDATE_STEPS:
+            m = torch.clamp(torch.round(t / float(step)), 0, self.qmax)
+            v = torch.exp2(-m * float(step)).masked_fill_(m >= self.qmax, 0.0)
+            if self.rows:
+                total = v.sum(-1, keepdim=True)
+                v = v / torch.where(total > 0, total, torch.ones_like(total))
+            self.row_errors[step] += float(((v - x).double() ** 2).sum())
 
     def errors(self, scale: float = 1.0) -> dict[Fraction, float]:
-        """Squared error of every candidate step over the histogram (bin centres)."""
+        """Squared error of every candidate step (``scale``: histogram mode only)."""
+        if self.rows is not None:
+            return dict(self.row_errors)
         centres = (torch.arange(self.counts.numel(), dtype=torch.float64) + 0.5) / _BINS_PER_OCTAVE - _OCTAVES
         x = torch.pow(2.0, -centres)
         keep = self.counts > 0

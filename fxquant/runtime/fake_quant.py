@@ -31,7 +31,10 @@ class ObserverModule(nn.Module):
         self.post_scale = 1.0  # a constant multiply folded in by fuse_scales
         spec = point.spec
         # log_adaptive: the histogram its base is chosen from (fxquant.quant.log_quantizers)
-        self.log_search = LogBaseSearch(spec.bits, spec.signed) if spec.method == "log_adaptive" else None
+        self.log_search = None
+        if spec.method == "log_adaptive":  # the probabilities are scored row by row, as attn@V reads them
+            rows = bool(spec.option("lis_renormalize", True)) if point.group == "intSoft" else None
+            self.log_search = LogBaseSearch(spec.bits, spec.signed, rows=rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
