@@ -137,3 +137,24 @@ def test_integer_graph_equals_the_fake_quant_graph(method, bits):
     x = tiny.image(3, seed=7)
     with torch.no_grad():
         torch.testing.assert_close(integer(x), fake(x), rtol=1e-4, atol=1e-4)
+
+
+def test_onednn_kernels_feed_v_as_uint8_codes():
+    """int_kernels="onednn": the shift matmul reads V as uint8 codes like LisShiftMatmul, so
+    every Linear moves onto oneDNN, and the result is still the fake-quant graph's."""
+    from fxquant.runtime.onednn import onednn_available
+    from tests.passes.conftest import tiny_model
+
+    if not onednn_available():
+        pytest.skip("oneDNN int8 kernels are not available on this CPU")
+    tiny = tiny_model("vit")
+    config = {"extends": "fqvit_w8a8", "intSoft": {"quantization_method": "log_sqrt2"}}
+    kw = dict(calib_data=tiny.calib(batches=2, batch_size=4), diff_inputs=tiny.inputs(), progress=False)
+    fake = fxquant.compile(tiny.model, config, **kw)
+    onednn = fxquant.compile(tiny.model, config, backend="int", int_kernels="onednn", **kw)
+    shift = [m for m in onednn.modules() if isinstance(m, LogBaseShiftMatmul)]
+    assert len(shift) == tiny.depth and all(m.v_uint8 for m in shift)
+    assert not [n for n in onednn.report.pass_record("use_onednn_kernels").notes if "needs int8" in n]
+    x = tiny.image(3, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(onednn(x), fake(x), rtol=1e-4, atol=1e-4)
