@@ -128,6 +128,7 @@ def dequantize_log_step(q: torch.Tensor, qp: QParams, step: Fraction) -> torch.T
 
 
 _BINS_PER_OCTAVE = 64
+_SEARCH_ROWS = 4096  # rows per calibration batch the row-wise search scores
 _OCTAVES = 64  # |x| in [2**-64, 2**64]: smaller values add below 2**-128 to a squared error
 
 
@@ -172,7 +173,8 @@ class LogBaseSearch:
         self.counts += torch.bincount(index, minlength=self.counts.numel()).double()
 
     def _update_rows(self, x: torch.Tensor) -> None:
-        x = x.clamp_min(0.0)
+        rows = x.clamp_min(0.0).reshape(-1, x.shape[-1])
+        x = rows[:: max(1, rows.shape[0] // _SEARCH_ROWS)]  # an even subsample: 12 candidates per row cost
         t = -torch.log2(x)  # +inf for zeros: the zero code under every step
         for step in CANDIDATE_STEPS:
             m = torch.clamp(torch.round(t / float(step)), 0, self.qmax)

@@ -36,7 +36,16 @@ from fxquant.runtime.integer import UINT8_OFFSET
 from fxquant.runtime.log_int_softmax import LogIntSoftmax, i_exp, refine_shift
 from fxquant.runtime.savable import POINT, Schema, TensorRule, savable
 
-__all__ = ["base_codes", "base_values", "LogBaseSoftmax", "LogBaseShiftMatmul", "SOFTMAX_POINT_TYPES"]
+__all__ = [
+    "attention_output_errors",
+    "base_codes",
+    "base_values",
+    "exp_rows",
+    "codes_from_exp",
+    "LogBaseSoftmax",
+    "LogBaseShiftMatmul",
+    "SOFTMAX_POINT_TYPES",
+]
 
 _FRAC_BITS = 24  # the sub-octave constants 2**(j / 2k) on a 2**-24 grid
 
@@ -60,18 +69,47 @@ def base_code_of_ratio(total: torch.Tensor, e: torch.Tensor, step: Fraction) -> 
     return torch.floor((n + p) / (2 * p))
 
 
-def base_codes(scores: torch.Tensor, scale: torch.Tensor, bits: int, step: Fraction, dim: int = -1) -> torch.Tensor:
-    """Log-base-``2**step`` probability codes of softmax(scores) along ``dim`` (float tensor
-    of integers); ``scale`` is the scores point's scale, broadcasting against ``scores``."""
-    qmax = 2**bits - 1
+def exp_rows(scores: torch.Tensor, scale: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer exp of the scores' codes (Log-Int-Softmax's ``i_exp`` on the refined grid)
+    and its sum along ``dim``: the ``e`` and ``T`` every code is found from."""
     x_int = torch.round(scores.double() / scale.double())
     x_int = x_int - x_int.amax(dim=dim, keepdim=True)
     shift = refine_shift(scale)
     exp_int, _ = i_exp(x_int * 2.0**shift, scale.double() / 2.0**shift)
-    total = exp_int.sum(dim=dim, keepdim=True)
+    return exp_int, exp_int.sum(dim=dim, keepdim=True)
+
+
+def codes_from_exp(exp_int: torch.Tensor, total: torch.Tensor, bits: int, step: Fraction) -> torch.Tensor:
+    qmax = 2**bits - 1
     m = base_code_of_ratio(total, exp_int.clamp_min(1), step)
     m = torch.where(exp_int > 0, m, torch.full_like(m, qmax))
     return m.clamp_(0, qmax)
+
+
+def base_codes(scores: torch.Tensor, scale: torch.Tensor, bits: int, step: Fraction, dim: int = -1) -> torch.Tensor:
+    """Log-base-``2**step`` probability codes of softmax(scores) along ``dim`` (float tensor
+    of integers); ``scale`` is the scores point's scale, broadcasting against ``scores``."""
+    exp_int, total = exp_rows(scores, scale, dim)
+    return codes_from_exp(exp_int, total, bits, step)
+
+
+def attention_output_errors(
+    scores: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, bits: int, renormalize: bool, steps
+) -> dict[Fraction, float]:
+    """``sum |probs_step @ v - softmax(scores) @ v|**2`` for every step: what each base costs
+    attn@V on these scores and values (the adaptive base's criterion, as AdaLog scores a
+    base by the output it gives). ``scores`` (..., N, N) and ``v`` (..., N, d) in float."""
+    exp_int, total = exp_rows(scores, scale, -1)
+    v = v.double()
+    reference = torch.softmax(scores.double(), -1) @ v
+    errors = {}
+    for step in steps:
+        values = base_values(codes_from_exp(exp_int, total, bits, step), bits, step)
+        if renormalize:
+            row = values.sum(-1, keepdim=True)
+            values = values / torch.where(row > 0, row, torch.ones_like(row))
+        errors[step] = float(((values @ v - reference) ** 2).sum())
+    return errors
 
 
 def base_values(codes: torch.Tensor, bits: int, step: Fraction) -> torch.Tensor:

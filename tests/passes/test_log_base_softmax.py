@@ -25,6 +25,7 @@ from fxquant.runtime.fake_quant import FakeQuantize
 from fxquant.runtime.log_base_softmax import (
     LogBaseShiftMatmul,
     LogBaseSoftmax,
+    attention_output_errors,
     base_code_of_ratio,
     base_codes,
     base_values,
@@ -158,3 +159,32 @@ def test_onednn_kernels_feed_v_as_uint8_codes():
     x = tiny.image(3, seed=9)
     with torch.no_grad():
         torch.testing.assert_close(onednn(x), fake(x), rtol=1e-4, atol=1e-4)
+
+
+def test_adaptive_base_is_the_least_attn_v_output_error(vit, trace, make_ctx, run, qconfigs):
+    """lower_log_int_softmax chooses each log_adaptive base by the attn@V output it gives on
+    the calibration data: the chosen step is the argmin of the errors computed directly."""
+    from fxquant.ir.capture import capture_values
+    from fxquant.passes.lower_log_int_softmax import _attention_values, _scores_point, _scores_scale
+    from fxquant.quant.calib_data import as_batches, iter_batches
+    from fxquant.quant.log_quantizers import CANDIDATE_STEPS
+
+    config = {**qconfigs.gemm_inputs(), "intSoft": {**LOG2, "bits": 4, "quantization_method": "log_adaptive"}}
+    gm, ctx = lowered(vit, trace, make_ctx, run, config)
+    points = [n for n, m in modules_of(gm, FakeQuantize) if m.point.group == "intSoft"]
+    captured = [capture_values(gm, (b,)) for b in iter_batches(as_batches(ctx.calib_data))]
+    expected = {}
+    for node in points:
+        scores, v = node.args[0].args[0], _attention_values(gm, node)
+        scale = _scores_scale(_scores_point(gm, scores))
+        errors = dict.fromkeys(CANDIDATE_STEPS, 0.0)
+        for values in captured:
+            got = attention_output_errors(values[scores.name], values[v.name], scale, 4, True, CANDIDATE_STEPS)
+            errors = {k: errors[k] + got[k] for k in errors}
+        expected[str(node.target)] = min(CANDIDATE_STEPS, key=lambda s: (errors[s], -s))
+    gm = run(gm, ctx, LowerLogIntSoftmax())
+    for target, step in expected.items():
+        module = gm.get_submodule(target)
+        assert (module.step if isinstance(module, LogBaseSoftmax) else Fraction(1)) == step
+    notes = ctx.report.pass_record("lower_log_int_softmax").notes
+    assert len([n for n in notes if "on attn@V's output" in n]) == len(points)
