@@ -40,6 +40,7 @@ from fxquant.ir.patterns import (
     softmax_dim,
     submodule,
 )
+from fxquant.quant import distributed
 from fxquant.quant.calib_data import as_batches, iter_batches
 from fxquant.quant.log_quantizers import CANDIDATE_STEPS, log_step, method_for_step
 from fxquant.runtime.fake_quant import FakeQuantize
@@ -131,6 +132,8 @@ def _adaptive_steps(gm: fx.GraphModule, ctx: PassContext, adaptive: list) -> dic
             got = attention_output_errors(s, v, _scores_scale(scores), spec.bits, renormalize, CANDIDATE_STEPS)
             errors = {k: errors[k] + got[k] for k in errors}
         else:
+            summed = distributed.reduce_sums({str(k): v for k, v in errors.items()})  # every rank alike
+            errors = {k: summed[str(k)] for k in CANDIDATE_STEPS}
             steps[name] = min(CANDIDATE_STEPS, key=lambda step: (errors[step], -step))
             ctx.note(
                 f"{name} (intSoft): log_adaptive chose {method_for_step(steps[name])} on attn@V's output "

@@ -210,3 +210,25 @@ def test_row_search_scores_renormalized_rows_and_keeps_the_small_probabilities()
     elementwise.update(p)
     assert best > elementwise.best_step()  # 4 bits of base 2**s reach down to 2**-(14 s) only
     assert _row_error(p, best, 4) < _row_error(p, elementwise.best_step(), 4)
+
+
+@pytest.mark.parametrize("rows", [None, True])
+def test_search_merged_over_ranks_equals_one_search_over_all_data(rows):
+    """Distributed calibration sums the search's statistics over ranks (reduce_sums): two
+    shards merged score every step as one search over both."""
+    g = torch.Generator().manual_seed(2)
+    p = torch.softmax(torch.randn(64, 100, generator=g, dtype=torch.float64) * 2, -1)
+    shards = [LogBaseSearch(4, signed=False, rows=rows) for _ in range(2)]
+    whole = LogBaseSearch(4, signed=False, rows=rows)
+    for shard, part in zip(shards, p.split(32)):
+        shard.update(part)
+        whole.update(part)
+    locals_ = []
+    for shard in shards:
+        shard.merge(lambda d: locals_.append(d) or d)
+    summed = {k: locals_[0][k] + locals_[1][k] for k in locals_[0]}
+    shards[0].merge(lambda d: summed)
+    assert shards[0].num_updates == 2
+    for step, error in whole.errors().items():
+        assert shards[0].errors()[step] == pytest.approx(error, rel=1e-9)
+    assert shards[0].best_step() == whole.best_step()

@@ -184,6 +184,16 @@ class LogBaseSearch:
                 v = v / torch.where(total > 0, total, torch.ones_like(total))
             self.row_errors[step] += float(((v - x).double() ** 2).sum())
 
+    def merge(self, reduce_sums) -> None:
+        """Sum this search's statistics over the ranks of a distributed calibration
+        (``reduce_sums``: ``fxquant.quant.distributed.reduce_sums``), so every rank chooses alike."""
+        local = {f"step {s}": e for s, e in self.row_errors.items()} | {"updates": float(self.num_updates)}
+        local |= {f"bin {i}": float(c) for i, c in enumerate(self.counts.tolist())}
+        summed = reduce_sums(local)
+        self.row_errors = {s: summed[f"step {s}"] for s in CANDIDATE_STEPS}
+        self.counts = torch.tensor([summed[f"bin {i}"] for i in range(self.counts.numel())], dtype=torch.float64)
+        self.num_updates = int(summed["updates"])
+
     def errors(self, scale: float = 1.0) -> dict[Fraction, float]:
         """Squared error of every candidate step (``scale``: histogram mode only)."""
         if self.rows is not None:
