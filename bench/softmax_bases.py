@@ -71,7 +71,9 @@ def main(argv=None) -> int:
     with torch.no_grad():
         reference = model(evaluation)
     lines = [
-        "## Attention-probability quantizers on DINOv2 ViT-S/14: log2 vs log_sqrt2 vs adaptive base (CPU)",
+        "## Attention-probability quantizers on DINOv2 ViT-S/14, photos swapped (10-19 calibrate, 0-9 evaluate; CPU)"
+        if args.swap
+        else "## Attention-probability quantizers on DINOv2 ViT-S/14: log2 vs log_sqrt2 vs adaptive base (CPU)",
         "",
         f"Command: `python -m bench.softmax_bases {' '.join(argv if argv is not None else sys.argv[1:])}` "
         f"({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, 1 thread, other jobs sharing the 2 cores: "
