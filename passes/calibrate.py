@@ -59,6 +59,9 @@ class Calibrate(Pass):
                 module.observing = False
         if distributed.is_distributed():  # each rank saw its shard: merge to the whole set's statistics
             batches = distributed.merge_calibration([m.observer for _, m in observers], batches)
+            for _, module in observers:  # log_adaptive's base search: every rank chooses from all the data
+                if module.log_search is not None:
+                    module.log_search.merge(distributed.reduce_sums)
         if batches == 0:
             raise FxqError("calib_data yielded no batches")
         return gm

@@ -68,7 +68,9 @@ class LowerFakeQuant(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         for node, module in observer_nodes(gm):
             ctx.current_node = node.name
-            self._lower_observer(gm, node, module)
+            method = self._lower_observer(gm, node, module)
+            if module.point.spec.method != method:
+                ctx.note(f"{node.name} ({module.point.label}): {module.point.spec.method} chose {method}")
         lowered: set[str] = set()  # a module called at several nodes (CoaT's shared conv) is quantized once
         for node in gm.graph.nodes:
             point = node.meta.get(WEIGHT)
@@ -80,12 +82,14 @@ class LowerFakeQuant(Pass):
         return gm
 
     @staticmethod
-    def _lower_observer(gm: fx.GraphModule, node: fx.Node, module: ObserverModule) -> None:
+    def _lower_observer(gm: fx.GraphModule, node: fx.Node, module: ObserverModule) -> str:
         try:
             qparams = module.observer.compute_qparams()
+            method = module.resolved_method(qparams)  # log_adaptive: the base chosen on the calibration data
         except ValueError as exc:
             raise NodeError(node.name, str(exc)) from None
-        gm.add_submodule(str(node.target), FakeQuantize(module.point, qparams, module.post_scale))
+        gm.add_submodule(str(node.target), FakeQuantize(module.point, qparams, module.post_scale, method))
+        return method
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         left = [n.name for n, _ in observer_nodes(gm)]

@@ -62,6 +62,7 @@ from fxquant.runtime.float_point import FloatPoint
 from fxquant.runtime.int_layernorm import IntLayerNorm
 from fxquant.runtime.int_modules import DequantizeCodes, IntLinear, IntMatmul, QuantizeCodes
 from fxquant.runtime.integer import code_shift, exact_float_matmul_bound, exact_shift_matmul_bound
+from fxquant.runtime.log_base_softmax import SOFTMAX_POINT_TYPES, LogBaseSoftmax
 from fxquant.runtime.log_int_softmax import LisShiftMatmul, LogIntSoftmax
 
 FLOAT_OPS = (
@@ -256,7 +257,8 @@ class _Lowering:
         """The LogIntSoftmax node whose probabilities reach ``node`` through pass-through modules only."""
         while isinstance(node, fx.Node) and len(node.users) == 1 and is_pass_through_module(self.gm, node):
             node = node.args[0]
-        if isinstance(node, fx.Node) and len(node.users) == 1 and isinstance(submodule(self.gm, node), LogIntSoftmax):
+        lis = submodule(self.gm, node) if isinstance(node, fx.Node) and len(node.users) == 1 else None
+        if isinstance(lis, SOFTMAX_POINT_TYPES):
             return node if submodule(self.gm, node).dim in (-1, len(self.values[node.name].shape) - 1) else None
         return None
 
@@ -271,16 +273,13 @@ class _Lowering:
         lis: LogIntSoftmax = submodule(self.gm, lis_node)
         tokens = self.values[lis_node.name].shape[-1]  # the probabilities' last axis is the summed one
         # every partial sum |v - zv| * 2**T * tokens must stay an exact float64 integer
-        max_shift = exact_shift_matmul_bound(tokens, point.magnitude(), 2**lis.bits - 2)
-        module = LisShiftMatmul(
-            lis.scale,
-            lis.bits,
-            lis.renormalize,
-            scale * point.fake_quantize.post_scale,
-            zero,
-            max_shift,
-            label=node.meta.get(ROLE) or node.name,
-        )
+        v_scale, label = scale * point.fake_quantize.post_scale, node.meta.get(ROLE) or node.name
+        if isinstance(lis, LogBaseSoftmax):  # log_sqrt2 / adaptive base: one accumulator per constant
+            max_shift = exact_shift_matmul_bound(tokens, point.magnitude(), lis.max_exponent)
+            module = lis.shift_matmul(v_scale, zero, max_shift, label)
+        else:
+            max_shift = exact_shift_matmul_bound(tokens, point.magnitude(), 2**lis.bits - 2)
+            module = LisShiftMatmul(lis.scale, lis.bits, lis.renormalize, v_scale, zero, max_shift, label=label)
         path = unique_attr(self.gm, f"fxq_shift_{node.name}")
         install_submodule(self.gm, path, module)
         v_codes = codes_through(self.graph, point, chain, self.copies)

@@ -51,8 +51,11 @@ from fxquant.runtime.int_modules import (
     QuantizeCodes,
 )
 from fxquant.runtime.integer import INT8_RANGE, UINT8_OFFSET
+from fxquant.runtime.log_base_softmax import LogBaseShiftMatmul
 from fxquant.runtime.log_int_softmax import LisShiftMatmul
 from fxquant.runtime.onednn import OnednnLinear, onednn_available
+
+_SHIFT_MATMULS = (LisShiftMatmul, LogBaseShiftMatmul)  # attn@V by shifts: V codes may arrive as uint8
 
 _INT8 = INT8_RANGE  # a full 8-bit point's (shifted) code range: what oneDNN's uint8 codes hold
 
@@ -134,7 +137,7 @@ class _Conversion:
             module = submodule(self.gm, reader)
             if reader in chosen or reads_shape(reader) or isinstance(module, (DequantizeCodes, IntMatmul)):
                 continue
-            if isinstance(module, LisShiftMatmul) and reader.args[0] not in group.members:  # V only
+            if isinstance(module, _SHIFT_MATMULS) and reader.args[0] not in group.members:  # V only
                 continue
             return f"{reader.name} reads the same codes and needs int8"
         return None
@@ -259,7 +262,7 @@ class _Conversion:
             reader_module = submodule(self.gm, reader)
             if isinstance(reader_module, DequantizeCodes):
                 reader_module.to_uint8()
-            elif isinstance(reader_module, (IntMatmul, LisShiftMatmul)):
+            elif isinstance(reader_module, (IntMatmul, *_SHIFT_MATMULS)):
                 for index, arg in enumerate(reader.args[:2]):
                     if arg in members:
                         reader_module.input_to_uint8(index)

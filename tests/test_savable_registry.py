@@ -66,10 +66,15 @@ def test_the_catalog_alone_registers_every_class():
 def test_integer_module_types_are_the_plain_state_ones():
     names = {cls.__name__ for cls in catalog.integer_module_types()}
     assert {"QuantizeCodes", "DequantizeCodes", "IntLinear", "IntMatmul", "IntLayerNorm"} <= names
-    assert not names & {"FakeQuantize", "QuantLinear", "QuantConv2d", "LogIntSoftmax", "FloatPoint"}
+    assert not names & {"FakeQuantize", "QuantLinear", "QuantConv2d", "LogIntSoftmax", "LogBaseSoftmax", "FloatPoint"}
 
 
 # ---------------------------------------------------------------- every type, saved and loaded
+def _fqvit_softmax(method: str, bits: int) -> dict:
+    """fqvit_w8a8 with another log quantizer of the attention probabilities (LogBaseSoftmax)."""
+    return {"extends": "fqvit_w8a8", "intSoft": {"bits": bits, "quantization_method": method}}
+
+
 def _compile_variants() -> list[tuple[str, dict]]:
     variants = [
         ("fake w8a8", dict(qconfig="w8a8")),
@@ -81,6 +86,8 @@ def _compile_variants() -> list[tuple[str, dict]]:
             "int w8a8 rotate fc2",
             dict(qconfig={"extends": "w8a8", "rotate": {"fc2": True}}, backend="int", int_kernels="portable"),
         ),
+        ("fake fqvit_w8a8 log_adaptive", dict(qconfig=_fqvit_softmax("log_adaptive", 4))),
+        ("int fqvit_w8a8 log_sqrt2", dict(qconfig=_fqvit_softmax("log_sqrt2", 8), backend="int")),
     ]
     if onednn_available():
         variants.append(("int w8a8 onednn", dict(qconfig="w8a8", backend="int", int_kernels="onednn")))

@@ -33,7 +33,7 @@ from fxquant.infra.records import db_for_json
 from fxquant.quant.calib_data import default_diff_inputs, reusable_batches
 from fxquant.quant.quantizers import qsnr_db
 from fxquant.runtime.fake_quant import QUANTIZED_WEIGHT_TYPES, FakeQuantize
-from fxquant.runtime.log_int_softmax import LogIntSoftmax
+from fxquant.runtime.log_base_softmax import SOFTMAX_POINT_TYPES
 
 DB_KEYS = ("isolated_qsnr_db", "propagated_qsnr_db", "output_qsnr_db_isolated")
 
@@ -44,7 +44,7 @@ def quant_point_nodes(qm: fx.GraphModule) -> list[fx.Node]:
     for node in qm.graph.nodes:
         if node.op == "call_module":
             module = qm.get_submodule(str(node.target))
-            if isinstance(module, (FakeQuantize, LogIntSoftmax, *QUANTIZED_WEIGHT_TYPES)):
+            if isinstance(module, (FakeQuantize, *SOFTMAX_POINT_TYPES, *QUANTIZED_WEIGHT_TYPES)):
                 out.append(node)
     return out
 
@@ -58,7 +58,7 @@ def _turn_off(module: nn.Module):
     if isinstance(module, FakeQuantize):
         module.forward = types.MethodType(_bypass, module)
         return lambda: module.__dict__.pop("forward", None)
-    if isinstance(module, LogIntSoftmax):  # off = the float softmax it replaced
+    if isinstance(module, SOFTMAX_POINT_TYPES):  # off = the float softmax it replaced
         dim = module.dim  # a plain function: an nn.Module attribute would become a child, not the forward
         module.forward = lambda x: torch.softmax(x, dim)
         return lambda: module.__dict__.pop("forward", None)

@@ -144,7 +144,7 @@ def clipping_ratio(x: torch.Tensor, fq: FakeQuantize) -> float:
     qp = fq.qparams
     xf = x.detach().to(torch.float32)
     scale = qp.broadcast_scale(xf.dim()).to(xf.device)
-    if fq.method == "log2":
+    if fq.method != "uniform":  # the log methods: values above the scale saturate
         mag = xf.abs() if qp.qmin < 0 else xf
         return float((mag > scale).double().mean())
     zp = qp.broadcast_zero_point(xf.dim()).to(xf.device)

@@ -38,6 +38,7 @@ from fxquant.errors import FxqError
 from fxquant.io.fd_capture import captured_output
 from fxquant.io.onnx_checks import OnnxExportError, check_file, check_opset, export_failure, writable_path
 from fxquant.ir.patterns import is_scale_transparent, submodule
+from fxquant.quant.log_quantizers import log_step
 from fxquant.quant.qparams import QParams
 from fxquant.quant.quantizers import fake_quantize
 from fxquant.runtime.fake_quant import FakeQuantize, ObserverModule, QuantConv2d, QuantLinear
@@ -122,6 +123,8 @@ class OnnxFakeQuantize(nn.Module):
             y = _QuantizeDequantize.apply(x, self.scale, self.zero_point, axis, self.qmin, self.qmax)
         elif self.method == "log2":
             y = self._log2(x)
+        elif self.method != "uniform":  # log_sqrt2 and the adaptive bases
+            y = self._log_step(x, log_step(self.method))
         else:
             y = self._uniform_ops(x)
         return y * self.post_scale if self.post_scale != 1.0 else y
@@ -140,6 +143,19 @@ class OnnxFakeQuantize(nn.Module):
         # log2(0) = -inf -> the zero code after negation and clamping, as in quantize_log2
         m = torch.clamp(torch.round(-torch.log2(magnitude / scale)), 0, self.qmax)
         value = torch.where(m >= self.qmax, torch.zeros_like(m), scale * torch.pow(2.0, -m))
+        return torch.where(x < 0, -value, value) if signed else value
+
+    def _log_step(self, x: torch.Tensor, step) -> torch.Tensor:
+        """fxquant.quant.log_quantizers' layout: value ``scale * 2**(-m p/k)`` as a power of two
+        times ``2**(-f/k)``, the code ``qmax`` means 0."""
+        scale = self._view(self.scale, x)
+        signed = self.qmin < 0
+        magnitude = torch.abs(x) if signed else torch.clamp(x, min=0.0)
+        m = torch.clamp(torch.round(-torch.log2(magnitude / scale) / float(step)), 0, self.qmax)
+        p, k = step.numerator, step.denominator
+        shift = torch.floor(m * p / k)
+        value = scale * torch.pow(2.0, -shift) * torch.pow(2.0, -(m * p - shift * k) / k)
+        value = torch.where(m >= self.qmax, torch.zeros_like(m), value)
         return torch.where(x < 0, -value, value) if signed else value
 
     def extra_repr(self) -> str:
@@ -238,9 +254,9 @@ class _Positional(nn.Module):
 
 
 # fxquant modules made of ordinary torch ops, which export as they are: a point left in float
-# (fxquant.debug), Log-Int-Softmax (integer exp and log2 codes as Floor/Log/Pow/Where) and
+# (fxquant.debug), Log-Int-Softmax and its other log bases (integer exp and codes as Floor/Log/Pow/Where) and
 # rotate's online Hadamard transform (Reshape/Slice/Add/Sub/Concat)
-_EXPORT_AS_IS = {"FloatPoint", "LogIntSoftmax", "BlockHadamard"}
+_EXPORT_AS_IS = {"FloatPoint", "LogIntSoftmax", "LogBaseSoftmax", "BlockHadamard"}
 
 
 def _export_twin(module: nn.Module, name: str) -> nn.Module | None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from fxquant.io.serial_modules import FLOAT_BUILDERS, check_float_tensors, check_plain_state, check_tensors
 from fxquant.io.serial_values import SerializeError, decode, encode, point_dict, point_from
+from fxquant.quant.log_quantizers import RESOLVED_LOG_METHODS
 from fxquant.quant.qparams import QParams
 from fxquant.runtime.catalog import registered
 from fxquant.runtime.fake_quant import FakeQuantize, QuantConv2d, QuantLinear, _codes_dtype
@@ -120,6 +121,14 @@ _CONFIG_CODECS: dict[str, Callable[[nn.Module], dict]] = {
         "dim": m.dim,
         "renormalize": m.renormalize,
     },
+    "fxquant.LogBaseSoftmax": lambda m: {
+        "point": point_dict(m.point),
+        "bits": m.bits,
+        "dim": m.dim,
+        "renormalize": m.renormalize,
+        "step_num": m.step_num,
+        "step_den": m.step_den,
+    },
 }
 
 
@@ -223,7 +232,7 @@ def _fake_module(key: str, cls: type, c: Any, tensors: dict[str, torch.Tensor], 
     module.point = point_from(c["point"], where)
     if key == "fxquant.FakeQuantize":
         module.qparams = _qparams(c["qparams"], tensors["#qparams.scale"], tensors["#qparams.zero_point"], where)
-        if c["method"] not in ("uniform", "log2"):
+        if c["method"] != "uniform" and c["method"] not in RESOLVED_LOG_METHODS:
             raise SerializeError(f"{where}: unknown method {c['method']!r:.40}")
         if not (
             torch.equal(tensors["scale"], module.qparams.scale)
@@ -233,7 +242,7 @@ def _fake_module(key: str, cls: type, c: Any, tensors: dict[str, torch.Tensor], 
         module.method, module.post_scale = c["method"], _post_scale_from(c["post_scale"], where)
     elif key == "fxquant.FloatPoint":
         module.post_scale = _post_scale_from(c["post_scale"], where)
-    elif key == "fxquant.LogIntSoftmax":
+    elif key in ("fxquant.LogIntSoftmax", "fxquant.LogBaseSoftmax"):
         if (
             type(c["bits"]) is not int
             or not 2 <= c["bits"] <= 16
@@ -243,6 +252,11 @@ def _fake_module(key: str, cls: type, c: Any, tensors: dict[str, torch.Tensor], 
         ):
             raise SerializeError(f"{where}: malformed LogIntSoftmax description (bits, dim, renormalize)")
         module.bits, module.dim, module.renormalize = c["bits"], c["dim"], c["renormalize"]
+        if key == "fxquant.LogBaseSoftmax":
+            step = (c["step_num"], c["step_den"])
+            if not all(type(v) is int and 1 <= v <= 16 for v in step):
+                raise SerializeError(f"{where}: malformed LogBaseSoftmax description (step_num, step_den)")
+            module.step_num, module.step_den = step
     else:
         module.weight_qparams = _qparams(
             c["weight_qparams"], tensors["#weight_qparams.scale"], tensors["#weight_qparams.zero_point"], where

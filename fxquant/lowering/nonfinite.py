@@ -56,7 +56,7 @@ from fxquant.ir.graph_utils import propagate_shapes, shape_of
 from fxquant.ir.patterns import submodule
 from fxquant.runtime.catalog import integer_module_types
 from fxquant.runtime.fake_quant import FakeQuantize
-from fxquant.runtime.log_int_softmax import LogIntSoftmax
+from fxquant.runtime.log_base_softmax import SOFTMAX_POINT_TYPES
 
 GUARD = "fxq.nonfinite_guard"  # node meta: "check" (a per-sample test) or "poison" (an output + NaN flags)
 
@@ -104,7 +104,7 @@ def _input_dependent(gm: fx.GraphModule) -> set:
 def _check_sites(gm: fx.GraphModule) -> list[fx.Node]:
     """Tainted float tensors read by an integer or fake-quant module, in graph order."""
     integer = integer_module_types()
-    lossy = integer + (FakeQuantize, LogIntSoftmax)
+    lossy = integer + (FakeQuantize, *SOFTMAX_POINT_TYPES)
     tainted = _tainted(gm, integer)
     sites = set()
     for node in gm.graph.nodes:

@@ -17,7 +17,7 @@ from fxquant.quant.spec import QuantSpec
 
 __all__ = ["parse_spec", "SPEC_KEYS", "expect_kind", "qconfig_error"]
 
-_METHODS = {"uniform": "uniform", "log2": "log2"}
+_METHODS = {"uniform": "uniform", "log2": "log2", "log_sqrt2": "log_sqrt2", "log_adaptive": "log_adaptive"}
 _GRANULARITY_KEYS = ("calibration_mode", "granularity")
 _OBSERVER_KEYS = ("observer_type", "observer")
 _METHOD_KEYS = ("quantization_method", "method")
@@ -126,7 +126,7 @@ def parse_spec(raw: Mapping[str, Any], source: str, path: str) -> QuantSpec:
         elif key in _OBSERVER_KEYS:
             fields["observer"] = _observer(value, source, where)
         elif key in _METHOD_KEYS:
-            fields["method"] = _choice(value, _METHODS, source, where, "uniform, log2")
+            fields["method"] = _choice(value, _METHODS, source, where, ", ".join(_METHODS))
         elif key in _FLOAT_OPTIONS:
             lo, hi = _FLOAT_OPTIONS[key]
             number = expect_kind(value, float, source, where, f"a number in [{lo}, {hi}]")

@@ -1,5 +1,8 @@
 """Quantize / dequantize / fake-quantize kernels, uniform and log2, plus the QSNR metric.
 
+(The log quantizers of other bases, ``log_sqrt2`` and the adaptive base, are in
+``fxquant.quant.log_quantizers``; :func:`fake_quantize` dispatches to them by method name.)
+
 Conventions every caller can rely on:
 
 * **Codes are floating-point tensors holding integer values** (float32, or float64 when the
@@ -31,6 +34,7 @@ import math
 
 import torch
 
+from fxquant.quant.log_quantizers import dequantize_log_step, log_step, quantize_log_step
 from fxquant.quant.qparams import QParams
 
 __all__ = [
@@ -97,8 +101,9 @@ def fake_quantize(x: torch.Tensor, qp: QParams, method: str = "uniform") -> torc
     """
     if method == "log2":
         return dequantize_log2(quantize_log2(x, qp), qp).to(x.dtype)
-    if method != "uniform":
-        raise ValueError(f"unknown quantization method {method!r} (expected 'uniform' or 'log2')")
+    if method != "uniform":  # log_sqrt2 and the other log bases (fxquant.quant.log_quantizers)
+        step = log_step(method)  # ValueError naming the method when it is unknown
+        return dequantize_log_step(quantize_log_step(x, qp, step), qp, step).to(x.dtype)
     xf = _as_float(x)
     scale, zp = _scale_zp(qp, xf)
     q = torch.div(xf, scale)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 GRANULARITIES = ("layer_wise", "channel_wise", "head_wise", "group_wise")
-METHODS = ("uniform", "log2")
+METHODS = ("uniform", "log2", "log_sqrt2", "log_adaptive")  # log bases: fxquant.quant.log_quantizers
 
 
 @dataclass(frozen=True)

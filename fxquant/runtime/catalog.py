@@ -18,6 +18,7 @@ from fxquant.runtime import (  # noqa: F401  (imported for their @savable regist
     int_attention,
     int_layernorm,
     int_modules,
+    log_base_softmax,
     log_int_softmax,
     onednn,
 )

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxquant.errors import NodeError
+from fxquant.quant.log_quantizers import RESOLVED_LOG_METHODS, LogBaseSearch, log_step, method_for_step
 from fxquant.quant.observers import make_observer
 from fxquant.quant.points import QuantPoint
 from fxquant.quant.qparams import QParams
@@ -28,14 +29,36 @@ class ObserverModule(nn.Module):
         self.observer = make_observer(point.spec, name=name, **point.observer_kwargs())
         self.observing = False
         self.post_scale = 1.0  # a constant multiply folded in by fuse_scales
+        spec = point.spec
+        # log_adaptive: the histogram its base is chosen from (fxquant.quant.log_quantizers)
+        self.log_search = None
+        if spec.method == "log_adaptive":  # the probabilities are scored row by row, as attn@V reads them
+            rows = bool(spec.option("lis_renormalize", True)) if point.group == "intSoft" else None
+            self.log_search = LogBaseSearch(spec.bits, spec.signed, rows=rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             try:
                 self.observer.update(x.detach())
+                if self.log_search is not None:
+                    self.log_search.update(x)
             except ValueError as exc:  # name the graph node, so the pass error can too
                 raise NodeError(self.point_name.split(" ", 1)[0], str(exc)) from None
         return x * self.post_scale if self.post_scale != 1.0 else x
+
+    def resolved_method(self, qparams: QParams) -> str:
+        """The method the FakeQuantize gets: the spec's, or for ``log_adaptive`` the log base
+        of least error on the calibration data (one scale per tensor only). The attention
+        probabilities' point (``intSoft``) is searched on the grid from 1, the one the
+        Log-Int-Softmax that replaces it counts from."""
+        if self.log_search is None:
+            return self.point.spec.method
+        if qparams.per_channel:
+            raise ValueError(
+                f"{self.point.label}: log_adaptive chooses one base per tensor; use calibration_mode layer_wise"
+            )
+        scale = 1.0 if self.point.group == "intSoft" else float(qparams.scale)
+        return method_for_step(self.log_search.best_step(scale))
 
     def extra_repr(self) -> str:
         return f"{self.point.label} {self.point.spec.describe()} post_scale={self.post_scale:g}"
@@ -43,7 +66,7 @@ class ObserverModule(nn.Module):
 
 @savable(
     Schema(
-        {"point": POINT, "qparams": QPARAMS, "method": ("uniform", "log2"), "post_scale": NUMBER},
+        {"point": POINT, "qparams": QPARAMS, "method": ("uniform", *RESOLVED_LOG_METHODS), "post_scale": NUMBER},
         {
             "scale": TensorRule((torch.float32,), ndims=(0, 1), required=True),
             "zero_point": TensorRule((torch.float32,), like="scale", required=True),
@@ -54,13 +77,17 @@ class ObserverModule(nn.Module):
     )
 )
 class FakeQuantize(nn.Module):
-    """Quantize-dequantize with frozen QParams, then the folded constant ``post_scale``."""
+    """Quantize-dequantize with frozen QParams, then the folded constant ``post_scale``.
 
-    def __init__(self, point: QuantPoint, qparams: QParams, post_scale: float = 1.0):
+    ``method`` is the spec's method, or the one calibration resolved it to (``log_adaptive``
+    -> a log base such as ``log2^2/3``, see :meth:`ObserverModule.resolved_method`)."""
+
+    def __init__(self, point: QuantPoint, qparams: QParams, post_scale: float = 1.0, method: Optional[str] = None):
         super().__init__()
         self.point = point
         self.qparams = qparams
-        self.method = point.spec.method
+        self.method = point.spec.method if method is None else method
+        log_step(self.method)  # ValueError for log_adaptive (unresolved) and unknown names
         self.post_scale = post_scale
         self.register_buffer("scale", qparams.scale.clone())
         self.register_buffer("zero_point", qparams.zero_point.clone())

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fxquant.runtime.fake_quant import FakeQuantize, QuantConv2d
-from fxquant.runtime.log_int_softmax import LogIntSoftmax
+from fxquant.runtime.log_base_softmax import SOFTMAX_POINT_TYPES
 from fxquant.runtime.savable import NUMBER, POINT, Schema, savable
 
 
@@ -27,7 +27,7 @@ def float_stand_in(module: nn.Module) -> nn.Module:
     """The float module that computes what ``module`` computes without quantization."""
     if isinstance(module, FakeQuantize):
         return FloatPoint(module)
-    if isinstance(module, LogIntSoftmax):
+    if isinstance(module, SOFTMAX_POINT_TYPES):
         return nn.Softmax(module.dim)
     if isinstance(module, QuantConv2d):
         conv = nn.Conv2d(

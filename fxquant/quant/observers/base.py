@@ -42,7 +42,7 @@ def range_to_scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpe
     The range is widened to include 0 so that 0 (padding, ReLU/GELU zeros, masked
     attention) is always exact. A zero-width range gets scale 1.0 (any scale represents
     0 exactly) and scales never go below ``SCALE_EPS``, so there is no division by zero.
-    For ``method == "log2"`` the scale is the largest magnitude (values are
+    For the log methods (``log2``, ``log_sqrt2``, ``log_adaptive``) the scale is the largest magnitude (values are
     ``scale * 2**-m``, so the largest code-0 value is the observed maximum; softmax gives
     a scale <= 1), or 1.0 when that maximum is <= 0; the zero point is 0.
     """
@@ -50,7 +50,7 @@ def range_to_scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpe
     hi = torch.clamp(hi.float(), min=0.0)
     qmin, qmax = spec.qmin, spec.qmax
     zero = torch.zeros_like(lo)
-    if spec.method == "log2":
+    if spec.method != "uniform":
         top = torch.maximum(-lo, hi) if spec.signed else hi
         return _safe(top, top), zero
     if spec.symmetric:

@@ -29,6 +29,15 @@ class OmseObserver(MinMaxObserver):
     never worse than min-max on the sample.
     """
 
+    @classmethod
+    def check_spec(cls, spec: QuantSpec) -> None:
+        if spec.method == "log_adaptive":
+            raise ValueError(
+                "observer omse searches the range for a fixed grid; quantization_method log_adaptive chooses "
+                "its base on the calibration data instead: use observer_type MinmaxObserver with it"
+            )
+        super().check_spec(spec)
+
     def __init__(self, spec: QuantSpec, **kw):
         super().__init__(spec, **kw)
         self.steps = int(spec.option("omse_steps", 100))
