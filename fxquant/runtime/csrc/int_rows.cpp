@@ -1,0 +1,139 @@
+// Row-wise and element-wise integer kernels of the integer graph (CPU), one pass over the data:
+//
+// fxquant::ptf_layernorm: IntLayerNorm, i.e. fxquant.quant.ptf.ptf_layernorm_codes on one row at a
+//   time (shift by alpha, exact int64 sums, integer square root, one dyadic multiplier per row
+//   and channel); the same integers and the same float64 division and rounding as the torch
+//   code, so the output codes are equal.
+// fxquant::code_lut: codes -> codes through a 256-entry table (one per channel, or one for all),
+//   indexed by the code's byte; an op between two 8-bit points (GELU between the dequantize and
+//   quantize of its input and output points) has only 256 possible inputs, so a table built by
+//   running the torch ops on those 256 codes gives the same output codes.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+inline int64_t isqrt_floor(int64_t n) {  // floor(sqrt(n)), n >= 0 below 2**62
+  if (n <= 0) {
+    return 0;
+  }
+  int64_t x = static_cast<int64_t>(std::sqrt(static_cast<double>(n)));
+  while (x > 0 && x * x > n) {
+    --x;
+  }
+  while ((x + 1) * (x + 1) <= n) {
+    ++x;
+  }
+  return x;
+}
+
+at::Tensor ptf_layernorm(const at::Tensor& codes, const at::Tensor& alpha, int64_t in_zero_point, int64_t eps_int,
+                         int64_t sigma_bits, const at::Tensor& weight_units, const at::Tensor& offset,
+                         int64_t out_zero_point, int64_t qmin, int64_t qmax, bool out_uint8) {
+  TORCH_CHECK(codes.device().is_cpu() && (codes.scalar_type() == at::kChar || codes.scalar_type() == at::kByte),
+              "fxquant::ptf_layernorm: codes must be int8 or uint8 CPU codes, got ", codes.scalar_type());
+  TORCH_CHECK(codes.dim() >= 1, "fxquant::ptf_layernorm: codes need a channel dimension");
+  const int64_t channels = codes.size(-1);
+  TORCH_CHECK(alpha.scalar_type() == at::kLong && alpha.dim() == 1 && alpha.size(0) == channels,
+              "fxquant::ptf_layernorm: alpha must be int64 (C,)");
+  TORCH_CHECK(offset.scalar_type() == at::kLong && offset.dim() == 1 && offset.size(0) == channels,
+              "fxquant::ptf_layernorm: offset must be int64 (C,)");
+  TORCH_CHECK(weight_units.scalar_type() == at::kDouble && weight_units.dim() == 1 && weight_units.size(0) == channels,
+              "fxquant::ptf_layernorm: weight_units must be float64 (C,)");
+  TORCH_CHECK(sigma_bits >= 0 && sigma_bits <= 30, "fxquant::ptf_layernorm: sigma_bits must be 0..30");
+  const bool in_uint8 = codes.scalar_type() == at::kByte;
+  const at::Tensor in = codes.contiguous();
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(out_uint8 ? at::kByte : at::kChar));
+  const int64_t rows = channels == 0 ? 0 : in.numel() / channels;
+  if (rows == 0) {
+    return out;
+  }
+  const at::Tensor a = alpha.contiguous(), o = offset.contiguous(), w = weight_units.contiguous();
+  const int64_t *ap = a.data_ptr<int64_t>(), *offp = o.data_ptr<int64_t>();
+  const double* wp = w.data_ptr<double>();
+  const uint8_t* src = static_cast<const uint8_t*>(in.data_ptr());
+  uint8_t* dst = static_cast<uint8_t*>(out.data_ptr());
+  const double sigma_scale = static_cast<double>(int64_t{1} << sigma_bits);
+  constexpr int64_t kShift = 24;  // fxquant.quant.ptf.DYADIC_SHIFT
+  const int64_t half = int64_t{1} << (kShift - 1);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> z(channels);
+    for (int64_t r = begin; r < end; ++r) {
+      const uint8_t* row = src + r * channels;
+      int64_t s1 = 0, s2 = 0;
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t code = in_uint8 ? static_cast<int64_t>(row[c]) : static_cast<int64_t>(static_cast<int8_t>(row[c]));
+        const int64_t value = (code - in_zero_point) << ap[c];
+        z[c] = value;
+        s1 += value;
+        s2 += value * value;
+      }
+      const int64_t var_int = channels * s2 - s1 * s1;
+      int64_t sigma = isqrt_floor((var_int << (2 * sigma_bits)) + eps_int);
+      sigma = sigma < 1 ? 1 : sigma;
+      const double sigma_d = static_cast<double>(sigma);
+      uint8_t* orow = dst + r * channels;
+      for (int64_t c = 0; c < channels; ++c) {
+        const int64_t mult = static_cast<int64_t>(std::nearbyint(wp[c] * sigma_scale / sigma_d));
+        const int64_t acc = (channels * z[c] - s1) * mult + offp[c];
+        int64_t q = ((acc + half) >> kShift) + out_zero_point;
+        q = q < qmin ? qmin : (q > qmax ? qmax : q);
+        orow[c] = static_cast<uint8_t>(q);  // the low byte: int8 or uint8, both in range after the clamp
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor code_lut(const at::Tensor& codes, const at::Tensor& table, bool out_uint8) {
+  TORCH_CHECK(codes.device().is_cpu() && (codes.scalar_type() == at::kChar || codes.scalar_type() == at::kByte),
+              "fxquant::code_lut: codes must be int8 or uint8 CPU codes, got ", codes.scalar_type());
+  TORCH_CHECK(table.scalar_type() == at::kByte && table.dim() == 2 && table.size(1) == 256,
+              "fxquant::code_lut: table must be uint8 (T, 256), got ", table.sizes());
+  const int64_t channels = codes.dim() == 0 ? 1 : codes.size(-1);
+  const int64_t tables = table.size(0);
+  TORCH_CHECK(tables == 1 || tables == channels, "fxquant::code_lut: ", tables, " tables for ", channels,
+              " channels");
+  const at::Tensor in = codes.contiguous(), tab = table.contiguous();
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(out_uint8 ? at::kByte : at::kChar));
+  const int64_t n = in.numel();
+  const uint8_t* src = static_cast<const uint8_t*>(in.data_ptr());
+  const uint8_t* tp = tab.data_ptr<uint8_t>();
+  uint8_t* dst = static_cast<uint8_t*>(out.data_ptr());
+  if (tables == 1) {
+    at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        dst[i] = tp[src[i]];
+      }
+    });
+  } else {
+    const int64_t rows = channels == 0 ? 0 : n / channels;
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t c = 0; c < channels; ++c) {
+          dst[r * channels + c] = tp[c * 256 + src[r * channels + c]];
+        }
+      }
+    });
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fxquant_kernels, m) {
+  m.def(
+      "ptf_layernorm(Tensor codes, Tensor alpha, int in_zero_point, int eps_int, int sigma_bits, Tensor weight_units, "
+      "Tensor offset, int out_zero_point, int qmin, int qmax, bool out_uint8) -> Tensor");
+  m.def("code_lut(Tensor codes, Tensor table, bool out_uint8) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fxquant_kernels, CPU, m) {
+  m.impl("ptf_layernorm", &ptf_layernorm);
+  m.impl("code_lut", &code_lut);
+}

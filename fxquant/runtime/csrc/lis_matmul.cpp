@@ -1,0 +1,242 @@
+// fxquant::lis_shift_matmul: Log-Int-Softmax and attn@V (LisShiftMatmul) as one CPU kernel.
+//
+// The torch reference (fxquant/runtime/log_int_softmax.py) computes, per row of scores:
+//   x      = round(scores / s) - max            (float64 holding integers)
+//   e      = i_exp(x)                           integer exp (I-BERT), a function of d = max - x only
+//   total  = sum(e)
+//   m      = nearest_power_code(total, e)       log2 code of e / total, by comparisons
+//   P      = 2**(T - m) where m <= T and m < qmax, else 0
+//   out    = (P @ (v - zv)) * sv / sum(P)       float64 matmul of exact integers, then float32
+// Here e comes from a per-head table of i_exp over d (built in Python by the reference's own
+// i_exp: the same numbers), total is summed exactly in int64, m is found from the exponent
+// bits of total and e (no log2, no division) with the reference's float64 rounding test, and
+// P @ (v - zv) is one float64 GEMM per (batch, head): every product and partial sum is an
+// integer below 2**53 (LisShiftMatmul's max_shift guarantees it), so the GEMM is exact in any
+// order, as the reference's matmul is. The outputs equal the reference's bit for bit, except
+// that the reference sums e in float64 in torch's order: above 2**53 that sum can round,
+// which could move m only where total / e sits on a rounding boundary to within 2**-52.
+//
+// A row holding a NaN or an infinity gives NaN outputs (the integer graph's non-finite guard
+// makes such a sample NaN in every output anyway).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline uint64_t bits_of(double x) {
+  uint64_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+
+inline double pow2(int64_t n) {  // 2**n for -1022 <= n <= 1023
+  const uint64_t b = static_cast<uint64_t>(n + 1023) << 52;
+  double d;
+  std::memcpy(&d, &b, sizeof d);
+  return d;
+}
+
+constexpr uint64_t kMantissa = (uint64_t{1} << 52) - 1;
+
+// nearest_power_code(total, e) for normal doubles 1 <= e <= total, as used in lis_rows: k with
+// 2**k e <= total < 2**(k+1) e from the exponents and mantissas, then k + 1 where
+// total**2 >= 2**(2k+1) e**2, compared in float64 as the reference does (its products round the
+// same way: 2**(2k+1) e e is 2**(2k+1) times the rounded e**2).
+
+struct VCodes {
+  const uint8_t* data;
+  bool is_uint8;
+  int64_t s0, s1, s2, s3;
+  explicit VCodes(const at::Tensor& t)
+      : data(static_cast<const uint8_t*>(t.data_ptr())), is_uint8(t.scalar_type() == at::kByte),
+        s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)), s3(t.stride(3)) {}
+  double code(int64_t b, int64_t h, int64_t j, int64_t c) const {
+    const uint8_t raw = data[b * s0 + h * s1 + j * s2 + c * s3];
+    return is_uint8 ? static_cast<double>(raw) : static_cast<double>(static_cast<int8_t>(raw));
+  }
+};
+
+}  // namespace
+
+namespace fxquant_lis {
+
+// One (batch, head): rows of table indices (d clamped to the table) -> out rows (float32,
+// row stride out_stride). d_index is rows x cols; a negative entry marks a non-finite row
+// (its first element only).
+void lis_rows(const int32_t* d_index, int64_t rows, int64_t cols, const double* table, int64_t qmax,
+              int64_t max_shift, bool renormalize, const double* vd, int64_t vdim, const double* v_scale,
+              float* out, int64_t out_stride, std::vector<double>& powers, std::vector<double>& acc) {
+  powers.resize(rows * cols);
+  acc.resize(rows * vdim);
+  std::vector<double> row_sum(rows);
+  std::vector<char> bad(rows);
+  for (int64_t i = 0; i < rows; ++i) {
+    const int32_t* d = d_index + i * cols;
+    double* p = powers.data() + i * cols;
+    if (cols > 0 && d[0] < 0) {
+      bad[i] = 1;
+      std::fill(p, p + cols, 0.0);
+      continue;
+    }
+    int64_t total_int = 0;
+    for (int64_t j = 0; j < cols; ++j) {
+      total_int += static_cast<int64_t>(table[d[j]]);
+    }
+    const double total = static_cast<double>(total_int), total_sq = total * total;
+    const uint64_t bt = bits_of(total);
+    int64_t sum = 0;  // exact: the powers are integers, their sum below 2**53
+    for (int64_t j = 0; j < cols; ++j) {  // written to vectorize: bit arithmetic and selects, no calls
+      const double e = table[d[j]];
+      const double ec = e < 1.0 ? 1.0 : e;
+      const uint64_t be = bits_of(ec);
+      const int64_t k = static_cast<int64_t>(bt >> 52) - static_cast<int64_t>(be >> 52) -
+                        static_cast<int64_t>((bt & kMantissa) < (be & kMantissa));
+      int64_t m = total_sq >= (ec * ec) * pow2(2 * k + 1) ? k + 1 : k;  // nearest_power_code
+      m = e > 0.0 ? m : qmax;
+      m = m < 0 ? 0 : (m > qmax ? qmax : m);
+      const bool kept = m <= max_shift && m < qmax;
+      const int64_t power = kept ? (int64_t{1} << (kept ? max_shift - m : 0)) : 0;
+      p[j] = static_cast<double>(power);
+      sum += power;
+    }
+    row_sum[i] = static_cast<double>(sum);
+  }
+  if (cols > 0 && vdim > 0) {  // acc (rows x vdim) = powers (rows x cols) @ vd (cols x vdim): torch's dgemm
+    const auto f64 = at::TensorOptions().dtype(at::kDouble);
+    at::Tensor acc_t = at::from_blob(acc.data(), {rows, vdim}, f64);
+    at::mm_out(acc_t, at::from_blob(powers.data(), {rows, cols}, f64),
+               at::from_blob(const_cast<double*>(vd), {cols, vdim}, f64));
+  } else {
+    std::fill(acc.begin(), acc.end(), 0.0);
+  }
+  const double unit = pow2(-max_shift);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* o = out + i * out_stride;
+    const double* a = acc.data() + i * vdim;
+    if (bad[i]) {
+      std::fill(o, o + vdim, std::numeric_limits<float>::quiet_NaN());
+    } else if (renormalize) {
+      for (int64_t c = 0; c < vdim; ++c) {
+        o[c] = static_cast<float>(a[c] * v_scale[c] / row_sum[i]);
+      }
+    } else {
+      for (int64_t c = 0; c < vdim; ++c) {
+        o[c] = static_cast<float>(a[c] * (v_scale[c] * unit));
+      }
+    }
+  }
+}
+
+// v (B, H, M, Dv) codes -> per (b, h) float64 (v - zv), M x Dv row-major.
+void load_v(const VCodes& vc, int64_t b, int64_t h, int64_t cols, int64_t vdim, const double* zero, double* vd) {
+  for (int64_t j = 0; j < cols; ++j) {
+    for (int64_t c = 0; c < vdim; ++c) {
+      vd[j * vdim + c] = vc.code(b, h, j, c) - zero[c];
+    }
+  }
+}
+
+}  // namespace fxquant_lis
+
+namespace {
+
+void check_common(const at::Tensor& v, const at::Tensor& table, const at::Tensor& v_scale, const at::Tensor& v_zero,
+                  int64_t heads, int64_t bits, int64_t max_shift) {
+  TORCH_CHECK(v.device().is_cpu() && v.dim() == 4, "fxquant::lis_shift_matmul: v must be a 4-d CPU tensor");
+  TORCH_CHECK(v.scalar_type() == at::kChar || v.scalar_type() == at::kByte,
+              "fxquant::lis_shift_matmul: v must hold int8 or uint8 codes, got ", v.scalar_type());
+  TORCH_CHECK(table.scalar_type() == at::kDouble && table.dim() == 2 && table.size(0) == heads && table.size(1) >= 1,
+              "fxquant::lis_shift_matmul: exp table must be float64 (H, D), got ", table.sizes());
+  TORCH_CHECK(table.size(1) < (int64_t{1} << 30), "fxquant::lis_shift_matmul: exp table too long");
+  const int64_t vdim = v.size(3);
+  for (const at::Tensor* t : {&v_scale, &v_zero}) {
+    TORCH_CHECK(t->scalar_type() == at::kDouble && t->dim() == 2 && t->size(0) == heads && t->size(1) == vdim,
+                "fxquant::lis_shift_matmul: V scale and zero point must be float64 (H, Dv), got ", t->sizes());
+  }
+  TORCH_CHECK(bits >= 2 && bits <= 16, "fxquant::lis_shift_matmul: bits must be 2..16");
+  TORCH_CHECK(max_shift >= 0 && max_shift <= 62, "fxquant::lis_shift_matmul: max_shift must be 0..62");
+}
+
+at::Tensor lis_shift_matmul(const at::Tensor& scores, const at::Tensor& v, const at::Tensor& grid,
+                            const at::Tensor& table, const at::Tensor& v_scale, const at::Tensor& v_zero, int64_t bits,
+                            int64_t max_shift, bool renormalize) {
+  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 4 && scores.scalar_type() == at::kFloat,
+              "fxquant::lis_shift_matmul: scores must be a 4-d float32 CPU tensor");
+  const int64_t batch = scores.size(0), heads = scores.size(1), rows = scores.size(2), cols = scores.size(3);
+  check_common(v, table, v_scale, v_zero, heads, bits, max_shift);
+  TORCH_CHECK(v.size(0) == batch && v.size(1) == heads && v.size(2) == cols,
+              "fxquant::lis_shift_matmul: v must be (B, H, M, Dv) with the scores' B, H, M; got scores ",
+              scores.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(grid.scalar_type() == at::kDouble && grid.dim() == 1 && grid.size(0) == heads,
+              "fxquant::lis_shift_matmul: grid must be float64 (H,)");
+  const int64_t vdim = v.size(3), levels = table.size(1), qmax = (int64_t{1} << bits) - 1;
+  at::Tensor out = at::empty({batch, heads, rows, vdim}, scores.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  const at::Tensor tab = table.contiguous(), vs = v_scale.contiguous(), vz = v_zero.contiguous(),
+                   g = grid.contiguous();
+  const double *tp = tab.data_ptr<double>(), *vsp = vs.data_ptr<double>(), *vzp = vz.data_ptr<double>(),
+               *gp = g.data_ptr<double>();
+  const float* sp = scores.data_ptr<float>();
+  const int64_t s0 = scores.stride(0), s1 = scores.stride(1), s2 = scores.stride(2), s3 = scores.stride(3);
+  float* op = out.data_ptr<float>();
+  const VCodes vc(v);
+  const double largest = tab.numel() ? tab.max().item<double>() : 0.0;
+  TORCH_CHECK(largest >= 0.0 && largest < 9007199254740992.0 && largest * static_cast<double>(cols) < 4.6e18,
+              "fxquant::lis_shift_matmul: exp table values times ", cols, " keys overflow the int64 row totals");
+  const double last = static_cast<double>(levels - 1);
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> d_index(rows * cols);
+    std::vector<double> x(cols), vd(cols * vdim), powers, acc;
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t b = pair / heads, h = pair % heads;
+      const double grid_h = gp[h];
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* row = sp + b * s0 + h * s1 + i * s2;
+        int32_t* d = d_index.data() + i * cols;
+        double top = -std::numeric_limits<double>::infinity();
+        int finite = 1;
+        for (int64_t j = 0; j < cols; ++j) {  // written to vectorize: no calls, selects instead of branches
+          const double value = static_cast<double>(row[j * s3]);
+          finite &= std::fabs(value) <= std::numeric_limits<double>::max();
+          const double rounded = std::rint(value / grid_h);  // round half to even, as torch.round
+          x[j] = rounded;
+          top = rounded > top ? rounded : top;
+        }
+        if (!finite) {
+          d[0] = -1;
+          continue;
+        }
+        for (int64_t j = 0; j < cols; ++j) {
+          const double gap = top - x[j];
+          d[j] = static_cast<int32_t>(gap < last ? gap : last);
+        }
+      }
+      fxquant_lis::load_v(vc, b, h, cols, vdim, vzp + h * vdim, vd.data());
+      fxquant_lis::lis_rows(d_index.data(), rows, cols, tp + h * levels, qmax, max_shift, renormalize, vd.data(), vdim,
+                            vsp + h * vdim, op + (b * heads + h) * rows * vdim, vdim, powers, acc);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fxquant_kernels, m) {
+  m.def(
+      "lis_shift_matmul(Tensor scores, Tensor v, Tensor grid, Tensor table, Tensor v_scale, Tensor v_zero, int bits, "
+      "int max_shift, bool renormalize) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fxquant_kernels, CPU, m) {
+  m.impl("lis_shift_matmul", &lis_shift_matmul);
+}
