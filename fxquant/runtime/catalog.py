@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from fxquant.runtime import (  # noqa: F401  (imported for their @savable registrations)
+    code_lut,
     fake_quant,
     float_point,
     hadamard,

@@ -180,7 +180,8 @@ def load_kernel(retry: bool = False) -> bool:
             _Kernel.attempts += 1
             _Kernel.failed_at, _Kernel.failed_env = time.monotonic(), environment
             _Kernel.error = (
-                f"building fxquant/runtime/csrc/ (the fxquant_kernels extension) failed (attempt {_Kernel.attempts}; retried "
+                f"building fxquant/runtime/csrc/ (the fxquant_kernels extension) failed "
+                f"(attempt {_Kernel.attempts}; retried "
                 f"when the compiler setup changes, after {retry_delay(_Kernel.attempts):.0f} s, or by "
                 f"load_kernel(retry=True)): {type(exc).__name__}: {_cause(exc)}"
             )
@@ -208,8 +209,8 @@ def _build() -> None:
 
 # shape functions of the other ops in the extension (torch.compile traces them with these)
 _FAKES = {
-    "lis_shift_matmul": lambda scores, v, grid, table, v_scale, v_zero, bits, max_shift, renormalize: (
-        scores.new_empty((*scores.shape[:3], v.shape[3]))
+    "lis_shift_matmul": lambda scores, v, grid, table, v_scale, v_zero, bits, max_shift, renormalize: scores.new_empty(
+        (*scores.shape[:3], v.shape[3])
     ),
     "ptf_layernorm": lambda codes, alpha, zp, eps, sb, wu, off, ozp, qmin, qmax, out_uint8: codes.new_empty(
         codes.shape, dtype=torch.uint8 if out_uint8 else torch.int8
