@@ -23,6 +23,9 @@ Per model (timm, random init after torch.manual_seed(0)), with 2 intra-op thread
   ``int_kernels="onednn"``: the Linears on oneDNN's int8 kernel with the scales, GELU and the
   next point's quantization in the GEMM's epilogue, and each attention core as one fused C++
   kernel (``fuse_int_attention``) (x86 only; skipped elsewhere).
+* ``fxquant fqvit_w8a8 int eager``, ``fxquant int8_all int eager``: the full-integer presets
+  (integer LayerNorm on PTF codes, Log-Int-Softmax + attn@V by shifts; ``int8_all`` also
+  quantizes the residual stream and GELU), ``backend="int"`` with the default ``int_kernels``.
 * ``torchao PT2E + torch.compile``: torch.export -> prepare_pt2e(X86InductorQuantizer default
   static config) -> the same 32 images -> convert_pt2e -> ``torch.compile`` (inductor
   freezing on, as torchao's X86 recipe asks; it applies to every compiled variant).
@@ -72,6 +75,8 @@ FP32, INT_EAGER, INT_COMPILED, PT2E, ORT = (
     "ORT static int8",
 )
 ONEDNN_EAGER, ONEDNN_COMPILED = "fxquant int, oneDNN kernels, eager", "fxquant int, oneDNN kernels + torch.compile"
+# the full-integer presets (integer LayerNorm, Log-Int-Softmax; int8_all: residual and GELU points), default kernels
+FULL_INTEGER = {"fqvit_w8a8": "fxquant fqvit_w8a8 int eager", "int8_all": "fxquant int8_all int eager"}
 
 
 def images(n: int, seed: int) -> torch.Tensor:
@@ -190,6 +195,21 @@ def measure_model(name: str, batches, rounds: int, skip_peers: bool, log) -> dic
         variants += [Variant(ONEDNN_EAGER, qm_onednn), Variant(ONEDNN_COMPILED, torch.compile(qm_onednn))]
     else:
         variants.append(Variant(ONEDNN_EAGER, None, error="oneDNN int8 ops not available on this machine"))
+    full_notes = []
+    for preset, label in FULL_INTEGER.items():
+        start = time.perf_counter()
+        try:
+            qm_full = fxquant.compile(
+                model, preset, calib_data=list(torch.split(calib, CALIB_BATCH)), backend="int", progress=False
+            )
+        except Exception as exc:  # noqa: BLE001 - a preset that cannot compile is reported, not fatal
+            variants.append(Variant(label, None, error=f"{type(exc).__name__}: {exc}"[:200]))
+            continue
+        log(f"{name}: fxquant compile {preset} {time.perf_counter() - start:.1f} s")
+        variants.append(Variant(label, qm_full))
+        full_notes += [
+            f"{preset}: {n}" for n in qm_full.report.notes if n.startswith(("integer vs fake-quant", "output QSNR"))
+        ]
     if not skip_peers:
         for label, build in ((PT2E, build_pt2e_compiled), (ORT, build_ort)):
             try:
@@ -233,7 +253,8 @@ def measure_model(name: str, batches, rounds: int, skip_peers: bool, log) -> dic
             f"int_kernels='onednn': {n}"
             for n in (qm_onednn.report.notes if qm_onednn is not None else [])
             if n.startswith(("use_onednn_kernels", "integer vs fake-quant", "output QSNR"))
-        ],
+        ]
+        + full_notes,
     }
 
 
@@ -267,7 +288,8 @@ def acceptance(result: dict) -> list[str]:
     lines = []
     if 8 in by_name[FP32].times:
         median = {n: statistics.median(v.times[8]) for n, v in by_name.items() if not v.error and 8 in v.times}
-        for eager, compiled in ((INT_EAGER, INT_COMPILED), (ONEDNN_EAGER, ONEDNN_COMPILED)):
+        pairs = [(INT_EAGER, INT_COMPILED), (ONEDNN_EAGER, ONEDNN_COMPILED)]
+        for eager, compiled in pairs + [(label, None) for label in FULL_INTEGER.values()]:
             if eager not in median:
                 continue
             speedup = median[FP32] / median[eager]

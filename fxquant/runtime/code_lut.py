@@ -32,7 +32,8 @@ def code_table(dequantize: nn.Module, op, quantize: nn.Module, in_uint8: bool, c
     the output code ``quantize(op(dequantize(code)))``, running the given modules as they are."""
     codes = torch.arange(256, dtype=torch.int64)
     codes = (codes if in_uint8 else codes - 256 * (codes >= UINT8_OFFSET)).to(torch.uint8 if in_uint8 else torch.int8)
-    codes = codes[:, None].expand(256, channels).contiguous()
+    ndim = max([2] + [t.dim() for m in (dequantize, quantize) for t in m.buffers()])  # in-place ops keep the rank
+    codes = codes[:, None].expand(256, channels).reshape((1,) * (ndim - 2) + (256, channels)).contiguous()
     with torch.no_grad():
         out = quantize(op(dequantize(codes)))
     if out.numel() != 256 * channels:

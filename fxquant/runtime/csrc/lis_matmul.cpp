@@ -22,6 +22,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -68,6 +72,94 @@ struct VCodes {
 
 namespace fxquant_lis {
 
+// 2**(T - m) for the log2 code m of e / total (nearest_power_code, then LisShiftMatmul's
+// mask: m = qmax where e is 0, 0 where m > T or m = qmax); scalar form of powers_avx512.
+inline int64_t power_of(double e, double total, int64_t qmax, int64_t max_shift) {
+  const double ec = e < 1.0 ? 1.0 : e;
+  const uint64_t bt = bits_of(total), be = bits_of(ec);
+  const int64_t k = static_cast<int64_t>(bt >> 52) - static_cast<int64_t>(be >> 52) -
+                    static_cast<int64_t>((bt & kMantissa) < (be & kMantissa));
+  int64_t m = total * total >= (ec * ec) * pow2(2 * k + 1) ? k + 1 : k;
+  m = e > 0.0 ? m : qmax;
+  m = m < 0 ? 0 : (m > qmax ? qmax : m);
+  return (m <= max_shift && m < qmax) ? (int64_t{1} << (max_shift - m)) : 0;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// power_of for 8 keys at a time while 8 remain; returns how many keys it did.
+inline int64_t powers_avx512(const int32_t* d, int64_t cols, const double* table, double total, int64_t qmax,
+                             int64_t max_shift, double* p, int64_t& sum) {
+  const uint64_t bt = bits_of(total);
+  const __m512i exp_t = _mm512_set1_epi64(static_cast<int64_t>(bt >> 52));
+  const __m512i man_t = _mm512_set1_epi64(static_cast<int64_t>(bt & kMantissa));
+  const __m512i mant = _mm512_set1_epi64(static_cast<int64_t>(kMantissa)), one_i = _mm512_set1_epi64(1);
+  const __m512i qmax_v = _mm512_set1_epi64(qmax), shift_v = _mm512_set1_epi64(max_shift), zero_i = _mm512_setzero_si512();
+  const __m512i bias = _mm512_set1_epi64(1024);  // 2k + 1 + 1023
+  const __m512d one = _mm512_set1_pd(1.0), zero = _mm512_setzero_pd(), total_sq = _mm512_set1_pd(total * total);
+  __m512i acc = _mm512_setzero_si512();
+  int64_t j = 0;
+  for (; j + 8 <= cols; j += 8) {
+    const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + j));
+    const __m512d e = _mm512_i32gather_pd(idx, table, 8);
+    const __m512d ec = _mm512_max_pd(e, one);  // e >= 0: max(e, 1) is e.clamp_min(1)
+    const __m512i be = _mm512_castpd_si512(ec);
+    __m512i k = _mm512_sub_epi64(exp_t, _mm512_srli_epi64(be, 52));
+    k = _mm512_mask_sub_epi64(k, _mm512_cmplt_epu64_mask(man_t, _mm512_and_si512(be, mant)), k, one_i);
+    const __m512d power2 = _mm512_castsi512_pd(_mm512_slli_epi64(_mm512_add_epi64(_mm512_add_epi64(k, k), bias), 52));
+    const __m512d rhs = _mm512_mul_pd(_mm512_mul_pd(ec, ec), power2);
+    __m512i m = _mm512_mask_add_epi64(k, _mm512_cmp_pd_mask(total_sq, rhs, _CMP_GE_OQ), k, one_i);
+    m = _mm512_mask_blend_epi64(_mm512_cmp_pd_mask(e, zero, _CMP_GT_OQ), qmax_v, m);
+    m = _mm512_min_epi64(_mm512_max_epi64(m, zero_i), qmax_v);
+    const __mmask8 kept = _mm512_cmple_epi64_mask(m, shift_v) & _mm512_cmplt_epi64_mask(m, qmax_v);
+    const __m512i power = _mm512_maskz_sllv_epi64(kept, one_i, _mm512_sub_epi64(shift_v, m));
+    _mm512_storeu_pd(p + j, _mm512_cvtepi64_pd(power));
+    acc = _mm512_add_epi64(acc, power);
+  }
+  sum += _mm512_reduce_add_epi64(acc);
+  return j;
+}
+#endif
+
+// x = round(score / grid) (half to even, as torch.round on float64) and d = min(max(x) - x, last)
+// for one row of scores; false when the row holds a NaN or an infinity.
+inline bool score_gaps(const float* row, int64_t cols, int64_t stride, double grid, double last, double* x,
+                       int32_t* d) {
+  double top = -std::numeric_limits<double>::infinity();
+  bool finite = true;
+  int64_t j = 0;
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  if (stride == 1) {
+    const __m512d grid_v = _mm512_set1_pd(grid), huge = _mm512_set1_pd(std::numeric_limits<double>::max());
+    const __m512d sign = _mm512_castsi512_pd(_mm512_set1_epi64(0x7fffffffffffffffLL));
+    __m512d top_v = _mm512_set1_pd(-std::numeric_limits<double>::infinity());
+    __mmask8 ok = 0xff;
+    for (; j + 8 <= cols; j += 8) {
+      const __m512d value = _mm512_cvtps_pd(_mm256_loadu_ps(row + j));
+      ok &= _mm512_cmp_pd_mask(_mm512_and_pd(value, sign), huge, _CMP_LE_OQ);
+      const __m512d rounded = _mm512_roundscale_pd(_mm512_div_pd(value, grid_v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm512_storeu_pd(x + j, rounded);
+      top_v = _mm512_max_pd(top_v, rounded);
+    }
+    finite = ok == 0xff;
+    top = _mm512_reduce_max_pd(top_v);
+  }
+#endif
+  for (; j < cols; ++j) {
+    const double value = static_cast<double>(row[j * stride]);
+    finite = finite && std::fabs(value) <= std::numeric_limits<double>::max();
+    x[j] = std::nearbyint(value / grid);
+    top = x[j] > top ? x[j] : top;
+  }
+  if (!finite) {
+    return false;
+  }
+  for (int64_t i = 0; i < cols; ++i) {  // vectorizes: min and a conversion
+    const double gap = top - x[i];
+    d[i] = static_cast<int32_t>(gap < last ? gap : last);
+  }
+  return true;
+}
+
 // One (batch, head): rows of table indices (d clamped to the table) -> out rows (float32,
 // row stride out_stride). d_index is rows x cols; a negative entry marks a non-finite row
 // (its first element only).
@@ -90,20 +182,14 @@ void lis_rows(const int32_t* d_index, int64_t rows, int64_t cols, const double* 
     for (int64_t j = 0; j < cols; ++j) {
       total_int += static_cast<int64_t>(table[d[j]]);
     }
-    const double total = static_cast<double>(total_int), total_sq = total * total;
-    const uint64_t bt = bits_of(total);
+    const double total = static_cast<double>(total_int);
     int64_t sum = 0;  // exact: the powers are integers, their sum below 2**53
-    for (int64_t j = 0; j < cols; ++j) {  // written to vectorize: bit arithmetic and selects, no calls
-      const double e = table[d[j]];
-      const double ec = e < 1.0 ? 1.0 : e;
-      const uint64_t be = bits_of(ec);
-      const int64_t k = static_cast<int64_t>(bt >> 52) - static_cast<int64_t>(be >> 52) -
-                        static_cast<int64_t>((bt & kMantissa) < (be & kMantissa));
-      int64_t m = total_sq >= (ec * ec) * pow2(2 * k + 1) ? k + 1 : k;  // nearest_power_code
-      m = e > 0.0 ? m : qmax;
-      m = m < 0 ? 0 : (m > qmax ? qmax : m);
-      const bool kept = m <= max_shift && m < qmax;
-      const int64_t power = kept ? (int64_t{1} << (kept ? max_shift - m : 0)) : 0;
+    int64_t j = 0;
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+    j = powers_avx512(d, cols, table, total, qmax, max_shift, p, sum);
+#endif
+    for (; j < cols; ++j) {
+      const int64_t power = power_of(table[d[j]], total, qmax, max_shift);
       p[j] = static_cast<double>(power);
       sum += power;
     }
@@ -203,22 +289,8 @@ at::Tensor lis_shift_matmul(const at::Tensor& scores, const at::Tensor& v, const
       for (int64_t i = 0; i < rows; ++i) {
         const float* row = sp + b * s0 + h * s1 + i * s2;
         int32_t* d = d_index.data() + i * cols;
-        double top = -std::numeric_limits<double>::infinity();
-        int finite = 1;
-        for (int64_t j = 0; j < cols; ++j) {  // written to vectorize: no calls, selects instead of branches
-          const double value = static_cast<double>(row[j * s3]);
-          finite &= std::fabs(value) <= std::numeric_limits<double>::max();
-          const double rounded = std::rint(value / grid_h);  // round half to even, as torch.round
-          x[j] = rounded;
-          top = rounded > top ? rounded : top;
-        }
-        if (!finite) {
+        if (!fxquant_lis::score_gaps(row, cols, s3, grid_h, last, x.data(), d)) {
           d[0] = -1;
-          continue;
-        }
-        for (int64_t j = 0; j < cols; ++j) {
-          const double gap = top - x[j];
-          d[j] = static_cast<int32_t>(gap < last ? gap : last);
         }
       }
       fxquant_lis::load_v(vc, b, h, cols, vdim, vzp + h * vdim, vd.data());
