@@ -66,8 +66,8 @@ from fxquant.runtime.integer import code_shift, exact_float_matmul_bound, exact_
 from fxquant.runtime.log_int_softmax import LisShiftMatmul, LogIntSoftmax
 
 FLOAT_OPS = (
-    "softmax without a log2 point, activations not between two points, residual adds and LayerNorms "
-    "without a PTF input point run in float between DequantizeCodes and QuantizeCodes nodes"
+    "softmax without a log2 point, GELU, residual adds and LayerNorms without a PTF input point "
+    "run in float between DequantizeCodes and QuantizeCodes nodes"
 )
 
 

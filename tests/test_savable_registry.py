@@ -76,6 +76,7 @@ def _compile_variants() -> list[tuple[str, dict]]:
         ("fake fqvit_w8a8", dict(qconfig="fqvit_w8a8")),
         ("fake w8a8 keep_float=2", dict(qconfig="w8a8", keep_float=2)),
         ("int fqvit_w8a8", dict(qconfig="fqvit_w8a8", backend="int")),
+        ("int int8_all", dict(qconfig="int8_all", backend="int")),  # CodeLut: GELU between two points
         ("int w8a8 rotate fc2", dict(qconfig={"extends": "w8a8", "rotate": {"fc2": True}}, backend="int")),
     ]
     if onednn_available():
