@@ -12,10 +12,11 @@ import torch
 import fxquant
 from fxquant.quant.ptf import ptf_layernorm_constants
 from fxquant.quant.qparams import QParams
-from fxquant.runtime import code_lut, int_layernorm, log_int_softmax
+from fxquant.runtime import code_lut, int_layernorm, int_lis_attention, log_int_softmax
 from fxquant.runtime.code_lut import CodeLut, code_table
 from fxquant.runtime.int_attention import load_kernel
 from fxquant.runtime.int_layernorm import IntLayerNorm
+from fxquant.runtime.int_lis_attention import IntLisAttention
 from fxquant.runtime.int_modules import DequantizeCodes, QuantizeCodes
 from fxquant.runtime.integer import exact_shift_matmul_bound
 from fxquant.runtime.log_int_softmax import LisShiftMatmul
@@ -158,3 +159,60 @@ def test_full_integer_graphs_same_outputs_with_and_without_kernels(monkeypatch, 
                 m._kernel_args = None
         slow = qm(x)
     assert torch.equal(fast, slow)
+
+
+def _lis_attention(seed: int, uint8: bool, per_head: bool):
+    g = torch.Generator().manual_seed(seed)
+    heads, tokens, depth, vdim = 3, 23 + seed, 16, 8
+    q = torch.randint(-128, 128, (2, heads, tokens, depth), generator=g, dtype=torch.int8)
+    kt = torch.randint(-128, 128, (2, heads, depth, tokens), generator=g, dtype=torch.int8)
+    v = torch.randint(-128, 128, (2, heads, tokens, vdim), generator=g, dtype=torch.int8)
+    zero = torch.randint(-5, 5, (heads if per_head else 1, 2), generator=g).float() + (128 if uint8 else 0)
+    multiplier = torch.rand(heads if per_head else 1, 1, generator=g) * 2e-4 + 5e-5
+    constants = torch.cat([zero, multiplier, torch.full_like(multiplier, -7.0)], dim=1)
+    grid = torch.rand(1, heads, 1, 1, generator=g) * 0.2 + 0.01 if per_head else torch.tensor(0.05)
+    v_zero = torch.tensor(2.0 + (128 if uint8 else 0)).double()
+    module = IntLisAttention(constants, -128, 127, grid, 8, True, torch.tensor(0.03).double(), v_zero, 40)
+    if uint8:
+        q, kt, v = ((t.to(torch.int16) + 128).to(torch.uint8) for t in (q, kt, v))
+    return module, q, kt, v
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed,uint8,per_head", [(0, False, True), (1, True, True), (2, True, False)])
+def test_lis_attention_kernel_equals_torch_reference(seed, uint8, per_head):
+    module, q, kt, v = _lis_attention(seed, uint8, per_head)
+    out = module(q, kt, v)
+    assert module._kernel_args[1] is not None
+    assert torch.equal(out, module.reference(q, kt, v))
+
+
+def test_lis_attention_falls_back_to_torch_without_the_kernel(monkeypatch):
+    module, q, kt, v = _lis_attention(3, True, True)
+    expected = module.reference(q, kt, v)
+    monkeypatch.setattr(int_lis_attention, "kernel_ready", lambda: False)
+    monkeypatch.setattr(int_lis_attention, "load_kernel", lambda: False)
+    module._kernel_args = None
+    assert torch.equal(module(q, kt, v), expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize("qconfig", ["fqvit_w8a8", "int8_all"])
+def test_onednn_full_integer_attention_fuses_with_the_same_outputs(monkeypatch, qconfig):
+    """int_kernels='onednn': fuse_int_attention turns q@kT -> dequantize -> LisShiftMatmul into one
+    IntLisAttention, with the same codes as the fake-quant graph and the same output as its torch
+    fallback (the unfused modules' arithmetic
+    and the torch references)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", **TINY_VIT).eval()
+    qm = fxquant.compile(model, qconfig, calib_data=images(8, 32), backend="int", int_kernels="onednn", progress=False)
+    fused = [m for m in qm.modules() if isinstance(m, IntLisAttention)]
+    assert len(fused) == TINY_VIT["depth"]
+    assert not any(isinstance(m, LisShiftMatmul) for m in qm.modules())
+    assert "0 of" in next(n for n in qm.report.notes if n.startswith("integer vs fake-quant codes"))
+    x = images(3, 32, seed=9)
+    with torch.no_grad():
+        fast = qm(x)
+        _without_kernels(monkeypatch)
+        monkeypatch.setattr(int_lis_attention, "kernel_ready", lambda: False)  # every call runs reference()
+        assert torch.equal(fast, qm(x))

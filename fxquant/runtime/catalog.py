@@ -18,6 +18,7 @@ from fxquant.runtime import (  # noqa: F401  (imported for their @savable regist
     hadamard,
     int_attention,
     int_layernorm,
+    int_lis_attention,
     int_modules,
     log_int_softmax,
     onednn,

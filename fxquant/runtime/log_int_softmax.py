@@ -37,7 +37,17 @@ from fxquant.runtime.int_attention import kernel_ready, load_kernel
 from fxquant.runtime.integer import UINT8_OFFSET
 from fxquant.runtime.savable import POINT, Schema, TensorRule, savable
 
-__all__ = ["i_exp", "nearest_power_code", "refine_shift", "lis_codes", "lis_values", "LogIntSoftmax"]
+__all__ = [
+    "i_exp",
+    "nearest_power_code",
+    "refine_shift",
+    "lis_codes",
+    "lis_values",
+    "lis_shift_reference",
+    "lis_kernel_constants",
+    "LogIntSoftmax",
+    "LisShiftMatmul",
+]
 
 _COEF = (0.35815147, 0.96963238, 1.0)  # I-BERT's second-order fit of exp on (-ln2, 0]
 _LN2 = 0.6931
@@ -146,6 +156,28 @@ class LogIntSoftmax(nn.Module):
     def extra_repr(self) -> str:
         shown = f"{self.scale.item():.4g}" if self.scale.numel() == 1 else f"per-head[{self.scale.numel()}]"
         return f"log2 {self.bits}-bit probabilities, integer exp, scores scale={shown}"
+
+
+def lis_shift_reference(
+    scores: torch.Tensor,
+    v_codes: torch.Tensor,
+    lis_scale: torch.Tensor,
+    bits: int,
+    renormalize: bool,
+    v_scale: torch.Tensor,
+    v_zero_point: torch.Tensor,
+    max_shift: int,
+) -> torch.Tensor:
+    """``LisShiftMatmul``'s arithmetic in torch (``v_zero_point`` in the domain of ``v_codes``)."""
+    m = lis_codes(scores, lis_scale, bits, -1)
+    qmax = 2**bits - 1
+    powers = torch.where((m <= max_shift) & (m < qmax), torch.pow(2.0, max_shift - m), torch.zeros_like(m))
+    acc = torch.matmul(powers, v_codes.to(torch.float64) - v_zero_point)
+    if renormalize:
+        out = acc * v_scale / powers.sum(-1, keepdim=True)
+    else:
+        out = acc * (v_scale * 2.0**-max_shift)
+    return out.to(scores.dtype)
 
 
 _MAX_TABLE = 1 << 20  # exp table entries per head (score grids finer than ~2e-5 keep the torch path)
@@ -266,18 +298,10 @@ class LisShiftMatmul(nn.Module):
 
     def reference(self, scores: torch.Tensor, v_codes: torch.Tensor) -> torch.Tensor:
         """The torch arithmetic: log2 codes, then attn@V as a float64 matmul of powers of two."""
-        m = lis_codes(scores, self.lis_scale, self.bits, -1)
-        qmax = 2**self.bits - 1
-        powers = torch.where(
-            (m <= self.max_shift) & (m < qmax), torch.pow(2.0, self.max_shift - m), torch.zeros_like(m)
-        )
         v_zero_point = self.v_zero_point + (UINT8_OFFSET if self.v_uint8 else 0)
-        acc = torch.matmul(powers, v_codes.to(torch.float64) - v_zero_point)
-        if self.renormalize:
-            out = acc * self.v_scale / powers.sum(-1, keepdim=True)
-        else:
-            out = acc * (self.v_scale * 2.0**-self.max_shift)
-        return out.to(scores.dtype)
+        return lis_shift_reference(
+            scores, v_codes, self.lis_scale, self.bits, self.renormalize, self.v_scale, v_zero_point, self.max_shift
+        )
 
     def extra_repr(self) -> str:
         return (

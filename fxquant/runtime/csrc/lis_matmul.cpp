@@ -22,6 +22,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "lis_rows.h"
+
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
 #include <immintrin.h>
 #endif
@@ -62,10 +64,6 @@ struct VCodes {
   explicit VCodes(const at::Tensor& t)
       : data(static_cast<const uint8_t*>(t.data_ptr())), is_uint8(t.scalar_type() == at::kByte),
         s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)), s3(t.stride(3)) {}
-  double code(int64_t b, int64_t h, int64_t j, int64_t c) const {
-    const uint8_t raw = data[b * s0 + h * s1 + j * s2 + c * s3];
-    return is_uint8 ? static_cast<double>(raw) : static_cast<double>(static_cast<int8_t>(raw));
-  }
 };
 
 }  // namespace
@@ -221,11 +219,14 @@ void lis_rows(const int32_t* d_index, int64_t rows, int64_t cols, const double* 
   }
 }
 
-// v (B, H, M, Dv) codes -> per (b, h) float64 (v - zv), M x Dv row-major.
-void load_v(const VCodes& vc, int64_t b, int64_t h, int64_t cols, int64_t vdim, const double* zero, double* vd) {
+void load_v(const uint8_t* base, bool is_uint8, int64_t row_stride, int64_t col_stride, int64_t cols, int64_t vdim,
+            const double* zero, double* vd) {
   for (int64_t j = 0; j < cols; ++j) {
+    const uint8_t* row = base + j * row_stride;
     for (int64_t c = 0; c < vdim; ++c) {
-      vd[j * vdim + c] = vc.code(b, h, j, c) - zero[c];
+      const uint8_t raw = row[c * col_stride];
+      const double code = is_uint8 ? static_cast<double>(raw) : static_cast<double>(static_cast<int8_t>(raw));
+      vd[j * vdim + c] = code - zero[c];
     }
   }
 }
@@ -293,7 +294,8 @@ at::Tensor lis_shift_matmul(const at::Tensor& scores, const at::Tensor& v, const
           d[0] = -1;
         }
       }
-      fxquant_lis::load_v(vc, b, h, cols, vdim, vzp + h * vdim, vd.data());
+      fxquant_lis::load_v(vc.data + b * vc.s0 + h * vc.s1, vc.is_uint8, vc.s2, vc.s3, cols, vdim, vzp + h * vdim,
+                          vd.data());
       fxquant_lis::lis_rows(d_index.data(), rows, cols, tp + h * levels, qmax, max_shift, renormalize, vd.data(), vdim,
                             vsp + h * vdim, op + (b * heads + h) * rows * vdim, vdim, powers, acc);
     }
