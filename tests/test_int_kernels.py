@@ -14,11 +14,12 @@ from fxquant.quant.ptf import ptf_layernorm_constants
 from fxquant.quant.qparams import QParams
 from fxquant.runtime import code_lut, int_layernorm, int_lis_attention, log_int_softmax
 from fxquant.runtime.code_lut import CodeLut, code_table
+from fxquant.runtime.fast_codes import fast_dequantize, fast_quantize
 from fxquant.runtime.int_attention import load_kernel
 from fxquant.runtime.int_layernorm import IntLayerNorm
 from fxquant.runtime.int_lis_attention import IntLisAttention
 from fxquant.runtime.int_modules import DequantizeCodes, QuantizeCodes
-from fxquant.runtime.integer import exact_shift_matmul_bound
+from fxquant.runtime.integer import dequantize_codes, exact_shift_matmul_bound, quantize_codes
 from fxquant.runtime.log_int_softmax import LisShiftMatmul
 from tests.tiny import TINY_VIT, images
 
@@ -216,3 +217,23 @@ def test_onednn_full_integer_attention_fuses_with_the_same_outputs(monkeypatch, 
         _without_kernels(monkeypatch)
         monkeypatch.setattr(int_lis_attention, "kernel_ready", lambda: False)  # every call runs reference()
         assert torch.equal(fast, qm(x))
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels,per_channel,uint8", [(48, False, False), (48, True, True), (5, True, False)])
+def test_quantize_and_dequantize_kernels_equal_the_torch_ops(channels, per_channel, uint8):
+    g = torch.Generator().manual_seed(channels)
+    shape = (1, 1, channels) if per_channel else ()
+    scale = torch.rand(shape, generator=g) * 0.1 + 0.01
+    zero = torch.randint(-10, 10, shape, generator=g).float() + (128 if uint8 else 0)
+    qmin, qmax = (0, 255) if uint8 else (-128, 127)
+    x = torch.randn(4, 9, channels, generator=g) * 3
+    x[0, 0, 0] = 0.5 * float(scale.reshape(-1)[0])  # a tie: rounds half to even
+    dtype = torch.uint8 if uint8 else torch.int8
+    codes = fast_quantize(x, scale, zero, qmin, qmax, dtype)
+    assert codes is not None and torch.equal(codes, quantize_codes(x, scale, zero, qmin, qmax, dtype))
+    for post_scale in (1.0, 0.37):
+        values = fast_dequantize(codes, scale, zero, post_scale)
+        assert values is not None and torch.equal(values, dequantize_codes(codes, scale, zero, post_scale))
+    per_head = torch.rand(1, 3, 1, 1, generator=g)  # not one per channel of the last dimension: the torch ops
+    assert fast_quantize(torch.randn(2, 3, 4, 5), per_head, per_head, qmin, qmax, dtype) is None

@@ -218,6 +218,13 @@ _FAKES = {
     "code_lut": lambda codes, table, out_uint8: codes.new_empty(
         codes.shape, dtype=torch.uint8 if out_uint8 else torch.int8
     ),
+    "quantize_rows": lambda x, scale, zero, qmin, qmax, out_uint8: x.new_empty(
+        x.shape, dtype=torch.uint8 if out_uint8 else torch.int8
+    ),
+    "dequantize_rows": lambda codes, scale, zero, post_scale: codes.new_empty(codes.shape, dtype=torch.float32),
+    "int_attention_lis": lambda q, kt, v, consts, qmin, qmax, table, vs, vz, bits, shift, renorm: q.new_empty(
+        (q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=torch.float32
+    ),
 }
 
 

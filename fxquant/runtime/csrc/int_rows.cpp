@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -146,6 +147,80 @@ at::Tensor code_lut(const at::Tensor& codes, const at::Tensor& table, bool out_u
   return out;
 }
 
+// scale and zero point: one value, or one per channel of the last dimension
+void check_params(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero, const char* op) {
+  const int64_t channels = x.dim() == 0 ? 1 : x.size(-1);
+  for (const at::Tensor* t : {&scale, &zero}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && (t->size(0) == 1 || t->size(0) == channels),
+                "fxquant::", op, ": scale and zero point must be float32 (1,) or (C,), got ", t->sizes());
+  }
+}
+
+// QuantizeCodes: clamp(round_half_even(x / scale) + zero_point, qmin, qmax) in float32, as
+// fxquant.runtime.integer.quantize_codes; one pass.
+at::Tensor quantize_rows(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero, int64_t qmin,
+                         int64_t qmax, bool out_uint8) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "fxquant::quantize_rows: x must be float32 CPU");
+  check_params(x, scale, zero, "quantize_rows");
+  const at::Tensor in = x.contiguous(), sc = scale.contiguous(), zp = zero.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_uint8 ? at::kByte : at::kChar));
+  const int64_t n = in.numel(), k = sc.size(0);
+  if (n == 0) {
+    return out;
+  }
+  const float *src = in.data_ptr<float>(), *sp = sc.data_ptr<float>(), *zpp = zp.data_ptr<float>();
+  uint8_t* dst = static_cast<uint8_t*>(out.data_ptr());
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  const int64_t rows = n / k;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = src + r * k;
+      uint8_t* o = dst + r * k;
+      for (int64_t c = 0; c < k; ++c) {  // vectorizes: division, rint, selects
+        float y = std::rint(row[c] / sp[c]) + zpp[c];
+        y = y < lo ? lo : y;
+        y = y > hi ? hi : y;
+        o[c] = static_cast<uint8_t>(static_cast<int32_t>(y));
+      }
+    }
+  });
+  return out;
+}
+
+// DequantizeCodes: (float(code) - zero_point) * scale [* post_scale] in float32, as
+// fxquant.runtime.integer.dequantize_codes; one pass.
+at::Tensor dequantize_rows(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
+                           double post_scale) {
+  TORCH_CHECK(codes.device().is_cpu() && (codes.scalar_type() == at::kChar || codes.scalar_type() == at::kByte),
+              "fxquant::dequantize_rows: codes must be int8 or uint8 CPU codes, got ", codes.scalar_type());
+  check_params(codes, scale, zero, "dequantize_rows");
+  const at::Tensor in = codes.contiguous(), sc = scale.contiguous(), zp = zero.contiguous();
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  const int64_t n = in.numel(), k = sc.size(0);
+  if (n == 0) {
+    return out;
+  }
+  const bool is_uint8 = codes.scalar_type() == at::kByte;
+  const uint8_t* src = static_cast<const uint8_t*>(in.data_ptr());
+  const float *sp = sc.data_ptr<float>(), *zpp = zp.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const float post = static_cast<float>(post_scale);
+  const bool scaled = post_scale != 1.0;
+  const int64_t rows = n / k;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint8_t* row = src + r * k;
+      float* o = dst + r * k;
+      for (int64_t c = 0; c < k; ++c) {
+        const float code = is_uint8 ? static_cast<float>(row[c]) : static_cast<float>(static_cast<int8_t>(row[c]));
+        const float y = (code - zpp[c]) * sp[c];
+        o[c] = scaled ? y * post : y;
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fxquant_kernels, m) {
@@ -153,9 +228,13 @@ TORCH_LIBRARY_FRAGMENT(fxquant_kernels, m) {
       "ptf_layernorm(Tensor codes, Tensor alpha, int in_zero_point, int eps_int, int sigma_bits, Tensor weight_units, "
       "Tensor offset, int out_zero_point, int qmin, int qmax, bool out_uint8) -> Tensor");
   m.def("code_lut(Tensor codes, Tensor table, bool out_uint8) -> Tensor");
+  m.def("quantize_rows(Tensor x, Tensor scale, Tensor zero, int qmin, int qmax, bool out_uint8) -> Tensor");
+  m.def("dequantize_rows(Tensor codes, Tensor scale, Tensor zero, float post_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fxquant_kernels, CPU, m) {
   m.impl("ptf_layernorm", &ptf_layernorm);
   m.impl("code_lut", &code_lut);
+  m.impl("quantize_rows", &quantize_rows);
+  m.impl("dequantize_rows", &dequantize_rows);
 }
