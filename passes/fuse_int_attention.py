@@ -168,24 +168,26 @@ def _match_lis(gm: fx.GraphModule, scores: fx.Node) -> tuple[Optional[_Match], s
     read only by the next, with the scores' LIS grid equal to their dequantization scale (then
     the gaps to a row's largest score are those of the codes)."""
     module = submodule(gm, scores)
-    if not module.requantizes or not module.float_requant:
-        return None, "the scores are not requantized to codes with float32 scales"
     dequant = single_user(scores)
     dq = submodule(gm, dequant) if dequant is not None else None
-    if not isinstance(dq, DequantizeCodes) or dq.fused_affine or dq.post_scale != 1.0:
-        return None, "the score codes are not read by one plain dequantization only"
+    if not isinstance(dq, DequantizeCodes):
+        return None, ""  # not this pattern: the float-softmax match says why
     chain, node = [], dequant
     while True:
         nxt = _next_in_chain(node)
         if nxt is None or not (nxt.args and nxt.args[0] is node):
-            return None, "a value between the scores and Log-Int-Softmax has more than one reader"
+            return None, ""
         if not _is_no_mask(nxt):
             break
         chain.append(nxt)
         node = nxt
     lis = submodule(gm, nxt)
     if not isinstance(lis, LisShiftMatmul):
-        return None, "no Log-Int-Softmax reads the scores"
+        return None, ""
+    if not module.requantizes or not module.float_requant:
+        return None, "the scores are not requantized to codes with float32 scales"
+    if dq.fused_affine or dq.post_scale != 1.0:
+        return None, "the score codes are not read by one plain dequantization only"
     operands = (scores.args[0], scores.args[1], nxt.args[1])
     shapes = [shape_of(n) if isinstance(n, fx.Node) else None for n in operands]
     if any(shape is None or len(shape) != 4 for shape in shapes):
@@ -283,7 +285,7 @@ class FuseIntAttention(Pass):
                 if lis_match is not None:
                     matches.append((lis_match, _lis_module(lis_match, gm)))
                     continue
-                skipped[node.name] = why if "Log-Int-Softmax" in lis_why else lis_why
+                skipped[node.name] = lis_why or why
             except ValueError as exc:
                 skipped[node.name] = str(exc)
         if matches and ctx.progress and needs_build():

@@ -81,6 +81,7 @@ def _compile_variants() -> list[tuple[str, dict]]:
     ]
     if onednn_available():
         variants.append(("int w8a8 onednn", dict(qconfig="w8a8", backend="int", int_kernels="onednn")))
+        variants.append(("int fqvit_w8a8 onednn", dict(qconfig="fqvit_w8a8", backend="int", int_kernels="onednn")))
     return variants
 
 
@@ -95,7 +96,7 @@ def compiled_variants():
 def _expected_types() -> set[str]:
     expected = set(catalog.registered())
     if not onednn_available():
-        expected -= {"fxquant.OnednnLinear", "fxquant.IntAttention"}
+        expected -= {"fxquant.OnednnLinear", "fxquant.IntAttention", "fxquant.IntLisAttention"}
     elif not (load_kernel() and kernel_ready()):  # no C++ toolchain: attention stays unfused
         expected -= {"fxquant.IntAttention"}
     return expected
