@@ -171,12 +171,24 @@ at::Tensor quantize_rows(const at::Tensor& x, const at::Tensor& scale, const at:
   const float *src = in.data_ptr<float>(), *sp = sc.data_ptr<float>(), *zpp = zp.data_ptr<float>();
   uint8_t* dst = static_cast<uint8_t*>(out.data_ptr());
   const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  if (k == 1) {  // one scale: a flat loop
+    const float s = sp[0], z = zpp[0];
+    at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {  // vectorizes: division, rint, selects
+        float y = std::rint(src[i] / s) + z;
+        y = y < lo ? lo : y;
+        y = y > hi ? hi : y;
+        dst[i] = static_cast<uint8_t>(static_cast<int32_t>(y));
+      }
+    });
+    return out;
+  }
   const int64_t rows = n / k;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = src + r * k;
       uint8_t* o = dst + r * k;
-      for (int64_t c = 0; c < k; ++c) {  // vectorizes: division, rint, selects
+      for (int64_t c = 0; c < k; ++c) {
         float y = std::rint(row[c] / sp[c]) + zpp[c];
         y = y < lo ? lo : y;
         y = y > hi ? hi : y;
@@ -206,6 +218,17 @@ at::Tensor dequantize_rows(const at::Tensor& codes, const at::Tensor& scale, con
   float* dst = out.data_ptr<float>();
   const float post = static_cast<float>(post_scale);
   const bool scaled = post_scale != 1.0;
+  if (k == 1) {  // one scale: a flat loop
+    const float s = sp[0], z = zpp[0];
+    at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float code = is_uint8 ? static_cast<float>(src[i]) : static_cast<float>(static_cast<int8_t>(src[i]));
+        const float y = (code - z) * s;
+        dst[i] = scaled ? y * post : y;
+      }
+    });
+    return out;
+  }
   const int64_t rows = n / k;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {

@@ -176,9 +176,19 @@ void lis_rows(const int32_t* d_index, int64_t rows, int64_t cols, const double* 
       std::fill(p, p + cols, 0.0);
       continue;
     }
-    int64_t total_int = 0;
-    for (int64_t j = 0; j < cols; ++j) {
-      total_int += static_cast<int64_t>(table[d[j]]);
+    int64_t total_int = 0, t = 0;
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+    {
+      __m512i sum8 = _mm512_setzero_si512();
+      for (; t + 8 <= cols; t += 8) {
+        const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + t));
+        sum8 = _mm512_add_epi64(sum8, _mm512_cvttpd_epi64(_mm512_i32gather_pd(idx, table, 8)));
+      }
+      total_int = _mm512_reduce_add_epi64(sum8);
+    }
+#endif
+    for (; t < cols; ++t) {
+      total_int += static_cast<int64_t>(table[d[t]]);
     }
     const double total = static_cast<double>(total_int);
     int64_t sum = 0;  // exact: the powers are integers, their sum below 2**53
