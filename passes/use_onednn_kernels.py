@@ -44,6 +44,7 @@ from fxquant.ir.meta import CODES_OF
 from fxquant.ir.patterns import single_user, submodule
 from fxquant.lowering.code_chains import drop_origin, moves_elements, reads_shape
 from fxquant.runtime.code_lut import CodeLut
+from fxquant.runtime.fast_codes import DequantizeAdd
 from fxquant.runtime.int_layernorm import IntLayerNorm
 from fxquant.runtime.int_modules import (
     DequantizeCodes,
@@ -134,6 +135,8 @@ class _Conversion:
         for reader in group.readers:
             module = submodule(self.gm, reader)
             if reader in chosen or reads_shape(reader) or isinstance(module, (DequantizeCodes, IntMatmul, CodeLut)):
+                continue
+            if isinstance(module, DequantizeAdd) and reader.args[0] not in group.members:  # the codes operand
                 continue
             if isinstance(module, LisShiftMatmul) and reader.args[0] not in group.members:  # V only
                 continue
@@ -260,7 +263,7 @@ class _Conversion:
                 _shift_pad_value(member)
         for reader in group.readers:
             reader_module = submodule(self.gm, reader)
-            if isinstance(reader_module, DequantizeCodes):
+            if isinstance(reader_module, (DequantizeCodes, DequantizeAdd)):
                 reader_module.to_uint8()
             elif isinstance(reader_module, (IntMatmul, LisShiftMatmul, CodeLut)):
                 for index, arg in enumerate(reader.args[:2]):

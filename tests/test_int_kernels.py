@@ -12,9 +12,9 @@ import torch
 import fxquant
 from fxquant.quant.ptf import ptf_layernorm_constants
 from fxquant.quant.qparams import QParams
-from fxquant.runtime import code_lut, int_layernorm, int_lis_attention, log_int_softmax
+from fxquant.runtime import code_lut, fast_codes, int_layernorm, int_lis_attention, log_int_softmax
 from fxquant.runtime.code_lut import CodeLut, code_table
-from fxquant.runtime.fast_codes import fast_dequantize, fast_quantize
+from fxquant.runtime.fast_codes import DequantizeAdd, fast_dequantize, fast_quantize
 from fxquant.runtime.int_attention import load_kernel
 from fxquant.runtime.int_layernorm import IntLayerNorm
 from fxquant.runtime.int_lis_attention import IntLisAttention
@@ -237,3 +237,21 @@ def test_quantize_and_dequantize_kernels_equal_the_torch_ops(channels, per_chann
         assert values is not None and torch.equal(values, dequantize_codes(codes, scale, zero, post_scale))
     per_head = torch.rand(1, 3, 1, 1, generator=g)  # not one per channel of the last dimension: the torch ops
     assert fast_quantize(torch.randn(2, 3, 4, 5), per_head, per_head, qmin, qmax, dtype) is None
+
+
+@pytest.mark.parametrize("channels,per_channel,uint8", [(48, False, False), (20, True, True)])
+def test_dequantize_add_equals_add_of_the_dequantized_codes(monkeypatch, channels, per_channel, uint8):
+    g = torch.Generator().manual_seed(channels)
+    shape = (1, 1, channels) if per_channel else ()
+    scale = torch.rand(shape, generator=g) * 0.1 + 0.01
+    zero = torch.randint(-10, 10, shape, generator=g).float()
+    module = DequantizeAdd("proj", scale, zero, 1.0)
+    codes = torch.randint(-128, 128, (4, 9, channels), generator=g, dtype=torch.int8)
+    x = torch.randn(4, 9, channels, generator=g)
+    expected = x + dequantize_codes(codes, scale, zero)
+    if uint8:
+        module.to_uint8()
+        codes = (codes.to(torch.int16) + 128).to(torch.uint8)
+    assert torch.equal(module(x, codes), expected)
+    monkeypatch.setattr(fast_codes, "kernel_ready", lambda: False)
+    assert torch.equal(module(x, codes), expected)

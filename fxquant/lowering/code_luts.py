@@ -1,13 +1,16 @@
-"""Element-wise activations between two points of the integer graph become code tables.
+"""Element-wise float ops around the points of the integer graph, fused with their boundaries.
 
 ``DequantizeCodes -> act -> QuantizeCodes`` (``int8_all``'s GELU between the ``mlp_fc1`` and
 ``mlp_gelu`` points) is a function of the 256 input codes: one ``CodeLut``
-(``fxquant.runtime.code_lut``) replaces the three nodes. ``lower_integer`` calls this after
-its own rewrites.
+(``fxquant.runtime.code_lut``) replaces the three nodes. A residual add of a dequantized
+point (``x + proj's output``) becomes one ``DequantizeAdd`` on the codes
+(``fxquant.runtime.fast_codes``). ``lower_integer`` calls ``fuse_elementwise`` after its own
+rewrites.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -15,12 +18,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxquant.ir.graph_utils import install_submodule, unique_attr
-from fxquant.ir.patterns import single_user, submodule
+from fxquant.ir.patterns import is_pass_through_module, single_user, submodule
 from fxquant.lowering.code_chains import LoweredPoint
 from fxquant.runtime.code_lut import CodeLut, code_table
+from fxquant.runtime.fast_codes import DequantizeAdd
 from fxquant.runtime.int_modules import DequantizeCodes, QuantizeCodes
 
-__all__ = ["fuse_code_luts"]
+__all__ = ["fuse_elementwise", "fuse_code_luts", "fuse_dequantize_adds"]
 
 _MODULES = (torch.nn.GELU, torch.nn.ReLU, torch.nn.SiLU, torch.nn.Hardswish, torch.nn.Sigmoid, torch.nn.Tanh)
 _FUNCTIONS = (F.gelu, F.relu, F.silu, F.hardswish, torch.relu, torch.sigmoid, torch.tanh)
@@ -84,3 +88,49 @@ def fuse_code_luts(gm: fx.GraphModule, points: Iterable[LoweredPoint]) -> list[s
             gm.graph.erase_node(dead)
         done.append(f"{act.name}: {by_codes[node].name} as a table of 256 codes")
     return done
+
+
+def _dequantized_codes(gm: fx.GraphModule, node) -> Optional[tuple[fx.Node, list[fx.Node]]]:
+    """(the DequantizeCodes node, the pass-through nodes after it) when ``node`` is a
+    dequantized point read through identity modules only (each read only by the next)."""
+    chain = []
+    while isinstance(node, fx.Node) and len(node.users) == 1 and is_pass_through_module(gm, node):
+        chain.append(node)
+        node = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+    if isinstance(node, fx.Node) and len(node.users) == 1 and isinstance(submodule(gm, node), DequantizeCodes):
+        return (node, chain) if not submodule(gm, node).fused_affine else None
+    return None
+
+
+def fuse_dequantize_adds(gm: fx.GraphModule) -> list[str]:
+    """``x + dequantize(codes)`` (either order, through identity modules) -> ``DequantizeAdd(x, codes)``."""
+    done = []
+    for node in list(gm.graph.nodes):
+        is_add = node.op == "call_function" and node.target in (operator.add, torch.add)
+        if not is_add or len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
+            continue
+        for index in (1, 0):
+            found = _dequantized_codes(gm, node.args[index])
+            if found is None or node.args[1 - index] is found[0]:
+                continue
+            dequant_node, chain = found
+            dequant: DequantizeCodes = submodule(gm, dequant_node)
+            path = unique_attr(gm, f"fxq_add_{node.name}")
+            install_submodule(
+                gm, path, DequantizeAdd(dequant.label, dequant.scale, dequant.zero_point, dequant.post_scale)
+            )
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(path, (node.args[1 - index], dequant_node.args[0]))
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            for dead in (node, *chain, dequant_node):
+                gm.graph.erase_node(dead)
+            done.append(f"{node.name}: + {dequant.label} codes")
+            break
+    return done
+
+
+def fuse_elementwise(gm: fx.GraphModule, points: Iterable[LoweredPoint]) -> list[str]:
+    """``fuse_code_luts`` then ``fuse_dequantize_adds``; what each did."""
+    luts = [f"code table: {r}" for r in fuse_code_luts(gm, points)]
+    return luts + [f"dequantize fused into the add: {r}" for r in fuse_dequantize_adds(gm)]

@@ -14,6 +14,7 @@ from typing import Mapping
 from fxquant.runtime import (  # noqa: F401  (imported for their @savable registrations)
     code_lut,
     fake_quant,
+    fast_codes,
     float_point,
     hadamard,
     int_attention,

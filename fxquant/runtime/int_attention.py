@@ -222,6 +222,7 @@ _FAKES = {
         x.shape, dtype=torch.uint8 if out_uint8 else torch.int8
     ),
     "dequantize_rows": lambda codes, scale, zero, post_scale: codes.new_empty(codes.shape, dtype=torch.float32),
+    "dequantize_add": lambda x, codes, scale, zero, post_scale: x.new_empty(x.shape),
     "int_attention_lis": lambda q, kt, v, consts, qmin, qmax, table, vs, vz, bits, shift, renorm: q.new_empty(
         (q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=torch.float32
     ),

@@ -244,6 +244,46 @@ at::Tensor dequantize_rows(const at::Tensor& codes, const at::Tensor& scale, con
   return out;
 }
 
+// x + DequantizeCodes(codes): the float32 operations of dequantize_codes, then the add, in one
+// pass (a residual add reading a point's codes). x float32 with the codes' shape.
+at::Tensor dequantize_add(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                          const at::Tensor& zero, double post_scale) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.sizes() == codes.sizes(),
+              "fxquant::dequantize_add: x must be float32 CPU with the codes' shape");
+  TORCH_CHECK(codes.scalar_type() == at::kChar || codes.scalar_type() == at::kByte,
+              "fxquant::dequantize_add: codes must be int8 or uint8, got ", codes.scalar_type());
+  check_params(codes, scale, zero, "dequantize_add");
+  const at::Tensor in = codes.contiguous(), xs = x.contiguous(), sc = scale.contiguous(), zp = zero.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const int64_t n = in.numel(), k = sc.size(0);
+  if (n == 0) {
+    return out;
+  }
+  const bool is_uint8 = codes.scalar_type() == at::kByte, scaled = post_scale != 1.0;
+  const uint8_t* src = static_cast<const uint8_t*>(in.data_ptr());
+  const float *xp = xs.data_ptr<float>(), *sp = sc.data_ptr<float>(), *zpp = zp.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const float post = static_cast<float>(post_scale);
+  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+    if (k == 1) {
+      const float s = sp[0], z = zpp[0];
+      for (int64_t i = begin; i < end; ++i) {
+        const float code = is_uint8 ? static_cast<float>(src[i]) : static_cast<float>(static_cast<int8_t>(src[i]));
+        const float y = (code - z) * s;
+        dst[i] = xp[i] + (scaled ? y * post : y);
+      }
+    } else {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t c = i % k;
+        const float code = is_uint8 ? static_cast<float>(src[i]) : static_cast<float>(static_cast<int8_t>(src[i]));
+        const float y = (code - zpp[c]) * sp[c];
+        dst[i] = xp[i] + (scaled ? y * post : y);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fxquant_kernels, m) {
@@ -253,6 +293,7 @@ TORCH_LIBRARY_FRAGMENT(fxquant_kernels, m) {
   m.def("code_lut(Tensor codes, Tensor table, bool out_uint8) -> Tensor");
   m.def("quantize_rows(Tensor x, Tensor scale, Tensor zero, int qmin, int qmax, bool out_uint8) -> Tensor");
   m.def("dequantize_rows(Tensor codes, Tensor scale, Tensor zero, float post_scale) -> Tensor");
+  m.def("dequantize_add(Tensor x, Tensor codes, Tensor scale, Tensor zero, float post_scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fxquant_kernels, CPU, m) {
@@ -260,4 +301,5 @@ TORCH_LIBRARY_IMPL(fxquant_kernels, CPU, m) {
   m.impl("code_lut", &code_lut);
   m.impl("quantize_rows", &quantize_rows);
   m.impl("dequantize_rows", &dequantize_rows);
+  m.impl("dequantize_add", &dequantize_add);
 }
