@@ -230,11 +230,12 @@ _FAKES = {
 
 
 def _registered() -> bool:
+    """Every op of the extension is registered (a library from older sources, loaded earlier in
+    this process, lacks the newer ones: not ready)."""
     try:
-        torch.ops.fxquant_kernels.int_attention  # noqa: B018 - the attribute lookup raises when not registered
-    except (AttributeError, RuntimeError):
+        return all(hasattr(torch.ops.fxquant_kernels, name) for name in ("int_attention", *_FAKES))
+    except RuntimeError:
         return False
-    return True
 
 
 def _cause(exc: Exception) -> str:
