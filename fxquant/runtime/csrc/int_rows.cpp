@@ -156,6 +156,28 @@ void check_params(const at::Tensor& x, const at::Tensor& scale, const at::Tensor
   }
 }
 
+// clamp(round(x / s) + z, lo, hi) for n values; locals and restrict pointers so that it vectorizes
+// (a uint8 store may alias anything, so values read through captured references would be re-read).
+inline void quantize_span(const float* __restrict src, uint8_t* __restrict dst, int64_t n, float s, float z, float lo,
+                          float hi) {
+  for (int64_t i = 0; i < n; ++i) {
+    float y = std::rint(src[i] / s) + z;
+    y = y < lo ? lo : y;
+    y = y > hi ? hi : y;
+    dst[i] = static_cast<uint8_t>(static_cast<int32_t>(y));
+  }
+}
+
+inline void quantize_channels(const float* __restrict src, uint8_t* __restrict dst, int64_t k,
+                              const float* __restrict sp, const float* __restrict zp, float lo, float hi) {
+  for (int64_t c = 0; c < k; ++c) {
+    float y = std::rint(src[c] / sp[c]) + zp[c];
+    y = y < lo ? lo : y;
+    y = y > hi ? hi : y;
+    dst[c] = static_cast<uint8_t>(static_cast<int32_t>(y));
+  }
+}
+
 // QuantizeCodes: clamp(round_half_even(x / scale) + zero_point, qmin, qmax) in float32, as
 // fxquant.runtime.integer.quantize_codes; one pass.
 at::Tensor quantize_rows(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero, int64_t qmin,
@@ -173,27 +195,15 @@ at::Tensor quantize_rows(const at::Tensor& x, const at::Tensor& scale, const at:
   const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
   if (k == 1) {  // one scale: a flat loop
     const float s = sp[0], z = zpp[0];
-    at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {  // vectorizes: division, rint, selects
-        float y = std::rint(src[i] / s) + z;
-        y = y < lo ? lo : y;
-        y = y > hi ? hi : y;
-        dst[i] = static_cast<uint8_t>(static_cast<int32_t>(y));
-      }
+    at::parallel_for(0, n, 16384, [=](int64_t begin, int64_t end) {
+      quantize_span(src + begin, dst + begin, end - begin, s, z, lo, hi);
     });
     return out;
   }
   const int64_t rows = n / k;
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float* row = src + r * k;
-      uint8_t* o = dst + r * k;
-      for (int64_t c = 0; c < k; ++c) {
-        float y = std::rint(row[c] / sp[c]) + zpp[c];
-        y = y < lo ? lo : y;
-        y = y > hi ? hi : y;
-        o[c] = static_cast<uint8_t>(static_cast<int32_t>(y));
-      }
+      quantize_channels(src + r * k, dst + r * k, k, sp, zpp, lo, hi);
     }
   });
   return out;
@@ -220,7 +230,7 @@ at::Tensor dequantize_rows(const at::Tensor& codes, const at::Tensor& scale, con
   const bool scaled = post_scale != 1.0;
   if (k == 1) {  // one scale: a flat loop
     const float s = sp[0], z = zpp[0];
-    at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, 16384, [=](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const float code = is_uint8 ? static_cast<float>(src[i]) : static_cast<float>(static_cast<int8_t>(src[i]));
         const float y = (code - z) * s;
@@ -264,7 +274,7 @@ at::Tensor dequantize_add(const at::Tensor& x, const at::Tensor& codes, const at
   const float *xp = xs.data_ptr<float>(), *sp = sc.data_ptr<float>(), *zpp = zp.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   const float post = static_cast<float>(post_scale);
-  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, 16384, [=](int64_t begin, int64_t end) {
     if (k == 1) {
       const float s = sp[0], z = zpp[0];
       for (int64_t i = begin; i < end; ++i) {
