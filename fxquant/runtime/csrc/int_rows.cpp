@@ -66,7 +66,7 @@ at::Tensor ptf_layernorm(const at::Tensor& codes, const at::Tensor& alpha, int64
   const double sigma_scale = static_cast<double>(int64_t{1} << sigma_bits);
   constexpr int64_t kShift = 24;  // fxquant.quant.ptf.DYADIC_SHIFT
   const int64_t half = int64_t{1} << (kShift - 1);
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, 16, [=](int64_t begin, int64_t end) {
     std::vector<int64_t> z(channels);
     for (int64_t r = begin; r < end; ++r) {
       const uint8_t* row = src + r * channels;
@@ -129,14 +129,14 @@ at::Tensor code_lut(const at::Tensor& codes, const at::Tensor& table, bool out_u
   const uint8_t* tp = tab.data_ptr<uint8_t>();
   uint8_t* dst = static_cast<uint8_t*>(out.data_ptr());
   if (tables == 1) {
-    at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, 1 << 14, [=](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         dst[i] = tp[src[i]];
       }
     });
   } else {
     const int64_t rows = channels == 0 ? 0 : n / channels;
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, 64, [=](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         for (int64_t c = 0; c < channels; ++c) {
           dst[r * channels + c] = tp[c * 256 + src[r * channels + c]];
@@ -201,7 +201,7 @@ at::Tensor quantize_rows(const at::Tensor& x, const at::Tensor& scale, const at:
     return out;
   }
   const int64_t rows = n / k;
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [=](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       quantize_channels(src + r * k, dst + r * k, k, sp, zpp, lo, hi);
     }
@@ -240,7 +240,7 @@ at::Tensor dequantize_rows(const at::Tensor& codes, const at::Tensor& scale, con
     return out;
   }
   const int64_t rows = n / k;
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [=](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const uint8_t* row = src + r * k;
       float* o = dst + r * k;
