@@ -17,7 +17,12 @@ already made a ``LisShiftMatmul``; a node with a second reader) leaves that atte
 is. Where the kernel cannot be built (no C++ compiler), nothing is fused and the report
 says why.
 
-Not bit-exact: the softmax and attn@V round differently in float32 (the score codes are
+With log2 probabilities (``fqvit_w8a8``, ``int8_all``), ``IntMatmul -> DequantizeCodes ->
+[no-mask adds] -> LisShiftMatmul(scores, v codes)`` becomes ``IntLisAttention(q, kT, v codes)``
+(``fxquant.runtime.int_lis_attention``) where the Log-Int-Softmax grid is the scores'
+dequantization scale: bit-exact (its score codes stay inside the kernel too).
+
+Not bit-exact (the float softmax): the softmax and attn@V round differently in float32 (the score codes are
 computed with the same arithmetic), so the next point's codes can differ by one step where
 a value lies within float32 rounding of a step boundary. The score point's codes stay
 inside the kernel: the code comparison with the fake-quant graph, which ``fxquant.compile``
@@ -47,8 +52,10 @@ from fxquant.runtime.int_attention import (
     needs_build,
     per_head,
 )
+from fxquant.runtime.int_lis_attention import IntLisAttention
 from fxquant.runtime.int_modules import DequantizeCodes, IntMatmul
 from fxquant.runtime.integer import UINT8_OFFSET
+from fxquant.runtime.log_int_softmax import LisShiftMatmul, lis_kernel_constants
 
 
 def _timm_attention_helper(node: fx.Node, name: str) -> bool:
@@ -156,6 +163,78 @@ def _match(gm: fx.GraphModule, scores: fx.Node) -> tuple[Optional[_Match], str]:
     return _Match(scores, dequant, chain, matmul, v_dequant), ""
 
 
+def _match_lis(gm: fx.GraphModule, scores: fx.Node) -> tuple[Optional[_Match], str]:
+    """IntMatmul -> DequantizeCodes -> [no-mask adds] -> LisShiftMatmul(scores, v codes), each
+    read only by the next, with the scores' LIS grid equal to their dequantization scale (then
+    the gaps to a row's largest score are those of the codes)."""
+    module = submodule(gm, scores)
+    dequant = single_user(scores)
+    dq = submodule(gm, dequant) if dequant is not None else None
+    if not isinstance(dq, DequantizeCodes):
+        return None, ""  # not this pattern: the float-softmax match says why
+    chain, node = [], dequant
+    while True:
+        nxt = _next_in_chain(node)
+        if nxt is None or not (nxt.args and nxt.args[0] is node):
+            return None, ""
+        if not _is_no_mask(nxt):
+            break
+        chain.append(nxt)
+        node = nxt
+    lis = submodule(gm, nxt)
+    if not isinstance(lis, LisShiftMatmul):
+        return None, ""
+    if not module.requantizes or not module.float_requant:
+        return None, "the scores are not requantized to codes with float32 scales"
+    if dq.fused_affine or dq.post_scale != 1.0:
+        return None, "the score codes are not read by one plain dequantization only"
+    operands = (scores.args[0], scores.args[1], nxt.args[1])
+    shapes = [shape_of(n) if isinstance(n, fx.Node) else None for n in operands]
+    if any(shape is None or len(shape) != 4 for shape in shapes):
+        return None, "the operands' shapes are unknown or not 4-d (batch, head, rows, cols)"
+    heads = shapes[0][1]
+    try:
+        grid, scale = per_head(lis.lis_scale, heads, "LIS grid"), per_head(dq.scale, heads, "score scale")
+    except ValueError as exc:
+        return None, str(exc)
+    if not torch.equal(grid.expand(max(grid.numel(), scale.numel())), scale.expand(max(grid.numel(), scale.numel()))):
+        return None, "the Log-Int-Softmax grid is not the scores' dequantization scale"
+    return _Match(scores, dequant, chain, nxt, nxt.args[1]), ""
+
+
+def _lis_module(match: _Match, gm: fx.GraphModule) -> IntLisAttention:
+    scores: IntMatmul = submodule(gm, match.scores)
+    lis: LisShiftMatmul = submodule(gm, match.matmul)
+    where = str(match.scores.target)
+    columns = [
+        per_head(scores.a_zero_point + (UINT8_OFFSET if scores.a_uint8 else 0), None, f"{where}: q zero point"),
+        per_head(scores.b_zero_point + (UINT8_OFFSET if scores.b_uint8 else 0), None, f"{where}: k zero point"),
+        per_head(scores.float_multiplier, None, f"{where}: score multiplier"),
+        per_head(scores.float_zero_point, None, f"{where}: score zero point"),
+    ]
+    heads = max(c.numel() for c in columns)
+    if any(c.numel() not in (1, heads) for c in columns):
+        raise ValueError(f"{where}: the per-head constants disagree on the number of heads")
+    v_zero = lis.v_zero_point + (UINT8_OFFSET if lis.v_uint8 else 0)
+    shape_q, shape_v = shape_of(match.scores.args[0]), shape_of(match.v_dequant)
+    if lis_kernel_constants(lis.lis_scale, lis.bits, lis.v_scale, v_zero, shape_q[1], shape_v[-1]) is None:
+        raise ValueError(f"{where}: the Log-Int-Softmax constants do not fit the kernel (see lis_kernel_constants)")
+    constants = torch.stack([c.expand(heads) for c in columns], dim=1)
+    label = scores.label or where
+    return IntLisAttention(
+        constants,
+        scores.qmin,
+        scores.qmax,
+        lis.lis_scale,
+        lis.bits,
+        lis.renormalize,
+        lis.v_scale,
+        v_zero,
+        lis.max_shift,
+        label=label,
+    )
+
+
 def _head_constants(match: _Match, gm: fx.GraphModule) -> torch.Tensor:
     scores: IntMatmul = submodule(gm, match.scores)
     dq: DequantizeCodes = submodule(gm, match.dequant)
@@ -198,15 +277,17 @@ class FuseIntAttention(Pass):
         matches, skipped = [], {}
         for node in candidates:
             match, why = _match(gm, node)
-            if match is None:
-                skipped[node.name] = why
-                continue
             try:
-                constants = _head_constants(match, gm)
+                if match is not None:
+                    matches.append((match, _head_constants(match, gm)))
+                    continue
+                lis_match, lis_why = _match_lis(gm, node)
+                if lis_match is not None:
+                    matches.append((lis_match, _lis_module(lis_match, gm)))
+                    continue
+                skipped[node.name] = lis_why or why
             except ValueError as exc:
                 skipped[node.name] = str(exc)
-                continue
-            matches.append((match, constants))
         if matches and ctx.progress and needs_build():
             print(
                 "fuse_int_attention: compiling the fused attention kernel "
@@ -233,12 +314,16 @@ class FuseIntAttention(Pass):
         return gm
 
     @staticmethod
-    def _fuse(gm: fx.GraphModule, match: _Match, constants: torch.Tensor) -> None:
+    def _fuse(gm: fx.GraphModule, match: _Match, constants) -> None:
         scores: IntMatmul = submodule(gm, match.scores)
         label = scores.label or str(match.scores.target)
         path = unique_attr(gm, f"fxq_{match.matmul.name}_attention")
-        install_submodule(gm, path, IntAttention(constants, scores.qmin, scores.qmax, label=label))
-        v_codes = match.v_dequant.args[0]
+        if isinstance(constants, IntLisAttention):  # the matmul is the LisShiftMatmul, "v_dequant" its V codes
+            install_submodule(gm, path, constants)
+            v_codes = match.v_dequant
+        else:
+            install_submodule(gm, path, IntAttention(constants, scores.qmin, scores.qmax, label=label))
+            v_codes = match.v_dequant.args[0]
         q, kt = match.scores.args[0], match.scores.args[1]
         with gm.graph.inserting_before(match.matmul):
             fused = gm.graph.call_module(path, (q, kt, v_codes))
@@ -255,7 +340,7 @@ class FuseIntAttention(Pass):
 
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         for node in gm.graph.nodes:
-            if isinstance(submodule(gm, node), IntAttention) and CODES_OF in node.meta:
+            if isinstance(submodule(gm, node), (IntAttention, IntLisAttention)) and CODES_OF in node.meta:
                 raise NodeError(node.name, "a fused attention node cannot stand for a point's codes")
 
 

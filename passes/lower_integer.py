@@ -13,7 +13,7 @@ followed by ``DequantizeCodes`` (the explicit way back to float). Then:
    Q/K/V linears -> their head-wise points, q @ kT -> the score point.
 4. A LayerNorm between a PTF input point (FQ-ViT's power-of-two factors) and one per-tensor
    output point becomes an ``IntLayerNorm``: codes in and out (``fxquant.quant.ptf``).
-5. Log-Int-Softmax followed by attn@V on a point's codes becomes one ``LisShiftMatmul``.
+5. LIS + attn@V: one ``LisShiftMatmul``; GELU between points: ``CodeLut``; residual add: ``DequantizeAdd``.
 6. A ``DequantizeCodes`` that no float op reads any more is dropped.
 7. A per-sample guard makes a sample whose input holds a NaN or an inf NaN in every output,
    as in FP32 (``fxquant.lowering.nonfinite``).
@@ -55,6 +55,7 @@ from fxquant.lowering.code_chains import (
     selection_to_point,
     trace_back,
 )
+from fxquant.lowering.code_luts import fuse_elementwise
 from fxquant.lowering.nonfinite import guard_nonfinite
 from fxquant.quant.ptf import ptf_layernorm_constants
 from fxquant.runtime.fake_quant import QUANTIZED_WEIGHT_TYPES, FakeQuantize, ObserverModule, QuantLinear
@@ -94,6 +95,7 @@ class _Lowering:
             self._fuse_requantization(node)
         read_shapes_from_codes(self.result.points.values(), self.copies)
         self.result.fused_dequantize = fuse_softmax_dequantize(self.gm, self.result.points.values())
+        self.result.code_luts = fuse_elementwise(self.gm, self.result.points.values())  # GELU tables, adds
         remove_dead_nodes(self.graph)
         self.gm.delete_all_unused_submodules()
         self.result.float_boundaries = float_boundaries(self.graph, self.result.points.values())
@@ -382,6 +384,7 @@ class LowerInteger(Pass):
         ctx.note(
             *(f"integer LayerNorm: {r}" for r in result.int_layernorms),
             *(f"attn@V by shifts: {r}" for r in result.shift_matmuls),
+            *(f"elementwise: {r}" for r in result.code_luts),
             *(f"requantized: {r}" for r in result.requantized),
             *result.float_boundaries,
         )

@@ -9,7 +9,7 @@ and that point's quantization in its epilogue.
 
 oneDNN's fast path needs **uint8** activations, so the codes feeding converted Linears are
 emitted as ``int8 code + 128``: a *code group* is one producer of codes (a
-``QuantizeCodes``, an ``IntLayerNorm``, or a Linear that requantizes) with every node that
+``QuantizeCodes``, an ``IntLayerNorm``, a ``CodeLut`` or a Linear that requantizes) with every node that
 only moves its elements (reshape, permute, getitem, dropout, Swin's roll and padding); the
 group switches to uint8 when every reader of it is a converted Linear, a
 ``DequantizeCodes`` (its zero point moves by 128), an integer matmul, the V operand of a
@@ -43,6 +43,8 @@ from fxquant.ir.graph_utils import install_submodule, remove_dead_nodes
 from fxquant.ir.meta import CODES_OF
 from fxquant.ir.patterns import single_user, submodule
 from fxquant.lowering.code_chains import drop_origin, moves_elements, reads_shape
+from fxquant.runtime.code_lut import CodeLut
+from fxquant.runtime.fast_codes import DequantizeAdd
 from fxquant.runtime.int_layernorm import IntLayerNorm
 from fxquant.runtime.int_modules import (
     DequantizeCodes,
@@ -119,7 +121,7 @@ class _Conversion:
         self.kept: dict[str, str] = {}  # linear node name -> why it stays portable
         for node in self.graph.nodes:
             module = submodule(gm, node)
-            if isinstance(module, (QuantizeCodes, IntLayerNorm)) or (
+            if isinstance(module, (QuantizeCodes, IntLayerNorm, CodeLut)) or (
                 isinstance(module, IntLinear) and module.requantizes
             ):
                 group = _Group(gm, node)
@@ -135,7 +137,9 @@ class _Conversion:
     def _readers_take_uint8(self, group: _Group, chosen: set) -> Optional[str]:
         for reader in group.readers:
             module = submodule(self.gm, reader)
-            if reader in chosen or reads_shape(reader) or isinstance(module, (DequantizeCodes, IntMatmul)):
+            if reader in chosen or reads_shape(reader) or isinstance(module, (DequantizeCodes, IntMatmul, CodeLut)):
+                continue
+            if isinstance(module, DequantizeAdd) and reader.args[0] not in group.members:  # the codes operand
                 continue
             if isinstance(module, _SHIFT_MATMULS) and reader.args[0] not in group.members:  # V only
                 continue
@@ -164,7 +168,9 @@ class _Conversion:
         root_module = submodule(self.gm, group.root)
         if isinstance(root_module, IntLinear) and group.root not in chosen:
             return f"the Linear producing its input ({group.root.name}) stays portable"
-        if isinstance(root_module, (QuantizeCodes, IntLayerNorm)) and (root_module.qmin, root_module.qmax) != _INT8:
+        if isinstance(root_module, (QuantizeCodes, IntLayerNorm, CodeLut)) and (
+            (root_module.qmin, root_module.qmax) != _INT8
+        ):
             return "its input point is narrower than 8 bits"
         reason = self._readers_take_uint8(group, chosen)
         if reason:
@@ -252,7 +258,7 @@ class _Conversion:
         """Every code of the group becomes uint8: producer, readers and the diff's meta."""
         group = self.groups[root]
         module = submodule(self.gm, root)
-        if isinstance(module, (QuantizeCodes, IntLayerNorm)):
+        if isinstance(module, (QuantizeCodes, IntLayerNorm, CodeLut)):
             module.to_uint8()
         members = set(group.members)
         for member in group.members:
@@ -260,9 +266,9 @@ class _Conversion:
                 _shift_pad_value(member)
         for reader in group.readers:
             reader_module = submodule(self.gm, reader)
-            if isinstance(reader_module, DequantizeCodes):
+            if isinstance(reader_module, (DequantizeCodes, DequantizeAdd)):
                 reader_module.to_uint8()
-            elif isinstance(reader_module, (IntMatmul, *_SHIFT_MATMULS)):
+            elif isinstance(reader_module, (IntMatmul, *_SHIFT_MATMULS, CodeLut)):
                 for index, arg in enumerate(reader.args[:2]):
                     if arg in members:
                         reader_module.input_to_uint8(index)

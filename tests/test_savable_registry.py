@@ -88,9 +88,11 @@ def _compile_variants() -> list[tuple[str, dict]]:
         ),
         ("fake fqvit_w8a8 log_adaptive", dict(qconfig=_fqvit_softmax("log_adaptive", 4))),
         ("int fqvit_w8a8 log_sqrt2", dict(qconfig=_fqvit_softmax("log_sqrt2", 8), backend="int")),
+        ("int int8_all", dict(qconfig="int8_all", backend="int")),  # CodeLut: GELU between two points
     ]
     if onednn_available():
         variants.append(("int w8a8 onednn", dict(qconfig="w8a8", backend="int", int_kernels="onednn")))
+        variants.append(("int fqvit_w8a8 onednn", dict(qconfig="fqvit_w8a8", backend="int", int_kernels="onednn")))
     return variants
 
 
@@ -105,7 +107,7 @@ def compiled_variants():
 def _expected_types() -> set[str]:
     expected = set(catalog.registered())
     if not onednn_available():
-        expected -= {"fxquant.OnednnLinear", "fxquant.IntAttention"}
+        expected -= {"fxquant.OnednnLinear", "fxquant.IntAttention", "fxquant.IntLisAttention"}
     elif not (load_kernel() and kernel_ready()):  # no C++ toolchain: attention stays unfused
         expected -= {"fxquant.IntAttention"}
     return expected

@@ -67,6 +67,7 @@ class IntegerLowering:
     int_matmuls: list[str] = field(default_factory=list)
     int_layernorms: list[str] = field(default_factory=list)
     shift_matmuls: list[str] = field(default_factory=list)  # Log-Int-Softmax + attn@V by shifts
+    code_luts: list[str] = field(default_factory=list)  # activations between points as code tables
     fused_dequantize: list[str] = field(default_factory=list)  # points dequantized by one multiply-add
     requantized: list[str] = field(default_factory=list)  # "op -> point" fused requantizations
     float_points: list[str] = field(default_factory=list)

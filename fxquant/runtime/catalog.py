@@ -12,11 +12,14 @@ from __future__ import annotations
 from typing import Mapping
 
 from fxquant.runtime import (  # noqa: F401  (imported for their @savable registrations)
+    code_lut,
     fake_quant,
+    fast_codes,
     float_point,
     hadamard,
     int_attention,
     int_layernorm,
+    int_lis_attention,
     int_modules,
     log_base_softmax,
     log_int_softmax,

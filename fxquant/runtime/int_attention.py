@@ -56,10 +56,15 @@ __all__ = [
     "CONSTANTS",
 ]
 
-_SOURCE = Path(__file__).with_name("csrc") / "int_attention.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+# one extension, fxquant_kernels: the fused attention, Log-Int-Softmax + attn@V
+# (log_int_softmax.LisShiftMatmul), integer LayerNorm and code lookup tables
+# (int_layernorm.IntLayerNorm, int_layernorm.CodeLut)
+_SOURCES = [_CSRC / "int_attention.cpp", _CSRC / "lis_matmul.cpp", _CSRC / "int_rows.cpp"]
 # IEEE-preserving flags only: -fno-math-errno and -fno-trapping-math let rint and the
-# selects vectorize without changing a result; no -ffast-math (the float sums would reorder)
-_CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+# selects vectorize without changing a result; no -ffast-math (the float sums would reorder);
+# -ffp-contract=off: no fused multiply-add where the torch reference rounds the product
+_CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]  # at::parallel_for is OpenMP in torch's CPU builds: without it the kernel runs on one thread
 
 # per-head constants of the kernel, in this order (columns of IntAttention.head_constants)
@@ -175,7 +180,8 @@ def load_kernel(retry: bool = False) -> bool:
             _Kernel.attempts += 1
             _Kernel.failed_at, _Kernel.failed_env = time.monotonic(), environment
             _Kernel.error = (
-                f"building fxquant/runtime/csrc/int_attention.cpp failed (attempt {_Kernel.attempts}; retried "
+                f"building fxquant/runtime/csrc/ (the fxquant_kernels extension) failed "
+                f"(attempt {_Kernel.attempts}; retried "
                 f"when the compiler setup changes, after {retry_delay(_Kernel.attempts):.0f} s, or by "
                 f"load_kernel(retry=True)): {type(exc).__name__}: {_cause(exc)}"
             )
@@ -190,21 +196,46 @@ def _build() -> None:
 
     load(
         name=_extension_name(),
-        sources=[str(_SOURCE)],
+        sources=[str(source) for source in _SOURCES],
         extra_cflags=_CFLAGS + ["-march=native"],
         extra_ldflags=_LDFLAGS,
         is_python_module=False,
         verbose=False,
     )
     torch.library.register_fake("fxquant_kernels::int_attention")(_int_attention_shape)
+    for name, shape in _FAKES.items():
+        torch.library.register_fake(f"fxquant_kernels::{name}")(shape)
+
+
+# shape functions of the other ops in the extension (torch.compile traces them with these)
+_FAKES = {
+    "lis_shift_matmul": lambda scores, v, grid, table, v_scale, v_zero, bits, max_shift, renormalize: scores.new_empty(
+        (*scores.shape[:3], v.shape[3])
+    ),
+    "ptf_layernorm": lambda codes, alpha, zp, eps, sb, wu, off, ozp, qmin, qmax, out_uint8: codes.new_empty(
+        codes.shape, dtype=torch.uint8 if out_uint8 else torch.int8
+    ),
+    "code_lut": lambda codes, table, out_uint8: codes.new_empty(
+        codes.shape, dtype=torch.uint8 if out_uint8 else torch.int8
+    ),
+    "quantize_rows": lambda x, scale, zero, qmin, qmax, out_uint8: x.new_empty(
+        x.shape, dtype=torch.uint8 if out_uint8 else torch.int8
+    ),
+    "dequantize_rows": lambda codes, scale, zero, post_scale: codes.new_empty(codes.shape, dtype=torch.float32),
+    "dequantize_add": lambda x, codes, scale, zero, post_scale: x.new_empty(x.shape),
+    "int_attention_lis": lambda q, kt, v, consts, qmin, qmax, table, vs, vz, bits, shift, renorm: q.new_empty(
+        (q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=torch.float32
+    ),
+}
 
 
 def _registered() -> bool:
+    """Every op of the extension is registered (a library from older sources, loaded earlier in
+    this process, lacks the newer ones: not ready)."""
     try:
-        torch.ops.fxquant_kernels.int_attention  # noqa: B018 - the attribute lookup raises when not registered
-    except (AttributeError, RuntimeError):
+        return all(hasattr(torch.ops.fxquant_kernels, name) for name in ("int_attention", *_FAKES))
+    except RuntimeError:
         return False
-    return True
 
 
 def _cause(exc: Exception) -> str:

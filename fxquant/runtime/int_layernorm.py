@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fxquant.quant.ptf import ptf_layernorm_codes
+from fxquant.runtime.int_attention import kernel_ready, load_kernel
 from fxquant.runtime.integer import UINT8_OFFSET
 from fxquant.runtime.savable import Schema, TensorRule, savable
 
@@ -56,6 +57,29 @@ class IntLayerNorm(nn.Module):
         self.qmin, self.qmax, self.codes_dtype = self.qmin + UINT8_OFFSET, self.qmax + UINT8_OFFSET, "uint8"
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        if codes.device.type == "cpu" and self._kernel():
+            return torch.ops.fxquant_kernels.ptf_layernorm(
+                codes,
+                self.alpha,
+                self.in_zero_point,
+                self.eps_int,
+                self.sigma_bits,
+                self.weight_units,
+                self.offset,
+                self.out_zero_point,
+                self.qmin,
+                self.qmax,
+                self.codes_dtype == "uint8",
+            )
+        return self.reference(codes)
+
+    def _kernel(self) -> bool:
+        """The C++ kernel (``fxquant/runtime/csrc/int_rows.cpp``: one pass per row, the same
+        integers and float64 roundings as ``reference``) is built."""
+        return kernel_ready() or (not torch.compiler.is_compiling() and load_kernel())
+
+    def reference(self, codes: torch.Tensor) -> torch.Tensor:
+        """The torch arithmetic (``fxquant.quant.ptf.ptf_layernorm_codes``, int64 ops)."""
         out = ptf_layernorm_codes(
             codes,
             self.alpha,

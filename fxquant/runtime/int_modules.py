@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fxquant.runtime.fast_codes import fast_dequantize, fast_quantize
 from fxquant.runtime.int4_weights import WEIGHT_TENSORS, PackedWeight
 from fxquant.runtime.integer import (
     UINT8_OFFSET,
@@ -65,7 +66,8 @@ class QuantizeCodes(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.uint8 if self.codes_dtype == "uint8" else torch.int8
-        return quantize_codes(x, self.scale, self.zero_point, self.qmin, self.qmax, dtype)
+        fast = fast_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, dtype)  # one C++ pass, same codes
+        return fast if fast is not None else quantize_codes(x, self.scale, self.zero_point, self.qmin, self.qmax, dtype)
 
     def extra_repr(self) -> str:
         return f"{self.label} -> {self.codes_dtype} codes [{self.qmin}, {self.qmax}]"
@@ -115,7 +117,8 @@ class DequantizeCodes(nn.Module):
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         if self.fused_affine:
             return torch.addcmul(self.affine_bias, codes.to(torch.float32), self.affine_scale)
-        return dequantize_codes(codes, self.scale, self.zero_point, self.post_scale)
+        fast = fast_dequantize(codes, self.scale, self.zero_point, self.post_scale)  # one C++ pass, same values
+        return fast if fast is not None else dequantize_codes(codes, self.scale, self.zero_point, self.post_scale)
 
     def extra_repr(self) -> str:
         fused = ", one multiply-add" if self.fused_affine else ""

@@ -28,13 +28,26 @@ difference is the single value ``2**-qmax``).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
+from fxquant.runtime.int_attention import kernel_ready, load_kernel
 from fxquant.runtime.integer import UINT8_OFFSET
 from fxquant.runtime.savable import POINT, Schema, TensorRule, savable
 
-__all__ = ["i_exp", "nearest_power_code", "refine_shift", "lis_codes", "lis_values", "LogIntSoftmax"]
+__all__ = [
+    "i_exp",
+    "nearest_power_code",
+    "refine_shift",
+    "lis_codes",
+    "lis_values",
+    "lis_shift_reference",
+    "lis_kernel_constants",
+    "LogIntSoftmax",
+    "LisShiftMatmul",
+]
 
 _COEF = (0.35815147, 0.96963238, 1.0)  # I-BERT's second-order fit of exp on (-ln2, 0]
 _LN2 = 0.6931
@@ -145,6 +158,66 @@ class LogIntSoftmax(nn.Module):
         return f"log2 {self.bits}-bit probabilities, integer exp, scores scale={shown}"
 
 
+def lis_shift_reference(
+    scores: torch.Tensor,
+    v_codes: torch.Tensor,
+    lis_scale: torch.Tensor,
+    bits: int,
+    renormalize: bool,
+    v_scale: torch.Tensor,
+    v_zero_point: torch.Tensor,
+    max_shift: int,
+) -> torch.Tensor:
+    """``LisShiftMatmul``'s arithmetic in torch (``v_zero_point`` in the domain of ``v_codes``)."""
+    m = lis_codes(scores, lis_scale, bits, -1)
+    qmax = 2**bits - 1
+    powers = torch.where((m <= max_shift) & (m < qmax), torch.pow(2.0, max_shift - m), torch.zeros_like(m))
+    acc = torch.matmul(powers, v_codes.to(torch.float64) - v_zero_point)
+    if renormalize:
+        out = acc * v_scale / powers.sum(-1, keepdim=True)
+    else:
+        out = acc * (v_scale * 2.0**-max_shift)
+    return out.to(scores.dtype)
+
+
+_MAX_TABLE = 1 << 20  # exp table entries per head (score grids finer than ~2e-5 keep the torch path)
+
+
+def _per_head(value: torch.Tensor, heads: int, columns: int) -> Optional[torch.Tensor]:
+    """``value`` (broadcastable against (B, H, rows, columns)) as float64 (H, columns), or None
+    when it varies along the batch or the rows."""
+    shape = (1,) * (4 - value.dim()) + tuple(value.shape) if value.dim() <= 4 else None
+    if shape is None or shape[0] != 1 or shape[2] != 1 or shape[1] not in (1, heads) or shape[3] not in (1, columns):
+        return None
+    return value.double().reshape(shape[1], shape[3]).expand(heads, columns).contiguous()
+
+
+def lis_kernel_constants(
+    lis_scale: torch.Tensor, bits: int, v_scale: torch.Tensor, v_zero_point: torch.Tensor, heads: int, vdim: int
+) -> Optional[tuple]:
+    """(grid, exp table, V scale, V zero point) for ``fxquant_kernels::lis_shift_matmul``: per head
+    the scores' grid (float64), the reference's ``i_exp`` of ``-d`` for every gap ``d`` to the
+    row's largest score up to where i_exp clamps (``_EXP_SHIFT`` octaves), and V's constants
+    as (H, Dv). None when the constants do not take that form (scales varying along the batch or
+    the tokens, a fractional zero point, a table too long or with values above 2**53)."""
+    grid = _per_head(lis_scale, heads, 1)
+    vs, vz = _per_head(v_scale, heads, vdim), _per_head(v_zero_point, heads, vdim)
+    if grid is None or vs is None or vz is None or not bool(torch.all(vz == vz.round())):
+        return None
+    grid = grid.reshape(heads)
+    shift = refine_shift(grid)
+    fine = grid / 2.0**shift
+    x0 = torch.floor(-_LN2 / fine)  # i_exp's x0_int: it clamps at 30 * x0 on the fine grid
+    last = torch.ceil(_EXP_SHIFT * -x0 / 2.0**shift)  # the first gap d where the clamp applies
+    if not bool(torch.all(torch.isfinite(last))) or float(last.max()) >= _MAX_TABLE:
+        return None
+    gaps = torch.arange(int(last.max()) + 1, dtype=torch.float64)
+    table, _ = i_exp(-gaps[None, :] * 2.0 ** shift[:, None], fine[:, None])
+    if float(table.max()) >= 2.0**53:  # exact in float64 (the kernel checks its int64 row totals)
+        return None
+    return grid.contiguous(), table.contiguous(), vs, vz
+
+
 @savable(
     Schema(
         {"bits": int, "renormalize": bool, "max_shift": int, "label": str, "v_uint8": bool},
@@ -186,6 +259,7 @@ class LisShiftMatmul(nn.Module):
         self.register_buffer("v_zero_point", v_zero_point.to(torch.float64).clone())
 
     v_uint8 = False  # V read as uint8 codes (int8 code + 128): oneDNN graphs
+    _kernel_args = None  # (grid, exp table, V scale, V zero point) of the C++ kernel, built on first use
 
     def input_to_uint8(self, index: int) -> None:
         """Operand ``index`` arrives as uint8 codes; only V (1) holds codes."""
@@ -194,18 +268,40 @@ class LisShiftMatmul(nn.Module):
         self.v_uint8 = True
 
     def forward(self, scores: torch.Tensor, v_codes: torch.Tensor) -> torch.Tensor:
-        m = lis_codes(scores, self.lis_scale, self.bits, -1)
-        qmax = 2**self.bits - 1
-        powers = torch.where(
-            (m <= self.max_shift) & (m < qmax), torch.pow(2.0, self.max_shift - m), torch.zeros_like(m)
-        )
+        if scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.dim() == 4 and v_codes.dim() == 4:
+            key = (scores.shape[1], v_codes.shape[-1], self.v_uint8)
+            cached = self._kernel_args
+            args = cached[1] if cached is not None and cached[0] == key else self.kernel_args(key)
+            if args is not None and kernel_ready():
+                batch, heads = scores.shape[:2]  # V shared across batch or heads: stride-0 views, no copy
+                return torch.ops.fxquant_kernels.lis_shift_matmul(
+                    scores,
+                    v_codes.expand(batch, heads, -1, -1),
+                    *args,
+                    self.bits,
+                    self.max_shift,
+                    self.renormalize,
+                )
+        return self.reference(scores, v_codes)
+
+    @torch.compiler.disable
+    def kernel_args(self, key: tuple) -> Optional[tuple]:
+        """The C++ kernel's per-head constants for (heads, Dv, v_uint8), built once and kept
+        (None: no kernel here, or constants it cannot take; ``reference`` runs instead)."""
+        heads, vdim, v_uint8 = key
+        args = None
+        if load_kernel():
+            v_zero_point = self.v_zero_point + (UINT8_OFFSET if v_uint8 else 0)
+            args = lis_kernel_constants(self.lis_scale, self.bits, self.v_scale, v_zero_point, heads, vdim)
+        self._kernel_args = (key, args)
+        return args
+
+    def reference(self, scores: torch.Tensor, v_codes: torch.Tensor) -> torch.Tensor:
+        """The torch arithmetic: log2 codes, then attn@V as a float64 matmul of powers of two."""
         v_zero_point = self.v_zero_point + (UINT8_OFFSET if self.v_uint8 else 0)
-        acc = torch.matmul(powers, v_codes.to(torch.float64) - v_zero_point)
-        if self.renormalize:
-            out = acc * self.v_scale / powers.sum(-1, keepdim=True)
-        else:
-            out = acc * (self.v_scale * 2.0**-self.max_shift)
-        return out.to(scores.dtype)
+        return lis_shift_reference(
+            scores, v_codes, self.lis_scale, self.bits, self.renormalize, self.v_scale, v_zero_point, self.max_shift
+        )
 
     def extra_repr(self) -> str:
         return (

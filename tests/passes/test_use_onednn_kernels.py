@@ -24,6 +24,7 @@ from fxquant.infra.pass_manager import PassContext, PassManager
 from fxquant.ir.meta import CODES_OF
 from fxquant.runtime.int_attention import IntAttention, load_kernel
 from fxquant.runtime.int_layernorm import IntLayerNorm
+from fxquant.runtime.int_lis_attention import IntLisAttention
 from fxquant.runtime.int_modules import IntLinear, IntMatmul, QuantizeCodes
 from fxquant.runtime.log_int_softmax import LisShiftMatmul
 from fxquant.runtime.onednn import OnednnLinear, onednn_available
@@ -81,7 +82,7 @@ def test_every_linear_runs_on_onednn_under_w8a8(graphs, key):
 def test_codes_match_the_fake_quant_graph(graphs, key):
     tiny, fake, portable, onednn = graphs[key]
     rows = code_agreement(fake, onednn, tiny.inputs(), isolated=True)
-    fused = len(_modules(onednn, IntAttention))  # their score codes stay inside the kernel
+    fused = len(_modules(onednn, IntAttention)) + len(_modules(onednn, IntLisAttention))  # score codes stay inside
     assert len(rows) == len(code_agreement(fake, portable, tiny.inputs(), isolated=True)) - fused
     assert max(r.worst for r in rows) <= 1
     assert sum(r.off_by_one for r in rows) <= MAX_OFF_BY_ONE_SHARE * sum(r.codes for r in rows)
@@ -108,6 +109,7 @@ def test_fqvit_graph_runs_every_linear_on_onednn(graphs):
     norms = _modules(onednn, IntLayerNorm)
     assert norms and all(m.codes_dtype == "uint8" for name, m in norms.items() if "norm1" in name or "norm2" in name)
     assert all(m.v_uint8 for m in _modules(onednn, LisShiftMatmul).values())
+    assert all(m.v_zero_point.min() >= 0 for m in _modules(onednn, IntLisAttention).values())  # fused: uint8 V
 
 
 def test_linears_on_narrow_points_stay_portable_with_a_reason(graphs):
