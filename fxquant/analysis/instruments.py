@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import networkx as nx
 import torch.fx as fx
@@ -24,11 +25,18 @@ class Timing(Instrument):
 
 
 class NumericDiff(Instrument):
-    """Runs the graph on the diff inputs and records per-node QSNR against the reference."""
+    """Runs the graph on the diff inputs and records per-node QSNR against the reference.
 
-    def __init__(self) -> None:
+    ``only_after``: the name of the one pass after which to diff (``numeric_diff="final"``:
+    the last pass of the pipeline); ``None`` diffs after every pass. A node whose value and
+    reference are the same as after the previous diff keeps its QSNR without recomputing it
+    (most passes change a few nodes). ``record.diff_seconds``: this instrument's own time."""
+
+    def __init__(self, only_after: Optional[str] = None) -> None:
+        self.only_after = only_after
         self._ref_values = None
         self._ref_output = None
+        self._cache: dict = {}
 
     def _reference(self, ctx: PassContext):
         if self._ref_values is None:
@@ -38,15 +46,19 @@ class NumericDiff(Instrument):
         return self._ref_values, self._ref_output
 
     def run_after_pass(self, p, gm, ctx, record: PassRecord):
+        if self.only_after is not None and p.name != self.only_after:
+            return
+        start = time.perf_counter()
         ref_values, ref_output = self._reference(ctx)
         values = capture_values(gm, ctx.diff_inputs)
         out_node = next(n for n in gm.graph.nodes if n.op == "output")
         ctx.graph_output = values[out_node.name]  # a neutral pass next compares its output with this one
         # the manager ran this hook only after checking a neutral pass's output: its new nodes may be adopted
         nodes, out_db, drop = compare_graph(
-            gm, ctx.diff_inputs, ref_values, ref_output, adopt_new=p.neutral, values=values
+            gm, ctx.diff_inputs, ref_values, ref_output, adopt_new=p.neutral, values=values, cache=self._cache
         )
         record.nodes, record.output_qsnr_db, record.first_drop = nodes, out_db, drop
+        record.diff_seconds = time.perf_counter() - start
 
 
 def graph_to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
@@ -109,4 +121,6 @@ class GraphDump(Instrument):
         return stem
 
     def run_after_pass(self, p: Pass, gm, ctx, record):
+        start = time.perf_counter()
         self.dump(p.name, gm, record)
+        record.dump_seconds = time.perf_counter() - start
