@@ -10,7 +10,7 @@ from typing import Optional
 import networkx as nx
 import torch.fx as fx
 
-from fxquant.analysis.numeric_diff import capture_values, compare_graph
+from fxquant.analysis.numeric_diff import adopt_new_origins, capture_values, compare_graph, new_origins
 from fxquant.infra.pass_manager import Instrument, Pass, PassContext
 from fxquant.infra.records import PassRecord, db_for_json
 from fxquant.ir.meta import MODULE, ORIGIN, POINT, WEIGHT
@@ -47,6 +47,10 @@ class NumericDiff(Instrument):
 
     def run_after_pass(self, p, gm, ctx, record: PassRecord):
         if self.only_after is not None and p.name != self.only_after:
+            if p.neutral:  # what it created joins the reference, as it does when every pass is diffed
+                start = time.perf_counter()
+                if self._adopt(gm, ctx):
+                    record.diff_seconds = time.perf_counter() - start
             return
         start = time.perf_counter()
         ref_values, ref_output = self._reference(ctx)
@@ -59,6 +63,17 @@ class NumericDiff(Instrument):
         )
         record.nodes, record.output_qsnr_db, record.first_drop = nodes, out_db, drop
         record.diff_seconds = time.perf_counter() - start
+
+    def _adopt(self, gm, ctx: PassContext) -> bool:
+        """A neutral pass's new origins, with their values on the diff inputs, join the reference
+        (one run of the graph, only when it has such nodes: returns whether it had)."""
+        ref_values, _ = self._reference(ctx)
+        if not new_origins(gm, ref_values):
+            return False
+        values = capture_values(gm, ctx.diff_inputs)
+        ctx.graph_output = values[next(n for n in gm.graph.nodes if n.op == "output").name]
+        adopt_new_origins(gm, ref_values, values)
+        return True
 
 
 def graph_to_networkx(gm: fx.GraphModule) -> nx.DiGraph:

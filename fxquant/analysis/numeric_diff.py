@@ -53,10 +53,7 @@ def compare_graph(
     if values is None:
         values = capture_values(gm, inputs)
     if adopt_new:
-        for node in gm.graph.nodes:
-            name = node.meta.get(ORIGIN)
-            if name and name not in ref_values and node.op != "output" and ORIGIN_SLICE not in node.meta:
-                ref_values[name] = values.get(node.name)
+        adopt_new_origins(gm, ref_values, values)
     records: list[dict] = []
     by_name: dict[str, float] = {}
     output_value = None
@@ -92,6 +89,24 @@ def compare_graph(
             del cache[name]
     output_db = output_qsnr(ref_output, output_value)
     return records, output_db, first_drop(records, output_db=output_db)
+
+
+def new_origins(gm: fx.GraphModule, ref_values: dict[str, Any]) -> list[fx.Node]:
+    """The nodes whose origin the reference lacks: nodes a neutral pass created (or rescaled)."""
+    return [
+        node
+        for node in gm.graph.nodes
+        if node.meta.get(ORIGIN)
+        and node.meta[ORIGIN] not in ref_values
+        and node.op != "output"
+        and ORIGIN_SLICE not in node.meta
+    ]
+
+
+def adopt_new_origins(gm: fx.GraphModule, ref_values: dict[str, Any], values: dict[str, Any]) -> None:
+    """After a neutral pass: its new origins join the reference with their current ``values``."""
+    for node in new_origins(gm, ref_values):
+        ref_values[node.meta[ORIGIN]] = values.get(node.name)
 
 
 def _cached_qsnr(cache: Optional[dict], name: str, key: tuple, ref: torch.Tensor, value: torch.Tensor) -> float:

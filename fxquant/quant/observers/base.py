@@ -160,6 +160,11 @@ class Observer:
         self._n = 0
 
     @property
+    def axis(self) -> int | None:
+        """The axis its groups run along (None for layer-wise)."""
+        return None if self._grouping.layer_wise else self._grouping.axis
+
+    @property
     def num_updates(self) -> int:
         return self._n
 

@@ -8,7 +8,8 @@ up holding ``x / S``, where ``S`` is the per-channel smoothing scale, known only
 batch has been seen. Its observer is fed through a :class:`DeferredScale`:
 
 * :class:`ChannelRange` (a :class:`~fxquant.quant.observers.minmax.MinMaxObserver`, exactly
-  that class): keeps the running per-channel min and max of ``x``. The observer needs only
+  that class): keeps the running per-channel min and max of ``x`` (per channel and per index
+  along the observer's own axis). The observer needs only
   the per-group min/max of ``x / S``, and dividing by a positive number keeps the order (in
   float too: rounding is monotone), so ``min(x / s) = min(x) / s`` channel by channel: the
   same range as the observer fed ``x / S`` batch by batch, from a few numbers per channel.
@@ -79,8 +80,10 @@ class ChannelRange(DeferredScale):
             return
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()
-        dims = sorted(d % x.dim() for d in self.channel_dims)
-        reduce = tuple(d for d in range(x.dim()) if d not in dims)
+        kept = {d % x.dim() for d in self.channel_dims}
+        if self.observer.axis is not None and -x.dim() <= self.observer.axis < x.dim():
+            kept.add(self.observer.axis % x.dim())  # its groups must stay apart
+        reduce = tuple(d for d in range(x.dim()) if d not in kept)
         lo, hi = (
             (torch.amin(x, dim=reduce, keepdim=True), torch.amax(x, dim=reduce, keepdim=True)) if reduce else (x, x)
         )
