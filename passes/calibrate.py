@@ -46,6 +46,8 @@ class Calibrate(Pass):
                 f"calibration statistics gathered in {early.made_by}'s pass over the data ({early.batches} "
                 "batches): the data is read once"
             )
+            if distributed.is_distributed():  # each rank saw its shard: merge to the whole set's statistics
+                distributed.merge_calibration([m.observer for _, m in observers], early.batches)
             return gm
         if early is not None and early.off is not None:
             ctx.note(f"the data is read again here: {early.made_by} could not calibrate the observers ({early.off})")

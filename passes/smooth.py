@@ -301,10 +301,7 @@ class Smooth(Pass):
                 return early
             changed |= nodes
             layouts.update(_layouts(pair, pair.out))
-        early = _EarlyObservers(gm, layouts, changed)
-        if distributed.is_distributed():  # each rank's observers are merged by calibrate after its own pass
-            early.stop("distributed calibration")
-        return early
+        return _EarlyObservers(gm, layouts, changed)  # under torchrun calibrate merges them across ranks
 
     @staticmethod
     def _scale(gm, pair: _Pair, act_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
