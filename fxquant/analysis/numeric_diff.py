@@ -85,7 +85,7 @@ def compare_graph(
             }
         )
     if cache is not None:  # only this graph's nodes: a value left from an older graph is not kept alive
-        for name in [name for name in cache if name not in by_name]:
+        for name in [name for name in cache if isinstance(name, str) and name not in by_name]:
             del cache[name]
     output_db = output_qsnr(ref_output, output_value)
     return records, output_db, first_drop(records, output_db=output_db)
@@ -123,10 +123,17 @@ def _cached_qsnr(cache: Optional[dict], name: str, key: tuple, ref: torch.Tensor
             and torch.equal(hit[1], value)
         ):
             return hit[3]
-    db = fast_qsnr_db(ref, value)
+    signal = None
+    if cache is not None:  # sum(ref^2) once per reference tensor (unchanged since: same object, same version)
+        known = cache.get(("signal", key))
+        if known is not None and known[0] is ref and known[1] == _version(ref) is not None:
+            signal = known[2]
+    db, signal = fast_qsnr_db(ref, value, signal)
     version = _version(value)
     if cache is not None and version is not None:
         cache[name] = (key, value, version, db)
+        if signal is not None:
+            cache[("signal", key)] = (ref, _version(ref), signal)
     return db
 
 
@@ -138,23 +145,25 @@ def _version(value: torch.Tensor) -> Optional[int]:
         return None
 
 
-def fast_qsnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
-    """:func:`fxquant.quant.quantizers.qsnr_db`, the same number, without its two scans for
-    non-finite values: a NaN or inf in either tensor makes one of the float64 sums non-finite,
-    and then ``qsnr_db`` itself decides (as it does for a sum that overflows)."""
+def fast_qsnr_db(ref: torch.Tensor, x: torch.Tensor, signal: Optional[float] = None) -> tuple[float, Optional[float]]:
+    """(:func:`fxquant.quant.quantizers.qsnr_db`, the same number; ``sum(ref^2)``, None when not
+    finite). Without qsnr_db's two scans for non-finite values: a NaN or inf in either tensor
+    makes one of the float64 sums non-finite, and then ``qsnr_db`` itself decides (as it does
+    for a sum that overflows). ``signal``: ``sum(ref^2)`` when already known (finite)."""
     r = ref.detach().to(torch.float64)
     d = x.detach().to(device=r.device, dtype=torch.float64)
     if r.shape != d.shape:
-        return qsnr_db(ref, x)  # raises its shape error
+        return qsnr_db(ref, x), None  # raises its shape error
     noise = float(torch.sum((r - d) ** 2))
-    signal = float(torch.sum(r * r))
+    if signal is None:
+        signal = float(torch.sum(r * r))
     if not (math.isfinite(noise) and math.isfinite(signal)):
-        return qsnr_db(ref, x)
+        return qsnr_db(ref, x), (signal if math.isfinite(signal) else None)
     if noise == 0.0:
-        return float("inf")
+        return float("inf"), signal
     if signal == 0.0:
-        return float("-inf")
-    return 10.0 * math.log10(signal / noise)
+        return float("-inf"), signal
+    return 10.0 * math.log10(signal / noise), signal
 
 
 def first_drop(
