@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -54,6 +55,24 @@ def compare_graph(
         values = capture_values(gm, inputs)
     if adopt_new:
         adopt_new_origins(gm, ref_values, values)
+    with _one_thread():
+        return _compare(gm, values, ref_values, ref_output, cache)
+
+
+@contextmanager
+def _one_thread():
+    """The per-node comparison is thousands of small ops (one diff image): with several intra-op
+    threads each op waits for the others, and on a busy machine that wait (milliseconds per op)
+    costs more than the arithmetic. One thread for them, the caller's count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare(gm, values, ref_values, ref_output, cache) -> tuple[list[dict], float, Optional[dict]]:
     records: list[dict] = []
     by_name: dict[str, float] = {}
     output_value = None
