@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -51,7 +52,7 @@ def compile(  # noqa: A001 - the public name the design card asks for
     passes: Optional[Sequence[Pass]] = None,
     model_name: Optional[str] = None,
     keep_float: int = 0,
-    numeric_diff: bool = True,
+    numeric_diff: bool | str = True,
 ) -> fx.GraphModule:
     """Trace ``model``, run the pass pipeline, return the quantized GraphModule.
 
@@ -88,6 +89,9 @@ def compile(  # noqa: A001 - the public name the design card asks for
 
     ``numeric_diff=False`` skips the node-by-node comparison after each pass (the report then
     has timings but no QSNR): for quick compiles of large models once the pipeline is trusted.
+    ``numeric_diff="final"`` compares only the last pass's graph (the report's final record has
+    the per-node QSNR, the others only timings); ``True`` (or ``"all"``) after every pass. The
+    compiled graph is the same in every mode; ``record.diff_seconds`` is the diff's own time.
 
     ``keep_float=K`` (K > 0): after the pipeline the K most sensitive quantization points are
     left in float. Sensitivity = the model output's QSNR when that point alone quantizes
@@ -118,6 +122,8 @@ def compile(  # noqa: A001 - the public name the design card asks for
             "int_kernels='onednn' needs oneDNN's int8 Linear kernels (an x86 CPU build of torch with "
             "oneDNN); they are not available here: use int_kernels='portable'"
         )
+    if numeric_diff not in NUMERIC_DIFF_MODES:
+        raise FxqError(f"numeric_diff must be True, False, 'all' or 'final', got {numeric_diff!r}")
     if isinstance(keep_float, bool) or not isinstance(keep_float, int) or keep_float < 0:
         raise FxqError(f"keep_float must be an integer >= 0, got {keep_float!r}")
     if keep_float and backend == "int" and passes is not None:
@@ -163,12 +169,17 @@ def compile(  # noqa: A001 - the public name the design card asks for
         progress=progress,
     )
     report.passes.append(_trace_record(model, gm, diff_inputs))
-    instruments = [Timing(), NumericDiff()] if numeric_diff else [Timing()]
+    pipeline = list(passes) if passes is not None else default_passes(backend, int_kernels, config)
+    instruments = [Timing()]
+    if numeric_diff:
+        last = pipeline[-1].name if numeric_diff == "final" and pipeline else None
+        instruments.append(NumericDiff(only_after=last))
     if dump_dir:
         dumper = GraphDump(dump_dir)
+        start = time.perf_counter()
         dumper.dump("trace", gm, report.passes[0])
+        report.passes[0].dump_seconds = time.perf_counter() - start
         instruments.append(dumper)
-    pipeline = list(passes) if passes is not None else default_passes(backend, int_kernels, config)
     # two stages: up to the fake-quant graph (keep_float chooses its points there), then the integer
     # passes (from the one that provides Prop.INTEGER). Both orders are checked before anything runs.
     fake_stage, int_stage = stages(pipeline)
@@ -237,6 +248,9 @@ def _device_of(model: nn.Module, example: torch.Tensor) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return example.device
+
+
+NUMERIC_DIFF_MODES = (True, False, "all", "final")
 
 
 def _check_inputs(model: nn.Module, example: torch.Tensor, diff_inputs: tuple) -> None:

@@ -34,8 +34,24 @@ class Calibrate(Pass):
 
     @torch.no_grad()
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        calib_data = as_batches(ctx.calib_data)
         observers = observer_nodes(gm)
+        early = ctx.statistics
+        ctx.statistics = None
+        if (
+            early is not None
+            and early.adopted
+            and all(early.observers.get(m.point_name) is m.observer for _, m in observers)
+        ):
+            ctx.note(
+                f"calibration statistics gathered in {early.made_by}'s pass over the data ({early.batches} "
+                "batches): the data is read once"
+            )
+            if distributed.is_distributed():  # each rank saw its shard: merge to the whole set's statistics
+                distributed.merge_calibration([m.observer for _, m in observers], early.batches)
+            return gm
+        if early is not None and early.off is not None:
+            ctx.note(f"the data is read again here: {early.made_by} could not calibrate the observers ({early.off})")
+        calib_data = as_batches(ctx.calib_data)
         for _, module in observers:
             module.observing = True
         batches = 0

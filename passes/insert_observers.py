@@ -13,6 +13,7 @@ from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import install_submodule, safe_name, unique_attr
 from fxquant.ir.meta import INPUT_POINT, POINT, ROLE, copy_provenance
+from fxquant.quant.observers import make_observer
 from fxquant.runtime.fake_quant import OBSERVER_PREFIX, ObserverModule, observer_nodes
 
 
@@ -20,6 +21,7 @@ class InsertObservers(Pass):
     name = "insert_observers"
     neutral = True
     contract = Contract(requires={Prop.ANNOTATED}, provides={Prop.OBSERVED}, excludes={Prop.FAKE_QUANT})
+    keeps_statistics = True  # observers pass values through: statistics gathered before still hold
 
     def requires(self, gm, ctx):
         if observer_nodes(gm):
@@ -27,6 +29,8 @@ class InsertObservers(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         graph = gm.graph
+        early = ctx.statistics
+        self._early = early.observers if early is not None and early.off is None and not early.adopted else {}
         for node in list(graph.nodes):
             ctx.current_node = node.name
             if INPUT_POINT in node.meta:
@@ -39,14 +43,32 @@ class InsertObservers(Pass):
             if ROLE in node.meta:
                 observed.meta[ROLE] = node.meta[ROLE]
             node.replace_all_uses_with(observed, delete_user_cb=lambda user: user is not observed)
+        if self._early:
+            self._check_adopted(gm, ctx)
         return gm
 
     @staticmethod
-    def _observer_after(gm: fx.GraphModule, value: fx.Node, name_from: fx.Node, point) -> fx.Node:
+    def _check_adopted(gm: fx.GraphModule, ctx: PassContext) -> None:
+        """Observers an earlier pass calibrated (``ctx.statistics``, smooth's) were taken for the
+        points of the same name; they count only when they are exactly the observers needed here
+        (``calibrate`` then skips the data), else every point gets a fresh observer."""
+        early = ctx.statistics
+        modules = [module for _, module in observer_nodes(gm)]
+        if {m.point_name for m in modules} == set(early.observers) and len(modules) == len(early.observers):
+            early.adopted = True
+            return
+        for module in modules:
+            point = module.point
+            module.observer = make_observer(point.spec, name=module.point_name, **point.observer_kwargs())
+        ctx.statistics = None
+        ctx.note(f"the observers {early.made_by} calibrated are not the ones inserted here: calibrate reads the data")
+
+    def _observer_after(self, gm: fx.GraphModule, value: fx.Node, name_from: fx.Node, point) -> fx.Node:
         path = unique_attr(
             gm, OBSERVER_PREFIX + safe_name(name_from.name) + ("_in" if point.section == "input" else "")
         )
-        install_submodule(gm, path, ObserverModule(point, name=f"{name_from.name} ({point.label})"))
+        name = f"{name_from.name} ({point.label})"
+        install_submodule(gm, path, ObserverModule(point, name=name, observer=self._early.get(name)))
         with gm.graph.inserting_after(value):
             observed = gm.graph.call_module(path, (value,))
         copy_provenance(value, observed)  # it computes the value it observes

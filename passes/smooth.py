@@ -30,10 +30,12 @@ from fxquant.errors import FxqError
 from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import mark_changed_values
-from fxquant.ir.meta import POINT
+from fxquant.ir.meta import INPUT_POINT, POINT
 from fxquant.ir.patterns import find_attention, is_scale_transparent, reads_shape_only, submodule
 from fxquant.quant import distributed
 from fxquant.quant.calib_data import as_batches, iter_batches
+from fxquant.quant.observers import EarlyStatistics, Observer, make_observer
+from fxquant.quant.observers.deferred import DeferredScale, deferred_for
 
 SCALE_RANGE = (1e-5, 1e5)
 
@@ -44,6 +46,7 @@ class _Pair:
     producer: fx.Node  # LayerNorm or V Linear node whose parameters absorb 1/s
     consumers: list  # Linear nodes whose weight columns absorb s
     v: Optional[fx.Node] = None  # attention's V operand, when the producer is the V Linear
+    out: Optional[fx.Node] = None  # attn@V, when the producer is the V Linear
 
 
 def _linear(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Linear]:
@@ -91,7 +94,7 @@ def _v_proj_pairs(gm: fx.GraphModule) -> list[_Pair]:
             node = user
         if v_linear is None or act is None or len(v_linear.users) != 1:
             continue
-        pairs.append(_Pair(act, v_linear, [next(iter(act.users))], match.v))
+        pairs.append(_Pair(act, v_linear, [next(iter(act.users))], match.v, match.out))
     return pairs
 
 
@@ -114,11 +117,21 @@ def _channel_mismatch(gm: fx.GraphModule, pair: _Pair, shapes: dict) -> Optional
 
 
 class _AbsMaxRecorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, watched: set[str], shaped: set[str] = frozenset()):
+    """Smooth's pass over the data: the per-channel |max| of the smoothed activations, the shapes
+    the fold checks and, when ``early`` is given, the observers' statistics (:class:`_EarlyObservers`)."""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        watched: set[str],
+        shaped: set[str] = frozenset(),
+        early: Optional["_EarlyObservers"] = None,
+    ):
         super().__init__(gm)
         self.watched, self.shaped = watched, watched | set(shaped)
         self.absmax: dict[str, torch.Tensor] = {}
         self.shapes: dict[str, tuple] = {}
+        self.early = early
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
@@ -128,7 +141,98 @@ class _AbsMaxRecorder(fx.Interpreter):
             amax = value.detach().abs().reshape(-1, value.shape[-1]).amax(dim=0)
             previous = self.absmax.get(n.name)
             self.absmax[n.name] = amax if previous is None else torch.maximum(previous, amax)
+        if self.early is not None and self.early.feeds(n.name):
+            self.early.update(n.name, value)
         return value
+
+
+STASH_LIMIT_BYTES = 512 * 2**20  # smoothed values kept for observers that need them (Stash), at most
+
+
+class _EarlyObservers:
+    """The observers ``insert_observers`` will create, calibrated in smooth's own pass over the
+    data so that ``calibrate`` need not read it again (``PassContext.statistics``). A point whose
+    values the fold rescales gets them as ``x / s`` once ``s`` is known (``deferred_for``: exact
+    per-channel ranges for min-max observers, the batches kept for the others). Gives up (``off``
+    says why; ``calibrate`` then reads the data as before) on an observed rescaled value of
+    unknown channel layout, over ``STASH_LIMIT_BYTES`` of kept values, or on a batch an observer
+    refuses (calibrate raises that error, naming its node)."""
+
+    def __init__(self, gm: fx.GraphModule, layouts: dict[str, tuple[str, tuple]], changed: set[str]):
+        self.observers: dict[str, Observer] = {}
+        self.by_node: dict[str, list] = {}
+        self.deferred: dict[str, list[tuple[DeferredScale, str]]] = {}  # pair key -> its rescaled feeders
+        self.batches, self.off = 0, None
+        for node in gm.graph.nodes:
+            point, source = node.meta.get(POINT), node
+            if point is None and INPUT_POINT in node.meta and isinstance(node.args[0], fx.Node):
+                point, source = node.meta[INPUT_POINT], node.args[0]
+                if POINT in source.meta:
+                    continue  # insert_observers uses the source's own point there
+            if point is None:
+                continue
+            name = f"{node.name} ({point.label})"
+            if point.spec.method == "log_adaptive":  # its base search is fed by the ObserverModule itself
+                self.off = f"{name}: log_adaptive's base search reads the calibration data in calibrate"
+                return
+            observer = make_observer(point.spec, name=name, **point.observer_kwargs())
+            self.observers[name] = observer
+            feeder = observer
+            if source.name in changed:
+                if source.name not in layouts:
+                    self.off = f"{source.name} is observed and rescaled, with no known channel layout"
+                    return
+                pair, dims = layouts[source.name]
+                feeder = deferred_for(observer, dims)
+                self.deferred.setdefault(pair, []).append((feeder, source.name))
+            self.by_node.setdefault(source.name, []).append(feeder)
+
+    def feeds(self, name: str) -> bool:
+        return self.off is None and name in self.by_node
+
+    def update(self, name: str, value: Any) -> None:
+        try:
+            for feeder in self.by_node[name]:
+                feeder.update(value)
+        except ValueError as exc:
+            self.stop(f"{name}: {exc}")
+            return
+        kept = sum(f.nbytes for feeders in self.deferred.values() for f, _ in feeders)
+        if kept > STASH_LIMIT_BYTES:
+            self.stop(f"the rescaled values to keep exceed {STASH_LIMIT_BYTES // 2**20} MiB")
+
+    def stop(self, reason: str) -> None:
+        self.off, self.by_node, self.deferred, self.observers = reason, {}, {}, {}
+
+    def finish(self, pair: str, scale: torch.Tensor) -> None:
+        """The fold divides pair ``pair``'s values by ``scale``: feed its deferred observers."""
+        for feeder, _ in self.deferred.pop(pair, ()):
+            feeder.finish(scale)
+
+
+def _changed_nodes(pair: _Pair) -> set[str]:
+    """The nodes whose values the fold of ``pair`` rescales (what ``mark_changed_values`` marks)."""
+    todo, seen, stops = [pair.producer], set(), set(pair.consumers)
+    while todo:
+        node = todo.pop()
+        if node in seen or node in stops:
+            continue
+        seen.add(node)
+        todo.extend(u for u in node.users if u.op != "output" and not reads_shape_only(u))
+    return {n.name for n in seen}
+
+
+def _layouts(pair: _Pair, match_out: Optional[fx.Node]) -> dict[str, tuple[str, tuple]]:
+    """Where the smoothed channel sits in the values the fold rescales, where smooth knows it:
+    the last axis of the activation and of the V Linear's output, heads x head dim of V and of
+    attn@V, (B, H, N, D) (the layout ``_channel_mismatch`` checks)."""
+    key = pair.act.name
+    layouts = {pair.act.name: (key, (-1,)), pair.producer.name: (key, (-1,))}
+    if pair.v is not None:
+        layouts[pair.v.name] = (key, (1, 3))
+        if match_out is not None:
+            layouts[match_out.name] = (key, (1, 3))
+    return layouts
 
 
 class Smooth(Pass):
@@ -153,15 +257,18 @@ class Smooth(Pass):
         pairs = _norm_pairs(gm) + _v_proj_pairs(gm)
         if not pairs:
             return gm
-        recorder = _AbsMaxRecorder(gm, {p.act.name for p in pairs}, {p.v.name for p in pairs if p.v is not None})
+        early = self._early_observers(gm, pairs)
+        recorder = _AbsMaxRecorder(gm, {p.act.name for p in pairs}, {p.v.name for p in pairs if p.v is not None}, early)
         with torch.no_grad():
             for batch in iter_batches(as_batches(ctx.calib_data)):
                 recorder.run(batch)
+                early.batches += 1
         kept = []
         for pair in pairs:
             reason = _channel_mismatch(gm, pair, recorder.shapes) if pair.v is not None else None
             if reason:  # folding would scale the wrong channels: leave this pair unsmoothed
                 ctx.note(f"{pair.act.name}: not smoothed ({reason})")
+                early.stop("a pair was left unsmoothed")
             else:
                 kept.append(pair)
         pairs = kept
@@ -171,12 +278,33 @@ class Smooth(Pass):
             ctx.current_node = pair.act.name
             scale = self._scale(gm, pair, absmax[pair.act.name], alpha)
             self._fold(gm, pair, scale)
+            try:
+                early.finish(pair.act.name, scale)
+            except ValueError as exc:  # a value without the channel layout smooth assumed: calibrate reads again
+                early.stop(str(exc))
             mark_changed_values([pair.producer], pair.consumers, "smooth")
             ctx.note(
                 f"{pair.act.name}: smoothed into {[c.name for c in pair.consumers]} "
                 f"(max channel factor {scale.max().item():.3g})"
             )
+        if early.off is None and early.batches:
+            ctx.statistics = EarlyStatistics(self.name, early.observers, early.batches)
+        elif early.off is not None:  # calibrate says why it reads the data again
+            ctx.statistics = EarlyStatistics(self.name, off=early.off)
         return gm
+
+    @staticmethod
+    def _early_observers(gm: fx.GraphModule, pairs: list[_Pair]) -> _EarlyObservers:
+        changed, layouts = set(), {}
+        for pair in pairs:
+            nodes = _changed_nodes(pair)
+            if changed & nodes:  # two folds would rescale one value: not tracked
+                early = _EarlyObservers(gm, {}, set())
+                early.stop("two smoothed pairs share a value")
+                return early
+            changed |= nodes
+            layouts.update(_layouts(pair, pair.out))
+        return _EarlyObservers(gm, layouts, changed)  # under torchrun calibrate merges them across ranks
 
     @staticmethod
     def _scale(gm, pair: _Pair, act_absmax: torch.Tensor, alpha: float) -> torch.Tensor:

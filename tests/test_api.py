@@ -62,7 +62,8 @@ def fused_flags(model: nn.Module) -> dict:
 def without_seconds(report: Report) -> dict:
     data = report.to_dict()
     for record in data["passes"]:
-        record.pop("seconds")
+        for key in ("seconds", "diff_seconds", "dump_seconds"):
+            record.pop(key)
     return data
 
 

@@ -180,9 +180,11 @@ def test_compiled_report_table(compiled_report):
     for record in compiled_report.passes:
         assert f" {record.name} " in table
     assert f"worst quantization points after '{compiled_report.final.name}'" in table
-    assert len(table.splitlines()) == 2 + len(compiled_report.passes) + 1 + 3 + (
+    assert len(table.splitlines()) == 2 + len(compiled_report.passes) + 2 + 3 + (
         1 if compiled_report.final.first_drop else 0
     )
+    diff = sum(r.diff_seconds for r in compiled_report.passes)
+    assert diff > 0 and f"numeric diff {diff:.2f} s, graph dumps 0.00 s" in table
 
 
 def test_first_drop_names_the_pass_that_introduced_it(tmp_path):

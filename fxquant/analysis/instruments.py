@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import networkx as nx
 import torch.fx as fx
 
-from fxquant.analysis.numeric_diff import capture_values, compare_graph
+from fxquant.analysis.numeric_diff import adopt_new_origins, capture_values, compare_graph, new_origins
 from fxquant.infra.pass_manager import Instrument, Pass, PassContext
 from fxquant.infra.records import PassRecord, db_for_json
 from fxquant.ir.meta import MODULE, ORIGIN, POINT, WEIGHT
@@ -24,11 +25,18 @@ class Timing(Instrument):
 
 
 class NumericDiff(Instrument):
-    """Runs the graph on the diff inputs and records per-node QSNR against the reference."""
+    """Runs the graph on the diff inputs and records per-node QSNR against the reference.
 
-    def __init__(self) -> None:
+    ``only_after``: the name of the one pass after which to diff (``numeric_diff="final"``:
+    the last pass of the pipeline); ``None`` diffs after every pass. A node whose value and
+    reference are the same as after the previous diff keeps its QSNR without recomputing it
+    (most passes change a few nodes). ``record.diff_seconds``: this instrument's own time."""
+
+    def __init__(self, only_after: Optional[str] = None) -> None:
+        self.only_after = only_after
         self._ref_values = None
         self._ref_output = None
+        self._cache: dict = {}
 
     def _reference(self, ctx: PassContext):
         if self._ref_values is None:
@@ -38,15 +46,34 @@ class NumericDiff(Instrument):
         return self._ref_values, self._ref_output
 
     def run_after_pass(self, p, gm, ctx, record: PassRecord):
+        if self.only_after is not None and p.name != self.only_after:
+            if p.neutral:  # what it created joins the reference, as it does when every pass is diffed
+                start = time.perf_counter()
+                if self._adopt(gm, ctx):
+                    record.diff_seconds = time.perf_counter() - start
+            return
+        start = time.perf_counter()
         ref_values, ref_output = self._reference(ctx)
         values = capture_values(gm, ctx.diff_inputs)
         out_node = next(n for n in gm.graph.nodes if n.op == "output")
         ctx.graph_output = values[out_node.name]  # a neutral pass next compares its output with this one
         # the manager ran this hook only after checking a neutral pass's output: its new nodes may be adopted
         nodes, out_db, drop = compare_graph(
-            gm, ctx.diff_inputs, ref_values, ref_output, adopt_new=p.neutral, values=values
+            gm, ctx.diff_inputs, ref_values, ref_output, adopt_new=p.neutral, values=values, cache=self._cache
         )
         record.nodes, record.output_qsnr_db, record.first_drop = nodes, out_db, drop
+        record.diff_seconds = time.perf_counter() - start
+
+    def _adopt(self, gm, ctx: PassContext) -> bool:
+        """A neutral pass's new origins, with their values on the diff inputs, join the reference
+        (one run of the graph, only when it has such nodes: returns whether it had)."""
+        ref_values, _ = self._reference(ctx)
+        if not new_origins(gm, ref_values):
+            return False
+        values = capture_values(gm, ctx.diff_inputs)
+        ctx.graph_output = values[next(n for n in gm.graph.nodes if n.op == "output").name]
+        adopt_new_origins(gm, ref_values, values)
+        return True
 
 
 def graph_to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
@@ -109,4 +136,6 @@ class GraphDump(Instrument):
         return stem
 
     def run_after_pass(self, p: Pass, gm, ctx, record):
+        start = time.perf_counter()
         self.dump(p.name, gm, record)
+        record.dump_seconds = time.perf_counter() - start

@@ -108,6 +108,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the per-pass numeric diff against FP32 (faster; the report has no QSNR)",
     )
+    comp.add_argument(
+        "--numeric-diff",
+        choices=("all", "final"),
+        default="all",
+        help="'all' (default): the numeric diff against FP32 after every pass; 'final': after the last pass only",
+    )
+    comp.add_argument("--fast", action="store_true", help="same as --numeric-diff final")
     comp.add_argument("--save", help="save the quantized model here (safetensors, loads without pickle)")
     comp.add_argument("--worst", type=non_negative_int, default=10, help="how many worst points to print (default 10)")
     comp.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -233,7 +240,7 @@ def run_compile(args: argparse.Namespace) -> int:
         progress=not args.quiet and main_process,
         model_name=args.model,
         keep_float=args.keep_float,
-        numeric_diff=not args.no_diff,
+        numeric_diff=False if args.no_diff else ("final" if args.fast else args.numeric_diff),
         backend=args.backend,
         int_kernels=args.int_kernels,
     )

@@ -43,6 +43,10 @@ class PassContext:
     properties: frozenset = frozenset()
     # the current graph's output on diff_inputs when already computed since its last change, else None
     graph_output: Any = None
+    # observers calibrated ahead of insert_observers by a pass that read the data anyway
+    # (fxquant.quant.observers.EarlyStatistics, made by smooth); the manager drops them after any
+    # pass other than their maker that does not declare ``keeps_statistics``
+    statistics: Any = None
 
     def note(self, *texts: str) -> None:
         """Decisions of the running pass, for the user: they land in its record and in ``report.notes``."""
@@ -57,6 +61,9 @@ class Pass:
     name: str = "pass"
     neutral: bool = False
     contract: Contract = NO_CONTRACT
+    # True: the pass changes no value an observer will read, so statistics gathered before it
+    # (PassContext.statistics) still describe the graph after it
+    keeps_statistics: bool = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -127,6 +134,9 @@ class PassManager:
                 raise _pass_error(p, exc, ctx, done) from exc
             properties = contract_of(p).after(properties)
             ctx.properties = properties
+            statistics = ctx.statistics
+            if statistics is not None and statistics.made_by != p.name and not p.keeps_statistics:
+                ctx.statistics = None  # the values they describe may have changed
             for inst in self.instruments:  # after the neutrality check: the diff never adopts a faulty pass's values
                 inst.run_after_pass(p, gm, ctx, record)
             if ctx.report is not None:

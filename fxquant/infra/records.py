@@ -28,16 +28,20 @@ def _drop_for_json(drop: dict) -> dict:
 @dataclass
 class PassRecord:
     name: str
-    seconds: float = 0.0
+    seconds: float = 0.0  # the pass itself (with its neutrality check), not the instruments after it
     output_qsnr_db: Optional[float] = None
     nodes: list[dict] = field(default_factory=list)
     first_drop: Optional[dict] = None
     notes: list[str] = field(default_factory=list)
+    diff_seconds: float = 0.0  # the numeric diff after this pass (0 when it did not run)
+    dump_seconds: float = 0.0  # writing this pass's graph dump (0 without a dump dir)
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {
             "name": self.name,
             "seconds": round(self.seconds, 4),
+            "diff_seconds": round(self.diff_seconds, 4),
+            "dump_seconds": round(self.dump_seconds, 4),
             "output_qsnr_db": db_for_json(self.output_qsnr_db),
             "nodes": [
                 {**n, "qsnr_db": db_for_json(n["qsnr_db"]), "input_qsnr_db": db_for_json(n.get("input_qsnr_db"))}
@@ -149,6 +153,8 @@ class Report:
                     nodes,
                     drop,
                     list(raw.get("notes", [])),
+                    raw.get("diff_seconds", 0.0),
+                    raw.get("dump_seconds", 0.0),
                 )
             )
         return cls(
@@ -180,17 +186,26 @@ class Report:
         line = self.first_drop_line()
         if line:  # the first thing a reader needs, before the table
             lines.append(line)
-        lines.append(f"{'#':>2}  {'pass':<20} {'seconds':>8} {'output QSNR dB':>15} {'points':>7}")
+        lines.append(f"{'#':>2}  {'pass':<20} {'seconds':>8} {'diff s':>7} {'output QSNR dB':>15} {'points':>7}")
         for i, record in enumerate(self.passes):
             points = sum(1 for n in record.nodes if n.get("group"))
             lines.append(
-                f"{i:>2}  {record.name:<20} {record.seconds:>8.3f} {format_db(record.output_qsnr_db):>15} {points:>7}"
+                f"{i:>2}  {record.name:<20} {record.seconds:>8.3f} {record.diff_seconds:>7.3f} "
+                f"{format_db(record.output_qsnr_db):>15} {points:>7}"
             )
+        lines.append(self.timing_line())
         if self.passes and worst:
             lines.append(f"worst quantization points after '{self.final.name}':")
             for n in self.worst_nodes(worst):
                 lines.append(f"  {format_db(n['qsnr_db']):>8} dB  {n['group']:<22} {n['node']:<40} {n['module']}")
         return "\n".join(lines)
+
+    def timing_line(self) -> str:
+        """Where the compile time went: the passes, the numeric diff, the graph dumps."""
+        passes = sum(r.seconds for r in self.passes)
+        diff = sum(r.diff_seconds for r in self.passes)
+        dump = sum(r.dump_seconds for r in self.passes)
+        return f"time: passes {passes:.2f} s, numeric diff {diff:.2f} s, graph dumps {dump:.2f} s"
 
     def first_drop_line(self) -> Optional[str]:
         drop = self.first_drop()

@@ -85,6 +85,8 @@ def _report_dict(report: Report) -> dict:
                 "nodes": p.nodes,
                 "first_drop": p.first_drop,
                 "notes": p.notes,
+                "diff_seconds": p.diff_seconds,
+                "dump_seconds": p.dump_seconds,
             }
             for p in report.passes
         ],
@@ -337,6 +339,8 @@ def _report_from(raw: dict) -> Report:
             nodes=list(p["nodes"]),
             first_drop=p["first_drop"],
             notes=list(p["notes"]),
+            diff_seconds=p.get("diff_seconds", 0.0),  # files written before these timings existed lack them
+            dump_seconds=p.get("dump_seconds", 0.0),
         )
         for p in raw["passes"]
     ]

@@ -11,7 +11,7 @@ from torch import nn
 
 from fxquant.errors import NodeError
 from fxquant.quant.log_quantizers import RESOLVED_LOG_METHODS, LogBaseSearch, log_step, method_for_step
-from fxquant.quant.observers import make_observer
+from fxquant.quant.observers import Observer, make_observer
 from fxquant.quant.points import QuantPoint
 from fxquant.quant.qparams import QParams
 from fxquant.quant.quantizers import dequantize, fake_quantize, quantize
@@ -22,11 +22,14 @@ from fxquant.runtime.savable import NUMBER, POINT, QPARAMS, Schema, TensorRule, 
 class ObserverModule(nn.Module):
     """Passes its input through (times ``post_scale``) and, while observing, records statistics."""
 
-    def __init__(self, point: QuantPoint, name: str):
+    def __init__(self, point: QuantPoint, name: str, observer: Optional[Observer] = None):
+        """``observer``: one already built (and calibrated) for this point; default: a new one."""
         super().__init__()
         self.point = point
         self.point_name = name
-        self.observer = make_observer(point.spec, name=name, **point.observer_kwargs())
+        self.observer = (
+            observer if observer is not None else make_observer(point.spec, name=name, **point.observer_kwargs())
+        )
         self.observing = False
         self.post_scale = 1.0  # a constant multiply folded in by fuse_scales
         spec = point.spec

@@ -8,6 +8,7 @@ Importing this package imports every built-in observer module (``minmax``, ``ema
 from __future__ import annotations
 
 from fxquant.quant.observers.base import Observer, ObserverError, range_to_scale_zero_point, shrink_factors
+from fxquant.quant.observers.deferred import EarlyStatistics
 from fxquant.quant.observers.ema import EmaObserver
 from fxquant.quant.observers.kl import KLObserver
 from fxquant.quant.observers.minmax import MinMaxObserver
@@ -23,6 +24,7 @@ from fxquant.quant.observers.registry import (
 )
 
 __all__ = [
+    "EarlyStatistics",
     "EmaObserver",
     "KLObserver",
     "MinMaxObserver",

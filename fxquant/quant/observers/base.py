@@ -160,11 +160,18 @@ class Observer:
         self._n = 0
 
     @property
+    def axis(self) -> int | None:
+        """The axis its groups run along (None for layer-wise)."""
+        return None if self._grouping.layer_wise else self._grouping.axis
+
+    @property
     def num_updates(self) -> int:
         return self._n
 
-    def update(self, x: torch.Tensor) -> None:
-        """Fold one calibration batch (any shape) into the statistics; empty tensors are ignored."""
+    def update(self, x: torch.Tensor, *, batches: int = 1) -> None:
+        """Fold one calibration batch (any shape) into the statistics; empty tensors are ignored.
+        ``batches``: how many calibration batches ``x`` stands for (a summary of several, e.g.
+        their per-channel ranges: :mod:`fxquant.quant.observers.deferred`)."""
         x = x.detach()
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()
@@ -178,7 +185,7 @@ class Observer:
                 f"{bad} non-finite value(s) (NaN/inf); check the calibration data and the op feeding this point"
             )
         self._observe(x, lo.float(), hi.float())
-        self._n += 1
+        self._n += batches
 
     def compute_qparams(self) -> QParams:
         if self._n == 0:
