@@ -175,3 +175,21 @@ def test_scale_like_refuses_a_layout_without_the_channels():
     with pytest.raises(ValueError, match=r"no 8 channels in dims \(1, 3\)"):
         scale_like(torch.ones(8), (2, 3, 4, 2), (1, 3))
     assert not isinstance(deferred_for(MinMaxObserver(QuantSpec(observer="minmax")), (-1,)), Stash)
+
+
+def test_log_adaptive_point_keeps_calibrates_pass(vit, trace, make_ctx, qconfigs):
+    """log_adaptive's base search is fed by the ObserverModule, not by the observer smooth would
+    feed early: smooth gives up its statistics, calibrate reads the data and every search has it."""
+    config = {
+        **qconfigs.gemm_inputs(),
+        "smooth_alpha": 0.5,
+        "attn_kv_out": act("MinmaxObserver", "head_wise"),
+        "intSoft": {"bits": 8, "signed": False, "quantization_method": "log_adaptive"},
+    }
+    gm, ctx = observed_graph(vit, trace, make_ctx, config, fused=True)
+
+    notes = ctx.report.pass_record("calibrate").notes
+    assert any("log_adaptive's base search reads the calibration data in calibrate" in n for n in notes), notes
+    searches = [m for _, m in observer_nodes(gm) if m.log_search is not None]
+    assert len(searches) == vit.depth
+    assert all(m.observer.num_updates == 3 for _, m in observer_nodes(gm))  # each batch once, not twice
