@@ -202,16 +202,22 @@ def _match_lis(gm: fx.GraphModule, scores: fx.Node) -> tuple[Optional[_Match], s
     return _Match(scores, dequant, chain, nxt, nxt.args[1]), ""
 
 
-def _lis_module(match: _Match, gm: fx.GraphModule) -> IntLisAttention:
-    scores: IntMatmul = submodule(gm, match.scores)
-    lis: LisShiftMatmul = submodule(gm, match.matmul)
-    where = str(match.scores.target)
-    columns = [
+def _score_columns(scores: IntMatmul, where: str) -> list[torch.Tensor]:
+    """q@kT's per-head constants both fused kernels start with: the Q and K zero points (on the
+    codes' own type) and the score requantization's multiplier and zero point."""
+    return [
         per_head(scores.a_zero_point + (UINT8_OFFSET if scores.a_uint8 else 0), None, f"{where}: q zero point"),
         per_head(scores.b_zero_point + (UINT8_OFFSET if scores.b_uint8 else 0), None, f"{where}: k zero point"),
         per_head(scores.float_multiplier, None, f"{where}: score multiplier"),
         per_head(scores.float_zero_point, None, f"{where}: score zero point"),
     ]
+
+
+def _lis_module(match: _Match, gm: fx.GraphModule) -> IntLisAttention:
+    scores: IntMatmul = submodule(gm, match.scores)
+    lis: LisShiftMatmul = submodule(gm, match.matmul)
+    where = str(match.scores.target)
+    columns = _score_columns(scores, where)
     heads = max(c.numel() for c in columns)
     if any(c.numel() not in (1, heads) for c in columns):
         raise ValueError(f"{where}: the per-head constants disagree on the number of heads")
@@ -240,11 +246,7 @@ def _head_constants(match: _Match, gm: fx.GraphModule) -> torch.Tensor:
     dq: DequantizeCodes = submodule(gm, match.dequant)
     vd: DequantizeCodes = submodule(gm, match.v_dequant)
     where = str(match.scores.target)
-    columns = [
-        per_head(scores.a_zero_point + (UINT8_OFFSET if scores.a_uint8 else 0), None, f"{where}: q zero point"),
-        per_head(scores.b_zero_point + (UINT8_OFFSET if scores.b_uint8 else 0), None, f"{where}: k zero point"),
-        per_head(scores.float_multiplier, None, f"{where}: score multiplier"),
-        per_head(scores.float_zero_point, None, f"{where}: score zero point"),
+    columns = _score_columns(scores, where) + [
         per_head(dq.affine_scale, None, f"{where}: score scale"),
         per_head(dq.affine_bias, None, f"{where}: score bias"),
         per_head(vd.scale, None, f"{where}: V scale"),

@@ -58,30 +58,12 @@ class IntLayerNorm(nn.Module):
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         if codes.device.type == "cpu" and self._kernel():
-            return torch.ops.fxquant_kernels.ptf_layernorm(
-                codes,
-                self.alpha,
-                self.in_zero_point,
-                self.eps_int,
-                self.sigma_bits,
-                self.weight_units,
-                self.offset,
-                self.out_zero_point,
-                self.qmin,
-                self.qmax,
-                self.codes_dtype == "uint8",
-            )
+            return torch.ops.fxquant_kernels.ptf_layernorm(codes, *self._constants(), self.codes_dtype == "uint8")
         return self.reference(codes)
 
-    def _kernel(self) -> bool:
-        """The C++ kernel (``fxquant/runtime/csrc/int_rows.cpp``: one pass per row, the same
-        integers and float64 roundings as ``reference``) is built."""
-        return kernel_ready() or (not torch.compiler.is_compiling() and load_kernel())
-
-    def reference(self, codes: torch.Tensor) -> torch.Tensor:
-        """The torch arithmetic (``fxquant.quant.ptf.ptf_layernorm_codes``, int64 ops)."""
-        out = ptf_layernorm_codes(
-            codes,
+    def _constants(self) -> tuple:
+        """What the kernel and the reference take after the codes, in their order."""
+        return (
             self.alpha,
             self.in_zero_point,
             self.eps_int,
@@ -92,6 +74,15 @@ class IntLayerNorm(nn.Module):
             self.qmin,
             self.qmax,
         )
+
+    def _kernel(self) -> bool:
+        """The C++ kernel (``fxquant/runtime/csrc/int_rows.cpp``: one pass per row, the same
+        integers and float64 roundings as ``reference``) is built."""
+        return kernel_ready() or (not torch.compiler.is_compiling() and load_kernel())
+
+    def reference(self, codes: torch.Tensor) -> torch.Tensor:
+        """The torch arithmetic (``fxquant.quant.ptf.ptf_layernorm_codes``, int64 ops)."""
+        out = ptf_layernorm_codes(codes, *self._constants())
         return out.to(torch.uint8 if self.codes_dtype == "uint8" else torch.int8)
 
     def extra_repr(self) -> str:
