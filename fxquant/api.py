@@ -115,7 +115,7 @@ def compile(  # noqa: A001 - the public name the design card asks for
     if int_kernels == "onednn" and passes is not None:
         raise FxqError(
             f"int_kernels={int_kernels!r} chooses passes of the default pipeline; with a custom passes= "
-            "list add them yourself (LowerInteger(), UseOnednnKernels(), FuseIntAttention())"
+            "list add them yourself (LowerInteger(), UseOnednnKernels(), FuseResidualAdds(), FuseIntAttention())"
         )
     if int_kernels == "onednn" and not onednn_available():
         raise FxqError(
@@ -233,7 +233,7 @@ def _run_auto_onednn(
     gm = first.run(gm, ctx, after=[r.name for r in report.passes[1:]])
     skipped = ""
     if not integer_ops_lowered(gm):
-        onednn_props = {Prop.ONEDNN_KERNELS, Prop.ATTENTION_FUSED}
+        onednn_props = {Prop.ONEDNN_KERNELS, Prop.ATTENTION_FUSED, Prop.RESIDUAL_FUSED}
         rest = [p for p in rest if not onednn_props & contract_of(p).provides]
         skipped = "; lower_integer left no integer op, so the oneDNN passes are skipped (portable graph)"
     if rest:

@@ -16,6 +16,7 @@ from fxquant.passes import (
     Calibrate,
     DecomposeAttention,
     FuseIntAttention,
+    FuseResidualAdds,
     FuseScales,
     Gptq,
     InsertObservers,
@@ -99,7 +100,7 @@ def default_passes(backend: str = "fake", int_kernels: str = "auto", qconfig=Non
     if backend == "int":
         passes.append(LowerInteger())
         if int_kernels == "onednn":
-            passes += [UseOnednnKernels(), FuseIntAttention()]
+            passes += [UseOnednnKernels(), FuseResidualAdds(), FuseIntAttention()]
         if qconfig is not None and has_int4_weights(qconfig):
             passes.append(PackInt4Weights())  # last: the passes above read int8 weights
     return passes

@@ -5,6 +5,7 @@ from fxquant.passes.bias_correction import BiasCorrection
 from fxquant.passes.calibrate import Calibrate
 from fxquant.passes.decompose_attention import DecomposeAttention
 from fxquant.passes.fuse_int_attention import FuseIntAttention
+from fxquant.passes.fuse_residual_adds import FuseResidualAdds
 from fxquant.passes.fuse_scales import FuseScales
 from fxquant.passes.gptq import Gptq
 from fxquant.passes.insert_observers import InsertObservers
@@ -25,6 +26,7 @@ __all__ = [
     "Calibrate",
     "DecomposeAttention",
     "FuseIntAttention",
+    "FuseResidualAdds",
     "FuseScales",
     "Gptq",
     "InsertObservers",

@@ -61,7 +61,7 @@ def test_resolution_without_onednn(monkeypatch):
 def test_default_is_onednn_on_x86_with_the_reason_in_the_report(tiny):
     qm = _compile(tiny, backend="int")
     assert _kinds(qm) == {OnednnLinear}
-    assert [p.name for p in qm.report.passes][-2:] == ["use_onednn_kernels", "fuse_int_attention"]
+    assert [p.name for p in qm.report.passes][-3:] == ["use_onednn_kernels", "fuse_residual_adds", "fuse_int_attention"]
     assert qm.report.notes[0] == f"int_kernels=auto -> onednn: {platform.machine()} CPU with oneDNN int8 kernels"
     explicit = _compile(tiny, backend="int", int_kernels="onednn")
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))

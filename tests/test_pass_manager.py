@@ -300,7 +300,12 @@ def test_pass_that_must_come_first_is_refused_after():
 def test_holds_resumes_a_pipeline():
     """A pipeline resumed on a fake-quant graph (compile's keep_float) starts from what holds."""
     fake, integer = stages(default_passes("int", "onednn"))
-    assert [p.name for p in integer] == ["lower_integer", "use_onednn_kernels", "fuse_int_attention"]
+    assert [p.name for p in integer] == [
+        "lower_integer",
+        "use_onednn_kernels",
+        "fuse_residual_adds",
+        "fuse_int_attention",
+    ]
     with pytest.raises(PipelineOrderError, match="'lower_integer' requires 'fake_quant'"):
         PassManager(integer)
     first = PassManager(fake)

@@ -263,6 +263,7 @@ def _print_compile_result(qm, args: argparse.Namespace) -> None:
                     "lower_integer",
                     "use_onednn_kernels",
                     "fuse_int_attention",
+                    "fuse_residual_adds",
                     "pack_int4_weights",
                     "weight bytes",
                 )

@@ -39,6 +39,7 @@ class Prop(str, Enum):
     INTEGER = "integer"  # int8 codes, integer GEMMs and requantization
     ONEDNN_KERNELS = "onednn_kernels"  # Linears on oneDNN's int8 kernel, float32 requantization
     ATTENTION_FUSED = "attention_fused"  # attention cores as one IntAttention kernel each
+    RESIDUAL_FUSED = "residual_fused"  # residual adds in the epilogue of the oneDNN Linear before them
     WEIGHTS_PACKED = "weights_packed"  # 4-bit integer weights stored two codes per byte
 
     def __str__(self) -> str:

@@ -159,7 +159,28 @@ class OnednnLinear(PackedWeight, nn.Module):
         self._packed_cache = (self.weight_codes, self.weight_codes._version, packed)
         return packed
 
-    def _onednn(self, rows: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    def _onednn(self, rows: torch.Tensor, packed: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        if residual is not None:  # float32 (M, N): added in the epilogue, after bias and scales
+            return torch.ops.onednn.qlinear_pointwise.binary(
+                rows,
+                self.input_scale,
+                self.input_zero_point,
+                packed,
+                self.weight_scale,
+                self.weight_zero_point,
+                residual,
+                self.bias,
+                1.0,
+                0,
+                torch.float32,
+                1.0,
+                0,
+                "add",
+                1.0,
+                "none",
+                [],
+                "",
+            )
         return torch.ops.onednn.qlinear_pointwise(
             rows,
             self.input_scale,
@@ -176,7 +197,7 @@ class OnednnLinear(PackedWeight, nn.Module):
             "none",
         )
 
-    def _portable(self, rows: torch.Tensor) -> torch.Tensor:
+    def _portable(self, rows: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The same arithmetic on ``torch._int_mm`` (no oneDNN, or compiled without freezing)."""
         weight = self.int8_weight()
         acc = int8_linear(uint8_to_int8_codes(rows), weight.t())
@@ -188,27 +209,38 @@ class OnednnLinear(PackedWeight, nn.Module):
         if self.post_op == "gelu":
             y = torch.nn.functional.gelu(y)
         if self.output == "float32":
-            return y
+            return y if residual is None else y + residual
         low, high = _RANGES[self.output]
         q = torch.round(y / self.output_scale) + self.output_zero_point
         return q.clamp_(low, high).to(OUTPUT_DTYPES[self.output])
 
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+    def forward(self, codes: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``residual`` (``fuse_residual_adds``): a float tensor added to the float output,
+        ``linear(codes) + residual``, in the GEMM's epilogue when it has the output's shape and
+        float32 dtype (bit-identical to the separate add: one float32 addition either way),
+        else as a separate add with torch's broadcasting."""
         if codes.dtype != torch.uint8:
             raise TypeError(f"{self.label or 'OnednnLinear'}: expected uint8 codes, got {codes.dtype}")
         lead = codes.shape[:-1]
         rows = codes.reshape(-1, self.in_features)
+        res_rows = None
+        if residual is not None:
+            if self.output != "float32" or self.post_op != "none":
+                raise TypeError(f"{self.label or 'OnednnLinear'}: a residual needs a float output without GELU")
+            if residual.shape != (*lead, self.out_features) or residual.dtype != torch.float32:
+                return self.forward(codes) + residual
+            res_rows = residual.reshape(-1, self.out_features).contiguous()
         if codes.device.type != "cpu" or not _AVAILABLE:
-            out = self._portable(rows)
+            out = self._portable(rows, res_rows)
         elif torch.compiler.is_compiling():
             # inside the compiled graph the packing is an op on a buffer: freezing folds it
             out = (
-                self._onednn(rows.contiguous(), torch.ops.onednn.qlinear_prepack(self.int8_weight(), None))
+                self._onednn(rows.contiguous(), torch.ops.onednn.qlinear_prepack(self.int8_weight(), None), res_rows)
                 if _inductor_freezes()
-                else self._portable(rows)
+                else self._portable(rows, res_rows)
             )
         else:
-            out = self._onednn(rows.contiguous(), self._packed())
+            out = self._onednn(rows.contiguous(), self._packed(), res_rows)
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
