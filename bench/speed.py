@@ -252,7 +252,9 @@ def measure_model(name: str, batches, rounds: int, skip_peers: bool, log) -> dic
         + [
             f"default kernels: {n}"
             for n in qm_onednn.report.notes
-            if n.startswith(("int_kernels=", "use_onednn_kernels", "integer vs fake-quant", "output QSNR"))
+            if n.startswith(
+                ("int_kernels=", "use_onednn_kernels", "fuse_residual_adds", "integer vs fake-quant", "output QSNR")
+            )
         ]
         + full_notes,
     }
