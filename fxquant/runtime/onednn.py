@@ -160,34 +160,13 @@ class OnednnLinear(PackedWeight, nn.Module):
         return packed
 
     def _onednn(self, rows: torch.Tensor, packed: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        operands = (rows, self.input_scale, self.input_zero_point, packed, self.weight_scale, self.weight_zero_point)
         if residual is not None:  # float32 (M, N): added in the epilogue, after bias and scales
             return torch.ops.onednn.qlinear_pointwise.binary(
-                rows,
-                self.input_scale,
-                self.input_zero_point,
-                packed,
-                self.weight_scale,
-                self.weight_zero_point,
-                residual,
-                self.bias,
-                1.0,
-                0,
-                torch.float32,
-                1.0,
-                0,
-                "add",
-                1.0,
-                "none",
-                [],
-                "",
+                *operands, residual, self.bias, 1.0, 0, torch.float32, 1.0, 0, "add", 1.0, "none", [], ""
             )
         return torch.ops.onednn.qlinear_pointwise(
-            rows,
-            self.input_scale,
-            self.input_zero_point,
-            packed,
-            self.weight_scale,
-            self.weight_zero_point,
+            *operands,
             self.bias,
             self.output_scale,
             self.output_zero_point,
