@@ -21,7 +21,6 @@ model's add; the Linear's own output is no longer a value of the graph.
 
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
@@ -31,30 +30,15 @@ from fxquant.infra.contracts import Contract, Prop
 from fxquant.infra.pass_manager import Pass, PassContext
 from fxquant.ir.graph_utils import propagate_shapes
 from fxquant.ir.meta import copy_provenance
-from fxquant.ir.patterns import is_pass_through_module, submodule
+from fxquant.ir.patterns import behind_pass_through, is_add_of_two_values, submodule
 from fxquant.runtime.onednn import OnednnLinear
-
-
-def _is_add(node: fx.Node) -> bool:
-    return (
-        node.op == "call_function"
-        and node.target in (operator.add, torch.add)
-        and len(node.args) == 2
-        and not node.kwargs
-        and all(isinstance(a, fx.Node) for a in node.args)
-    )
 
 
 def _float_linear_behind(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[fx.Node, list[fx.Node]]]:
     """The float-output ``OnednnLinear`` call ``node`` reads through pass-through modules only,
     each node on the way (the Linear included) read by the next alone; with that chain."""
-    chain = []
-    while len(node.users) == 1 and is_pass_through_module(gm, node) and len(node.args) == 1 and not node.kwargs:
-        chain.append(node)
-        node = node.args[0]
-        if not isinstance(node, fx.Node):
-            return None
-    module = submodule(gm, node)
+    node, chain = behind_pass_through(gm, node)
+    module = submodule(gm, node) if node is not None else None
     if not isinstance(module, OnednnLinear) or len(node.users) != 1 or len(node.args) != 1 or node.kwargs:
         return None
     if module.output != "float32" or module.post_op != "none":
@@ -74,7 +58,7 @@ def residual_add_pattern(gm: fx.GraphModule, add: fx.Node) -> Optional[tuple[fx.
     """For an ``add`` of a float oneDNN Linear's output (either operand) and another float32
     value of the same shape (shapes from ``propagate_shapes``): the Linear's node, the
     pass-through chain between them, the other operand; else None."""
-    if not _is_add(add):
+    if not is_add_of_two_values(add):
         return None
     for index in (1, 0):  # timm writes x + branch(x): the branch is usually the second operand
         found = _float_linear_behind(gm, add.args[index])

@@ -60,6 +60,28 @@ def is_pass_through_module(gm: fx.GraphModule, node: fx.Node) -> bool:
     return isinstance(submodule(gm, node), _PASS_THROUGH_MODULES)
 
 
+def behind_pass_through(gm: fx.GraphModule, node) -> tuple[Optional[fx.Node], list[fx.Node]]:
+    """The node ``node`` reads through pass-through modules (Identity, Dropout) only, each read
+    by the next alone, and those modules, nearest first; None for the node when one of them
+    takes other arguments (or ``node`` is no node)."""
+    chain = []
+    while isinstance(node, fx.Node) and len(node.users) == 1 and is_pass_through_module(gm, node):
+        chain.append(node)
+        node = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+    return (node if isinstance(node, fx.Node) else None), chain
+
+
+def is_add_of_two_values(node: fx.Node) -> bool:
+    """``a + b`` (``operator.add`` or ``torch.add``, no keywords) of two graph values."""
+    return (
+        node.op == "call_function"
+        and node.target in (operator.add, torch.add)
+        and len(node.args) == 2
+        and not node.kwargs
+        and all(isinstance(a, fx.Node) for a in node.args)
+    )
+
+
 def rearranges_elements(gm: fx.GraphModule, node: fx.Node) -> bool:
     """True when ``node`` only moves or selects elements of its first input (reshape,
     permute, getitem, roll, Dropout, ...): every output element is an input element, so

@@ -10,7 +10,6 @@ rewrites.
 
 from __future__ import annotations
 
-import operator
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -18,7 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxquant.ir.graph_utils import install_submodule, unique_attr
-from fxquant.ir.patterns import is_pass_through_module, single_user, submodule
+from fxquant.ir.patterns import behind_pass_through, is_add_of_two_values, single_user, submodule
 from fxquant.lowering.code_chains import LoweredPoint
 from fxquant.runtime.code_lut import CodeLut, code_table
 from fxquant.runtime.fast_codes import DequantizeAdd
@@ -93,11 +92,8 @@ def fuse_code_luts(gm: fx.GraphModule, points: Iterable[LoweredPoint]) -> list[s
 def _dequantized_codes(gm: fx.GraphModule, node) -> Optional[tuple[fx.Node, list[fx.Node]]]:
     """(the DequantizeCodes node, the pass-through nodes after it) when ``node`` is a
     dequantized point read through identity modules only (each read only by the next)."""
-    chain = []
-    while isinstance(node, fx.Node) and len(node.users) == 1 and is_pass_through_module(gm, node):
-        chain.append(node)
-        node = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-    if isinstance(node, fx.Node) and len(node.users) == 1 and isinstance(submodule(gm, node), DequantizeCodes):
+    node, chain = behind_pass_through(gm, node)
+    if node is not None and len(node.users) == 1 and isinstance(submodule(gm, node), DequantizeCodes):
         return (node, chain) if not submodule(gm, node).fused_affine else None
     return None
 
@@ -106,8 +102,7 @@ def fuse_dequantize_adds(gm: fx.GraphModule) -> list[str]:
     """``x + dequantize(codes)`` (either order, through identity modules) -> ``DequantizeAdd(x, codes)``."""
     done = []
     for node in list(gm.graph.nodes):
-        is_add = node.op == "call_function" and node.target in (operator.add, torch.add)
-        if not is_add or len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
+        if not is_add_of_two_values(node):
             continue
         for index in (1, 0):
             found = _dequantized_codes(gm, node.args[index])
